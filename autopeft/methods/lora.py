@@ -1,0 +1,137 @@
+"""LoRA: low-rank update of frozen Linear weights, mergeable for zero inference cost.
+
+Source: Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", arXiv:2106.09685, eq. (3):
+``h = W0 x + (alpha / r) * B A x`` with ``A`` (r, d_in) random (Kaiming-uniform, as peft does) and
+``B`` (d_out, r) zero at the start, so training starts from the pretrained function. Merging writes
+``W0 + (alpha / r) B A`` into the base weight; unmerging subtracts it again (Hu et al. section 4.2).
+
+Trainable parameters per wrapped Linear: ``r * (d_in + d_out)`` (+ ``d_in + 1`` with a gate).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from pydantic import Field, field_validator
+from torch import nn
+
+from autopeft.arch import canonical_target
+from autopeft.methods.base import MethodConfig, register
+
+
+class LoraConfig(MethodConfig):
+    """LoRA hyperparameters. Defaults follow the survey's prior: r=8 on W_q and W_v."""
+
+    method: str = "lora"
+    r: int = Field(8, ge=1, description="rank of the update B A")
+    lora_alpha: float = Field(16.0, gt=0, description="scaling numerator: the update is scaled by lora_alpha / r")
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the LoRA branch's input")
+    target_modules: list[str] = Field(default_factory=lambda: ["query", "value"])
+
+    @field_validator("target_modules")
+    @classmethod
+    def _targets(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("target_modules must name at least one of query, key, value, attention_output, ffn_in, ffn_out")
+        return [canonical_target(t) for t in v]
+
+
+class LoraLinear(nn.Module):
+    """``y = base_layer(x) + g(x) * (alpha/r) * lora_B(lora_A(dropout(x)))``.
+
+    Shapes: ``x`` (..., d_in) -> (..., d_out). ``g`` is an optional UniPELT gate (B, 1, 1).
+    Holds the wrapped Linear as ``base_layer`` (a plain or quantised Linear).
+    """
+
+    def __init__(self, base_layer: nn.Module, r: int, lora_alpha: float, lora_dropout: float = 0.0,
+                 gate: nn.Module | None = None) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        d_in, d_out = base_layer.in_features, base_layer.out_features
+        factory = {"device": base_layer.weight.device}
+        if base_layer.weight.dtype.is_floating_point:
+            factory["dtype"] = base_layer.weight.dtype
+        self.lora_A = nn.Linear(d_in, r, bias=False, **factory)
+        self.lora_B = nn.Linear(r, d_out, bias=False, **factory)
+        self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.scaling = lora_alpha / r
+        self.gate = gate
+        self.merged = False
+        if base_layer.weight.device.type != "meta":
+            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B.weight)
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    def delta_weight(self) -> torch.Tensor:
+        """``(alpha/r) B A``, shape (d_out, d_in)."""
+        return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        if self.merged:
+            return out
+        delta = self.lora_B(self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype)))) * self.scaling
+        if self.gate is not None:
+            delta = delta * self.gate(x)
+        return out + delta.to(out.dtype)
+
+    def merge(self) -> None:
+        """Write the update into ``base_layer.weight`` (``W += (alpha/r) B A``).
+
+        Raises:
+            RuntimeError: gated (the gate depends on the input), quantised base, or a non-finite result.
+        """
+        if self.merged:
+            return
+        self._check_mergeable()
+        merged = self.base_layer.weight.data + self.delta_weight().to(self.base_layer.weight.dtype)
+        if not torch.isfinite(merged).all():
+            raise RuntimeError("merging LoRA gave non-finite weights; the adapter is left unmerged")
+        self.base_layer.weight.data = merged
+        self.merged = True
+
+    def unmerge(self) -> None:
+        """Undo :meth:`merge` (``W -= (alpha/r) B A``)."""
+        if not self.merged:
+            return
+        self.base_layer.weight.data -= self.delta_weight().to(self.base_layer.weight.dtype)
+        self.merged = False
+
+    def _check_mergeable(self) -> None:
+        if self.gate is not None:
+            raise RuntimeError("a gated LoRA cannot be merged: its gate depends on the input")
+        if not isinstance(self.base_layer, nn.Linear):
+            raise RuntimeError(f"cannot merge into a {type(self.base_layer).__name__} base layer")
+
+
+@register("lora", LoraConfig, paper="arXiv:2106.09685")
+def apply_lora(model, cfg: LoraConfig) -> None:
+    """Wrap every ``target_modules`` Linear of every selected layer in a :class:`LoraLinear`."""
+    for layer in model.layers_of(cfg):
+        for target in cfg.target_modules:
+            model.wrap_linear(layer, target, lambda base: LoraLinear(
+                base, cfg.r, cfg.lora_alpha, cfg.lora_dropout, model.make_gate(cfg)))
+
+
+def merge_lora(model) -> int:
+    """Merge every :class:`LoraLinear` of ``model``; returns how many were merged."""
+    wrappers = [m for m in model.modules() if isinstance(m, LoraLinear)]
+    for m in wrappers:
+        m.merge()
+    return len(wrappers)
+
+
+def unmerge_lora(model) -> int:
+    """Unmerge every merged :class:`LoraLinear` of ``model``; returns how many."""
+    wrappers = [m for m in model.modules() if isinstance(m, LoraLinear) and m.merged]
+    for m in wrappers:
+        m.unmerge()
+    return len(wrappers)

@@ -1,0 +1,99 @@
+"""Prefix Tuning: trainable key/value vectors prepended in every layer's self-attention.
+
+Source: Li & Liang, "Prefix-Tuning: Optimizing Continuous Prompts for Generation",
+arXiv:2101.00190, section 4.3 and eq. (5): ``P_theta[i,:] = MLP_theta(P'_theta[i,:])`` - the prefix
+is produced by an MLP from a smaller matrix during training (reparametrisation for stability);
+after training only ``P_theta`` is kept (:func:`PrefixEncoder.freeze_to_table`). The attention
+then reads ``Attn(x W_q, [P_k; x W_k], [P_v; x W_v])`` (He et al., arXiv:2110.04366, eq. 5).
+
+Layout as in Hugging Face peft's ``PrefixEncoder``: ``Embedding(P, d)`` -> ``Linear(d, h)`` ->
+``tanh`` -> ``Linear(h, L * 2 * d)``. Trainable parameters: ``P d + d h + h + h 2 L d + 2 L d``.
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from autopeft.methods.base import MethodConfig, register
+
+
+class PrefixTuningConfig(MethodConfig):
+    """``num_virtual_tokens`` is the prefix length P; ``encoder_hidden_size`` is the MLP width h."""
+
+    method: str = "prefix_tuning"
+    num_virtual_tokens: int = Field(10, ge=1)
+    encoder_hidden_size: int = Field(64, ge=1)
+    prefix_projection: bool = True
+    prefix_dropout: float = Field(0.0, ge=0, lt=1)
+
+
+class PrefixEncoder(nn.Module):
+    """Produces per-layer prefixes; ``forward(B)`` -> (L, 2, B, heads, P, head_dim).
+
+    With ``projection`` the table is reparametrised by the MLP (prefix tuning); without, the table
+    ``(P, L*2*d)`` is itself trained (P-Tuning v2, arXiv:2110.07602 section 3.2).
+    """
+
+    def __init__(self, num_virtual_tokens: int, num_layers: int, hidden_size: int, num_heads: int,
+                 projection: bool, encoder_hidden_size: int = 0, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.p, self.l, self.d, self.h = num_virtual_tokens, num_layers, hidden_size, num_heads
+        out = num_layers * 2 * hidden_size
+        self.projection = projection
+        if projection:
+            self.embedding = nn.Embedding(num_virtual_tokens, hidden_size)
+            self.transform = nn.Sequential(
+                nn.Linear(hidden_size, encoder_hidden_size), nn.Tanh(), nn.Linear(encoder_hidden_size, out))
+        else:
+            self.embedding = nn.Embedding(num_virtual_tokens, out)
+        self.dropout = nn.Dropout(dropout)
+        self._cache: tuple[int, torch.Tensor] | None = None
+
+    def table(self) -> torch.Tensor:
+        """The prefix table ``P_theta``, shape (P, L * 2 * d)."""
+        w = self.embedding.weight
+        return self.transform(w) if self.projection else w
+
+    def freeze_to_table(self) -> None:
+        """Replace the MLP by the table it produces (Li & Liang section 4.3): same outputs, fewer tensors."""
+        if not self.projection:
+            return
+        table = self.table().detach()
+        self.embedding = nn.Embedding.from_pretrained(table, freeze=False)
+        del self.transform
+        self.projection = False
+
+    def forward(self, batch_size: int) -> torch.Tensor:
+        t = self.dropout(self.table())  # (P, L*2*d)
+        t = t.view(self.p, self.l, 2, self.h, self.d // self.h).permute(1, 2, 3, 0, 4)  # (L, 2, H, P, hd)
+        return t.unsqueeze(2).expand(-1, -1, batch_size, -1, -1, -1)  # (L, 2, B, H, P, hd)
+
+
+class _LayerSource:
+    """Callable handed to ``PeftModel.add_prefix``: layer ``index``'s slice of the encoder's output."""
+
+    def __init__(self, encoder: PrefixEncoder, index: int) -> None:
+        self.encoder, self.index = encoder, index
+
+    def __call__(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.encoder(batch_size)[self.index]  # (2, B, H, P, hd)
+        return out[0], out[1]
+
+
+def attach_prefixes(model, cfg, projection: bool, name: str) -> PrefixEncoder:
+    """Build a :class:`PrefixEncoder` for the selected layers and hook each into its attention."""
+    layers = model.layers_of(cfg)
+    enc = PrefixEncoder(cfg.num_virtual_tokens, len(layers), model.encoder.hidden_size, model.encoder.num_heads,
+                        projection, getattr(cfg, "encoder_hidden_size", 0), getattr(cfg, "prefix_dropout", 0.0))
+    model.extras[name] = enc
+    for i, layer in enumerate(layers):
+        model.add_prefix(layer, _LayerSource(enc, i), model.make_gate(cfg))
+    return enc
+
+
+@register("prefix_tuning", PrefixTuningConfig, paper="arXiv:2101.00190")
+def apply_prefix_tuning(model, cfg: PrefixTuningConfig) -> None:
+    """Prefix tuning with the MLP reparametrisation (``prefix_projection: false`` trains the table)."""
+    attach_prefixes(model, cfg, cfg.prefix_projection, f"prefix_tuning_{len(model.components)}")

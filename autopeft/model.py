@@ -1,0 +1,369 @@
+"""Composition: one combined model from any set of method components (UniPELT style).
+
+This is the one place where methods meet. :class:`PeftModel` wraps a frozen Hugging Face
+sequence-classification backbone and offers the method modules four attachment points:
+
+* ``wrap_linear``  - replace a Linear sublayer (query/key/value/attention_output/ffn_in/ffn_out)
+  with a wrapper holding it as ``base_layer`` (LoRA, AdaLoRA, QLoRA);
+* ``add_adapter``  - a bottleneck module after a residual sublayer, ``serial`` (on the sublayer's
+  output) or ``parallel`` (on the sublayer's input, added to its output) (Adapter, MAM, UniPELT);
+* ``add_prefix``   - key/value vectors prepended in a layer's self-attention (Prefix Tuning,
+  P-Tuning v2, MAM, UniPELT);
+* ``add_input_prompt`` - virtual token embeddings inserted into the input sequence (P-Tuning);
+
+plus optional per-component gates ``G = sigmoid(W_G x)`` averaged over the sequence, as in UniPELT
+(Mao et al. 2022, arXiv:2110.07577, eq. 1-3), and hooks for methods that act during training
+(``add_regularizer`` for extra loss terms, ``add_step_hook`` called after every optimiser step).
+
+Every slot can be claimed once; a second claim by another component is a :class:`CompositionError`
+at build time, naming both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from autopeft.arch import LINEAR_TARGETS, SUBLAYERS, Encoder, canonical_target
+
+HEAD_MODULE_NAMES = ("classifier", "score")
+
+
+class CompositionError(ValueError):
+    """Two components claim the same slot in an incompatible way, or a component does not fit."""
+
+
+class Gate(nn.Module):
+    """UniPELT gate: ``G = mean_t sigmoid(W_G x_t + b)``, one scalar per example.
+
+    Source: Mao et al., "UniPELT", arXiv:2110.07577, eq. (1)-(3); the mean over the sequence
+    follows the authors' code and AdapterHub. Shapes: ``x`` (B, T, d) -> (B, 1, 1).
+    The last value (batch mean) is kept in ``last_value`` so users can see what the gate chose.
+    """
+
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(hidden_size, 1)
+        self.last_value: float | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = torch.sigmoid(self.proj(x)).mean(dim=1, keepdim=True)  # (B, 1, 1)
+        self.last_value = float(g.detach().mean())
+        return g
+
+
+class SublayerOutput(nn.Module):
+    """Replaces a BERT ``*Output`` block (``LN(dropout(dense(h)) + x)``) to host adapters.
+
+    ``out = LN(serial_k(...serial_1(dropout(dense(h)) + sum_j parallel_j(x))) + x)`` where ``h`` is
+    the sublayer's inner activation (B, T, d_in) and ``x`` its residual input (B, T, d).
+    Serial adapters transform the running output (Houlsby et al. 2019, arXiv:1902.00751, fig. 2);
+    parallel adapters read ``x`` and add to the output (He et al. 2022, arXiv:2110.04366, eq. 8).
+    An optional ``fusion`` module replaces the serial chain by attention over several adapters.
+    """
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__()
+        self.base = base
+        self.serial = nn.ModuleDict()
+        self.parallel = nn.ModuleDict()
+        self.fusion: nn.Module | None = None
+        self.active = True  # AdapterDrop switches whole slots off
+
+    def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
+        h = self.base.dropout(self.base.dense(hidden_states))
+        if self.active:
+            for adapter in self.parallel.values():
+                h = h + adapter(input_tensor)
+            if self.fusion is not None:
+                h = self.fusion(h, input_tensor, list(self.serial.values()))
+            else:
+                for adapter in self.serial.values():
+                    h = adapter(h)
+        return self.base.LayerNorm(h + input_tensor)
+
+
+class PrefixAttention(nn.Module):
+    """Self-attention with learned key/value vectors prepended (Li & Liang 2021, arXiv:2101.00190).
+
+    ``head_i = Attn(x W_q, [P_k; x W_k], [P_v; x W_v])`` (He et al. 2022, arXiv:2110.04366, eq. 5).
+    Wraps the backbone's own attention module (its query/key/value Linears, possibly LoRA-wrapped,
+    and its attention kernel) and pads the attention mask so every query sees every prefix slot.
+    Shapes: ``hidden_states`` (B, T, d); each source returns ``(P_k, P_v)`` of (B, heads, P, d/heads).
+    """
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__()
+        self.base = base
+        self._sources: list[tuple[Callable[[int], tuple[torch.Tensor, torch.Tensor]], Gate | None]] = []
+        self.gates = nn.ModuleList()
+
+    def add_source(self, source: Callable[[int], tuple[torch.Tensor, torch.Tensor]], gate: Gate | None) -> None:
+        self._sources.append((source, gate))
+        if gate is not None:
+            self.gates.append(gate)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, *args: Any, **kwargs: Any):
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+        from transformers.models.bert.modeling_bert import eager_attention_forward
+
+        b = self.base
+        bsz, t = hidden_states.shape[:2]
+        shape = (bsz, t, -1, b.attention_head_size)
+        q = b.query(hidden_states).view(shape).transpose(1, 2)  # (B, H, T, hd)
+        k = b.key(hidden_states).view(shape).transpose(1, 2)
+        v = b.value(hidden_states).view(shape).transpose(1, 2)
+        keys, values = [], []
+        for source, gate in self._sources:
+            pk, pv = source(bsz)  # (B, H, P, hd) each
+            if gate is not None:
+                g = gate(hidden_states)[:, :, :, None]  # (B, 1, 1, 1)
+                pk, pv = pk * g, pv * g
+            keys.append(pk.to(k.dtype))
+            values.append(pv.to(v.dtype))
+        n_prefix = sum(x.shape[2] for x in keys)
+        if n_prefix:
+            k = torch.cat(keys + [k], dim=2)
+            v = torch.cat(values + [v], dim=2)
+            if attention_mask is not None:
+                fill = True if attention_mask.dtype == torch.bool else 0.0
+                attention_mask = F.pad(attention_mask, (n_prefix, 0), value=fill)
+        interface = ALL_ATTENTION_FUNCTIONS.get_interface(b.config._attn_implementation, eager_attention_forward)
+        kwargs.pop("cache", None)
+        kwargs.pop("past_key_values", None)
+        out, weights = interface(
+            b, q, k, v, attention_mask,
+            dropout=0.0 if not self.training else b.dropout.p, scaling=b.scaling, **kwargs,
+        )
+        return out.reshape(bsz, t, -1).contiguous(), weights
+
+
+@dataclass
+class InputPrompt:
+    """Virtual tokens for the input layer: ``module(B)`` gives (B, P, d); inserted after ``position`` tokens."""
+
+    module: nn.Module
+    position: int
+
+
+class PeftModel(nn.Module):
+    """A frozen backbone plus any set of PEFT components; the task head stays trainable.
+
+    Args:
+        backbone: a Hugging Face ``*ForSequenceClassification`` of the BERT family.
+        gating: default for components whose config leaves ``gated`` unset.
+
+    Attributes:
+        backbone_params: parameters of the backbone without the task head, counted before any
+            change (the denominator of ``trainable_percent``).
+    """
+
+    def __init__(self, backbone: nn.Module, gating: bool = False) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.encoder = Encoder.of(backbone)
+        self.gating = gating
+        self.extras = nn.ModuleDict()  # model-level method modules (prefix encoders, prompt encoders, ...)
+        self.backbone_params = sum(p.numel() for n, p in backbone.named_parameters() if not _is_head(n))
+        self._claims: dict[tuple, str] = {}
+        self._owner = "user"
+        self._input_prompts: list[InputPrompt] = []
+        self._regularizers: list[Callable[[], torch.Tensor]] = []
+        self._step_hooks: list[Callable[[int], None]] = []
+        self.components: list[Any] = []
+        for name, p in backbone.named_parameters():
+            p.requires_grad_(_is_head(name))
+
+    # ----- building -------------------------------------------------------------------------
+    def add_component(self, config: Any) -> None:
+        """Apply one method component (a ``MethodConfig``) to this model.
+
+        Raises:
+            CompositionError: it claims a slot another component holds, or does not fit the model.
+        """
+        from autopeft.methods.base import get_method
+
+        spec = get_method(config.method)
+        self._owner = f"{config.method}#{len(self.components)}"
+        try:
+            spec.apply(self, config)
+        finally:
+            self._owner = "user"
+        self.components.append(config)
+
+    def claim(self, slot: tuple, shareable_with: Iterable[str] = ()) -> None:
+        """Record that the current component owns ``slot``; a conflicting owner is an error."""
+        holder = self._claims.get(slot)
+        if holder is not None:
+            method = holder.split("#")[0]
+            if method not in shareable_with:
+                raise CompositionError(
+                    f"{self._owner.split('#')[0]} and {method} both claim {'/'.join(map(str, slot))}; "
+                    "drop one of them or give them different target_modules/layers"
+                )
+        self._claims[slot] = self._owner
+
+    def is_gated(self, config: Any) -> bool:
+        return self.gating if getattr(config, "gated", None) is None else bool(config.gated)
+
+    def make_gate(self, config: Any) -> Gate | None:
+        """A new :class:`Gate` if the component is gated, else ``None``."""
+        return Gate(self.encoder.hidden_size) if self.is_gated(config) else None
+
+    def layers_of(self, config: Any) -> list[int]:
+        try:
+            return self.encoder.resolve_layers(getattr(config, "layers", "all"))
+        except ValueError as exc:
+            raise CompositionError(f"{config.method}: {exc}") from None
+
+    def linear(self, layer: int, target: str) -> nn.Module:
+        """The current module in Linear slot ``target`` of ``layer`` (possibly already wrapped)."""
+        return self.encoder.get(layer, LINEAR_TARGETS[canonical_target(target)])
+
+    def wrap_linear(self, layer: int, target: str, factory: Callable[[nn.Module], nn.Module]) -> nn.Module:
+        """Replace Linear ``target`` of ``layer`` by ``factory(base_linear)``; returns the wrapper."""
+        target = canonical_target(target)
+        self.claim(("linear", layer, target))
+        path = LINEAR_TARGETS[target]
+        wrapper = factory(self.encoder.get(layer, path))
+        self.encoder.replace(layer, path, wrapper)
+        return wrapper
+
+    def sublayer(self, layer: int, which: str) -> SublayerOutput:
+        """The adapter host of sublayer ``which`` (``attention`` or ``ffn``) in ``layer``."""
+        if which not in SUBLAYERS:
+            raise CompositionError(f"unknown sublayer {which!r}; valid: {', '.join(SUBLAYERS)}")
+        module = self.encoder.get(layer, SUBLAYERS[which])
+        if not isinstance(module, SublayerOutput):
+            module = SublayerOutput(module)
+            self.encoder.replace(layer, SUBLAYERS[which], module)
+        return module
+
+    def add_adapter(self, layer: int, which: str, placement: str, name: str, module: nn.Module,
+                    shareable_with: Iterable[str] = ()) -> None:
+        """Attach ``module`` as a ``serial`` or ``parallel`` adapter on sublayer ``which`` of ``layer``."""
+        if placement not in ("serial", "parallel"):
+            raise CompositionError(f"placement must be serial or parallel, got {placement!r}")
+        self.claim(("adapter", layer, which, placement, name), shareable_with)
+        getattr(self.sublayer(layer, which), placement)[name] = module
+
+    def attention(self, layer: int) -> PrefixAttention:
+        module = self.encoder.get(layer, "attention.self")
+        if not isinstance(module, PrefixAttention):
+            module = PrefixAttention(module)
+            self.encoder.replace(layer, "attention.self", module)
+        return module
+
+    def add_prefix(self, layer: int, source: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
+                   gate: Gate | None = None) -> None:
+        """Prepend ``source(B) -> (P_k, P_v)``, each (B, heads, P, d/heads), to ``layer``'s attention."""
+        self.claim(("prefix", layer))
+        self.attention(layer).add_source(source, gate)
+
+    def add_input_prompt(self, module: nn.Module, position: int = 0) -> None:
+        """Insert ``module(B)`` -> (B, P, d) virtual token embeddings after ``position`` input tokens."""
+        self.claim(("input_prompt",))
+        self._input_prompts.append(InputPrompt(module, position))
+
+    def add_regularizer(self, fn: Callable[[], torch.Tensor]) -> None:
+        """Add a scalar loss term computed at every training step (e.g. AdaLoRA's orthogonality)."""
+        self._regularizers.append(fn)
+
+    def add_step_hook(self, fn: Callable[[int], None]) -> None:
+        """Call ``fn(global_step)`` after every optimiser step (e.g. AdaLoRA's rank allocation)."""
+        self._step_hooks.append(fn)
+
+    # ----- training-time hooks --------------------------------------------------------------
+    def regularization(self) -> torch.Tensor | None:
+        terms = [fn() for fn in self._regularizers]
+        return torch.stack(terms).sum() if terms else None
+
+    def after_step(self, step: int) -> None:
+        for fn in self._step_hooks:
+            fn(step)
+
+    # ----- running ----------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None, **kw: Any):
+        """Run the backbone. ``input_ids`` (B, T) -> HF output with ``logits`` (B, num_labels)."""
+        if not self._input_prompts:
+            return self.backbone(input_ids=input_ids, attention_mask=attention_mask,
+                                 token_type_ids=token_type_ids, labels=labels, **kw)
+        embeds = self.backbone.get_input_embeddings()(input_ids)  # (B, T, d)
+        bsz = embeds.shape[0]
+        if attention_mask is None:
+            attention_mask = torch.ones(input_ids.shape, dtype=torch.long, device=input_ids.device)
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        for prompt in self._input_prompts:
+            p = prompt.module(bsz).to(embeds.dtype)  # (B, P, d)
+            n, pos = p.shape[1], prompt.position
+            embeds = torch.cat([embeds[:, :pos], p, embeds[:, pos:]], dim=1)
+            ones = attention_mask.new_ones((bsz, n))
+            attention_mask = torch.cat([attention_mask[:, :pos], ones, attention_mask[:, pos:]], dim=1)
+            zeros = token_type_ids.new_zeros((bsz, n))
+            token_type_ids = torch.cat([token_type_ids[:, :pos], zeros, token_type_ids[:, pos:]], dim=1)
+        return self.backbone(inputs_embeds=embeds, attention_mask=attention_mask,
+                             token_type_ids=token_type_ids, labels=labels, **kw)
+
+    # ----- accounting and persistence ---------------------------------------------------------
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Every trainable tensor (method parameters, unfrozen backbone parameters, head), by name."""
+        return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
+
+    def gate_values(self) -> dict[str, float]:
+        """Last value of every gate, by module name (what UniPELT chose)."""
+        return {n: m.last_value for n, m in self.named_modules() if isinstance(m, Gate) and m.last_value is not None}
+
+
+def _is_head(name: str) -> bool:
+    first = name.split(".")[0]
+    return first in HEAD_MODULE_NAMES
+
+
+@dataclass(frozen=True)
+class ParameterCount:
+    """Parameter accounting of a PEFT model.
+
+    Attributes:
+        trainable_params: trainable parameters excluding the task head (what the budget limits).
+        backbone_params: parameters of the unmodified backbone excluding the head.
+        head_params: trainable parameters of the task head (every method needs it).
+        trainable_percent: ``100 * trainable_params / backbone_params``.
+    """
+
+    trainable_params: int
+    backbone_params: int
+    head_params: int
+
+    @property
+    def trainable_percent(self) -> float:
+        return 100.0 * self.trainable_params / self.backbone_params
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {
+            "trainable_params": self.trainable_params,
+            "backbone_params": self.backbone_params,
+            "trainable_percent": self.trainable_percent,
+            "head_params": self.head_params,
+        }
+
+
+def count_parameters(model: PeftModel) -> ParameterCount:
+    """Count trainable parameters of ``model`` (units: parameters, not bytes).
+
+    Parameters shared between modules count once. Works on meta-device models.
+    """
+    trainable = head = 0
+    for name, p in model.named_parameters():  # named_parameters de-duplicates shared tensors
+        if not p.requires_grad:
+            continue
+        if name.startswith("backbone.") and _is_head(name[len("backbone."):]):
+            head += p.numel()
+        else:
+            trainable += p.numel()
+    return ParameterCount(trainable, model.backbone_params, head)

@@ -1,0 +1,166 @@
+"""The recipe: one YAML document that fully describes a trial, and the functions that build it.
+
+Example::
+
+    backbone: minilm-l6
+    task: sst2
+    components:
+      - method: lora
+        r: 8
+        lora_alpha: 16
+        target_modules: [query, value]
+      - method: adapter
+        placement: parallel
+        reduction_factor: 16
+    gating: false
+    quantization: none
+    training: {learning_rate: 1.0e-3, batch_size: 32, max_train_examples: 24000, seed: 0}
+
+A component given with only ``method`` takes that method's documented defaults.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator
+
+from autopeft.methods.base import MethodConfig, parse_component
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be read or validated; the message is one line."""
+
+
+class TrainingConfig(BaseModel):
+    """Training settings of a trial.
+
+    ``max_train_examples`` is the fidelity: how many training examples the trial sees (it cycles
+    through the shuffled train split when larger). ``schedule_examples`` is the horizon of the
+    learning-rate schedule (linear warm-up then linear decay), by default ``max_train_examples``; a
+    multi-fidelity search sets it to the top rung so that every rung shares one schedule.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    learning_rate: float = Field(1e-3, gt=0)
+    head_learning_rate: float | None = Field(None, gt=0)
+    batch_size: int = Field(32, ge=1)
+    eval_batch_size: int = Field(128, ge=1)
+    max_train_examples: int = Field(24000, ge=1)
+    schedule_examples: int | None = Field(None, ge=1)
+    warmup_ratio: float = Field(0.06, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    max_seq_length: int = Field(128, ge=8)
+    max_eval_examples: int | None = Field(None, ge=1)
+    seed: int = 0
+
+
+class Recipe(BaseModel):
+    """A complete trial description: backbone, task, method components, gating, quantisation, training."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    backbone: str | dict[str, Any] = "minilm-l6"
+    task: str = "sst2"
+    components: list[SerializeAsAny[MethodConfig]] = Field(default_factory=list)
+    gating: bool = False
+    quantization: Literal["none", "nf4"] = "none"
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+
+    @field_validator("components", mode="before")
+    @classmethod
+    def _components(cls, v):
+        if v is None:
+            return []
+        if not isinstance(v, list):
+            raise ValueError("components must be a list of {method: ..., ...} mappings")
+        return [parse_component(c) for c in v]
+
+    @field_validator("task")
+    @classmethod
+    def _task(cls, v: str) -> str:
+        from autopeft.tasks import get_task
+
+        return get_task(v).name
+
+    def to_yaml(self) -> str:
+        """The recipe as YAML (only what differs from the defaults is not pruned: it is complete)."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.to_yaml())
+        return path
+
+
+def recipe_from_dict(data: dict[str, Any]) -> Recipe:
+    """Validate a recipe mapping.
+
+    Raises:
+        RecipeError: with a one-line message naming the bad field and value.
+    """
+    if not isinstance(data, dict):
+        raise RecipeError(f"a recipe is a mapping, got {type(data).__name__}")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(x) for x in err["loc"]) or "recipe"
+        msg = err["msg"].removeprefix("Value error, ")
+        raise RecipeError(f"{where}: {msg}") from None
+    except ValueError as exc:
+        raise RecipeError(str(exc)) from None
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read a recipe YAML file.
+
+    Raises:
+        RecipeError: missing file, bad YAML or invalid content.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    return recipe_from_dict(data)
+
+
+def build_model(recipe: Recipe, device: str = "cpu"):
+    """Build the backbone and apply every component: returns a :class:`autopeft.model.PeftModel`.
+
+    ``device="meta"`` builds shapes only (parameter counting without weights or memory).
+
+    Raises:
+        BackboneError, CompositionError, TaskError: as their names say.
+    """
+    from autopeft.backbones import load_model
+    from autopeft.model import PeftModel
+    from autopeft.tasks import get_task
+
+    task = get_task(recipe.task)
+    backbone = load_model(recipe.backbone, task.num_labels, device=device, seed=recipe.training.seed)
+    if recipe.quantization == "nf4" or any(c.method == "qlora" for c in recipe.components):
+        from autopeft.quantization import quantize_backbone
+
+        quantize_backbone(backbone, device=device)
+    import torch
+
+    torch.manual_seed(recipe.training.seed)
+    model = PeftModel(backbone, gating=recipe.gating)
+    for component in recipe.components:
+        model.add_component(component)
+    return model
+
+
+def count_recipe(recipe: Recipe):
+    """Trainable parameters of a recipe, without weights (meta device): a :class:`ParameterCount`."""
+    from autopeft.model import count_parameters
+
+    return count_parameters(build_model(recipe, device="meta"))
