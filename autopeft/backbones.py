@@ -91,8 +91,11 @@ def load_config(backbone: str | dict, num_labels: int):
     """
     if isinstance(backbone, dict):
         return bare_config(backbone, num_labels)
+    import logging
+
     from transformers import AutoConfig
 
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # one error line, not five retries
     try:
         return AutoConfig.from_pretrained(_source(backbone), num_labels=num_labels)
     except (OSError, ValueError) as exc:

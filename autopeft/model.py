@@ -168,7 +168,9 @@ class PeftModel(nn.Module):
         self.encoder = Encoder.of(backbone)
         self.gating = gating
         self.extras = nn.ModuleDict()  # model-level method modules (prefix encoders, prompt encoders, ...)
-        self.backbone_params = sum(p.numel() for n, p in backbone.named_parameters() if not _is_head(n))
+        self.backbone_params = sum(_numel(p) for n, p in backbone.named_parameters() if not _is_head(n))
+        #: True when the backbone holds 4-bit NF4 weights (QLoRA); ``make_optimizer`` then pages on CUDA.
+        self.quantized = bool(getattr(backbone, "autopeft_quantized", False))
         self._claims: dict[tuple, str] = {}
         self._owner = "user"
         self._input_prompts: list[InputPrompt] = []
@@ -189,8 +191,10 @@ class PeftModel(nn.Module):
 
         spec = get_method(config.method)
         self._owner = f"{config.method}#{len(self.components)}"
+        device = next(self.backbone.parameters()).device
         try:
-            spec.apply(self, config)
+            with torch.device(device):  # new modules live where the backbone lives (meta when counting)
+                spec.apply(self, config)
         finally:
             self._owner = "user"
         self.components.append(config)
@@ -318,6 +322,12 @@ class PeftModel(nn.Module):
     def gate_values(self) -> dict[str, float]:
         """Last value of every gate, by module name (what UniPELT chose)."""
         return {n: m.last_value for n, m in self.named_modules() if isinstance(m, Gate) and m.last_value is not None}
+
+
+def _numel(p: torch.Tensor) -> int:
+    """Elements of ``p`` as a weight: a packed 4-bit tensor counts its unpacked shape."""
+    state = getattr(p, "quant_state", None)
+    return int(torch.Size(state.shape).numel()) if state is not None else p.numel()
 
 
 def _is_head(name: str) -> bool:

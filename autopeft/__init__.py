@@ -1,0 +1,10 @@
+"""autopeft: find the best parameter-efficient fine-tuning configuration under a parameter budget.
+
+Public API (see :mod:`autopeft.api`): :func:`search`, :func:`export`, :func:`train`, :func:`count`;
+recipes: :class:`Recipe`, :func:`load_recipe`, :func:`build_model`.
+"""
+
+__version__ = "0.1.0"
+
+from autopeft.api import count, export, search, train  # noqa: E402,F401
+from autopeft.recipe import Recipe, build_model, load_recipe, recipe_from_dict  # noqa: E402,F401

@@ -1,0 +1,288 @@
+"""The Python API behind the CLI: ``search``, ``export``, ``train``, ``count``.
+
+Example::
+
+    import autopeft
+    result = autopeft.search(task="sst2", budget="0.5%", data_dir="../shared/data/glue")
+    recipe = autopeft.export(result.path, pick="best", output="best.yaml")
+    trained = autopeft.train(recipe, data_dir="../shared/data/glue", output_dir="outputs/best")
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable
+
+from autopeft.budget import Budget, parse_budget
+from autopeft.recipe import Recipe, count_recipe, load_recipe, recipe_from_dict
+
+RUNS_DIR = "autopeft_runs"
+
+
+class SearchNotFoundError(ValueError):
+    """``export`` was given a search that does not exist or has no results."""
+
+
+@dataclass
+class SearchResult:
+    """What a search produced.
+
+    Attributes:
+        path: the search folder (``trials.json``, ``pareto.json/csv/png``, ``best_recipe.yaml``).
+        trials: every trial's record (dicts, see ``TrialRecord.as_dict``).
+        pareto: the Pareto-front rows (within budget, top fidelity), best score first.
+        fidelity: training examples at which the front was compared.
+        param_limit: the budget in parameters.
+        hypervolume: of the normalised front (see ``front_hypervolume``).
+        mlflow_run_id: the parent run.
+        wall_time_s: seconds.
+    """
+
+    path: Path
+    trials: list[dict]
+    pareto: list[dict]
+    fidelity: int
+    param_limit: int
+    hypervolume: float
+    mlflow_run_id: str | None
+    wall_time_s: float
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+def default_resources() -> tuple[float, float]:
+    """``(cpus_per_trial, gpus_per_trial)``: one trial per GPU, else one trial using every core."""
+    import torch
+
+    cpus = os.cpu_count() or 1
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus:
+        return max(1, cpus // gpus), 1
+    return cpus, 0
+
+
+def search(task: str = "sst2", budget: str | Budget = "0.5%", backbone: str | dict = "minilm-l6",
+           space: str = "default", trials: int | None = None, time_budget_s: float | None = None,
+           data_dir: str | None = None, tracking_uri: str | None = None, experiment: str = "autopeft",
+           name: str | None = None, output_dir: str | Path = RUNS_DIR, ray_address: str | None = None,
+           cpus_per_trial: float | None = None, gpus_per_trial: float | None = None, seed: int = 0,
+           training: dict[str, Any] | None = None, progress: Callable[[str], None] | None = print) -> SearchResult:
+    """Search PEFT configurations for ``task`` under ``budget``; returns the Pareto front.
+
+    Args:
+        task: GLUE task name.
+        budget: ``"0.5%"``, ``"0.005"``, ``"120k"`` or a :class:`Budget` (trainable parameters without head).
+        backbone: ``minilm-l6``, a Hugging Face id/path, or a bare config mapping.
+        space: a shipped search space name or a YAML path.
+        trials: trials to sample (default: the space's ``trials``, else 12 on CPU, 32 on GPU).
+        time_budget_s: wall-clock cap in seconds (default: 26 minutes on CPU, none on GPU).
+        data_dir: local GLUE folder (else ``$AUTOPEFT_DATA_DIR``, else the hub).
+        tracking_uri: MLflow URI (default ``$MLFLOW_TRACKING_URI`` or ``sqlite:///./mlflow.db``).
+        experiment: MLflow experiment name.
+        name: search name (default: ``<task>-<timestamp>``); results go to ``output_dir/name``.
+        ray_address: an existing Ray cluster; default a local one.
+        cpus_per_trial / gpus_per_trial: Ray resources per trial (default: see :func:`default_resources`).
+        seed: seeds the sampler and every trial.
+        training: overrides of the trials' training settings (e.g. ``{"batch_size": 16}``).
+        progress: receives one-line progress messages (``None``: silent).
+
+    Raises:
+        BudgetError, TaskError, BackboneError, SearchSpaceError: bad input, before anything starts.
+        RuntimeError: Ray could not start.
+    """
+    from autopeft.backbones import load_config
+    from autopeft.search.pareto import front_hypervolume, pareto_front
+    from autopeft.search.space import SearchSpace
+    from autopeft.search.tune import TuneSettings, run_tune
+    from autopeft.tasks import get_task, load_split, resolve_data_dir
+    from autopeft.tracking import SearchTracker, default_tracking_uri
+
+    t0 = time.time()
+    budget = budget if isinstance(budget, Budget) else parse_budget(budget)
+    task_obj = get_task(task)
+    load_config(backbone, task_obj.num_labels)  # fails fast on an unknown backbone
+    sp = SearchSpace.load(space)
+    root = resolve_data_dir(data_dir)
+    if root is not None:
+        load_split(task_obj, "validation", root)  # fails fast on a folder without the task
+    base = {"backbone": backbone, "task": task_obj.name,
+            "training": {"max_train_examples": sp.fidelity.max_train_examples,
+                         "schedule_examples": sp.fidelity.max_train_examples, "seed": seed, **(training or {})}}
+    backbone_params = count_recipe(recipe_from_dict({**base, "components": []})).backbone_params
+    limit = budget.limit(backbone_params)
+    cpus, gpus = default_resources()
+    cpus, gpus = cpus_per_trial or cpus, gpus if gpus_per_trial is None else gpus_per_trial
+    if trials is None:
+        trials = 32 if gpus else 12
+    if time_budget_s is None and not gpus:
+        time_budget_s = 26 * 60
+    name = name or f"{task_obj.name}-{datetime.now():%Y%m%d-%H%M%S}"
+    out = Path(output_dir).resolve() / name
+    out.mkdir(parents=True, exist_ok=True)
+    settings = {"task": task_obj.name, "budget": str(budget), "param_limit": limit, "backbone": backbone,
+                "backbone_params": backbone_params, "space": sp.name, "space_source": sp.source, "trials": trials,
+                "time_budget_s": time_budget_s, "rungs": sp.fidelity.rungs(), "seed": seed,
+                "cpus_per_trial": cpus, "gpus_per_trial": gpus, "ray_address": ray_address,
+                "data_dir": str(root) if root else None, "training": base["training"]}
+    (out / "search.json").write_text(json.dumps(settings, indent=2, default=str))
+    uri = tracking_uri or default_tracking_uri()
+    tracker = SearchTracker(uri, experiment, name, settings)
+    if progress:
+        progress(f"search {name}: {task_obj.name}, budget {budget} = {limit:,} trainable parameters "
+                 f"of {backbone_params:,}; MLflow {uri} run {tracker.parent_id}")
+    tune_settings = TuneSettings(num_samples=trials, time_budget_s=time_budget_s, cpus_per_trial=cpus,
+                                 gpus_per_trial=gpus, ray_address=ray_address, seed=seed,
+                                 storage_path=str(out), device=None)
+    try:
+        records = run_tune(sp, base, limit, tune_settings, str(root) if root else None, tracker, progress)
+    except BaseException as exc:
+        tracker.fail(f"{type(exc).__name__}: {exc}")
+        raise
+    trials_out = [r.as_dict() for r in records.values()]
+    top = sp.fidelity.max_train_examples
+    candidates = []
+    for r in records.values():
+        row = r.row_at(top)
+        if row is not None and r.status == "finished" and row["trainable_params"] <= limit:
+            candidates.append({"trial_id": r.trial_id, **row, "recipe": r.recipe})
+    front = [candidates[i] for i in pareto_front(candidates)]
+    hv = front_hypervolume(front, limit)
+    _write_results(out, trials_out, front, task_obj.metric)
+    pareto_ids = {row["trial_id"] for row in front}
+    counts = {s: sum(1 for r in records.values() if r.status == s) for s in ("finished", "stopped_early", "over_budget", "failed")}
+    wall = time.time() - t0
+    tracker.finish(pareto_ids, out, {"hypervolume": hv, "pareto_size": len(front), "wall_time_s": wall,
+                                     **{f"trials_{k}": v for k, v in counts.items()},
+                                     **({"best_score": front[0]["score"]} if front else {})})
+    result = SearchResult(out, trials_out, front, top, limit, hv, tracker.parent_id, wall, settings)
+    (out / "result.json").write_text(json.dumps({"fidelity": top, "param_limit": limit, "hypervolume": hv,
+                                                 "mlflow_run_id": tracker.parent_id, "tracking_uri": uri,
+                                                 "wall_time_s": wall, "counts": counts}, indent=2))
+    return result
+
+
+def _write_results(out: Path, trials: list[dict], front: list[dict], metric: str) -> None:
+    (out / "trials.json").write_text(json.dumps(trials, indent=2, default=str))
+    (out / "pareto.json").write_text(json.dumps(front, indent=2, default=str))
+    cols = ["trial_id", "score", "trainable_params", "trainable_percent", "peak_memory_bytes", "examples_seen",
+            "train_time_s", "methods"]
+    with open(out / "pareto.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(cols)
+        for row in front:
+            methods = "+".join(c["method"] for c in (row.get("recipe") or {}).get("components", [])) or "head-only"
+            w.writerow([row.get(c) if c != "methods" else methods for c in cols])
+    if front:
+        Recipe.model_validate(front[0]["recipe"]).save(out / "best_recipe.yaml")
+        _plot(out / "pareto.png", trials, front, metric)
+
+
+def _plot(path: Path, trials: list[dict], front: list[dict], metric: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    xs = [r["rows"][-1]["trainable_params"] for r in trials if r["rows"]]
+    ys = [r["rows"][-1]["score"] for r in trials if r["rows"]]
+    ax.scatter(xs, ys, c="lightgray", label="trials (last rung)")
+    ax.scatter([r["trainable_params"] for r in front], [r["score"] for r in front], c="tab:red", label="Pareto front")
+    ax.set_xlabel("trainable parameters")
+    ax.set_ylabel(f"validation {metric}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def find_search(search: str | Path, output_dir: str | Path = RUNS_DIR) -> Path:
+    """Resolve a search folder from a path, a search name under ``output_dir``, or ``latest``.
+
+    Raises:
+        SearchNotFoundError: no such search, or it has no ``pareto.json``.
+    """
+    p = Path(search)
+    if str(search) == "latest":
+        runs = sorted(Path(output_dir).glob("*/pareto.json"), key=lambda f: f.stat().st_mtime)
+        if not runs:
+            raise SearchNotFoundError(f"no finished search under {output_dir}")
+        return runs[-1].parent
+    for cand in (p, Path(output_dir) / p):
+        if (cand / "pareto.json").is_file():
+            return cand
+    raise SearchNotFoundError(f"no finished search {str(search)!r} (looked for {p}/pareto.json and "
+                              f"{Path(output_dir) / p}/pareto.json)")
+
+
+def export(search: str | Path, pick: str = "best", output: str | Path | None = None,
+           output_dir: str | Path = RUNS_DIR) -> Recipe:
+    """Turn one point of a search's Pareto front into a training recipe.
+
+    Args:
+        search: search folder, name, or ``latest``.
+        pick: ``best`` (highest score), ``smallest`` (fewest trainable parameters), ``leanest``
+            (least memory), a 0-based index into the front (best score first), or a trial id.
+        output: write the recipe YAML there too.
+
+    Raises:
+        SearchNotFoundError: no such search or an empty front; ValueError: unknown ``pick``.
+    """
+    folder = find_search(search, output_dir)
+    front = json.loads((folder / "pareto.json").read_text())
+    if not front:
+        raise SearchNotFoundError(f"search {folder} has an empty Pareto front (no trial finished within budget)")
+    if pick == "best":
+        row = max(front, key=lambda r: (r["score"], -r["trainable_params"]))
+    elif pick == "smallest":
+        row = min(front, key=lambda r: (r["trainable_params"], -r["score"]))
+    elif pick == "leanest":
+        row = min(front, key=lambda r: (r["peak_memory_bytes"], -r["score"]))
+    elif pick.isdigit():
+        if int(pick) >= len(front):
+            raise ValueError(f"pick {pick} is out of range: the front has {len(front)} points (0-{len(front) - 1})")
+        row = front[int(pick)]
+    else:
+        matches = [r for r in front if r["trial_id"] == pick]
+        if not matches:
+            ids = ", ".join(r["trial_id"] for r in front)
+            raise ValueError(f"unknown pick {pick!r}; use best, smallest, leanest, an index, or a trial id ({ids})")
+        row = matches[0]
+    recipe = Recipe.model_validate(row["recipe"])
+    if output:
+        recipe.save(output)
+    return recipe
+
+
+def train(recipe: Recipe | str | Path, data_dir: str | None = None, output_dir: str | Path | None = None,
+          device: str | None = None, log: Callable[[str], None] | None = print):
+    """Train a recipe at its fidelity, evaluate it, and save the trained PEFT weights.
+
+    Returns:
+        :class:`autopeft.train.TrialResult`.
+
+    Raises:
+        RecipeError, TaskError, BackboneError, CompositionError: bad input.
+    """
+    from autopeft.train import run_trial, save_trained
+
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe)
+    result, model = run_trial(recipe, data_dir, device=device, log=log)
+    if output_dir is not None:
+        save_trained(model, recipe, result, output_dir)
+    return result
+
+
+def count(recipe: Recipe | str | Path | dict):
+    """Trainable parameters of a recipe without training or weights: :class:`ParameterCount`."""
+    if isinstance(recipe, dict):
+        recipe = recipe_from_dict(recipe)
+    elif not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe)
+    return count_recipe(recipe)

@@ -1,0 +1,230 @@
+"""``autopeft`` command line: a thin layer over :mod:`autopeft.api`.
+
+Bad input (budget, task, backbone, method, file) prints one ``error:`` line and exits with code 2
+before anything starts; a failure during a run prints one line and exits with code 1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Search, export and train parameter-efficient fine-tuning (PEFT) configurations.")
+console = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+
+class _UserError(Exception):
+    pass
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from autopeft.api import SearchNotFoundError
+    from autopeft.arch import ArchitectureError
+    from autopeft.backbones import BackboneError
+    from autopeft.budget import BudgetError
+    from autopeft.model import CompositionError
+    from autopeft.recipe import RecipeError
+    from autopeft.search.space import SearchSpaceError
+    from autopeft.tasks import TaskError
+
+    return (BudgetError, TaskError, BackboneError, RecipeError, CompositionError, SearchSpaceError,
+            SearchNotFoundError, ArchitectureError, _UserError)
+
+
+def _fail(exc: BaseException, code: int) -> None:
+    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    err.print(f"[bold red]error:[/] {msg}", markup=True, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _run(fn, *args, **kwargs):
+    """Call ``fn``; map user errors to exit 2 and other failures to one line and exit 1."""
+    try:
+        return fn(*args, **kwargs)
+    except typer.Exit:
+        raise
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        raise typer.Exit(130)
+    except _user_errors() as exc:
+        _fail(exc, 2)
+    except ValueError as exc:
+        _fail(exc, 2)
+    except Exception as exc:  # noqa: BLE001 - one line, never a traceback
+        if os.environ.get("AUTOPEFT_DEBUG"):
+            raise
+        _fail(RuntimeError(f"{type(exc).__name__}: {exc}"), 1)
+
+
+def _progress(msg: str) -> None:
+    console.print(msg, markup=False, soft_wrap=True)
+
+
+@app.command()
+def search(
+    task: str = typer.Option("sst2", help="GLUE task: sst2, cola, mrpc, rte, stsb, wnli, qnli."),
+    budget: str = typer.Option("0.5%", help="Trainable-parameter budget without the head: 0.5%, 0.005 or 120k."),
+    backbone: str = typer.Option("minilm-l6", help="minilm-l6 (bundled), a Hugging Face id, or a local folder."),
+    space: str = typer.Option("default", help="Search space: default, full, autopeft_paper, or a YAML path."),
+    trials: Optional[int] = typer.Option(None, min=1, help="Trials to sample (default 12 on CPU, 32 on GPU)."),
+    time_budget: Optional[str] = typer.Option(None, help="Wall-clock cap: 1800, 30m, 2h (default 26m on CPU)."),
+    data_dir: Optional[str] = typer.Option(None, envvar="AUTOPEFT_DATA_DIR", help="Local GLUE folder (else the hub)."),
+    tracking_uri: Optional[str] = typer.Option(None, envvar="MLFLOW_TRACKING_URI", help="MLflow URI (default sqlite:///mlflow.db)."),
+    experiment: str = typer.Option("autopeft", help="MLflow experiment name."),
+    name: Optional[str] = typer.Option(None, help="Search name (default <task>-<timestamp>)."),
+    output_dir: str = typer.Option("autopeft_runs", help="Where search folders go."),
+    ray_address: Optional[str] = typer.Option(None, help="Existing Ray cluster: auto or ray://host:10001."),
+    cpus_per_trial: Optional[float] = typer.Option(None, min=0.1, help="CPUs per trial (default: all cores, or cores/GPUs)."),
+    gpus_per_trial: Optional[float] = typer.Option(None, min=0, help="GPUs per trial (default 1 when CUDA exists)."),
+    seed: int = typer.Option(0, help="Seed of the sampler and of every trial."),
+    batch_size: Optional[int] = typer.Option(None, min=1, help="Training batch size of the trials."),
+) -> None:
+    """Search method choice and hyperparameters under a parameter budget; print the Pareto front."""
+    from autopeft import api
+    from autopeft.budget import parse_budget
+
+    b = _run(parse_budget, budget)
+    seconds = _run(_parse_duration, time_budget) if time_budget else None
+    training = {"batch_size": batch_size} if batch_size else None
+    result = _run(api.search, task=task, budget=b, backbone=backbone, space=space, trials=trials,
+                  time_budget_s=seconds, data_dir=data_dir, tracking_uri=tracking_uri, experiment=experiment,
+                  name=name, output_dir=output_dir, ray_address=ray_address, cpus_per_trial=cpus_per_trial,
+                  gpus_per_trial=gpus_per_trial, seed=seed, training=training, progress=_progress)
+    _print_front(result)
+
+
+def _parse_duration(text: str) -> float:
+    s = text.strip().lower()
+    mult = {"s": 1, "m": 60, "h": 3600}.get(s[-1:], None)
+    try:
+        value = float(s[:-1]) * mult if mult else float(s)
+    except ValueError:
+        raise _UserError(f"invalid time budget {text!r}: use seconds (1800) or 30m / 2h") from None
+    if value <= 0:
+        raise _UserError(f"invalid time budget {text!r}: it must be positive")
+    return value
+
+
+def _print_front(result) -> None:
+    from autopeft.tasks import get_task
+
+    metric = get_task(result.settings["task"]).metric
+    table = Table(title=f"Pareto front at {result.fidelity:,} training examples "
+                        f"(budget {result.settings['budget']} = {result.param_limit:,} parameters)")
+    for col in ("#", "trial", metric, "trainable params", "%", "peak memory (MiB)", "methods"):
+        table.add_column(col, justify="right" if col not in ("trial", "methods") else "left")
+    for i, row in enumerate(result.pareto):
+        comps = (row.get("recipe") or {}).get("components", [])
+        methods = " + ".join(c["method"] for c in comps) or "head only"
+        if (row.get("recipe") or {}).get("gating"):
+            methods += " (gated)"
+        table.add_row(str(i), row["trial_id"], f"{row['score']:.4f}", f"{row['trainable_params']:,}",
+                      f"{row['trainable_percent']:.3f}", f"{row['peak_memory_bytes'] / 2**20:.0f}", methods)
+    console.print(table)
+    counts = {}
+    for t in result.trials:
+        counts[t["status"]] = counts.get(t["status"], 0) + 1
+    console.print(f"trials: {', '.join(f'{v} {k}' for k, v in sorted(counts.items()))}; "
+                  f"hypervolume {result.hypervolume:.4f}; {result.wall_time_s / 60:.1f} min", markup=False)
+    console.print(f"results: {result.path}  (MLflow parent run {result.mlflow_run_id})", markup=False)
+    if result.pareto:
+        console.print(f"next: autopeft export {result.path} --pick best -o best.yaml", markup=False)
+    else:
+        console.print("no trial finished within budget at the top fidelity: raise --trials/--time-budget", markup=False)
+
+
+@app.command()
+def export(
+    search: str = typer.Argument(..., help="Search folder, search name under --output-dir, or 'latest'."),
+    pick: str = typer.Option("best", help="best, smallest, leanest, an index into the front, or a trial id."),
+    output: Path = typer.Option(Path("best.yaml"), "-o", "--output", help="Recipe file to write."),
+    output_dir: str = typer.Option("autopeft_runs", help="Where search folders are."),
+) -> None:
+    """Write one Pareto point of a search as a training recipe."""
+    from autopeft import api
+
+    recipe = _run(api.export, search, pick=pick, output=output, output_dir=output_dir)
+    methods = ", ".join(c.method for c in recipe.components) or "head only"
+    console.print(f"wrote {output} ({methods}; {recipe.training.max_train_examples:,} training examples)", markup=False)
+
+
+@app.command()
+def train(
+    recipe: Path = typer.Option(..., "--recipe", "-r", help="Recipe YAML (e.g. from autopeft export)."),
+    data_dir: Optional[str] = typer.Option(None, envvar="AUTOPEFT_DATA_DIR", help="Local GLUE folder (else the hub)."),
+    output_dir: Optional[Path] = typer.Option(None, "-o", "--output-dir", help="Where to save the trained PEFT weights (default outputs/<recipe name>)."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 (default: CUDA if available)."),
+) -> None:
+    """Train a recipe, report its validation score, and save the trained PEFT weights."""
+    from autopeft import api
+    from autopeft.recipe import load_recipe
+
+    r = _run(load_recipe, recipe)
+    out = output_dir or Path("outputs") / recipe.stem
+    result = _run(api.train, r, data_dir=data_dir, output_dir=out, device=device, log=_progress)
+    metrics = ", ".join(f"{k}={v:.4f}" for k, v in result.metrics.items())
+    console.print(f"{r.task} validation: {metrics}; trainable {result.trainable_params:,} "
+                  f"({result.trainable_percent:.3f}%), peak memory {result.peak_memory_bytes / 2**20:.0f} MiB, "
+                  f"{result.train_time_s:.0f}s training", markup=False)
+    console.print(f"saved to {out}", markup=False)
+
+
+@app.command()
+def count(
+    recipe: Path = typer.Argument(..., help="Recipe YAML."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Trainable parameters of a recipe (without the task head), without training."""
+    from autopeft import api
+
+    c = _run(api.count, recipe)
+    if as_json:
+        print(json.dumps(c.as_dict()))
+    else:
+        console.print(f"trainable {c.trainable_params:,} ({c.trainable_percent:.4f}% of {c.backbone_params:,}); "
+                      f"head {c.head_params:,}", markup=False)
+
+
+@app.command()
+def methods() -> None:
+    """List the available PEFT methods and their papers."""
+    from autopeft.methods import available_methods, get_method
+
+    for name in available_methods():
+        console.print(f"{name:15s} {get_method(name).paper}", markup=False)
+
+
+@app.command()
+def ui(
+    tracking_uri: Optional[str] = typer.Option(None, envvar="MLFLOW_TRACKING_URI", help="MLflow URI (default sqlite:///mlflow.db)."),
+    port: int = typer.Option(5000, help="Port."),
+    host: str = typer.Option("127.0.0.1", help="Host."),
+) -> None:
+    """Open the MLflow UI on the search store (same as ``mlflow ui --backend-store-uri ...``)."""
+    import subprocess
+
+    from autopeft.tracking import default_tracking_uri
+
+    uri = tracking_uri or default_tracking_uri()
+    console.print(f"MLflow UI on http://{host}:{port} for {uri}", markup=False)
+    raise typer.Exit(subprocess.call([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
+                                      "--host", host, "--port", str(port)]))
+
+
+def main() -> None:
+    """Console-script entry point."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""Pareto front and hypervolume over (task score max, trainable parameters min, peak memory min).
+
+A point ``a`` dominates ``b`` when it is no worse in every objective and strictly better in one
+(Deb et al., NSGA-II, 2002, definition 1). Hypervolume is the volume of objective space dominated
+by the front and bounded by a reference point (Zitzler & Thiele 1998), computed exactly here by
+coordinate compression, which is fast for the few dozen points a search produces.
+"""
+
+from __future__ import annotations
+
+from itertools import product
+from typing import Sequence
+
+import numpy as np
+
+#: (key in a trial row, direction) of the three objectives.
+OBJECTIVES: tuple[tuple[str, str], ...] = (("score", "max"), ("trainable_params", "min"), ("peak_memory_bytes", "min"))
+
+
+def _as_min(rows: Sequence[dict], objectives=OBJECTIVES) -> np.ndarray:
+    """(n, k) array where every objective is to be minimised."""
+    return np.array([[(-r[k] if d == "max" else r[k]) for k, d in objectives] for r in rows], dtype=float)
+
+
+def dominates(a: Sequence[float], b: Sequence[float]) -> bool:
+    """``a`` dominates ``b`` (both in minimisation form)."""
+    a, b = np.asarray(a), np.asarray(b)
+    return bool(np.all(a <= b) and np.any(a < b))
+
+
+def pareto_front(rows: Sequence[dict], objectives=OBJECTIVES) -> list[int]:
+    """Indices of the non-dominated rows, sorted by score descending (first objective)."""
+    pts = _as_min(rows, objectives)
+    keep = [i for i in range(len(pts)) if not any(dominates(pts[j], pts[i]) for j in range(len(pts)) if j != i)]
+    return sorted(keep, key=lambda i: tuple(pts[i]))
+
+
+def hypervolume(points_min: np.ndarray, reference: Sequence[float]) -> float:
+    """Exact hypervolume of ``points_min`` (n, k), all objectives minimised, w.r.t. ``reference`` (k,).
+
+    Points not strictly better than the reference in every objective contribute nothing.
+    Cost: O(n^k * n); fine for n up to ~60 with k = 3.
+    """
+    ref = np.asarray(reference, dtype=float)
+    pts = np.asarray([p for p in np.asarray(points_min, dtype=float).reshape(-1, len(ref)) if np.all(p < ref)])
+    if len(pts) == 0:
+        return 0.0
+    axes = [np.unique(np.concatenate([pts[:, j], [ref[j]]])) for j in range(len(ref))]
+    total = 0.0
+    for cell in product(*[range(len(a) - 1) for a in axes]):
+        low = np.array([axes[j][c] for j, c in enumerate(cell)])
+        if np.any(np.all(pts <= low, axis=1)):
+            total += float(np.prod([axes[j][c + 1] - axes[j][c] for j, c in enumerate(cell)]))
+    return total
+
+
+def front_hypervolume(rows: Sequence[dict], param_limit: int, objectives=OBJECTIVES) -> float:
+    """Hypervolume of ``rows`` normalised to the unit cube: score in [0, 1] (reference 0), parameters
+    divided by ``param_limit`` (reference 1), memory divided by 1.1x the largest memory (reference 1)."""
+    if not rows:
+        return 0.0
+    mem_ref = 1.1 * max(r["peak_memory_bytes"] for r in rows)
+    pts = np.array([[-r["score"], r["trainable_params"] / param_limit, r["peak_memory_bytes"] / mem_ref] for r in rows])
+    return hypervolume(pts, [0.0, 1.0, 1.0])

@@ -1,0 +1,233 @@
+"""Search spaces as data: a YAML file of dimensions over method choice and hyperparameters.
+
+Format (``search_spaces/default.yaml`` is the reference)::
+
+    name: default
+    fidelity: {max_train_examples: 24000, min_train_examples: 2688, reduction_factor: 3}
+    components:
+      lora:                          # a method name from the registry
+        enabled: [true, false]       # a list is a categorical choice
+        r: [4, 8, 16]
+        target_modules: [[query, value], [query, key, value]]   # choices may be lists
+      adapter:
+        enabled: [false, true]
+        placement: parallel          # a scalar is fixed
+        reduction_factor: {int: [24, 96]}
+    gating: [false, true]
+    training:
+      learning_rate: {loguniform: [5.0e-4, 5.0e-3]}
+    start_points:                    # known good configurations, tried first
+      - {lora.enabled: true, lora.r: 8, adapter.enabled: false}
+
+Dimension forms: scalar (fixed); list (choice); ``{choice: [...]}``; ``{uniform: [lo, hi]}``;
+``{loguniform: [lo, hi]}``; ``{int: [lo, hi]}`` (inclusive); ``{logint: [lo, hi]}``.
+Flat keys are ``<method>.<param>``, ``gating`` and ``training.<param>``. Every method keeps its
+``enabled`` switch; a component that is off contributes nothing to the recipe.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from autopeft.methods.base import get_method
+from autopeft.recipe import Recipe, recipe_from_dict
+
+#: Where the shipped search spaces live (``search_spaces/`` at the project root).
+SPACES_DIR = Path(__file__).resolve().parents[2] / "search_spaces"
+_KINDS = ("choice", "uniform", "loguniform", "int", "logint")
+
+
+class SearchSpaceError(ValueError):
+    """An invalid search-space file."""
+
+
+@dataclass(frozen=True)
+class Dim:
+    """One dimension: ``kind`` in choice/uniform/loguniform/int/logint/fixed; ``values`` its data."""
+
+    kind: str
+    values: tuple
+
+    @classmethod
+    def parse(cls, key: str, spec: Any) -> "Dim":
+        if isinstance(spec, list):
+            return cls("choice", tuple(spec)) if len(spec) > 1 else cls("fixed", (spec[0],)) if spec else cls._bad(key, spec)
+        if isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in _KINDS:
+            kind, vals = next(iter(spec.items()))
+            if kind == "choice":
+                return cls("choice", tuple(vals))
+            if not (isinstance(vals, list) and len(vals) == 2 and vals[0] < vals[1]):
+                raise SearchSpaceError(f"{key}: {kind} needs [low, high] with low < high, got {vals!r}")
+            if kind in ("loguniform", "logint") and vals[0] <= 0:
+                raise SearchSpaceError(f"{key}: {kind} needs a positive low bound, got {vals[0]!r}")
+            return cls(kind, tuple(vals))
+        return cls("fixed", (spec,))
+
+    @staticmethod
+    def _bad(key, spec):
+        raise SearchSpaceError(f"{key}: empty choice {spec!r}")
+
+    @property
+    def encoded(self) -> bool:
+        """Choices that are not plain scalars travel through Optuna as JSON strings."""
+        return self.kind == "choice" and any(isinstance(v, (list, dict)) for v in self.values)
+
+    def tune_domain(self):
+        """The Ray Tune domain of this dimension."""
+        from ray import tune
+
+        a = self.values
+        if self.kind == "choice":
+            return tune.choice([json.dumps(v) for v in a] if self.encoded else list(a))
+        return {"uniform": lambda: tune.uniform(a[0], a[1]), "loguniform": lambda: tune.loguniform(a[0], a[1]),
+                "int": lambda: tune.randint(a[0], a[1] + 1), "logint": lambda: tune.lograndint(a[0], a[1] + 1)}[self.kind]()
+
+    def decode(self, value: Any) -> Any:
+        return json.loads(value) if self.encoded and isinstance(value, str) else value
+
+    def encode(self, value: Any) -> Any:
+        return json.dumps(value) if self.encoded else value
+
+    def default(self) -> Any:
+        """A representative value: the first choice, the low bound, or the fixed value."""
+        return self.values[0]
+
+
+@dataclass(frozen=True)
+class Fidelity:
+    """Multi-fidelity settings, in training examples seen: rungs ``min * rf^k`` up to ``max`` (ASHA)."""
+
+    max_train_examples: int = 24000
+    min_train_examples: int = 2688
+    reduction_factor: int = 3
+
+    def rungs(self) -> list[int]:
+        """Examples-seen milestones, ascending, ending at ``max_train_examples``."""
+        out, r = [], float(self.min_train_examples)
+        while r < self.max_train_examples:
+            out.append(int(round(r)))
+            r *= self.reduction_factor
+        return out + [self.max_train_examples]
+
+
+@dataclass
+class SearchSpace:
+    """A parsed search space. Use :meth:`load`; :meth:`to_recipe` turns one sampled point into a recipe."""
+
+    name: str
+    dims: dict[str, Dim]
+    fidelity: Fidelity = field(default_factory=Fidelity)
+    start_points: list[dict[str, Any]] = field(default_factory=list)
+    methods: list[str] = field(default_factory=list)
+    source: str = ""
+
+    @classmethod
+    def load(cls, name_or_path: str | Path = "default") -> "SearchSpace":
+        """Load a shipped space by name (``default``, ``full``, ``autopeft_paper``) or a YAML path.
+
+        Raises:
+            SearchSpaceError: missing file, bad YAML, unknown method or parameter.
+        """
+        path = Path(name_or_path)
+        if not path.suffix:
+            path = SPACES_DIR / f"{name_or_path}.yaml"
+        if not path.is_file():
+            shipped = sorted(p.stem for p in SPACES_DIR.glob("*.yaml"))
+            raise SearchSpaceError(f"search space {str(name_or_path)!r} not found; shipped: {', '.join(shipped)}")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise SearchSpaceError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        return cls.from_dict(data, source=str(path))
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "") -> "SearchSpace":
+        if not isinstance(data, dict) or "components" not in data:
+            raise SearchSpaceError("a search space needs a 'components' mapping")
+        dims: dict[str, Dim] = {}
+        methods = []
+        for method, params in (data.get("components") or {}).items():
+            try:
+                spec = get_method(method)
+            except ValueError as exc:
+                raise SearchSpaceError(str(exc)) from None
+            params = dict(params or {})
+            params.setdefault("enabled", [True, False])
+            fields = set(spec.config_cls.model_fields) - {"method"}
+            for pname, pspec in params.items():
+                if pname != "enabled" and pname not in fields:
+                    raise SearchSpaceError(f"{method} has no parameter {pname!r}; valid: {', '.join(sorted(fields))}")
+                dims[f"{method}.{pname}"] = Dim.parse(f"{method}.{pname}", pspec)
+            methods.append(method)
+        dims["gating"] = Dim.parse("gating", data.get("gating", False))
+        for pname, pspec in (data.get("training") or {}).items():
+            dims[f"training.{pname}"] = Dim.parse(f"training.{pname}", pspec)
+        fid = Fidelity(**(data.get("fidelity") or {}))
+        space = cls(data.get("name", Path(source).stem or "custom"), dims, fid, list(data.get("start_points") or []),
+                    methods, source)
+        for point in space.start_points:
+            unknown = set(point) - set(dims)
+            if unknown:
+                raise SearchSpaceError(f"start point names unknown dimensions {sorted(unknown)}")
+        return space
+
+    # ----- Ray Tune / Optuna side --------------------------------------------------------------
+    def tunable(self) -> dict[str, Dim]:
+        return {k: d for k, d in self.dims.items() if d.kind != "fixed"}
+
+    def ray_param_space(self) -> dict[str, Any]:
+        """Ray Tune domains for the non-fixed dimensions (flat keys)."""
+        return {k: d.tune_domain() for k, d in self.tunable().items()}
+
+    def complete_point(self, point: dict[str, Any]) -> dict[str, Any]:
+        """A full, encoded configuration from a partial start point (missing dims: off / first value)."""
+        out = {}
+        for k, d in self.tunable().items():
+            if k in point:
+                v = point[k]
+            elif k.endswith(".enabled"):
+                v = False
+            else:
+                v = d.default()
+            out[k] = d.encode(v)
+        return out
+
+    def decode(self, config: dict[str, Any]) -> dict[str, Any]:
+        """Sampled (encoded) config -> plain values, with the fixed dimensions filled in."""
+        out = {k: d.values[0] for k, d in self.dims.items() if d.kind == "fixed"}
+        for k, v in config.items():
+            if k in self.dims:
+                out[k] = self.dims[k].decode(v)
+        return out
+
+    def to_recipe(self, config: dict[str, Any], base: dict[str, Any]) -> Recipe:
+        """Build the recipe of one sampled point.
+
+        Args:
+            config: flat sampled values (as Ray Tune passes them).
+            base: recipe fields the search fixes: ``backbone``, ``task``, ``training`` defaults.
+
+        Raises:
+            RecipeError: the point does not make a valid recipe.
+        """
+        values = self.decode(config)
+        components = []
+        for method in self.methods:
+            if not values.get(f"{method}.enabled", False):
+                continue
+            comp = {"method": method}
+            for k, v in values.items():
+                if k.startswith(method + ".") and not k.endswith(".enabled"):
+                    comp[k.split(".", 1)[1]] = v
+            components.append(comp)
+        training = dict(base.get("training") or {})
+        for k, v in values.items():
+            if k.startswith("training."):
+                training[k.split(".", 1)[1]] = v
+        return recipe_from_dict({**base, "components": components, "gating": bool(values.get("gating", False)),
+                                 "training": training})
