@@ -77,7 +77,15 @@ class Recipe(BaseModel):
             return []
         if not isinstance(v, list):
             raise ValueError("components must be a list of {method: ..., ...} mappings")
-        return [parse_component(c) for c in v]
+        out = []
+        for i, c in enumerate(v):
+            try:
+                out.append(parse_component(c))
+            except ValidationError as exc:
+                err = exc.errors()[0]
+                where = ".".join(str(x) for x in err["loc"])
+                raise ValueError(f"[{i}] {c.get('method')}.{where}: {err['msg'].removeprefix('Value error, ')}") from None
+        return out
 
     @field_validator("task")
     @classmethod

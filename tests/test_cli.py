@@ -1,0 +1,60 @@
+"""The CLI: one-line errors with exit code 2 before anything starts; count and export outputs."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from autopeft.cli import app
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--budget", "-1"], "invalid budget '-1': it must be positive"),
+    (["--budget", "0"], "it must be positive"),
+    (["--budget", "150%"], "cannot exceed 100%"),
+    (["--budget", "lots"], "invalid budget 'lots'"),
+    (["--task", "imdb"], "unknown task 'imdb'; valid: sst2, cola"),
+    (["--space", "nope"], "search space 'nope' not found"),
+    (["--time-budget", "soon"], "invalid time budget"),
+])
+def test_search_rejects_bad_input_with_one_line_and_exit_2(args, msg, tmp_path):
+    res = runner.invoke(app, ["search", *args, "--output-dir", str(tmp_path)])
+    assert res.exit_code == 2
+    assert msg in res.output and len(res.output.strip().splitlines()) == 1
+    assert not any(tmp_path.iterdir())  # nothing was started
+
+
+def test_count_json_for_lora_r8_query_value_on_minilm(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"backbone": "minilm-l6", "task": "sst2",
+                                    "components": [{"method": "lora", "r": 8, "target_modules": ["query", "value"]}]}))
+    res = subprocess.run([sys.executable, "-m", "autopeft.cli", "count", str(path), "--json"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout) == {"trainable_params": 73728, "backbone_params": 22713216,
+                                      "trainable_percent": pytest.approx(0.3246039662547), "head_params": 770}
+
+
+@pytest.mark.parametrize("content,msg", [
+    ({"components": [{"method": "lorax"}]}, "unknown method 'lorax'; valid:"),
+    ({"task": "sst3"}, "unknown task 'sst3'"),
+    ({"components": [{"method": "lora"}, {"method": "lora"}]}, "both claim"),
+    ("not: [valid", "not valid YAML"),
+])
+def test_count_bad_recipes_exit_2(content, msg, tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(content if isinstance(content, str) else yaml.safe_dump(content))
+    res = runner.invoke(app, ["count", str(path)])
+    assert res.exit_code == 2 and msg in res.output and len(res.output.strip().splitlines()) == 1
+
+
+def test_missing_recipe_file_and_missing_search(tmp_path):
+    res = runner.invoke(app, ["train", "--recipe", str(tmp_path / "none.yaml")])
+    assert res.exit_code == 2 and "does not exist" in res.output
+    res = runner.invoke(app, ["export", "nosuch", "--output-dir", str(tmp_path)])
+    assert res.exit_code == 2 and "no finished search 'nosuch'" in res.output

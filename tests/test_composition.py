@@ -1,0 +1,107 @@
+"""Composition: conflicts, identity starts, gates, freezing, and save/reload for every method."""
+
+import pytest
+import torch
+
+from autopeft.methods import available_methods
+from autopeft.model import CompositionError, PeftModel, count_parameters
+from autopeft.recipe import RecipeError, build_model
+from autopeft.train import load_trained, save_trained
+from conftest import TINY_BERT, TINY_ROBERTA, tiny_inputs, tiny_recipe
+
+#: Small settings per method so that every method builds on the tiny backbones.
+SMALL = {
+    "bitfit": {}, "lora": {"r": 2}, "adalora": {"init_r": 4, "target_r": 2, "total_step": 10},
+    "qlora": {"r": 2}, "adapter": {"reduction_factor": 8}, "prefix_tuning": {"num_virtual_tokens": 3},
+    "p_tuning": {"num_virtual_tokens": 3}, "p_tuning_v2": {"num_virtual_tokens": 3},
+    "mam": {"num_virtual_tokens": 3, "bottleneck_size": 8}, "unipelt": {"num_virtual_tokens": 3},
+}
+
+
+def logits(model, seed=0):
+    ids, mask = tiny_inputs(seed=seed)
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask).logits
+
+
+def perturb(model):
+    """Move every trainable tensor away from its (often identity) initialisation."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+
+
+@pytest.mark.parametrize("backbone", [TINY_BERT, TINY_ROBERTA], ids=["bert", "roberta"])
+@pytest.mark.parametrize("method", [m for m in SMALL])
+def test_every_method_saves_and_reloads_to_identical_logits(method, backbone, tmp_path):
+    if method not in available_methods():
+        pytest.skip(f"{method} not registered")
+    recipe = tiny_recipe([{"method": method, **SMALL[method]}], backbone=backbone)
+    model = build_model(recipe)
+    perturb(model)
+    before = logits(model)
+    save_trained(model, recipe, None, tmp_path)
+    again = load_trained(tmp_path)
+    assert torch.allclose(logits(again), before, atol=1e-6)
+    assert count_parameters(again) == count_parameters(model)
+
+
+@pytest.mark.parametrize("method", ["lora", "adapter", "prefix_tuning"])
+def test_zero_initialised_methods_start_as_the_backbone(method):
+    base = build_model(tiny_recipe([]))
+    model = build_model(tiny_recipe([{"method": method, **SMALL[method]}]))
+    out = logits(model)
+    if method == "prefix_tuning":  # a prefix changes attention from the start
+        assert not torch.allclose(out, logits(base), atol=1e-4)
+    else:
+        assert torch.allclose(out, logits(base), atol=1e-6)
+
+
+def test_only_method_parameters_and_head_are_trainable():
+    model = build_model(tiny_recipe([{"method": "lora", "r": 2}]))
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert names and all(".lora_" in n or n.startswith("backbone.classifier") for n in names)
+
+
+def test_two_components_on_the_same_slot_are_an_error():
+    with pytest.raises(CompositionError, match="lora and lora both claim linear/0/query"):
+        build_model(tiny_recipe([{"method": "lora"}, {"method": "lora", "r": 2}]))
+
+
+def test_same_method_on_disjoint_slots_composes():
+    model = build_model(tiny_recipe([{"method": "lora", "r": 2, "target_modules": ["query"]},
+                                     {"method": "lora", "r": 4, "target_modules": ["value"], "layers": [1]}]))
+    assert count_parameters(model).trainable_params == 2 * (2 * 2 * 32) + 4 * 2 * 32
+
+
+def test_lora_adapter_prefix_combine_with_gates_and_gates_report_values():
+    model = build_model(tiny_recipe([{"method": "lora", "r": 2}, {"method": "adapter", "reduction_factor": 8},
+                                     {"method": "prefix_tuning", "num_virtual_tokens": 2}], gating=True))
+    logits(model)
+    gates = model.gate_values()
+    assert len(gates) == 2 * (2 + 1 + 1)  # per layer: 2 LoRA, 1 adapter, 1 prefix gate
+    assert all(0.0 < v < 1.0 for v in gates.values())
+
+
+def test_unknown_method_and_bad_hyperparameters_are_one_line_recipe_errors():
+    with pytest.raises(RecipeError, match="unknown method 'loraa'; valid: bitfit"):
+        tiny_recipe([{"method": "loraa"}])
+    with pytest.raises(RecipeError, match=r"components: \[0\] lora.r: Input should be greater than or equal to 1"):
+        tiny_recipe([{"method": "lora", "r": 0}])
+    with pytest.raises(RecipeError, match="unknown target module 'qq'"):
+        tiny_recipe([{"method": "lora", "target_modules": ["qq"]}])
+    with pytest.raises(RecipeError, match="Extra inputs"):
+        tiny_recipe([{"method": "lora", "rank": 8}])
+
+
+def test_layer_out_of_range_is_a_composition_error():
+    with pytest.raises(CompositionError, match="layer index 5 out of range"):
+        build_model(tiny_recipe([{"method": "lora", "layers": [5]}]))
+
+
+def test_peft_model_rejects_non_bert_family():
+    with pytest.raises(ValueError, match="not supported"):
+        PeftModel(torch.nn.Linear(2, 2))

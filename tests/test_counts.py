@@ -1,0 +1,66 @@
+"""Trainable-parameter counts equal their closed forms (meta-device backbones: no weights, no download)."""
+
+import pytest
+
+from autopeft.recipe import count_recipe, recipe_from_dict
+
+BERT = {"preset": "bert-base"}
+ROBERTA = {"preset": "roberta-base"}
+D, L, FF = 768, 12, 3072
+
+
+def count(components, backbone=BERT, **kw):
+    return count_recipe(recipe_from_dict({"backbone": backbone, "components": components, **kw}))
+
+
+def test_lora_query_value_roberta_base():
+    assert count([{"method": "lora", "r": 8, "target_modules": ["query", "value"]}], ROBERTA).trainable_params == 294_912
+
+
+def test_lora_on_minilm_l6_is_73728():
+    c = count([{"method": "lora", "r": 8, "target_modules": ["query", "value"]}], "minilm-l6")
+    assert (c.trainable_params, c.backbone_params, c.head_params) == (73_728, 22_713_216, 770)
+
+
+def test_lora_ffn_targets_use_their_own_shapes():
+    c = count([{"method": "lora", "r": 4, "target_modules": ["ffn_in", "ffn_out"], "layers": [0, -1]}])
+    assert c.trainable_params == 2 * 2 * 4 * (D + FF)
+
+
+@pytest.mark.parametrize("variant,placement,sublayers,ln", [
+    ("pfeiffer", "parallel", 1, 0), ("pfeiffer", "serial", 1, 0), ("houlsby", "serial", 2, 4 * D)])
+def test_adapter_counts(variant, placement, sublayers, ln):
+    m = D // 16
+    c = count([{"method": "adapter", "variant": variant, "placement": placement, "reduction_factor": 16}])
+    assert c.trainable_params == L * (sublayers * (2 * D * m + m + D) + ln)
+
+
+def test_adapter_bottleneck_size_and_learned_scaling():
+    c = count([{"method": "adapter", "bottleneck_size": 10, "scaling": "learned"}])
+    assert c.trainable_params == L * (2 * D * 10 + 10 + D + 1)
+
+
+def test_bitfit_all_and_subset():
+    assert count([{"method": "bitfit"}]).trainable_params == L * (4 * D + FF + D + 2 * D)
+    assert count([{"method": "bitfit", "biases": ["query", "ffn_in"]}]).trainable_params == L * (D + FF)
+
+
+def test_prefix_tuning_mlp_count():
+    p, h = 10, 64
+    c = count([{"method": "prefix_tuning", "num_virtual_tokens": p, "encoder_hidden_size": h}])
+    assert c.trainable_params == p * D + D * h + h + h * 2 * L * D + 2 * L * D
+
+
+def test_gates_add_one_linear_to_1_per_component_and_layer():
+    plain = count([{"method": "lora", "r": 8}]).trainable_params
+    gated = count([{"method": "lora", "r": 8}], gating=True).trainable_params
+    assert gated - plain == 2 * L * (D + 1)  # one gate per wrapped Linear (query, value) per layer
+
+
+def test_unipelt_is_the_sum_of_its_gated_parts():
+    u = count([{"method": "unipelt"}]).trainable_params
+    parts = count([{"method": "prefix_tuning", "num_virtual_tokens": 10, "encoder_hidden_size": 64},
+                   {"method": "lora", "r": 8}, {"method": "adapter", "placement": "serial"}], gating=True)
+    assert u == parts.trainable_params
+    assert u == (10 * D + D * 64 + 64 + 64 * 2 * L * D + 2 * L * D) + L * (D + 1) \
+        + 2 * L * (8 * 2 * D + D + 1) + L * (2 * D * 48 + 48 + D + D + 1)
