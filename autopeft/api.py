@@ -105,8 +105,13 @@ def search(task: str = "sst2", budget: str | Budget = "0.5%", backbone: str | di
     t0 = time.time()
     budget = budget if isinstance(budget, Budget) else parse_budget(budget)
     task_obj = get_task(task)
-    load_config(backbone, task_obj.num_labels)  # fails fast on an unknown backbone
+    config = load_config(backbone, task_obj.num_labels)  # fails fast on an unknown backbone
     sp = SearchSpace.load(space)
+    if sp.num_layers and sp.num_layers != config.num_hidden_layers:
+        from autopeft.search.space import SearchSpaceError
+
+        raise SearchSpaceError(f"search space {sp.name!r} has per_layer num_layers={sp.num_layers}, but the backbone "
+                               f"has {config.num_hidden_layers} layers")
     root = resolve_data_dir(data_dir)
     if root is not None:
         load_split(task_obj, "validation", root)  # fails fast on a folder without the task

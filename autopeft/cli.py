@@ -57,7 +57,7 @@ def _run(fn, *args, **kwargs):
         raise typer.Exit(130)
     except _user_errors() as exc:
         _fail(exc, 2)
-    except ValueError as exc:
+    except (ValueError, FileNotFoundError) as exc:
         _fail(exc, 2)
     except Exception as exc:  # noqa: BLE001 - one line, never a traceback
         if os.environ.get("AUTOPEFT_DEBUG"):
@@ -192,6 +192,47 @@ def count(
     else:
         console.print(f"trainable {c.trainable_params:,} ({c.trainable_percent:.4f}% of {c.backbone_params:,}); "
                       f"head {c.head_params:,}", markup=False)
+
+
+fusion_app = typer.Typer(no_args_is_help=True, help="AdapterFusion in two stages: per-task adapters, then fusion.")
+app.add_typer(fusion_app, name="fusion")
+
+
+@fusion_app.command("stage1")
+def fusion_stage1(
+    tasks: list[str] = typer.Argument(..., help="Source tasks, e.g. sst2 mrpc rte."),
+    recipe: Optional[Path] = typer.Option(None, "--recipe", "-r", help="Base recipe (backbone, training, adapter)."),
+    output_dir: Path = typer.Option(Path("adapters"), "-o", "--output-dir", help="One folder per task goes here."),
+    data_dir: Optional[str] = typer.Option(None, envvar="AUTOPEFT_DATA_DIR", help="Local GLUE folder (else the hub)."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, ..."),
+) -> None:
+    """Stage 1: train and save one adapter per source task."""
+    from autopeft.fusion import train_adapters
+    from autopeft.tasks import get_task
+
+    for t in tasks:
+        _run(get_task, t)
+    folders = _run(train_adapters, tasks, recipe, output_dir, data_dir, device=device, log=_progress)
+    console.print("stage-1 adapters: " + " ".join(str(f) for f in folders), markup=False)
+
+
+@fusion_app.command("stage2")
+def fusion_stage2(
+    adapters: list[Path] = typer.Argument(..., help="Stage-1 adapter folders."),
+    task: str = typer.Option(..., help="Target task."),
+    recipe: Optional[Path] = typer.Option(None, "--recipe", "-r", help="Base recipe (training settings, extra components)."),
+    output_dir: Path = typer.Option(Path("outputs/fusion"), "-o", "--output-dir", help="Where the fusion model goes."),
+    data_dir: Optional[str] = typer.Option(None, envvar="AUTOPEFT_DATA_DIR", help="Local GLUE folder (else the hub)."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, ..."),
+) -> None:
+    """Stage 2: freeze the stage-1 adapters and train fusion attention over them on the target task."""
+    from autopeft.fusion import train_fusion
+    from autopeft.tasks import get_task
+
+    _run(get_task, task)
+    result, out = _run(train_fusion, adapters, task, output_dir, data_dir, base_recipe=recipe, device=device, log=_progress)
+    metrics = ", ".join(f"{k}={v:.4f}" for k, v in result.metrics.items())
+    console.print(f"{task} validation: {metrics}; saved to {out}", markup=False)
 
 
 @app.command()

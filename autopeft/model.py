@@ -214,9 +214,9 @@ class PeftModel(nn.Module):
     def is_gated(self, config: Any) -> bool:
         return self.gating if getattr(config, "gated", None) is None else bool(config.gated)
 
-    def make_gate(self, config: Any) -> Gate | None:
-        """A new :class:`Gate` if the component is gated, else ``None``."""
-        return Gate(self.encoder.hidden_size) if self.is_gated(config) else None
+    def make_gate(self, config: Any, width: int | None = None) -> Gate | None:
+        """A new :class:`Gate` reading inputs of ``width`` features (default d) if the component is gated."""
+        return Gate(width or self.encoder.hidden_size) if self.is_gated(config) else None
 
     def layers_of(self, config: Any) -> list[int]:
         try:

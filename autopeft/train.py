@@ -182,6 +182,7 @@ def run_trial(recipe: Recipe, data_dir: str | Path | None = None, rungs: list[in
     optimizer = make_optimizer(model, [g for g in groups if g["params"]], tr.weight_decay, dev, log)
     schedule_steps = math.ceil((tr.schedule_examples or tr.max_train_examples) / tr.batch_size)
     warmup = int(tr.warmup_ratio * schedule_steps)
+    model.total_steps = schedule_steps  # horizon for methods with a training-time schedule (AdaLoRA's budget)
 
     def lr_lambda(step: int) -> float:
         if step < warmup:
@@ -301,4 +302,4 @@ def load_trained(path: str | Path, device: str = "cpu") -> PeftModel:
         missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
         raise RuntimeError(f"saved weights do not fit the recipe: missing {missing[:3]}, unexpected {extra[:3]}")
     model.load_state_dict(tensors, strict=False)
-    return model
+    return model.to(device)

@@ -105,3 +105,17 @@ def test_layer_out_of_range_is_a_composition_error():
 def test_peft_model_rejects_non_bert_family():
     with pytest.raises(ValueError, match="not supported"):
         PeftModel(torch.nn.Linear(2, 2))
+
+
+def test_gated_lora_on_the_ffn_output_reads_the_ffn_width():
+    model = build_model(tiny_recipe([{"method": "lora", "r": 2, "target_modules": ["ffn_out"]}], gating=True))
+    assert model.linear(0, "ffn_out").gate.proj.in_features == 37
+    assert logits(model).shape == (3, 2)
+
+
+def test_lora_over_a_quantised_base_refuses_to_merge():
+    from autopeft.methods.lora import merge_lora
+
+    model = build_model(tiny_recipe([{"method": "lora", "r": 2}], quantization="nf4"))
+    with pytest.raises(RuntimeError, match="cannot merge into a .* dequantise it first"):
+        merge_lora(model)

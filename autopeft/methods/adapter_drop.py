@@ -33,6 +33,8 @@ vectors and LoRA updates are not adapters and are left on. Because it acts on ex
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import random
 from typing import Literal
 
@@ -55,6 +57,8 @@ class AdapterDropConfig(MethodConfig):
     """
 
     method: str = "adapter_drop"
+    #: A search space leaves AdapterDrop out when none of these methods is in the recipe.
+    requires_any: ClassVar[tuple[str, ...]] = ("adapter", "adapter_fusion", "mam", "unipelt")
     n: int = Field(2, ge=0)
     mode: Literal["robust", "specialized", "inference_only"] = "robust"
     max_train_drop: int | None = Field(None, ge=0)

@@ -108,8 +108,9 @@ class LoraLinear(nn.Module):
     def _check_mergeable(self) -> None:
         if self.gate is not None:
             raise RuntimeError("a gated LoRA cannot be merged: its gate depends on the input")
-        if not isinstance(self.base_layer, nn.Linear):
-            raise RuntimeError(f"cannot merge into a {type(self.base_layer).__name__} base layer")
+        if not isinstance(self.base_layer, nn.Linear) or not self.base_layer.weight.dtype.is_floating_point:
+            raise RuntimeError(f"cannot merge into a {type(self.base_layer).__name__} base layer "
+                               f"({self.base_layer.weight.dtype} weights): dequantise it first")
 
 
 @register("lora", LoraConfig, paper="arXiv:2106.09685")
@@ -118,7 +119,7 @@ def apply_lora(model, cfg: LoraConfig) -> None:
     for layer in model.layers_of(cfg):
         for target in cfg.target_modules:
             model.wrap_linear(layer, target, lambda base: LoraLinear(
-                base, cfg.r, cfg.lora_alpha, cfg.lora_dropout, model.make_gate(cfg)))
+                base, cfg.r, cfg.lora_alpha, cfg.lora_dropout, model.make_gate(cfg, base.in_features)))
 
 
 def merge_lora(model) -> int:

@@ -19,6 +19,15 @@ Format (``search_spaces/default.yaml`` is the reference)::
     start_points:                    # known good configurations, tried first
       - {lora.enabled: true, lora.r: 8, adapter.enabled: false}
 
+A component key is a method name, or any name with a ``method:`` entry (two differently placed
+adapters: ``serial_adapter: {method: adapter, placement: serial}``). Top-level ``quantization``
+(``none``/``nf4``) is a dimension like ``gating``. ``per_layer: {num_layers: 6}`` adds one on/off
+dimension per layer (``layer.0`` ...), applied as every component's ``layers`` (AutoPEFT's layer
+selection); the search checks that the backbone has that many layers. A component whose method
+needs another (AdapterDrop needs adapters) is left out when none of those is on. ``one_of:
+{lowrank: [lora, adalora, qlora]}`` makes one categorical dimension ``one_of.lowrank`` (``none`` or a
+member) in place of the members' ``enabled`` switches, for methods that claim the same slots.
+
 Dimension forms: scalar (fixed); list (choice); ``{choice: [...]}``; ``{uniform: [lo, hi]}``;
 ``{loguniform: [lo, hi]}``; ``{int: [lo, hi]}`` (inclusive); ``{logint: [lo, hi]}``.
 Flat keys are ``<method>.<param>``, ``gating`` and ``training.<param>``. Every method keeps its
@@ -125,6 +134,9 @@ class SearchSpace:
     start_points: list[dict[str, Any]] = field(default_factory=list)
     methods: list[str] = field(default_factory=list)
     source: str = ""
+    component_methods: dict[str, str] = field(default_factory=dict)
+    num_layers: int | None = None
+    groups: dict[str, str] = field(default_factory=dict)  # component -> one_of group
 
     @classmethod
     def load(cls, name_or_path: str | Path = "default") -> "SearchSpace":
@@ -151,25 +163,45 @@ class SearchSpace:
             raise SearchSpaceError("a search space needs a 'components' mapping")
         dims: dict[str, Dim] = {}
         methods = []
-        for method, params in (data.get("components") or {}).items():
+        component_methods: dict[str, str] = {}
+        for key, params in (data.get("components") or {}).items():
+            params = dict(params or {})
+            method = params.pop("method", key)
             try:
                 spec = get_method(method)
             except ValueError as exc:
                 raise SearchSpaceError(str(exc)) from None
-            params = dict(params or {})
             params.setdefault("enabled", [True, False])
             fields = set(spec.config_cls.model_fields) - {"method"}
             for pname, pspec in params.items():
                 if pname != "enabled" and pname not in fields:
-                    raise SearchSpaceError(f"{method} has no parameter {pname!r}; valid: {', '.join(sorted(fields))}")
-                dims[f"{method}.{pname}"] = Dim.parse(f"{method}.{pname}", pspec)
-            methods.append(method)
+                    raise SearchSpaceError(f"{key}: {method} has no parameter {pname!r}; valid: {', '.join(sorted(fields))}")
+                dims[f"{key}.{pname}"] = Dim.parse(f"{key}.{pname}", pspec)
+            methods.append(key)
+            component_methods[key] = method
+        groups: dict[str, str] = {}
+        for group, members in (data.get("one_of") or {}).items():
+            for m in members:
+                if m not in component_methods:
+                    raise SearchSpaceError(f"one_of.{group} names {m!r}, which is not a component of this space")
+                dims.pop(f"{m}.enabled", None)
+                groups[m] = group
+            dims[f"one_of.{group}"] = Dim("choice", ("none", *members))
         dims["gating"] = Dim.parse("gating", data.get("gating", False))
+        dims["quantization"] = Dim.parse("quantization", data.get("quantization", "none"))
+        per_layer = data.get("per_layer")
+        num_layers = None
+        if per_layer:
+            num_layers = int(per_layer.get("num_layers", 0))
+            if num_layers < 1:
+                raise SearchSpaceError("per_layer needs num_layers >= 1")
+            for i in range(num_layers):
+                dims[f"layer.{i}"] = Dim.parse(f"layer.{i}", per_layer.get("choices", [True, False]))
         for pname, pspec in (data.get("training") or {}).items():
             dims[f"training.{pname}"] = Dim.parse(f"training.{pname}", pspec)
         fid = Fidelity(**(data.get("fidelity") or {}))
         space = cls(data.get("name", Path(source).stem or "custom"), dims, fid, list(data.get("start_points") or []),
-                    methods, source)
+                    methods, source, component_methods, num_layers, groups)
         for point in space.start_points:
             unknown = set(point) - set(dims)
             if unknown:
@@ -192,6 +224,10 @@ class SearchSpace:
                 v = point[k]
             elif k.endswith(".enabled"):
                 v = False
+            elif k.startswith("one_of."):
+                v = "none"
+            elif k.startswith("layer."):
+                v = True
             else:
                 v = d.default()
             out[k] = d.encode(v)
@@ -216,18 +252,33 @@ class SearchSpace:
             RecipeError: the point does not make a valid recipe.
         """
         values = self.decode(config)
+        layers = None
+        if self.num_layers:
+            layers = [i for i in range(self.num_layers) if values.get(f"layer.{i}", True)]
         components = []
-        for method in self.methods:
-            if not values.get(f"{method}.enabled", False):
+        for key in self.methods:
+            group = self.groups.get(key)
+            on = values.get(f"one_of.{group}") == key if group else values.get(f"{key}.enabled", False)
+            if not on or (layers is not None and not layers):
                 continue
-            comp = {"method": method}
+            comp = {"method": self.component_methods.get(key, key)}
+            if layers is not None:
+                comp["layers"] = layers
             for k, v in values.items():
-                if k.startswith(method + ".") and not k.endswith(".enabled"):
+                if k.startswith(key + ".") and not k.endswith(".enabled"):
                     comp[k.split(".", 1)[1]] = v
             components.append(comp)
+        present = {c["method"] for c in components}
+        components = [c for c in components if _requirements_met(c["method"], present)]
         training = dict(base.get("training") or {})
         for k, v in values.items():
             if k.startswith("training."):
                 training[k.split(".", 1)[1]] = v
         return recipe_from_dict({**base, "components": components, "gating": bool(values.get("gating", False)),
-                                 "training": training})
+                                 "quantization": values.get("quantization", "none"), "training": training})
+
+
+def _requirements_met(method: str, present: set[str]) -> bool:
+    """A method with ``requires_any`` (e.g. AdapterDrop) needs one of those methods in the recipe."""
+    needs = getattr(get_method(method).config_cls, "requires_any", ())
+    return not needs or bool(set(needs) & present)
