@@ -18,8 +18,9 @@ from rich.table import Table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Search, export and train parameter-efficient fine-tuning (PEFT) configurations.")
-console = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+# Logs and CI capture output without a terminal; keep the Pareto table readable there too.
+console = Console(highlight=False, width=None if sys.stdout.isatty() else 140)
+err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 200)
 
 
 class _UserError(Exception):
@@ -75,7 +76,7 @@ def search(
     budget: str = typer.Option("0.5%", help="Trainable-parameter budget without the head: 0.5%, 0.005 or 120k."),
     backbone: str = typer.Option("minilm-l6", help="minilm-l6 (bundled), a Hugging Face id, or a local folder."),
     space: str = typer.Option("default", help="Search space: default, full, autopeft_paper, or a YAML path."),
-    trials: Optional[int] = typer.Option(None, min=1, help="Trials to sample (default 12 on CPU, 32 on GPU)."),
+    trials: Optional[int] = typer.Option(None, min=1, help="Trials to sample (default 20 on CPU, 32 on GPU)."),
     time_budget: Optional[str] = typer.Option(None, help="Wall-clock cap: 1800, 30m, 2h (default 26m on CPU)."),
     data_dir: Optional[str] = typer.Option(None, envvar="AUTOPEFT_DATA_DIR", help="Local GLUE folder (else the hub)."),
     tracking_uri: Optional[str] = typer.Option(None, envvar="MLFLOW_TRACKING_URI", help="MLflow URI (default sqlite:///mlflow.db)."),

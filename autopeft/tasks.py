@@ -127,7 +127,7 @@ def resolve_data_dir(data_dir: str | Path | None) -> Path | None:
     data_dir = data_dir or os.environ.get(DATA_DIR_ENV)
     if not data_dir:
         return None
-    path = Path(data_dir).expanduser()
+    path = Path(data_dir).expanduser().resolve()  # absolute: Ray workers run in other folders
     if not path.is_dir():
         raise TaskError(f"data dir {str(path)!r} does not exist")
     return path

@@ -64,3 +64,8 @@ def test_unipelt_is_the_sum_of_its_gated_parts():
     assert u == parts.trainable_params
     assert u == (10 * D + D * 64 + 64 + 64 * 2 * L * D + 2 * L * D) + L * (D + 1) \
         + 2 * L * (8 * 2 * D + D + 1) + L * (2 * D * 48 + 48 + D + D + 1)
+
+
+def test_full_finetuning_trains_the_whole_backbone():
+    c = count([{"method": "full_finetuning"}], "minilm-l6")
+    assert c.trainable_params == c.backbone_params == 22_713_216

@@ -62,3 +62,36 @@ def test_every_shipped_space_loads_and_its_start_points_build():
         space = SearchSpace.load(path)
         for point in space.start_points:
             space.to_recipe(space.complete_point(point), BASE)
+
+
+def test_component_aliases_give_two_differently_placed_adapters():
+    space = SearchSpace.load("autopeft_paper")
+    point = {**space.complete_point({}), "serial_adapter.enabled": True, "serial_adapter.bottleneck_size": 3,
+             "parallel_adapter.enabled": True, "parallel_adapter.bottleneck_size": 12, "layer.0": False}
+    recipe = space.to_recipe(point, BASE)
+    got = [(c.method, c.placement, c.bottleneck_size, c.layers) for c in recipe.components]
+    assert got == [("adapter", "serial", 3, [1, 2, 3, 4, 5]), ("adapter", "parallel", 12, [1, 2, 3, 4, 5])]
+    d = 384
+    assert count_recipe(recipe).trainable_params == 5 * ((2 * d * 3 + 3 + d) + (2 * d * 12 + 12 + d))
+
+
+def test_one_of_groups_switch_exactly_one_member_on():
+    space = SearchSpace.load("full")
+    assert "lora.enabled" not in space.dims and space.dims["one_of.lowrank"].values == ("none", "lora", "adalora", "qlora")
+    recipe = space.to_recipe({**space.complete_point({}), "one_of.lowrank": "adalora", "one_of.prefix": "mam"}, BASE)
+    assert [c.method for c in recipe.components] == ["adalora", "mam"]
+
+
+def test_adapter_drop_is_left_out_without_adapters_and_quantization_is_a_dimension():
+    space = SearchSpace.load("full")
+    point = {**space.complete_point({}), "adapter_drop.enabled": True, "quantization": "nf4"}
+    assert space.to_recipe(point, BASE).components == [] and space.to_recipe(point, BASE).quantization == "nf4"
+    point["adapter.enabled"] = True
+    assert [c.method for c in space.to_recipe(point, BASE).components] == ["adapter", "adapter_drop"]
+
+
+def test_every_method_is_reachable_in_the_full_space():
+    from autopeft.methods import CANONICAL_METHODS
+
+    space = SearchSpace.load("full")
+    assert set(CANONICAL_METHODS) <= set(space.component_methods.values())

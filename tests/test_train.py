@@ -64,3 +64,10 @@ def test_saved_weights_reload_to_the_same_score(glue_dir, tmp_path):
     batches = Batches(load_split(task, "validation", glue_dir), load_tokenizer(r.backbone), 32, torch.device("cpu"))
     assert evaluate(reloaded, task, batches, 64, 64)["accuracy"] == result.score
     assert (tmp_path / "metrics.json").exists() and (tmp_path / "recipe.yaml").exists()
+
+
+def test_relative_data_dir_resolves_to_an_absolute_path(glue_dir, monkeypatch):
+    from autopeft.tasks import resolve_data_dir
+
+    monkeypatch.chdir(glue_dir.parent)
+    assert resolve_data_dir("glue") == glue_dir.resolve()

@@ -7,10 +7,13 @@ arXiv:2303.10512 (ICLR 2023).
   ``Lambda = diag(E)``, ``E`` (r, 1) singular values (``lora_E``, zero at the start), and ``Q``
   (r, d_in) right singular vectors (``lora_A``); ``P`` and ``Q`` are Gaussian (std 0.02), and the
   update is scaled by ``lora_alpha / init_r`` (as the authors' code and Hugging Face peft do).
-* Orthogonality (eq. 4): ``R(P, Q) = ||P^T P - I||_F^2 + ||Q Q^T - I||_F^2``, added to the loss as
-  ``orth_reg_weight * sum_k R(P_k, Q_k)`` over the wrapped matrices ``k``
-  (:meth:`autopeft.model.PeftModel.add_regularizer`).
-  Note: the authors' code and peft instead add the *mean of the unsquared* norms; this follows eq. 4.
+* Orthogonality (eq. 4): ``R(P, Q) = ||P^T P - I||_F + ||Q Q^T - I||_F``, added to the loss as
+  ``orth_reg_weight * sum_k R(P_k, Q_k) / (2 n)`` over the ``n`` wrapped matrices
+  (:meth:`autopeft.model.PeftModel.add_regularizer`). This is the normalisation of the authors' code
+  and of peft (the mean of the unsquared norms), with which the paper's ``orth_reg_weight`` values were
+  tuned; eq. 4 as printed (squared norms, summed) is ~50x larger at initialisation on MiniLM and
+  swamps the task loss (on MiniLM-L6, 4,000 SST-2 examples at lr 3e-3: 53.0% validation accuracy
+  with it, 77.4% with this normalisation).
 * Importance: sensitivity ``I(w) = |w * dL/dw|`` (eq. 7) of every entry of P, E, Q, smoothed
   ``I_bar(t) = beta1 I_bar(t-1) + (1 - beta1) I(t)`` (eq. 8), uncertainty
   ``U_bar(t) = beta2 U_bar(t-1) + (1 - beta2) |I(t) - I_bar(t)|`` (eq. 9), score
@@ -45,6 +48,7 @@ from torch import nn
 
 from autopeft.arch import LINEAR_TARGETS, canonical_target
 from autopeft.methods.base import MethodConfig, register
+from autopeft.methods.lora import LinearWrapper
 
 
 class AdaLoraConfig(MethodConfig):
@@ -108,7 +112,7 @@ def budget_schedule(step: int, init_budget: int, target_budget: int, tinit: int,
     return int((init_budget - target_budget) * frac ** 3 + target_budget)
 
 
-class SVDLinear(nn.Module):
+class SVDLinear(LinearWrapper):
     """``y = base_layer(x) + g(x) * (alpha / init_r) * dropout(x) (Q * E)^T P^T``.
 
     Shapes: ``x`` (..., d_in) -> (..., d_out); ``lora_A`` = Q (r, d_in), ``lora_E`` (r, 1),
@@ -118,12 +122,9 @@ class SVDLinear(nn.Module):
 
     def __init__(self, base_layer: nn.Module, r: int, lora_alpha: float, lora_dropout: float = 0.0,
                  gate: nn.Module | None = None) -> None:
-        super().__init__()
-        self.base_layer = base_layer
+        super().__init__(base_layer)
         d_in, d_out = base_layer.in_features, base_layer.out_features
-        factory = {"device": base_layer.weight.device}
-        if base_layer.weight.dtype.is_floating_point:
-            factory["dtype"] = base_layer.weight.dtype
+        factory = self.factory_kwargs()
         self.lora_A = nn.Parameter(torch.empty(r, d_in, **factory))
         self.lora_E = nn.Parameter(torch.zeros(r, 1, **factory))
         self.lora_B = nn.Parameter(torch.empty(d_out, r, **factory))
@@ -148,14 +149,6 @@ class SVDLinear(nn.Module):
         return hook
 
     @property
-    def in_features(self) -> int:
-        return self.base_layer.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base_layer.out_features
-
-    @property
     def rank(self) -> int:
         """Triplets kept by the last allocation."""
         return int(self.rank_mask.sum())
@@ -173,9 +166,10 @@ class SVDLinear(nn.Module):
         return out + delta.to(out.dtype)
 
     def orthogonality(self) -> torch.Tensor:
-        """``||P^T P - I||_F^2 + ||Q Q^T - I||_F^2`` (eq. 4), a scalar."""
+        """``||P^T P - I||_F + ||Q Q^T - I||_F`` (eq. 4, unsquared as in the authors' code), a scalar."""
         eye = torch.eye(self.r, device=self.lora_A.device, dtype=self.lora_A.dtype)
-        return ((self.lora_B.T @ self.lora_B - eye) ** 2).sum() + ((self.lora_A @ self.lora_A.T - eye) ** 2).sum()
+        return (torch.linalg.matrix_norm(self.lora_B.T @ self.lora_B - eye)
+                + torch.linalg.matrix_norm(self.lora_A @ self.lora_A.T - eye))
 
     @torch.no_grad()
     def apply_mask(self) -> None:
@@ -270,8 +264,8 @@ class RankAllocator:
             m.apply_mask()
 
     def regularization(self) -> torch.Tensor:
-        """``orth_reg_weight * sum_k R(P_k, Q_k)`` (eq. 4)."""
-        return self.cfg.orth_reg_weight * torch.stack([m.orthogonality() for m in self.modules]).sum()
+        """``orth_reg_weight * sum_k R(P_k, Q_k) / (2 n)``: the mean norm over all P and Q (eq. 4)."""
+        return self.cfg.orth_reg_weight * torch.stack([m.orthogonality() for m in self.modules]).sum() / (2 * len(self.modules))
 
 
 @register("adalora", AdaLoraConfig, paper="arXiv:2303.10512")

@@ -37,7 +37,28 @@ class LoraConfig(MethodConfig):
         return [canonical_target(t) for t in v]
 
 
-class LoraLinear(nn.Module):
+class LinearWrapper(nn.Module):
+    """Base of the modules that wrap a Linear sublayer, kept as ``base_layer`` (LoRA, AdaLoRA, QLoRA)."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    def factory_kwargs(self) -> dict:
+        """``device`` (and ``dtype`` unless the base is quantised) for new tensors beside the base weight."""
+        w = self.base_layer.weight
+        return {"device": w.device, **({"dtype": w.dtype} if w.dtype.is_floating_point else {})}
+
+
+class LoraLinear(LinearWrapper):
     """``y = base_layer(x) + g(x) * (alpha/r) * lora_B(lora_A(dropout(x)))``.
 
     Shapes: ``x`` (..., d_in) -> (..., d_out). ``g`` is an optional UniPELT gate (B, 1, 1).
@@ -46,12 +67,9 @@ class LoraLinear(nn.Module):
 
     def __init__(self, base_layer: nn.Module, r: int, lora_alpha: float, lora_dropout: float = 0.0,
                  gate: nn.Module | None = None) -> None:
-        super().__init__()
-        self.base_layer = base_layer
+        super().__init__(base_layer)
         d_in, d_out = base_layer.in_features, base_layer.out_features
-        factory = {"device": base_layer.weight.device}
-        if base_layer.weight.dtype.is_floating_point:
-            factory["dtype"] = base_layer.weight.dtype
+        factory = self.factory_kwargs()
         self.lora_A = nn.Linear(d_in, r, bias=False, **factory)
         self.lora_B = nn.Linear(r, d_out, bias=False, **factory)
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
@@ -61,14 +79,6 @@ class LoraLinear(nn.Module):
         if base_layer.weight.device.type != "meta":
             nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
             nn.init.zeros_(self.lora_B.weight)
-
-    @property
-    def in_features(self) -> int:
-        return self.base_layer.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base_layer.out_features
 
     def delta_weight(self) -> torch.Tensor:
         """``(alpha/r) B A``, shape (d_out, d_in)."""

@@ -65,7 +65,9 @@ class Dim:
     @classmethod
     def parse(cls, key: str, spec: Any) -> "Dim":
         if isinstance(spec, list):
-            return cls("choice", tuple(spec)) if len(spec) > 1 else cls("fixed", (spec[0],)) if spec else cls._bad(key, spec)
+            if len(spec) > 1:
+                return cls("choice", tuple(spec))
+            return cls("fixed", (spec[0],) if spec else ([],))  # [x] is fixed x; [] is a fixed empty list
         if isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in _KINDS:
             kind, vals = next(iter(spec.items()))
             if kind == "choice":
@@ -76,10 +78,6 @@ class Dim:
                 raise SearchSpaceError(f"{key}: {kind} needs a positive low bound, got {vals[0]!r}")
             return cls(kind, tuple(vals))
         return cls("fixed", (spec,))
-
-    @staticmethod
-    def _bad(key, spec):
-        raise SearchSpaceError(f"{key}: empty choice {spec!r}")
 
     @property
     def encoded(self) -> bool:

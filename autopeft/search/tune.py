@@ -200,7 +200,7 @@ def run_tune(space: SearchSpace, base: dict[str, Any], param_limit: int, setting
 
     objectives = ["score", "trainable_params", "peak_memory_bytes"]
     sampler = optuna.samplers.TPESampler(seed=settings.seed, n_startup_trials=max(4, len(space.start_points) + 2),
-                                         multivariate=True, warn_independent_sampling=False)
+                                         multivariate=True)
     searcher = OptunaSearch(metric=objectives, mode=["max", "min", "min"],
                             points_to_evaluate=[space.complete_point(p) for p in space.start_points] or None,
                             sampler=sampler)
