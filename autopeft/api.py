@@ -96,9 +96,9 @@ def search(task: str = "sst2", budget: str | Budget = "0.5%", backbone: str | di
         RuntimeError: Ray could not start.
     """
     from autopeft.backbones import load_config
-    from autopeft.search.pareto import front_hypervolume, pareto_front
-    from autopeft.search.space import SearchSpace
-    from autopeft.search.tune import TuneSettings, run_tune
+    from autopeft.hpo.pareto import front_hypervolume, pareto_front
+    from autopeft.hpo.space import SearchSpace
+    from autopeft.hpo.tune import TuneSettings, run_tune
     from autopeft.tasks import get_task, load_split, resolve_data_dir
     from autopeft.tracking import SearchTracker, default_tracking_uri
 
@@ -108,7 +108,7 @@ def search(task: str = "sst2", budget: str | Budget = "0.5%", backbone: str | di
     config = load_config(backbone, task_obj.num_labels)  # fails fast on an unknown backbone
     sp = SearchSpace.load(space)
     if sp.num_layers and sp.num_layers != config.num_hidden_layers:
-        from autopeft.search.space import SearchSpaceError
+        from autopeft.hpo.space import SearchSpaceError
 
         raise SearchSpaceError(f"search space {sp.name!r} has per_layer num_layers={sp.num_layers}, but the backbone "
                                f"has {config.num_hidden_layers} layers")

@@ -34,7 +34,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from autopeft.budget import BudgetError
     from autopeft.model import CompositionError
     from autopeft.recipe import RecipeError
-    from autopeft.search.space import SearchSpaceError
+    from autopeft.hpo.space import SearchSpaceError
     from autopeft.tasks import TaskError
 
     return (BudgetError, TaskError, BackboneError, RecipeError, CompositionError, SearchSpaceError,

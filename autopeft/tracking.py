@@ -2,7 +2,7 @@
 
 Default store: a SQLite file ``mlflow.db`` in the working folder; ``--tracking-uri`` or
 ``MLFLOW_TRACKING_URI`` override it. Everything is written from the driver process (the Ray Tune
-callback in :mod:`autopeft.search.tune`), so trial workers never touch the store.
+callback in :mod:`autopeft.hpo.tune`), so trial workers never touch the store.
 
 Per trial run: the flattened configuration as params, metrics per rung (``step`` = training
 examples seen), and the tags ``status`` (finished | stopped_early | over_budget | failed),

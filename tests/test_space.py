@@ -3,7 +3,7 @@
 import pytest
 
 from autopeft.recipe import count_recipe
-from autopeft.search.space import Dim, SearchSpace, SearchSpaceError
+from autopeft.hpo.space import Dim, SearchSpace, SearchSpaceError
 
 BASE = {"backbone": "minilm-l6", "task": "sst2", "training": {"seed": 0}}
 
@@ -56,7 +56,7 @@ def test_unknown_space_name_lists_shipped_spaces():
 
 
 def test_every_shipped_space_loads_and_its_start_points_build():
-    from autopeft.search.space import SPACES_DIR
+    from autopeft.hpo.space import SPACES_DIR
 
     for path in SPACES_DIR.glob("*.yaml"):
         space = SearchSpace.load(path)

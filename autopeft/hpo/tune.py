@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from autopeft.search.space import SearchSpace
+from autopeft.hpo.space import SearchSpace
 
 #: Objective values reported for trials that were not trained (over budget, failed), so that the
 #: sampler learns to avoid them. Never shown as measurements: MLflow and the front skip them.
