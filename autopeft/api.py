@@ -269,12 +269,12 @@ def train(recipe: Recipe | str | Path, data_dir: str | None = None, output_dir: 
     """Train a recipe at its fidelity, evaluate it, and save the trained PEFT weights.
 
     Returns:
-        :class:`autopeft.train.TrialResult`.
+        :class:`autopeft.trainer.TrialResult`.
 
     Raises:
         RecipeError, TaskError, BackboneError, CompositionError: bad input.
     """
-    from autopeft.train import run_trial, save_trained
+    from autopeft.trainer import run_trial, save_trained
 
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)

@@ -1,7 +1,7 @@
 """The two stages of AdapterFusion (Pfeiffer et al., arXiv:2005.00247, section 3) as Python calls.
 
 Stage 1 (:func:`train_adapters`): one serial Pfeiffer adapter per source task, each trained alone
-with :func:`autopeft.train.run_trial` and saved with :func:`autopeft.train.save_trained` to
+with :func:`autopeft.trainer.run_trial` and saved with :func:`autopeft.trainer.save_trained` to
 ``<out_dir>/<task>/``. Stage 2 (:func:`stage2_recipe`, :func:`write_stage2_recipe`,
 :func:`train_fusion`): a recipe whose first component is ``adapter_fusion`` listing those folders
 (absolute paths), trained on the target task. A stage-2 model saved with ``save_trained`` holds only
@@ -88,7 +88,7 @@ def train_adapters(tasks: Sequence[str], base_recipe: RecipeLike = None, out_dir
         base_recipe: Recipe, mapping, YAML path or ``None``; see :func:`stage1_recipe`.
         out_dir: parent folder of the per-task folders.
         data_dir: local GLUE folder (else ``$AUTOPEFT_DATA_DIR``, else the hub).
-        device, log: as in :func:`autopeft.train.run_trial`.
+        device, log: as in :func:`autopeft.trainer.run_trial`.
 
     Returns:
         The saved folders (absolute), in the order of ``tasks``: ``recipe.yaml``,
@@ -98,7 +98,7 @@ def train_adapters(tasks: Sequence[str], base_recipe: RecipeLike = None, out_dir
         ValueError: no task, or a task listed twice.
         RecipeError, TaskError, CompositionError: bad recipe, task or data.
     """
-    from autopeft.train import run_trial, save_trained
+    from autopeft.trainer import run_trial, save_trained
 
     if not tasks:
         raise ValueError("train_adapters needs at least one task")
@@ -187,9 +187,9 @@ def train_fusion(adapters: Sequence[str | Path], task: str, out_dir: str | Path,
         ``(TrialResult, Path)``: the result and the saved folder (reload with ``load_trained``).
 
     Raises:
-        as :func:`stage2_recipe` and :func:`autopeft.train.run_trial`.
+        as :func:`stage2_recipe` and :func:`autopeft.trainer.run_trial`.
     """
-    from autopeft.train import run_trial, save_trained
+    from autopeft.trainer import run_trial, save_trained
 
     recipe = stage2_recipe(adapters, task, base_recipe, **fusion_options)
     if log:

@@ -3,7 +3,7 @@
 For each of the twelve methods (and full fine-tuning as the reference, run first in the same
 process) this trains ``--train-examples`` SST-2 examples, evaluates on the full validation split (872
 sentences), and records trainable parameters (without the head), their percentage of the backbone,
-validation accuracy, peak training memory (CPU account or CUDA peak, see ``autopeft.train``) and the
+validation accuracy, peak training memory (CPU account or CUDA peak, see ``autopeft.trainer``) and the
 mean training-step time relative to full fine-tuning's, measured in this same run.
 
 Notes on the rows: ``adapter_drop`` drops the adapters of a default ``adapter`` component (AdapterDrop
@@ -25,7 +25,7 @@ from pathlib import Path
 
 from autopeft.methods import CANONICAL_METHODS
 from autopeft.recipe import recipe_from_dict
-from autopeft.train import run_trial
+from autopeft.trainer import run_trial
 
 HERE = Path(__file__).resolve().parent
 

@@ -213,7 +213,7 @@ def test_trainable_count_matches_closed_form_on_bert_base():
 
 
 def test_run_trial_allocates_without_user_calls(glue_dir):
-    from autopeft.train import run_trial
+    from autopeft.trainer import run_trial
 
     recipe = tiny_recipe([{"method": "adalora", "r": 4, "target_r": 2, "target_modules": ["query", "value"]}],
                          backbone={**TINY_BERT, "vocab_size": 30522},

@@ -9,7 +9,7 @@ from autopeft.fusion import stage2_recipe
 from autopeft.methods.adapter_drop import set_adapter_drop
 from autopeft.model import CompositionError, count_parameters
 from autopeft.recipe import RecipeError, build_model, recipe_from_dict
-from autopeft.train import save_trained
+from autopeft.trainer import save_trained
 from conftest import TINY_BERT, tiny_inputs, tiny_recipe
 
 L = TINY_BERT["num_hidden_layers"]

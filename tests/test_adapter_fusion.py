@@ -10,7 +10,7 @@ from autopeft.methods.adapter_fusion import (
 )
 from autopeft.model import CompositionError, count_parameters
 from autopeft.recipe import build_model, recipe_from_dict
-from autopeft.train import ADAPTER_FILE, load_trained, run_trial, save_trained
+from autopeft.trainer import ADAPTER_FILE, load_trained, run_trial, save_trained
 from conftest import TINY_BERT, tiny_inputs
 
 D, L = TINY_BERT["hidden_size"], TINY_BERT["num_hidden_layers"]

@@ -93,7 +93,7 @@ def test_qlora_trains_on_cpu():
     assert all(w.lora_A.weight.dtype == torch.float32 and w.base_layer.compute_dtype == torch.bfloat16 for w in wrappers)
     frozen = {id(w): (w.base_layer.weight.data.clone(), w.base_layer.weight.quant_state.absmax.clone()) for w in wrappers}
     lora_b = {id(w): w.lora_B.weight.detach().clone() for w in wrappers}
-    from autopeft.train import make_optimizer
+    from autopeft.trainer import make_optimizer
 
     logs = []
     opt = make_optimizer(model, [{"params": [p for p in model.parameters() if p.requires_grad], "lr": 3e-2}],
@@ -146,7 +146,7 @@ def test_compute_dtype_is_selectable_and_validated():
 
 
 def test_run_trial_with_qlora(glue_dir):
-    from autopeft.train import run_trial
+    from autopeft.trainer import run_trial
 
     recipe = tiny_recipe([{"method": "qlora", "r": 2}], backbone={**TINY_BERT, "vocab_size": 30522},
                          training={"max_train_examples": 32, "batch_size": 16, "max_eval_examples": 32})

@@ -3,7 +3,7 @@
 import torch
 
 from autopeft.recipe import recipe_from_dict
-from autopeft.train import evaluate, load_trained, run_trial, save_trained
+from autopeft.trainer import evaluate, load_trained, run_trial, save_trained
 
 SMALL_BERT = {"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
               "intermediate_size": 37, "vocab_size": 30522, "max_position_embeddings": 128}
@@ -54,7 +54,7 @@ def test_cpu_memory_account_is_deterministic_and_grows_with_batch(glue_dir):
 def test_saved_weights_reload_to_the_same_score(glue_dir, tmp_path):
     from autopeft.backbones import load_tokenizer
     from autopeft.tasks import get_task, load_split
-    from autopeft.train import Batches
+    from autopeft.trainer import Batches
 
     r = recipe(LORA + [{"method": "adapter", "reduction_factor": 8}])
     result, model = run_trial(r, glue_dir)

@@ -81,7 +81,7 @@ def _trial_fn(config: dict[str, Any], space: SearchSpace, base: dict[str, Any], 
     from ray import tune
 
     from autopeft.recipe import count_recipe
-    from autopeft.train import run_trial
+    from autopeft.trainer import run_trial
 
     params = None
     try:

@@ -31,7 +31,7 @@ arXiv:2303.10512 (ICLR 2023).
 Gradients for eq. 7 are captured when ``backward`` accumulates them (a post-accumulate-grad hook on
 every P, E, Q), so the step hook works whatever the training loop does with ``zero_grad``; the
 sensitivity uses the weights at which the gradient was taken. The training loop
-(:func:`autopeft.train.run_trial`) calls :meth:`PeftModel.after_step` after every optimiser step and
+(:func:`autopeft.trainer.run_trial`) calls :meth:`PeftModel.after_step` after every optimiser step and
 sets ``model.total_steps`` (its schedule length), which is used when ``total_step`` is not given.
 
 Trainable parameters per wrapped Linear: ``init_r * (d_in + d_out + 1)`` (+ ``d_in + 1`` with a gate);

@@ -15,7 +15,7 @@ encoder and the pooler. Embeddings, LayerNorms and the task head stay in full pr
 device (parameter counting) nothing is quantised, so counts equal plain LoRA's with the same
 ``r``/``target_modules``/``layers``: ``r * (d_in + d_out)`` per wrapped Linear.
 
-The paper's paged optimiser (section 3) is used by :func:`autopeft.train.make_optimizer` on CUDA.
+The paper's paged optimiser (section 3) is used by :func:`autopeft.trainer.make_optimizer` on CUDA.
 Defaults follow the paper's finding that LoRA must sit on every linear layer of the transformer
 blocks to match 16-bit fine-tuning (section 4): all six Linear slots.
 """
