@@ -53,6 +53,17 @@ def canonical_target(name: str) -> str:
     return key
 
 
+def canonical_targets(names: list[str]) -> list[str]:
+    """Canonical names of a non-empty list of Linear targets.
+
+    Raises:
+        ValueError: the list is empty or names an unknown target.
+    """
+    if not names:
+        raise ValueError(f"target_modules must name at least one of {', '.join(LINEAR_TARGETS)}")
+    return [canonical_target(t) for t in names]
+
+
 def _child(module: nn.Module, name: str) -> nn.Module:
     # Composition wrappers (autopeft.model) keep the original module as ``base``: look through them.
     while not hasattr(module, name) and hasattr(module, "base"):

@@ -137,7 +137,24 @@ def load_recipe(path: str | Path) -> Recipe:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise RecipeError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    return recipe_from_dict(data)
+    recipe = recipe_from_dict(data)
+    check_composition(recipe)
+    return recipe
+
+
+def check_composition(recipe: Recipe) -> None:
+    """Assemble the recipe on the meta device (no weights, no memory) to catch combinations that
+    do not fit, such as two components claiming the same slot.
+
+    Raises:
+        RecipeError: the components do not compose; the message names both.
+    """
+    from autopeft.model import CompositionError
+
+    try:
+        build_model(recipe, device="meta")
+    except CompositionError as exc:
+        raise RecipeError(str(exc)) from None
 
 
 def build_model(recipe: Recipe, device: str = "cpu"):

@@ -119,3 +119,12 @@ def test_lora_over_a_quantised_base_refuses_to_merge():
     model = build_model(tiny_recipe([{"method": "lora", "r": 2}], quantization="nf4"))
     with pytest.raises(RuntimeError, match="cannot merge into a .* dequantise it first"):
         merge_lora(model)
+
+
+def test_loading_a_recipe_file_checks_the_composition(tmp_path):
+    from autopeft.recipe import load_recipe
+
+    path = tmp_path / "r.yaml"
+    path.write_text("backbone: {preset: bert-base}\ncomponents: [{method: mam}, {method: prefix_tuning}]\n")
+    with pytest.raises(RecipeError, match="prefix_tuning and mam both claim prefix/0"):
+        load_recipe(path)

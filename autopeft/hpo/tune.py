@@ -15,6 +15,7 @@ Every trial's record (config, recipe, status, per-rung rows) is collected on the
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -189,6 +190,7 @@ def run_tune(space: SearchSpace, base: dict[str, Any], param_limit: int, setting
                     say(f"trial {trial.trial_id} stopped early by ASHA at {reached} examples")
             if tracker:
                 tracker.end_trial(trial.trial_id, rec.status, rec.error)
+            _save_progress()
 
         def on_trial_error(self, iteration, trials, trial, **info):
             rec = self._record(trial)
@@ -197,6 +199,12 @@ def run_tune(space: SearchSpace, base: dict[str, Any], param_limit: int, setting
             say(f"trial {trial.trial_id} failed: {rec.error}")
             if tracker:
                 tracker.end_trial(trial.trial_id, "failed", rec.error)
+            _save_progress()
+
+    def _save_progress() -> None:
+        """Keep ``trials.json`` current, so an interrupted search loses no finished trial."""
+        path = Path(settings.storage_path) / "trials.json"
+        path.write_text(json.dumps([r.as_dict() for r in records.values()], indent=2, default=str))
 
     objectives = ["score", "trainable_params", "peak_memory_bytes"]
     sampler = optuna.samplers.TPESampler(seed=settings.seed, n_startup_trials=max(4, len(space.start_points) + 2),

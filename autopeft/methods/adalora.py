@@ -43,11 +43,11 @@ from __future__ import annotations
 from typing import Iterable
 
 import torch
-from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic import AliasChoices, Field, model_validator
 from torch import nn
 
-from autopeft.arch import LINEAR_TARGETS, canonical_target
-from autopeft.methods.base import MethodConfig, register
+from autopeft.arch import LINEAR_TARGETS
+from autopeft.methods.base import MethodConfig, TargetModules, register
 from autopeft.methods.lora import LinearWrapper
 
 
@@ -71,15 +71,8 @@ class AdaLoraConfig(MethodConfig):
     orth_reg_weight: float = Field(0.1, ge=0, description="gamma: weight of the orthogonality penalty (eq. 4)")
     lora_alpha: float = Field(16.0, gt=0, description="scaling numerator: the update is scaled by lora_alpha / init_r")
     lora_dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the branch's input")
-    target_modules: list[str] = Field(default_factory=lambda: list(LINEAR_TARGETS))
+    target_modules: TargetModules = Field(default_factory=lambda: list(LINEAR_TARGETS))
     total_step: int | None = Field(None, ge=1, description="T; None: the training loop's step count (model.total_steps)")
-
-    @field_validator("target_modules")
-    @classmethod
-    def _targets(cls, v: list[str]) -> list[str]:
-        if not v:
-            raise ValueError("target_modules must name at least one of query, key, value, attention_output, ffn_in, ffn_out")
-        return [canonical_target(t) for t in v]
 
     @model_validator(mode="after")
     def _budget(self) -> "AdaLoraConfig":

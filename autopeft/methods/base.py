@@ -17,7 +17,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import AfterValidator, BaseModel, ConfigDict
+from typing_extensions import Annotated
+
+from autopeft.arch import canonical_targets
+
+#: A ``target_modules`` field: canonical Linear target names (aliases such as ``q`` accepted).
+TargetModules = Annotated[list[str], AfterValidator(canonical_targets)]
 
 if TYPE_CHECKING:  # pragma: no cover
     from autopeft.model import PeftModel

@@ -13,11 +13,10 @@ from __future__ import annotations
 import math
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field
 from torch import nn
 
-from autopeft.arch import canonical_target
-from autopeft.methods.base import MethodConfig, register
+from autopeft.methods.base import MethodConfig, TargetModules, register
 
 
 class LoraConfig(MethodConfig):
@@ -27,14 +26,7 @@ class LoraConfig(MethodConfig):
     r: int = Field(8, ge=1, description="rank of the update B A")
     lora_alpha: float = Field(16.0, gt=0, description="scaling numerator: the update is scaled by lora_alpha / r")
     lora_dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the LoRA branch's input")
-    target_modules: list[str] = Field(default_factory=lambda: ["query", "value"])
-
-    @field_validator("target_modules")
-    @classmethod
-    def _targets(cls, v: list[str]) -> list[str]:
-        if not v:
-            raise ValueError("target_modules must name at least one of query, key, value, attention_output, ffn_in, ffn_out")
-        return [canonical_target(t) for t in v]
+    target_modules: TargetModules = Field(default_factory=lambda: ["query", "value"])
 
 
 class LinearWrapper(nn.Module):

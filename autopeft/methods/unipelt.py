@@ -13,7 +13,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from autopeft.methods.adapter import AdapterConfig, apply_adapter
-from autopeft.methods.base import MethodConfig, register
+from autopeft.methods.base import MethodConfig, TargetModules, register
 from autopeft.methods.lora import LoraConfig, apply_lora
 from autopeft.methods.prefix_tuning import PrefixTuningConfig, apply_prefix_tuning
 
@@ -30,7 +30,7 @@ class UniPELTConfig(MethodConfig):
     encoder_hidden_size: int = Field(64, ge=1)
     r: int = Field(8, ge=1)
     lora_alpha: float = Field(16.0, gt=0)
-    target_modules: list[str] = Field(default_factory=lambda: ["query", "value"])
+    target_modules: TargetModules = Field(default_factory=lambda: ["query", "value"])
     reduction_factor: float = Field(16.0, gt=0)
     bottleneck_size: int | None = Field(None, ge=1)
 
