@@ -71,7 +71,8 @@ def search(task: str = "sst2", budget: str | Budget = "0.5%", backbone: str | di
            data_dir: str | None = None, tracking_uri: str | None = None, experiment: str = "autopeft",
            name: str | None = None, output_dir: str | Path = RUNS_DIR, ray_address: str | None = None,
            cpus_per_trial: float | None = None, gpus_per_trial: float | None = None, seed: int = 0,
-           training: dict[str, Any] | None = None, progress: Callable[[str], None] | None = print) -> SearchResult:
+           training: dict[str, Any] | None = None, max_train_examples: int | None = None,
+           progress: Callable[[str], None] | None = print) -> SearchResult:
     """Search PEFT configurations for ``task`` under ``budget``; returns the Pareto front.
 
     Args:
@@ -89,6 +90,8 @@ def search(task: str = "sst2", budget: str | Budget = "0.5%", backbone: str | di
         cpus_per_trial / gpus_per_trial: Ray resources per trial (default: see :func:`default_resources`).
         seed: seeds the sampler and every trial.
         training: overrides of the trials' training settings (e.g. ``{"batch_size": 16}``).
+        max_train_examples: top fidelity (training examples) instead of the space's; the first rung
+            scales with it (``max / reduction_factor^2``). Small values make quick, rough searches.
         progress: receives one-line progress messages (``None``: silent).
 
     Raises:
@@ -107,6 +110,16 @@ def search(task: str = "sst2", budget: str | Budget = "0.5%", backbone: str | di
     task_obj = get_task(task)
     config = load_config(backbone, task_obj.num_labels)  # fails fast on an unknown backbone
     sp = SearchSpace.load(space)
+    if max_train_examples is not None:
+        from dataclasses import replace
+
+        from autopeft.hpo.space import SearchSpaceError
+
+        if max_train_examples < 1:
+            raise SearchSpaceError(f"max_train_examples must be positive, got {max_train_examples}")
+        rf = sp.fidelity.reduction_factor
+        sp.fidelity = replace(sp.fidelity, max_train_examples=max_train_examples,
+                              min_train_examples=max(1, round(max_train_examples / rf**2)))
     if sp.num_layers and sp.num_layers != config.num_hidden_layers:
         from autopeft.hpo.space import SearchSpaceError
 

@@ -76,7 +76,8 @@ def search(
     budget: str = typer.Option("0.5%", help="Trainable-parameter budget without the head: 0.5%, 0.005 or 120k."),
     backbone: str = typer.Option("minilm-l6", help="minilm-l6 (bundled), a Hugging Face id, or a local folder."),
     space: str = typer.Option("default", help="Search space: default, full, autopeft_paper, or a YAML path."),
-    trials: Optional[int] = typer.Option(None, min=1, help="Trials to sample (default 20 on CPU, 32 on GPU)."),
+    trials: Optional[int] = typer.Option(None, help="Trials to sample (default 20 on CPU, 32 on GPU)."),
+    max_train_examples: Optional[int] = typer.Option(None, help="Top fidelity in training examples (default 24000); lower it for a quick search."),
     time_budget: Optional[str] = typer.Option(None, help="Wall-clock cap: 1800, 30m, 2h (default 26m on CPU)."),
     data_dir: Optional[str] = typer.Option(None, envvar="AUTOPEFT_DATA_DIR", help="Local GLUE folder (else the hub)."),
     tracking_uri: Optional[str] = typer.Option(None, envvar="MLFLOW_TRACKING_URI", help="MLflow URI (default sqlite:///mlflow.db)."),
@@ -87,19 +88,23 @@ def search(
     cpus_per_trial: Optional[float] = typer.Option(None, min=0.1, help="CPUs per trial (default: all cores, or cores/GPUs)."),
     gpus_per_trial: Optional[float] = typer.Option(None, min=0, help="GPUs per trial (default 1 when CUDA exists)."),
     seed: int = typer.Option(0, help="Seed of the sampler and of every trial."),
-    batch_size: Optional[int] = typer.Option(None, min=1, help="Training batch size of the trials."),
+    batch_size: Optional[int] = typer.Option(None, help="Training batch size of the trials."),
 ) -> None:
     """Search method choice and hyperparameters under a parameter budget; print the Pareto front."""
     from autopeft import api
     from autopeft.budget import parse_budget
 
     b = _run(parse_budget, budget)
+    for opt, value in (("--trials", trials), ("--max-train-examples", max_train_examples), ("--batch-size", batch_size)):
+        if value is not None and value < 1:
+            _fail(_UserError(f"{opt} must be at least 1, got {value}"), 2)
     seconds = _run(_parse_duration, time_budget) if time_budget else None
     training = {"batch_size": batch_size} if batch_size else None
     result = _run(api.search, task=task, budget=b, backbone=backbone, space=space, trials=trials,
                   time_budget_s=seconds, data_dir=data_dir, tracking_uri=tracking_uri, experiment=experiment,
                   name=name, output_dir=output_dir, ray_address=ray_address, cpus_per_trial=cpus_per_trial,
-                  gpus_per_trial=gpus_per_trial, seed=seed, training=training, progress=_progress)
+                  gpus_per_trial=gpus_per_trial, seed=seed, training=training,
+                  max_train_examples=max_train_examples, progress=_progress)
     _print_front(result)
 
 
@@ -123,6 +128,9 @@ def _print_front(result) -> None:
                         f"(budget {result.settings['budget']} = {result.param_limit:,} parameters)")
     for col in ("#", "trial", metric, "trainable params", "%", "peak memory (MiB)", "methods"):
         table.add_column(col, justify="right" if col not in ("trial", "methods") else "left")
+    if not result.pareto:
+        console.print(f"Pareto front at {result.fidelity:,} training examples: empty (no trial reached it within budget)",
+                      markup=False)
     for i, row in enumerate(result.pareto):
         comps = (row.get("recipe") or {}).get("components", [])
         methods = " + ".join(c["method"] for c in comps) or "head only"
@@ -130,7 +138,8 @@ def _print_front(result) -> None:
             methods += " (gated)"
         table.add_row(str(i), row["trial_id"], f"{row['score']:.4f}", f"{row['trainable_params']:,}",
                       f"{row['trainable_percent']:.3f}", f"{row['peak_memory_bytes'] / 2**20:.0f}", methods)
-    console.print(table)
+    if result.pareto:
+        console.print(table)
     counts = {}
     for t in result.trials:
         counts[t["status"]] = counts.get(t["status"], 0) + 1
@@ -140,7 +149,8 @@ def _print_front(result) -> None:
     if result.pareto:
         console.print(f"next: autopeft export {result.path} --pick best -o best.yaml", markup=False)
     else:
-        console.print("no trial finished within budget at the top fidelity: raise --trials/--time-budget", markup=False)
+        console.print(f"no trial reached {result.fidelity:,} training examples within budget: raise --time-budget "
+                      "or lower --max-train-examples", markup=False)
 
 
 @app.command()

@@ -58,3 +58,19 @@ def test_missing_recipe_file_and_missing_search(tmp_path):
     assert res.exit_code == 2 and "does not exist" in res.output
     res = runner.invoke(app, ["export", "nosuch", "--output-dir", str(tmp_path)])
     assert res.exit_code == 2 and "no finished search 'nosuch'" in res.output
+
+
+@pytest.mark.parametrize("args,msg", [(["--trials", "0"], "--trials must be at least 1, got 0"),
+                                      (["--max-train-examples", "-5"], "--max-train-examples must be at least 1")])
+def test_non_positive_counts_are_one_line_errors(args, msg, tmp_path):
+    res = runner.invoke(app, ["search", *args, "--output-dir", str(tmp_path)])
+    assert res.exit_code == 2 and msg in res.output and len(res.output.strip().splitlines()) == 1
+
+
+def test_max_train_examples_scales_the_rungs():
+    from dataclasses import replace
+
+    from autopeft.hpo.space import SearchSpace
+
+    fid = SearchSpace.load("default").fidelity
+    assert replace(fid, max_train_examples=3000, min_train_examples=round(3000 / 9)).rungs() == [333, 999, 3000]

@@ -114,9 +114,10 @@ class Fidelity:
     reduction_factor: int = 3
 
     def rungs(self) -> list[int]:
-        """Examples-seen milestones, ascending, ending at ``max_train_examples``."""
+        """Examples-seen milestones, ascending, ending at ``max_train_examples`` (a rung within 1% of
+        the top merges into it: 333 * 3 * 3 = 2997 is not a rung below 3000)."""
         out, r = [], float(self.min_train_examples)
-        while r < self.max_train_examples:
+        while r < 0.99 * self.max_train_examples:
             out.append(int(round(r)))
             r *= self.reduction_factor
         return out + [self.max_train_examples]
