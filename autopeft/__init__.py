@@ -8,3 +8,5 @@ __version__ = "0.1.0"
 
 from autopeft.api import count, export, search, train  # noqa: E402,F401
 from autopeft.recipe import Recipe, build_model, load_recipe, recipe_from_dict  # noqa: E402,F401
+
+__all__ = ["search", "export", "train", "count", "Recipe", "build_model", "load_recipe", "recipe_from_dict"]
