@@ -319,6 +319,11 @@ class PeftModel(nn.Module):
         """Every trainable tensor (method parameters, unfrozen backbone parameters, head), by name."""
         return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
 
+    @staticmethod
+    def is_head_parameter(name: str) -> bool:
+        """Whether ``name`` (as in ``named_parameters()``) belongs to the task head."""
+        return name.startswith("backbone.") and _is_head(name[len("backbone."):])
+
     def gate_values(self) -> dict[str, float]:
         """Last value of every gate, by module name (what UniPELT chose)."""
         return {n: m.last_value for n, m in self.named_modules() if isinstance(m, Gate) and m.last_value is not None}
@@ -372,7 +377,7 @@ def count_parameters(model: PeftModel) -> ParameterCount:
     for name, p in model.named_parameters():  # named_parameters de-duplicates shared tensors
         if not p.requires_grad:
             continue
-        if name.startswith("backbone.") and _is_head(name[len("backbone."):]):
+        if model.is_head_parameter(name):
             head += p.numel()
         else:
             trainable += p.numel()

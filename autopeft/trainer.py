@@ -176,8 +176,9 @@ def run_trial(recipe: Recipe, data_dir: str | Path | None = None, rungs: list[in
     train_b = Batches(train_split, tokenizer, tr.max_seq_length, dev)
     val_b = Batches(val_split, tokenizer, tr.max_seq_length, dev)
 
-    head = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith(("backbone.classifier", "backbone.score"))]
-    rest = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith(("backbone.classifier", "backbone.score"))]
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    head = [p for n, p in trainable if model.is_head_parameter(n)]
+    rest = [p for n, p in trainable if not model.is_head_parameter(n)]
     groups = [{"params": rest, "lr": tr.learning_rate}, {"params": head, "lr": tr.head_learning_rate or tr.learning_rate}]
     optimizer = make_optimizer(model, [g for g in groups if g["params"]], tr.weight_decay, dev, log)
     schedule_steps = math.ceil((tr.schedule_examples or tr.max_train_examples) / tr.batch_size)

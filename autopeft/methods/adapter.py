@@ -18,12 +18,23 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import AfterValidator, Field
+from typing_extensions import Annotated
 from torch import nn
 
 from autopeft.methods.base import MethodConfig, register
 
 _ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "swish": nn.SiLU, "silu": nn.SiLU}
+
+
+def _check_activation(name: str) -> str:
+    if name not in _ACTIVATIONS:
+        raise ValueError(f"unknown non_linearity {name!r}; valid: {', '.join(_ACTIVATIONS)}")
+    return name
+
+
+#: An adapter ``non_linearity`` field: one of the names in ``_ACTIVATIONS``.
+NonLinearity = Annotated[str, AfterValidator(_check_activation)]
 
 
 class AdapterConfig(MethodConfig):
@@ -41,14 +52,8 @@ class AdapterConfig(MethodConfig):
     bottleneck_size: int | None = Field(None, ge=1)
     sublayers: list[Literal["attention", "ffn"]] | None = None
     scaling: float | Literal["learned"] = 1.0
-    non_linearity: str = "relu"
+    non_linearity: NonLinearity = "relu"
     train_layernorm: bool | None = None  # default: True for houlsby, else False
-
-    @model_validator(mode="after")
-    def _check(self):
-        if self.non_linearity not in _ACTIVATIONS:
-            raise ValueError(f"unknown non_linearity {self.non_linearity!r}; valid: {', '.join(_ACTIVATIONS)}")
-        return self
 
     def resolved_sublayers(self) -> list[str]:
         if self.sublayers:

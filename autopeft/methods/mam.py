@@ -34,9 +34,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
-from autopeft.methods.adapter import _ACTIVATIONS, AdapterConfig, apply_adapter
+from autopeft.methods.adapter import AdapterConfig, NonLinearity, apply_adapter
 from autopeft.methods.base import MethodConfig, register
 from autopeft.methods.prefix_tuning import PrefixTuningConfig, apply_prefix_tuning
 
@@ -54,13 +54,7 @@ class MAMConfig(MethodConfig):
     prefix_dropout: float = Field(0.0, ge=0, lt=1)
     bottleneck_size: int = Field(512, ge=1, description="parallel adapter bottleneck r")
     scaling: float | Literal["learned"] = Field(4.0, description="parallel adapter scaling s")
-    non_linearity: str = "relu"
-
-    @model_validator(mode="after")
-    def _check(self):
-        if self.non_linearity not in _ACTIVATIONS:
-            raise ValueError(f"unknown non_linearity {self.non_linearity!r}; valid: {', '.join(_ACTIVATIONS)}")
-        return self
+    non_linearity: NonLinearity = "relu"
 
     def parts(self) -> list[MethodConfig]:
         """The prefix-tuning and parallel-adapter configs this preset stands for."""
