@@ -138,19 +138,28 @@ class Encoder:
         Raises:
             ValueError: an index is out of range or the name is unknown.
         """
-        n = self.num_layers
-        if layers is None or layers == "all":
-            return list(range(n))
-        if layers == "upper_half":
-            return list(range(n // 2, n))
-        if layers == "lower_half":
-            return list(range(n // 2))
-        if isinstance(layers, str):
-            raise ValueError(f"unknown layers {layers!r}; use all, upper_half, lower_half or a list")
-        out = set()
-        for i in layers:
-            j = i + n if i < 0 else i
-            if not 0 <= j < n:
-                raise ValueError(f"layer index {i} out of range for a {n}-layer model")
-            out.add(j)
-        return sorted(out)
+        return resolve_layers(layers, self.num_layers)
+
+
+def resolve_layers(layers: list[int] | str | None, n: int) -> list[int]:
+    """Sorted layer indices of a ``layers`` setting for an ``n``-layer model (see
+    :meth:`Encoder.resolve_layers`); also used without a model, from a config's layer count.
+
+    Raises:
+        ValueError: an index is out of range or the name is unknown.
+    """
+    if layers is None or layers == "all":
+        return list(range(n))
+    if layers == "upper_half":
+        return list(range(n // 2, n))
+    if layers == "lower_half":
+        return list(range(n // 2))
+    if isinstance(layers, str):
+        raise ValueError(f"unknown layers {layers!r}; use all, upper_half, lower_half or a list")
+    out = set()
+    for i in layers:
+        j = i + n if i < 0 else i
+        if not 0 <= j < n:
+            raise ValueError(f"layer index {i} out of range for a {n}-layer model")
+        out.add(j)
+    return sorted(out)

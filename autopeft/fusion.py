@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 
 from autopeft.methods.adapter import AdapterConfig
 from autopeft.methods.adapter_fusion import AdapterFusionConfig, stage1_adapter_config
-from autopeft.recipe import Recipe, RecipeError, load_recipe, recipe_from_dict
+from autopeft.recipe import Recipe, RecipeError, check_recipe, load_recipe, recipe_from_dict
 
 RecipeLike = Recipe | dict | str | Path | None
 
@@ -106,6 +106,8 @@ def train_adapters(tasks: Sequence[str], base_recipe: RecipeLike = None, out_dir
     names = [r.task for r in recipes]
     if len(set(names)) != len(names):
         raise ValueError(f"each task at most once, got {list(tasks)}")
+    for recipe in recipes:
+        check_recipe(recipe, for_training=True)
     out = Path(out_dir).expanduser().resolve()
     folders = []
     for recipe in recipes:
@@ -192,6 +194,7 @@ def train_fusion(adapters: Sequence[str | Path], task: str, out_dir: str | Path,
     from autopeft.trainer import run_trial, save_trained
 
     recipe = stage2_recipe(adapters, task, base_recipe, **fusion_options)
+    check_recipe(recipe, for_training=True)
     if log:
         log(f"stage 2: fusing {len(adapters)} adapters on {recipe.task}")
     result, model = run_trial(recipe, data_dir, device=device, log=log)

@@ -9,11 +9,13 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-#: A tiny BERT: 2 layers, d=32, 4 heads, FFN 37 (odd on purpose: catches d/d_ff mix-ups).
+#: A tiny BERT: 2 layers, d=32, 4 heads, FFN 37 (odd on purpose: catches d/d_ff mix-ups). Its 160
+#: positions hold the default training.max_seq_length (128) plus a 32-token prompt, so recipes on it
+#: pass ``check_recipe`` (RoBERTa: 170 embeddings less the padding offset 2 = 168 positions).
 TINY_BERT = {"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
-             "intermediate_size": 37, "vocab_size": 120, "max_position_embeddings": 64}
+             "intermediate_size": 37, "vocab_size": 120, "max_position_embeddings": 160}
 TINY_ROBERTA = {"model_type": "roberta", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
-                "intermediate_size": 37, "vocab_size": 120, "max_position_embeddings": 70,
+                "intermediate_size": 37, "vocab_size": 120, "max_position_embeddings": 170,
                 "pad_token_id": 1, "type_vocab_size": 1}
 
 GLUE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "glue"

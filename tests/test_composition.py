@@ -82,7 +82,7 @@ def test_lora_adapter_prefix_combine_with_gates_and_gates_report_values():
                                      {"method": "prefix_tuning", "num_virtual_tokens": 2}], gating=True))
     logits(model)
     gates = model.gate_values()
-    assert len(gates) == 2 * (2 + 1 + 1)  # per layer: 2 LoRA, 1 adapter, 1 prefix gate
+    assert len(gates) == 2 * (1 + 1 + 1)  # per layer: 1 LoRA (shared by query and value), 1 adapter, 1 prefix gate
     assert all(0.0 < v < 1.0 for v in gates.values())
 
 
@@ -107,9 +107,9 @@ def test_peft_model_rejects_non_bert_family():
         PeftModel(torch.nn.Linear(2, 2))
 
 
-def test_gated_lora_on_the_ffn_output_reads_the_ffn_width():
+def test_gated_lora_on_the_ffn_output_reads_the_layer_input():
     model = build_model(tiny_recipe([{"method": "lora", "r": 2, "target_modules": ["ffn_out"]}], gating=True))
-    assert model.linear(0, "ffn_out").gate.proj.in_features == 37
+    assert model.linear(0, "ffn_out").gate.module.proj.in_features == 32  # d, not d_ff: the layer's input
     assert logits(model).shape == (3, 2)
 
 

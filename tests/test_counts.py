@@ -41,7 +41,10 @@ def test_adapter_bottleneck_size_and_learned_scaling():
 
 
 def test_bitfit_all_and_subset():
-    assert count([{"method": "bitfit"}]).trainable_params == L * (4 * D + FF + D + 2 * D)
+    encoder = L * (4 * D + FF + D + 2 * D)  # per layer: q, k, v, attention_output, ffn_in, ffn_out, two LayerNorms
+    model_level = D + D  # the embedding LayerNorm's bias and the pooler's
+    assert count([{"method": "bitfit"}]).trainable_params == encoder + model_level == 102_912
+    assert count([{"method": "bitfit", "biases": "encoder"}]).trainable_params == encoder == 101_376
     assert count([{"method": "bitfit", "biases": ["query", "ffn_in"]}]).trainable_params == L * (D + FF)
 
 
@@ -54,7 +57,7 @@ def test_prefix_tuning_mlp_count():
 def test_gates_add_one_linear_to_1_per_component_and_layer():
     plain = count([{"method": "lora", "r": 8}]).trainable_params
     gated = count([{"method": "lora", "r": 8}], gating=True).trainable_params
-    assert gated - plain == 2 * L * (D + 1)  # one gate per wrapped Linear (query, value) per layer
+    assert gated - plain == L * (D + 1)  # one gate per layer, shared by the wrapped query and value
 
 
 def test_unipelt_is_the_sum_of_its_gated_parts():
@@ -63,7 +66,7 @@ def test_unipelt_is_the_sum_of_its_gated_parts():
                    {"method": "lora", "r": 8}, {"method": "adapter", "placement": "serial"}], gating=True)
     assert u == parts.trainable_params
     assert u == (10 * D + D * 64 + 64 + 64 * 2 * L * D + 2 * L * D) + L * (D + 1) \
-        + 2 * L * (8 * 2 * D + D + 1) + L * (2 * D * 48 + 48 + D + D + 1)
+        + (2 * L * 8 * 2 * D + L * (D + 1)) + L * (2 * D * 48 + 48 + D + D + 1)
 
 
 def test_full_finetuning_trains_the_whole_backbone():

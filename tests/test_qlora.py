@@ -96,7 +96,9 @@ def test_qlora_trains_on_cpu():
     from autopeft.trainer import make_optimizer
 
     logs = []
-    opt = make_optimizer(model, [{"params": [p for p in model.parameters() if p.requires_grad], "lr": 3e-2}],
+    # lr 1e-2 for 25 steps: the eval loss falls to < 0.25x on every init tried (3e-2 for 15 steps oscillated and
+    # passed or failed with the random backbone's draw)
+    opt = make_optimizer(model, [{"params": [p for p in model.parameters() if p.requires_grad], "lr": 1e-2}],
                          0.0, torch.device("cpu"), logs.append)
     assert isinstance(opt, torch.optim.AdamW) and logs  # paged AdamW is CUDA only
     ids, mask = tiny_inputs(batch=6)
@@ -110,7 +112,7 @@ def test_qlora_trains_on_cpu():
     before = eval_loss()
     model.train()
     losses = []
-    for _ in range(15):
+    for _ in range(25):
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         loss.backward()
         assert all(w.base_layer.weight.grad is None for w in wrappers)

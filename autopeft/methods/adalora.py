@@ -34,12 +34,22 @@ sensitivity uses the weights at which the gradient was taken. The training loop
 (:func:`autopeft.trainer.run_trial`) calls :meth:`PeftModel.after_step` after every optimiser step and
 sets ``model.total_steps`` (its schedule length), which is used when ``total_step`` is not given.
 
-Trainable parameters per wrapped Linear: ``init_r * (d_in + d_out + 1)`` (+ ``d_in + 1`` with a gate);
-they do not shrink when ranks are pruned (the paper's masking keeps the vectors).
+Saved state (:func:`autopeft.trainer.save_trained` / ``load_trained``): besides P, E, Q, the rank
+allocation is part of a trained adapter: every :class:`SVDLinear`'s ``rank_mask`` and the component's
+:class:`AdaLoraState` (``model.extras["adalora_state_<i>"]``: the optimiser steps the allocator has
+taken) are persistent buffers, saved and restored with the weights. A reloaded adapter therefore
+reads the same total rank, and training it further continues its schedule from the saved step: a
+finished schedule keeps its final allocation (re-applied after every step), so pruned triplets stay
+pruned. The importance EMAs (eq. 8-9) are not saved; they restart from zero.
+
+Trainable parameters per wrapped Linear: ``init_r * (d_in + d_out + 1)``, + ``d + 1`` per selected
+layer with a gate (one UniPELT gate per layer, :meth:`autopeft.model.PeftModel.layer_gate`); they do
+not shrink when ranks are pruned (the paper's masking keeps the vectors).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Iterable
 
 import torch
@@ -48,7 +58,7 @@ from torch import nn
 
 from autopeft.arch import LINEAR_TARGETS
 from autopeft.methods.base import MethodConfig, TargetModules, register
-from autopeft.methods.lora import LinearWrapper
+from autopeft.methods.lora import LinearWrapper, MergedAdapterError, check_rank
 
 
 class AdaLoraConfig(MethodConfig):
@@ -86,6 +96,21 @@ class AdaLoraConfig(MethodConfig):
     def r(self) -> int:
         return self.init_r
 
+    def check_fit(self, limits, recipe) -> None:
+        """``init_r`` fits every wrapped matrix, and, when ``total_step`` is left to the training
+        loop, the recipe's training has a budget-shrinking phase: ``tinit < T - tfinal`` with
+        ``T = ceil((schedule_examples or max_train_examples) / batch_size)``, the steps
+        :func:`autopeft.trainer.run_trial` runs (it would otherwise fail at the first step)."""
+        super().check_fit(limits, recipe)
+        check_rank(limits, "init_r", self.init_r, self.target_modules)
+        if self.total_step is None:
+            tr = recipe.training
+            steps = math.ceil((tr.schedule_examples or tr.max_train_examples) / tr.batch_size)
+            if self.tinit >= steps - self.tfinal:
+                raise ValueError(f"tinit={self.tinit} and tfinal={self.tfinal} leave no budget-shrinking phase in "
+                                 f"the {steps} training steps (training.max_train_examples / batch_size): "
+                                 f"AdaLoRA needs tinit < {steps} - tfinal")
+
 
 def check_schedule(tinit: int, tfinal: int, total_step: int) -> None:
     """Raises ValueError unless ``tinit < total_step - tfinal`` (a budget-shrinking phase exists)."""
@@ -109,8 +134,9 @@ class SVDLinear(LinearWrapper):
     """``y = base_layer(x) + g(x) * (alpha / init_r) * dropout(x) (Q * E)^T P^T``.
 
     Shapes: ``x`` (..., d_in) -> (..., d_out); ``lora_A`` = Q (r, d_in), ``lora_E`` (r, 1),
-    ``lora_B`` = P (d_out, r); ``rank_mask`` (r,) bool marks the triplets kept by the last allocation.
-    ``g`` is an optional UniPELT gate (B, 1, 1).
+    ``lora_B`` = P (d_out, r); ``rank_mask`` (r,) bool marks the triplets kept by the last allocation
+    (a persistent buffer: saved and restored with the adapter). ``g`` is an optional UniPELT gate (B, 1, 1).
+    Mergeable for inference like LoRA (:func:`autopeft.methods.lora.merge_lora`); a merged one refuses to train.
     """
 
     def __init__(self, base_layer: nn.Module, r: int, lora_alpha: float, lora_dropout: float = 0.0,
@@ -121,7 +147,7 @@ class SVDLinear(LinearWrapper):
         self.lora_A = nn.Parameter(torch.empty(r, d_in, **factory))
         self.lora_E = nn.Parameter(torch.zeros(r, 1, **factory))
         self.lora_B = nn.Parameter(torch.empty(d_out, r, **factory))
-        self.register_buffer("rank_mask", torch.ones(r, dtype=torch.bool, device=factory["device"]), persistent=False)
+        self.register_buffer("rank_mask", torch.ones(r, dtype=torch.bool, device=factory["device"]))
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.r = r
         self.scaling = lora_alpha / r
@@ -152,6 +178,8 @@ class SVDLinear(LinearWrapper):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
+        if self.skip_delta():
+            return out
         h = self.lora_dropout(x.to(self.lora_A.dtype))
         delta = (h @ (self.lora_A * self.lora_E).T @ self.lora_B.T) * self.scaling
         if self.gate is not None:
@@ -170,17 +198,32 @@ class SVDLinear(LinearWrapper):
         self.lora_E.masked_fill_(~self.rank_mask.view(-1, 1), 0.0)
 
 
+class AdaLoraState(nn.Module):
+    """Saved allocator state of one AdaLoRA component: ``steps``, an int64 scalar buffer holding the
+    schedule step (eq. 12) of the allocation in force. No parameters."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+
+
 class RankAllocator:
     """Importance tracking and budget allocation over the :class:`SVDLinear` modules of one component.
 
     ``step(t)`` is the step hook: it folds the latest sensitivities into the EMAs (eq. 8-9) while the
-    budget may still change, re-allocates on schedule (eq. 10-12, 6) and re-applies the mask.
+    budget may still change, re-allocates on schedule (eq. 10-12, 6) and re-applies the mask. The
+    schedule step is ``offset + t``: ``offset`` is 0 for a new adapter and the saved ``state.steps``
+    after ``load_state_dict`` (a reloaded adapter continues its schedule; see the module docstring).
     """
 
-    def __init__(self, modules: Iterable[SVDLinear], cfg: AdaLoraConfig, total_steps=lambda: None) -> None:
+    def __init__(self, modules: Iterable[SVDLinear], cfg: AdaLoraConfig, total_steps=lambda: None,
+                 state: AdaLoraState | None = None) -> None:
         self.modules = list(modules)
         self.cfg = cfg
         self._total_steps = total_steps
+        self.state = state if state is not None else AdaLoraState()
+        self.offset = 0
+        self.state.register_load_state_dict_post_hook(self._resume)
         self.init_budget = sum(m.r for m in self.modules)
         self.target_budget = cfg.target_r * len(self.modules)
         self.ipt: dict[tuple[int, str], torch.Tensor] = {}  # I_bar (eq. 8)
@@ -238,8 +281,24 @@ class RankAllocator:
             start += m.r
         self.budget = budget
 
+    def _resume(self, module: nn.Module, incompatible_keys) -> None:
+        """After ``load_state_dict``: continue from the saved step and the loaded masks."""
+        self.offset = int(self.state.steps)
+        self.budget = sum(m.rank for m in self.modules)
+        self.ipt.clear()
+        self.unc.clear()
+
     def step(self, step: int) -> None:
-        """The step hook, called after optimiser step ``step`` (1-based)."""
+        """The step hook, called after optimiser step ``step`` (1-based) of the current training loop.
+
+        Raises:
+            MergedAdapterError: a wrapper of this component is merged (see ``merge_lora``).
+        """
+        for m in self.modules:
+            if m.merged:
+                raise MergedAdapterError("an AdaLoRA matrix is merged into its base weight: call "
+                                         "autopeft.methods.lora.unmerge_lora(model) before training")
+        step = self.offset + step
         cfg = self.cfg
         total = self.total_step()
         final_start = total - cfg.tfinal
@@ -255,6 +314,7 @@ class RankAllocator:
         for m in self.modules:
             m._sensitivity = {}
             m.apply_mask()
+        self.state.steps.fill_(step)
 
     def regularization(self) -> torch.Tensor:
         """``orth_reg_weight * sum_k R(P_k, Q_k) / (2 n)``: the mean norm over all P and Q (eq. 4)."""
@@ -273,18 +333,13 @@ def apply_adalora(model, cfg: AdaLoraConfig) -> None:
     for layer in model.layers_of(cfg):
         for target in cfg.target_modules:
             modules.append(model.wrap_linear(layer, target, lambda base: SVDLinear(
-                base, cfg.init_r, cfg.lora_alpha, cfg.lora_dropout, _gate(model, cfg, base))))
-    allocator = RankAllocator(modules, cfg, total_steps=lambda: getattr(model, "total_steps", None))
+                base, cfg.init_r, cfg.lora_alpha, cfg.lora_dropout, model.layer_gate(cfg, layer))))
+    state = AdaLoraState()
+    model.extras[f"adalora_state_{len(model.components)}"] = state
+    allocator = RankAllocator(modules, cfg, total_steps=lambda: getattr(model, "total_steps", None), state=state)
     if cfg.orth_reg_weight > 0:
         model.add_regularizer(allocator.regularization)
     model.add_step_hook(allocator.step)
-
-
-def _gate(model, cfg, base: nn.Module) -> nn.Module | None:
-    """A UniPELT gate over the wrapped Linear's input (d_in wide: ffn_out reads d_ff features)."""
-    from autopeft.model import Gate
-
-    return Gate(base.in_features).to(base.weight.device) if model.is_gated(cfg) else None
 
 
 def adalora_modules(model: nn.Module) -> dict[str, SVDLinear]:

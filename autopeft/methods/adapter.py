@@ -9,8 +9,10 @@ Sources:
   eq. (8)-(9): the parallel adapter ``h <- h + s * f(x W_down) W_up`` reads the sublayer's input ``x``.
 
 ``W_up`` starts at zero, so every adapter starts as the identity. Trainable parameters per adapter:
-``2 * d * m + m + d`` for bottleneck ``m = d / reduction_factor`` (+1 for a learned scaling,
-+ ``d + 1`` for a gate); Houlsby adds the two LayerNorms, ``4 d`` per layer.
+``2 * d * m + m + d`` for bottleneck ``m = d / reduction_factor`` (+1 for a learned scaling);
+Houlsby adds the two LayerNorms, ``4 d`` per layer. Gated, the component has ONE gate per layer
+(``d + 1``), shared by its adapters in that layer (Houlsby's two) and read from the layer's input
+(:meth:`autopeft.model.PeftModel.layer_gate`; UniPELT, arXiv:2110.07577, eq. 1-3).
 """
 
 from __future__ import annotations
@@ -63,6 +65,15 @@ class AdapterConfig(MethodConfig):
     def bottleneck(self, hidden_size: int) -> int:
         return self.bottleneck_size or max(1, int(hidden_size // self.reduction_factor))
 
+    def check_fit(self, limits, recipe) -> None:
+        """Without ``bottleneck_size``, ``hidden_size // reduction_factor`` must be at least 1 (a
+        0-wide bottleneck is no adapter; :meth:`bottleneck` would silently widen it to 1)."""
+        super().check_fit(limits, recipe)
+        d = limits.hidden_size
+        if self.bottleneck_size is None and int(d // self.reduction_factor) < 1:
+            raise ValueError(f"reduction_factor={self.reduction_factor:g} gives a 0-wide bottleneck on hidden size "
+                             f"{d} (hidden_size // reduction_factor): use reduction_factor <= {d} or set bottleneck_size")
+
 
 class BottleneckAdapter(nn.Module):
     """``f(x W_down + b) W_up + b`` scaled by ``s`` (and a gate); ``residual`` adds ``x`` (serial use).
@@ -93,10 +104,12 @@ class BottleneckAdapter(nn.Module):
         return x + out if self.residual else out
 
 
-def make_adapter(model, cfg: AdapterConfig, placement: str) -> BottleneckAdapter:
+def make_adapter(model, cfg: AdapterConfig, placement: str, layer: int, gate_key: str | None = None) -> BottleneckAdapter:
+    """A new adapter for ``layer`` of ``model``; gated by the component's layer gate (key ``gate_key``,
+    default :meth:`autopeft.model.PeftModel.gate_key`) when ``cfg`` is gated."""
     d = model.encoder.hidden_size
     return BottleneckAdapter(d, cfg.bottleneck(d), cfg.non_linearity, cfg.scaling,
-                             residual=placement == "serial", gate=model.make_gate(cfg))
+                             residual=placement == "serial", gate=model.layer_gate(cfg, layer, gate_key))
 
 
 @register("adapter", AdapterConfig, paper="arXiv:1902.00751")
@@ -105,7 +118,7 @@ def apply_adapter(model, cfg: AdapterConfig, name: str = "adapter") -> None:
     train_ln = cfg.variant == "houlsby" if cfg.train_layernorm is None else cfg.train_layernorm
     for layer in model.layers_of(cfg):
         for which in cfg.resolved_sublayers():
-            model.add_adapter(layer, which, cfg.placement, name, make_adapter(model, cfg, cfg.placement),
+            model.add_adapter(layer, which, cfg.placement, name, make_adapter(model, cfg, cfg.placement, layer),
                               shareable_with=cfg.shares_slots_with)
             if train_ln:
                 for p in model.sublayer(layer, which).base.LayerNorm.parameters():

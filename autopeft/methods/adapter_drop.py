@@ -72,6 +72,14 @@ class AdapterDropConfig(MethodConfig):
             raise ValueError("adapter_drop has nothing to gate")
         return self
 
+    def check_fit(self, limits, recipe) -> None:
+        """``n`` and ``max_train_drop`` cannot exceed the backbone's layers (also checked at build)."""
+        super().check_fit(limits, recipe)
+        max_train = self.n if self.max_train_drop is None else self.max_train_drop
+        for key, value in (("n", self.n), ("max_train_drop", max_train)):
+            if value > limits.num_layers:
+                raise ValueError(f"{key}={value} exceeds the model's {limits.num_layers} layers")
+
 
 class AdapterDropController(nn.Module):
     """Sets which layers' adapter hosts are active before every forward pass (no parameters).
@@ -133,6 +141,25 @@ class AdapterDropController(nn.Module):
     def extra_repr(self) -> str:
         return f"n={self.n}, mode={self.mode}, max_train_drop={self.max_train_drop}, seed={self.seed}"
 
+    def get_extra_state(self) -> torch.Tensor:
+        """Saved with the adapter (``save_trained``): ``[n]`` (int64), the inference drop as set now
+        (:func:`set_adapter_drop` may have changed the recipe's value). The robust-training draws are
+        not saved: after a reload they restart from ``seed``."""
+        return torch.tensor([self.n], dtype=torch.long)
+
+    def set_extra_state(self, state: torch.Tensor) -> None:
+        """Restore ``n`` from :meth:`get_extra_state`.
+
+        Raises:
+            ValueError: ``n`` outside ``0..L`` for this model.
+        """
+        n = int(state.reshape(-1)[0])
+        if not 0 <= n <= self._encoder.num_layers:
+            raise ValueError(f"saved adapter_drop n={n} is outside 0..{self._encoder.num_layers} for this model")
+        self.n = n
+        if not self._encoder.model.training:
+            self.drop(n)
+
 
 @register("adapter_drop", AdapterDropConfig, paper="arXiv:2010.11918")
 def apply_adapter_drop(model, cfg: AdapterDropConfig) -> None:
@@ -162,6 +189,8 @@ def apply_adapter_drop(model, cfg: AdapterDropConfig) -> None:
 
 def set_adapter_drop(model, n: int) -> None:
     """Change the number of lowest layers whose adapters are dropped at inference.
+
+    The new ``n`` is part of the model's state: ``save_trained`` saves it, ``load_trained`` restores it.
 
     Raises:
         ValueError: the model has no ``adapter_drop`` component, or ``n`` is not in ``0..L``.

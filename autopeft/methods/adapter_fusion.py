@@ -55,6 +55,8 @@ from autopeft.methods.base import MethodConfig, register
 
 #: Name of the adapter inside a stage-1 model (``apply_adapter``'s default slot name).
 STAGE1_ADAPTER_NAME = "adapter"
+#: Key of a gated stage-1 adapter's layer gate (``PeftModel.gate_key`` of the only component).
+STAGE1_GATE_KEY = "adapter_0"
 
 
 class AdapterFusionConfig(MethodConfig):
@@ -234,17 +236,25 @@ def apply_adapter_fusion(model, cfg: AdapterFusionConfig) -> None:
             for which in acfg.resolved_sublayers():
                 if cfg.sublayers and which not in cfg.sublayers:
                     continue
-                module = make_adapter(model, acfg, "serial")
+                module = make_adapter(model, acfg, "serial", layer, gate_key=f"{model.gate_key(cfg)}_{name}")
                 if tensors is not None:
                     prefix = f"{layers_path}.{layer}.{SUBLAYERS[which]}.serial.{STAGE1_ADAPTER_NAME}."
                     own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+                    # A gated stage-1 adapter's gate is its layer's gate (older files: inside the adapter).
+                    gprefix = f"{layers_path}.{layer}.peft_gates.gates.{STAGE1_GATE_KEY}."
+                    gate_state = {k[len("gate."):]: own.pop(k) for k in [k for k in own if k.startswith("gate.")]}
+                    gate_state = gate_state or {k[len(gprefix):]: v for k, v in tensors.items() if k.startswith(gprefix)}
                     try:
                         module.load_state_dict(own, strict=True)
+                        if module.gate is not None:
+                            module.gate.module.load_state_dict(gate_state, strict=True)
                     except RuntimeError as exc:
                         first = str(exc).splitlines()[0]
                         raise CompositionError(f"adapter_fusion: weights in {path} do not fit this backbone "
                                                f"at layer {layer} {which}: {first}") from None
                 module.requires_grad_(False)
+                if module.gate is not None:
+                    module.gate.module.requires_grad_(False)
                 model.add_adapter(layer, which, "serial", name, module, shareable_with=cfg.shares_slots_with)
                 slots.add((layer, which))
     if not slots:
@@ -337,3 +347,41 @@ def prune_fusion_adapters(model, keep: int | Sequence[str]) -> list[str]:
                 del host.serial[name]
         host.fusion.last_weights = None
     return [n for n in present if n in keep_set]
+
+
+def recipe_after_pruning(model, recipe):
+    """``recipe`` as ``model`` now stands: each ``adapter_fusion`` component lists only the stage-1
+    adapters still fused in ``model`` (after :func:`prune_fusion_adapters`), with their slot names.
+
+    The fusion's Q/K/V do not depend on the number of adapters, so the saved fusion weights fit the
+    pruned recipe (:func:`autopeft.trainer.save_trained` writes it; ``load_trained`` rebuilds the
+    pruned model). Returns ``recipe`` itself when nothing was pruned.
+
+    Raises:
+        CompositionError: a stage-1 folder of the recipe can no longer be read.
+    """
+    from autopeft.model import CompositionError
+    from autopeft.recipe import RecipeError, load_recipe, recipe_from_dict
+
+    if not any(c.method == "adapter_fusion" for c in recipe.components):
+        return recipe
+    present = {n for _, _, host in fusion_hosts(model) for n in host.serial.keys()}
+    components, changed = [], False
+    for comp in recipe.components:
+        if comp.method == "adapter_fusion":
+            names = comp.names
+            if names is None:
+                try:
+                    names = _default_names(load_recipe(Path(f).expanduser() / "recipe.yaml").task for f in comp.adapters)
+                except (RecipeError, OSError) as exc:
+                    raise CompositionError(f"adapter_fusion: {exc}") from None
+            kept = [(f, n) for f, n in zip(comp.adapters, names) if n in present]
+            if kept and len(kept) < len(comp.adapters):
+                comp = comp.model_copy(update={"adapters": [f for f, _ in kept], "names": [n for _, n in kept]})
+                changed = True
+        components.append(comp)
+    if not changed:
+        return recipe
+    data = recipe.model_dump(mode="json")
+    data["components"] = [c.model_dump(mode="json") for c in components]
+    return recipe_from_dict(data)

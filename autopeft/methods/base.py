@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar
 from pydantic import AfterValidator, BaseModel, ConfigDict
 from typing_extensions import Annotated
 
-from autopeft.arch import canonical_targets
+from autopeft.arch import canonical_target, canonical_targets, resolve_layers
 
 #: A ``target_modules`` field: canonical Linear target names (aliases such as ``q`` accepted).
 TargetModules = Annotated[list[str], AfterValidator(canonical_targets)]
@@ -44,6 +44,77 @@ class MethodConfig(BaseModel):
     #: Methods that can claim their slots together with this one (e.g. ``adapter_fusion`` over
     #: several ``adapter`` components).
     shares_slots_with: ClassVar[tuple[str, ...]] = ()
+
+    def input_tokens(self) -> int:
+        """Virtual tokens this component inserts into the input sequence. They take position ids,
+        so ``training.max_seq_length`` plus all of them must fit the backbone's positions (checked by
+        :func:`autopeft.recipe.check_recipe`). Prefixes (prefix tuning, P-Tuning v2, MAM, UniPELT)
+        only extend the attention keys and values and take none."""
+        return 0
+
+    def check_fit(self, limits: "BackboneLimits", recipe: Any) -> None:
+        """Raise ``ValueError`` (a one-line message) when this component cannot run on a backbone of
+        ``limits`` with ``recipe``'s task and training settings.
+
+        The one hook for constraints that depend on the backbone, the task or the training length:
+        :func:`autopeft.recipe.check_recipe` calls it for every component before anything is built,
+        so ``load_recipe``, ``check_composition`` and ``count_recipe`` (hence every point a search
+        samples) reject such recipes at load. Overrides call ``super().check_fit`` (which checks
+        ``layers`` against the backbone's depth).
+        """
+        limits.resolve_layers(self.layers)
+
+
+#: Model types whose position ids start after the padding index (RoBERTa's
+#: ``create_position_ids_from_input_ids``): ``pad_token_id + 1`` of their position embeddings are
+#: never used for tokens (RoBERTa-base: 514 embeddings, 512 usable positions).
+PADDING_OFFSET_MODEL_TYPES = ("roberta", "xlm-roberta", "camembert", "data2vec-text")
+
+
+@dataclass(frozen=True)
+class BackboneLimits:
+    """The sizes a recipe must fit, read from a backbone's transformers config (no weights).
+
+    Attributes:
+        num_layers: L. hidden_size: d. intermediate_size: d_ff. num_heads: attention heads.
+        positions: usable position ids (``None`` when the config does not say): ``max_position_embeddings``
+            less RoBERTa's padding offset for :data:`PADDING_OFFSET_MODEL_TYPES`.
+        positions_source: how ``positions`` was derived, for messages.
+    """
+
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    positions: int | None = None
+    positions_source: str = "max_position_embeddings"
+
+    @classmethod
+    def of(cls, config: Any) -> "BackboneLimits":
+        """Limits of a transformers ``PretrainedConfig`` of the BERT family."""
+        n = getattr(config, "max_position_embeddings", None)
+        source = f"max_position_embeddings {n}"
+        model_type = getattr(config, "model_type", "")
+        if n is not None and model_type in PADDING_OFFSET_MODEL_TYPES:
+            pad = getattr(config, "pad_token_id", None)
+            offset = (1 if pad is None else int(pad)) + 1
+            n, source = int(n) - offset, f"max_position_embeddings {n} less {model_type}'s padding offset {offset}"
+        return cls(int(config.num_hidden_layers), int(config.hidden_size),
+                   int(getattr(config, "intermediate_size", 4 * config.hidden_size)),
+                   int(config.num_attention_heads), None if n is None else int(n), source)
+
+    def linear_shape(self, target: str) -> tuple[int, int]:
+        """``(d_in, d_out)`` of Linear slot ``target`` (query ... ffn_out)."""
+        d, f = self.hidden_size, self.intermediate_size
+        return {"ffn_in": (d, f), "ffn_out": (f, d)}.get(canonical_target(target), (d, d))
+
+    def resolve_layers(self, layers: list[int] | str | None) -> list[int]:
+        """``layers`` as sorted indices (as :meth:`autopeft.arch.Encoder.resolve_layers`).
+
+        Raises:
+            ValueError: an index beyond the backbone's layers, or an unknown name.
+        """
+        return resolve_layers(layers, self.num_layers)
 
 
 @dataclass(frozen=True)

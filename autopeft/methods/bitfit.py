@@ -4,7 +4,20 @@ Source: Ben Zaken et al., "BitFit: Simple Parameter-efficient Fine-tuning for Tr
 Masked Language-models", arXiv:2106.10199, section 2: of ``h = W x + b`` only ``b`` is trained; the
 paper's reduced variant trains the query bias and the FFN-intermediate bias (``b_q``, ``b_m2``).
 
-Trainable parameters: the sum of the chosen bias sizes, e.g. all biases of BERT-base: 102,913 - head.
+Bias groups (``biases``):
+
+* ``all`` (default, the paper's full BitFit and peft's ``bias="all"``): every bias of the backbone
+  except the task head's - the encoder layers' (below) plus the model-level ones: the embedding
+  LayerNorm's, the pooler's (BERT), ELECTRA's embedding projection, ... BERT-base:
+  ``L (4 d + d_ff + d + 2 d) + d + d`` = 101,376 + 1,536 = 102,912.
+* ``encoder``: the biases of the encoder layers only: per layer query, key, value,
+  attention_output, ffn_in, ffn_out and the two LayerNorms (BERT-base: ``L (7 d + d_ff)`` = 101,376).
+* a list of group names: any of those eight per-layer names, plus ``embeddings`` (the
+  embedding-side biases) and ``pooler`` (the pooler's); e.g. the paper's reduced ``[query, ffn_in]``.
+
+``layers`` selects the encoder layers of the per-layer groups; the model-level biases belong to no
+layer and are trained whenever ``all`` (or their name) is chosen. Trainable parameters: the sum of
+the chosen bias sizes.
 """
 
 from __future__ import annotations
@@ -16,11 +29,18 @@ from autopeft.methods.base import MethodConfig, register
 
 #: Bias groups beyond the Linear targets: the LayerNorm biases of each layer.
 _LAYERNORM_BIASES = {"attention_layernorm": "attention.output.LayerNorm", "ffn_layernorm": "output.LayerNorm"}
+#: Per-layer bias groups (the ``encoder`` subset).
+LAYER_BIASES = tuple(LINEAR_TARGETS) + tuple(_LAYERNORM_BIASES)
+#: Model-level bias groups (outside the encoder layers, head excluded).
+MODEL_BIASES = ("embeddings", "pooler")
+#: Named subsets for ``biases``.
+BIAS_SUBSETS = ("all", "encoder")
 
 
 class BitFitConfig(MethodConfig):
-    """Which biases to train: ``all`` (every bias in the encoder layers) or a list of names from
-    query, key, value, attention_output, ffn_in, ffn_out, attention_layernorm, ffn_layernorm."""
+    """Which biases to train: ``all`` (every bias of the backbone but the head's), ``encoder`` (every
+    bias in the encoder layers), or a list of names from query, key, value, attention_output, ffn_in,
+    ffn_out, attention_layernorm, ffn_layernorm, embeddings, pooler (see the module docstring)."""
 
     method: str = "bitfit"
     biases: list[str] | str = Field("all")
@@ -28,20 +48,67 @@ class BitFitConfig(MethodConfig):
     @field_validator("biases")
     @classmethod
     def _names(cls, v):
-        if v == "all":
+        if isinstance(v, str):
+            if v not in BIAS_SUBSETS:
+                raise ValueError(f"biases must be one of {', '.join(BIAS_SUBSETS)} or a non-empty list of "
+                                 f"{', '.join(LAYER_BIASES + MODEL_BIASES)}; got {v!r}")
             return v
-        if isinstance(v, str) or not v:
-            raise ValueError("biases must be 'all' or a non-empty list")
+        if not v:
+            raise ValueError("biases must be 'all', 'encoder' or a non-empty list")
         out = []
         for name in v:
-            out.append(name if name in _LAYERNORM_BIASES else canonical_target(name))
+            out.append(name if name in _LAYERNORM_BIASES or name in MODEL_BIASES else canonical_target(name))
         return out
+
+
+def model_level_biases(model) -> dict[str, list[tuple[str, object]]]:
+    """The backbone's biases outside the encoder layers and the head, by group, as ``(name, param)``.
+
+    Group: ``embeddings`` for names starting with ``embeddings`` below the base model (the embedding
+    LayerNorm, ELECTRA's ``embeddings_project``), ``pooler`` for the pooler, else the first name part.
+    """
+    from autopeft.model import _is_head
+
+    backbone = model.backbone
+    in_layers = {id(p) for p in model.encoder.layers.parameters()}
+    prefix = getattr(backbone, "base_model_prefix", "") + "."
+    out: dict[str, list[tuple[str, object]]] = {}
+    for name, p in backbone.named_parameters():
+        if not name.endswith("bias") or _is_head(name) or id(p) in in_layers:
+            continue
+        rel = name[len(prefix):] if name.startswith(prefix) else name
+        group = "pooler" if rel.startswith("pooler") else "embeddings" if rel.startswith("embeddings") else rel.split(".")[0]
+        out.setdefault(group, []).append((name, p))
+    return out
 
 
 @register("bitfit", BitFitConfig, paper="arXiv:2106.10199")
 def apply_bitfit(model, cfg: BitFitConfig) -> None:
-    """Unfreeze the chosen bias vectors in the selected layers."""
-    names = list(LINEAR_TARGETS) + list(_LAYERNORM_BIASES) if cfg.biases == "all" else cfg.biases
+    """Unfreeze the chosen bias vectors: per-layer groups in the selected layers, model-level ones once.
+
+    Raises:
+        CompositionError: another component claims one of the biases, or a listed model-level group
+            (``embeddings``, ``pooler``) does not exist in this backbone (e.g. RoBERTa has no pooler).
+    """
+    from autopeft.model import CompositionError
+
+    if cfg.biases in BIAS_SUBSETS:
+        names = list(LAYER_BIASES)
+    else:
+        names = [n for n in cfg.biases if n in LAYER_BIASES]
+    groups = model_level_biases(model)
+    if cfg.biases == "all":
+        chosen = [bias for group in groups.values() for bias in group]
+    else:
+        wanted = [] if cfg.biases == "encoder" else [n for n in cfg.biases if n in MODEL_BIASES]
+        missing = [g for g in wanted if g not in groups]
+        if missing:
+            raise CompositionError(f"bitfit: this backbone has no {missing[0]} biases; "
+                                   f"its model-level groups: {', '.join(groups) or 'none'}")
+        chosen = [bias for g in wanted for bias in groups[g]]
+    for name, p in chosen:
+        model.claim(("bias", name))
+        p.requires_grad_(True)
     for layer in model.layers_of(cfg):
         for name in names:
             model.claim(("bias", layer, name))

@@ -5,7 +5,17 @@ Source: Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", arXiv:2
 ``B`` (d_out, r) zero at the start, so training starts from the pretrained function. Merging writes
 ``W0 + (alpha / r) B A`` into the base weight; unmerging subtracts it again (Hu et al. section 4.2).
 
-Trainable parameters per wrapped Linear: ``r * (d_in + d_out)`` (+ ``d_in + 1`` with a gate).
+Merged weights are for inference only. A merged wrapper (LoRA, QLoRA, UniPELT's LoRA, AdaLoRA: every
+:class:`LinearWrapper`) refuses to train: a forward pass in training mode with gradients enabled
+raises :class:`MergedAdapterError` (the LoRA branch is folded into the frozen base weight, so nothing
+would be trained), and so does an optimiser step on an optimiser from
+:func:`autopeft.trainer.make_optimizer` (:func:`merged_step_guard`; a step would move ``A``/``B``
+away from what was merged, and the next unmerge would subtract the wrong update). Call
+:func:`unmerge_lora` before training again.
+
+Trainable parameters per wrapped Linear: ``r * (d_in + d_out)``; gated, + ``d + 1`` per selected
+layer: one gate per layer shared by the layer's wrapped Linears, read from the layer's input
+(:meth:`autopeft.model.PeftModel.layer_gate`; UniPELT, arXiv:2110.07577, eq. 1-3).
 """
 
 from __future__ import annotations
@@ -28,13 +38,86 @@ class LoraConfig(MethodConfig):
     lora_dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the LoRA branch's input")
     target_modules: TargetModules = Field(default_factory=lambda: ["query", "value"])
 
+    def check_fit(self, limits, recipe) -> None:
+        """``r`` must not exceed ``min(d_in, d_out)`` of any wrapped matrix (a larger rank adds
+        parameters but no rank: ``B A`` has rank at most ``min(d_in, d_out)``)."""
+        super().check_fit(limits, recipe)
+        check_rank(limits, "r", self.r, self.target_modules)
+
+
+def check_rank(limits, name: str, r: int, targets) -> None:
+    """Raise ``ValueError`` if rank ``r`` (field ``name``) exceeds ``min(d_in, d_out)`` of a target."""
+    for target in targets:
+        d_in, d_out = limits.linear_shape(target)
+        if r > min(d_in, d_out):
+            raise ValueError(f"{name}={r} exceeds the rank {min(d_in, d_out)} of the {target} matrix "
+                             f"({d_in} x {d_out}) on this backbone: use {name} <= {min(d_in, d_out)}")
+
+
+class MergedAdapterError(RuntimeError):
+    """A merged adapter was asked to train (see the module docstring)."""
+
 
 class LinearWrapper(nn.Module):
-    """Base of the modules that wrap a Linear sublayer, kept as ``base_layer`` (LoRA, AdaLoRA, QLoRA)."""
+    """Base of the modules that wrap a Linear sublayer, kept as ``base_layer`` (LoRA, AdaLoRA, QLoRA).
+
+    Subclasses give :meth:`delta_weight` (the update ``Delta W``, (d_out, d_in)) and start their
+    ``forward`` with ``if self.skip_delta(): return self.base_layer(x)``; merging, unmerging and the
+    merged-state guard live here, so every wrapper shares them.
+    """
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
         self.base_layer = base_layer
+        self.merged = False
+        self.gate = None
+
+    def delta_weight(self) -> torch.Tensor:
+        """The update ``Delta W`` added to ``base_layer.weight`` by :meth:`merge`, (d_out, d_in)."""
+        raise NotImplementedError
+
+    def skip_delta(self) -> bool:
+        """``True`` when the update is merged (the base layer alone computes ``W0 + Delta W``).
+
+        Raises:
+            MergedAdapterError: merged, and called in training mode with gradients enabled.
+        """
+        if not self.merged:
+            return False
+        if self.training and torch.is_grad_enabled():
+            raise MergedAdapterError(
+                f"{type(self).__name__} ({self.in_features}->{self.out_features}) is merged into its base weight and "
+                "cannot train: call autopeft.methods.lora.unmerge_lora(model) first (or model.eval() for inference)")
+        return True
+
+    def merge(self) -> None:
+        """Write the update into ``base_layer.weight`` (``W += Delta W``); for inference only.
+
+        Raises:
+            RuntimeError: gated (the gate depends on the input), quantised base, or a non-finite result.
+        """
+        if self.merged:
+            return
+        self._check_mergeable()
+        merged = self.base_layer.weight.data + self.delta_weight().detach().to(self.base_layer.weight.dtype)
+        if not torch.isfinite(merged).all():
+            raise RuntimeError(f"merging {type(self).__name__} gave non-finite weights; the adapter is left unmerged")
+        self.base_layer.weight.data = merged
+        self.merged = True
+
+    def unmerge(self) -> None:
+        """Undo :meth:`merge` (``W -= Delta W``)."""
+        if not self.merged:
+            return
+        self.base_layer.weight.data -= self.delta_weight().detach().to(self.base_layer.weight.dtype)
+        self.merged = False
+
+    def _check_mergeable(self) -> None:
+        if self.gate is not None:
+            raise RuntimeError(f"a gated {type(self).__name__} cannot be merged: its gate depends on the input")
+        if not isinstance(self.base_layer, nn.Linear) or not self.base_layer.weight.dtype.is_floating_point:
+            raise RuntimeError(f"cannot merge into a {type(self.base_layer).__name__} base layer "
+                               f"({self.base_layer.weight.dtype} weights): dequantise it first")
 
     @property
     def in_features(self) -> int:
@@ -67,7 +150,6 @@ class LoraLinear(LinearWrapper):
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.scaling = lora_alpha / r
         self.gate = gate
-        self.merged = False
         if base_layer.weight.device.type != "meta":
             nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
             nn.init.zeros_(self.lora_B.weight)
@@ -78,41 +160,12 @@ class LoraLinear(LinearWrapper):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
-        if self.merged:
+        if self.skip_delta():
             return out
         delta = self.lora_B(self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype)))) * self.scaling
         if self.gate is not None:
             delta = delta * self.gate(x)
         return out + delta.to(out.dtype)
-
-    def merge(self) -> None:
-        """Write the update into ``base_layer.weight`` (``W += (alpha/r) B A``).
-
-        Raises:
-            RuntimeError: gated (the gate depends on the input), quantised base, or a non-finite result.
-        """
-        if self.merged:
-            return
-        self._check_mergeable()
-        merged = self.base_layer.weight.data + self.delta_weight().to(self.base_layer.weight.dtype)
-        if not torch.isfinite(merged).all():
-            raise RuntimeError("merging LoRA gave non-finite weights; the adapter is left unmerged")
-        self.base_layer.weight.data = merged
-        self.merged = True
-
-    def unmerge(self) -> None:
-        """Undo :meth:`merge` (``W -= (alpha/r) B A``)."""
-        if not self.merged:
-            return
-        self.base_layer.weight.data -= self.delta_weight().to(self.base_layer.weight.dtype)
-        self.merged = False
-
-    def _check_mergeable(self) -> None:
-        if self.gate is not None:
-            raise RuntimeError("a gated LoRA cannot be merged: its gate depends on the input")
-        if not isinstance(self.base_layer, nn.Linear) or not self.base_layer.weight.dtype.is_floating_point:
-            raise RuntimeError(f"cannot merge into a {type(self.base_layer).__name__} base layer "
-                               f"({self.base_layer.weight.dtype} weights): dequantise it first")
 
 
 @register("lora", LoraConfig, paper="arXiv:2106.09685")
@@ -121,20 +174,46 @@ def apply_lora(model, cfg: LoraConfig) -> None:
     for layer in model.layers_of(cfg):
         for target in cfg.target_modules:
             model.wrap_linear(layer, target, lambda base: LoraLinear(
-                base, cfg.r, cfg.lora_alpha, cfg.lora_dropout, model.make_gate(cfg, base.in_features)))
+                base, cfg.r, cfg.lora_alpha, cfg.lora_dropout, model.layer_gate(cfg, layer)))
 
 
 def merge_lora(model) -> int:
-    """Merge every :class:`LoraLinear` of ``model``; returns how many were merged."""
-    wrappers = [m for m in model.modules() if isinstance(m, LoraLinear)]
+    """Merge every :class:`LinearWrapper` of ``model`` (LoRA, QLoRA, UniPELT's LoRA, AdaLoRA) for inference.
+
+    ``W <- W0 + Delta W`` (Hu et al., arXiv:2106.09685, section 4.2): no extra latency. The merged
+    model cannot train (:class:`MergedAdapterError`) until :func:`unmerge_lora`. Returns how many
+    wrappers were merged.
+
+    Raises:
+        RuntimeError: a wrapper is gated or sits on a quantised base layer (see ``LinearWrapper.merge``).
+    """
+    wrappers = [m for m in model.modules() if isinstance(m, LinearWrapper)]
     for m in wrappers:
         m.merge()
     return len(wrappers)
 
 
 def unmerge_lora(model) -> int:
-    """Unmerge every merged :class:`LoraLinear` of ``model``; returns how many."""
-    wrappers = [m for m in model.modules() if isinstance(m, LoraLinear) and m.merged]
+    """Unmerge every merged :class:`LinearWrapper` of ``model``; returns how many."""
+    wrappers = [m for m in model.modules() if isinstance(m, LinearWrapper) and m.merged]
     for m in wrappers:
         m.unmerge()
     return len(wrappers)
+
+
+def merged_step_guard(model):
+    """An optimiser step pre-hook (``optimizer.register_step_pre_hook``) that refuses to step a model
+    with merged wrappers.
+
+    Raises (when the optimiser steps):
+        MergedAdapterError: a :class:`LinearWrapper` of ``model`` is merged; names the first one.
+    """
+    wrappers = [(n, m) for n, m in model.named_modules() if isinstance(m, LinearWrapper)]
+
+    def hook(optimizer, args, kwargs) -> None:
+        for name, m in wrappers:
+            if m.merged:
+                raise MergedAdapterError(f"{name} is merged into its base weight: call "
+                                         "autopeft.methods.lora.unmerge_lora(model) before an optimiser step")
+
+    return hook

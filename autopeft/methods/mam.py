@@ -67,6 +67,12 @@ class MAMConfig(MethodConfig):
                           non_linearity=self.non_linearity, train_layernorm=False, **common),
         ]
 
+    def check_fit(self, limits, recipe) -> None:
+        """Each sub-method's own constraints (see :meth:`parts`)."""
+        super().check_fit(limits, recipe)
+        for part in self.parts():
+            part.check_fit(limits, recipe)
+
 
 @register("mam", MAMConfig, paper="arXiv:2110.04366")
 def apply_mam(model, cfg: MAMConfig) -> None:

@@ -84,6 +84,20 @@ class PTuningConfig(MethodConfig):
             raise ValueError("encoder_num_layers and encoder_dropout apply to the lstm prompt encoder only")
         return self
 
+    def input_tokens(self) -> int:
+        """The prompt's P virtual tokens take input positions (``T + P <= positions``)."""
+        return self.num_virtual_tokens
+
+    def check_fit(self, limits, recipe) -> None:
+        """``position`` must lie inside the input (below ``training.max_seq_length``); the length
+        limit ``max_seq_length + P <= positions`` is checked over all components by
+        :func:`autopeft.recipe.check_recipe`."""
+        super().check_fit(limits, recipe)
+        t = recipe.training.max_seq_length
+        if self.position >= t:
+            raise ValueError(f"position={self.position} is beyond the input: inputs have at most "
+                             f"training.max_seq_length={t} tokens; use position < {t}")
+
     def hidden_size(self, d: int) -> int:
         """The encoder width h for a backbone of width ``d``."""
         if self.encoder_hidden_size is not None:

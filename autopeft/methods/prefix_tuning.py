@@ -65,6 +65,15 @@ class PrefixEncoder(nn.Module):
         del self.transform
         self.projection = False
 
+    def adapt_to_saved(self, prefix: str, tensors: dict[str, torch.Tensor]) -> None:
+        """Called by :func:`autopeft.trainer.load_trained` before loading ``tensors``: if they hold the
+        table of an encoder saved after :meth:`freeze_to_table` (``<prefix>embedding.weight`` of shape
+        (P, L * 2 * d), no MLP), freeze this one to a table too, so the saved tensors fit."""
+        table = tensors.get(prefix + "embedding.weight")
+        if (self.projection and table is not None and tuple(table.shape) == (self.p, self.l * 2 * self.d)
+                and not any(k.startswith(prefix + "transform.") for k in tensors)):
+            self.freeze_to_table()
+
     def forward(self, batch_size: int) -> torch.Tensor:
         t = self.dropout(self.table())  # (P, L*2*d)
         t = t.view(self.p, self.l, 2, self.h, self.d // self.h).permute(1, 2, 3, 0, 4)  # (L, 2, H, P, hd)
@@ -89,7 +98,7 @@ def attach_prefixes(model, cfg, projection: bool, name: str) -> PrefixEncoder:
                         projection, getattr(cfg, "encoder_hidden_size", 0), getattr(cfg, "prefix_dropout", 0.0))
     model.extras[name] = enc
     for i, layer in enumerate(layers):
-        model.add_prefix(layer, _LayerSource(enc, i), model.make_gate(cfg))
+        model.add_prefix(layer, _LayerSource(enc, i), model.layer_gate(cfg, layer))
     return enc
 
 

@@ -76,11 +76,4 @@ def apply_qlora(model, cfg: QLoraConfig) -> None:
     for layer in model.layers_of(cfg):
         for target in cfg.target_modules:
             model.wrap_linear(layer, target, lambda base: QLoraLinear(
-                base, cfg.r, cfg.lora_alpha, cfg.lora_dropout, _gate(model, cfg, base)))
-
-
-def _gate(model, cfg, base):
-    """A UniPELT gate over the wrapped Linear's input (d_in wide: ffn_out reads d_ff features)."""
-    from autopeft.model import Gate
-
-    return Gate(base.in_features).to(base.weight.device) if model.is_gated(cfg) else None
+                base, cfg.r, cfg.lora_alpha, cfg.lora_dropout, model.layer_gate(cfg, layer)))

@@ -3,6 +3,9 @@
 Source: Mao et al., "UniPELT: A Unified Framework for Parameter-Efficient Language Model Tuning",
 arXiv:2110.07577, section 3 and eq. (1)-(3): ``G_P``, ``G_L``, ``G_A = sigmoid(W x)`` scale the
 prefix vectors, the LoRA update and the adapter output respectively (see :class:`autopeft.model.Gate`).
+Each selected layer holds exactly these three gates (``encoder.layer[i].peft_gates``), each reading
+the layer's input hidden states ``x`` (B, T, d); ``G_L`` is shared by every LoRA-wrapped projection
+of the layer (W_q and W_v by default). Gate parameters: ``3 L (d + 1)`` for ``L`` selected layers.
 Defaults follow the paper's setting: prefix length 10, LoRA r=8 on W_q and W_v with alpha 16,
 Pfeiffer-placed serial adapter with reduction factor 16. The gates can be used on any other
 combination too: set ``gating: true`` in a recipe or ``gated: true`` on a component.
@@ -48,10 +51,16 @@ class UniPELTConfig(MethodConfig):
                                      bottleneck_size=self.bottleneck_size, **common))
         return out
 
+    def check_fit(self, limits, recipe) -> None:
+        """Each sub-method's own constraints (see :meth:`parts`)."""
+        super().check_fit(limits, recipe)
+        for part in self.parts():
+            part.check_fit(limits, recipe)
+
 
 @register("unipelt", UniPELTConfig, paper="arXiv:2110.07577")
 def apply_unipelt(model, cfg: UniPELTConfig) -> None:
-    """Apply the enabled sub-methods, each with its own gate per layer."""
+    """Apply the enabled sub-methods, each with one gate per layer (``G_P``, ``G_L``, ``G_A``)."""
     appliers = {"prefix_tuning": apply_prefix_tuning, "lora": apply_lora, "adapter": apply_adapter}
     for part in cfg.parts():
         appliers[part.method](model, part)
