@@ -12,7 +12,9 @@ sequence-classification backbone and offers the method modules four attachment p
 * ``add_input_prompt`` - virtual token embeddings inserted into the input sequence (P-Tuning);
 
 plus optional per-component gates ``G = sigmoid(W_G x)`` averaged over the sequence, as in UniPELT
-(Mao et al. 2022, arXiv:2110.07577, eq. 1-3), and hooks for methods that act during training
+(Mao et al. 2022, arXiv:2110.07577, eq. 1-3) - one gate per gated component and layer, read from the
+layer's input hidden states and shared by every module the component puts in that layer
+(:meth:`PeftModel.layer_gate`) - and hooks for methods that act during training
 (``add_regularizer`` for extra loss terms, ``add_step_hook`` called after every optimiser step).
 
 Every slot can be claimed once; a second claim by another component is a :class:`CompositionError`
@@ -31,6 +33,12 @@ from torch import nn
 from autopeft.arch import LINEAR_TARGETS, SUBLAYERS, Encoder, canonical_target
 
 HEAD_MODULE_NAMES = ("classifier", "score")
+#: How the sequence becomes one vector for the task head (``Recipe.pooling``):
+#: ``pooler`` the backbone's own head input (BERT: frozen ``tanh(W h_[CLS])``; RoBERTa/ELECTRA: their
+#: head on the first token), ``cls`` the last hidden state of the first token, ``mean`` the masked mean
+#: of the last hidden states (how sentence-transformers such as all-MiniLM-L6-v2 were trained:
+#: Reimers & Gurevych 2019, arXiv:1908.10084, sec. 3).
+POOLINGS = ("pooler", "cls", "mean")
 
 
 class CompositionError(ValueError):
@@ -41,7 +49,8 @@ class Gate(nn.Module):
     """UniPELT gate: ``G = mean_t sigmoid(W_G x_t + b)``, one scalar per example.
 
     Source: Mao et al., "UniPELT", arXiv:2110.07577, eq. (1)-(3); the mean over the sequence
-    follows the authors' code and AdapterHub. Shapes: ``x`` (B, T, d) -> (B, 1, 1).
+    follows the authors' code and AdapterHub. Shapes: ``x`` (B, T, d) -> (B, 1, 1), where ``x`` is
+    the input hidden state of the gate's transformer layer (gates live in :class:`LayerGates`).
     The last value (batch mean) is kept in ``last_value`` so users can see what the gate chose.
     """
 
@@ -54,6 +63,70 @@ class Gate(nn.Module):
         g = torch.sigmoid(self.proj(x)).mean(dim=1, keepdim=True)  # (B, 1, 1)
         self.last_value = float(g.detach().mean())
         return g
+
+
+class LayerGates(nn.Module):
+    """The UniPELT gates of one transformer layer: one :class:`Gate` per gated component.
+
+    Mao et al., arXiv:2110.07577, section 3.2 and eq. (1)-(3): each sub-method ``m`` of a layer gets
+    one gate ``G_m = sigmoid(W_m x)`` (``G_P``, ``G_L``, ``G_A``), where ``x`` (B, T, d) is the
+    layer's input hidden state. Installed as ``encoder.layer[i].peft_gates`` by
+    :meth:`PeftModel.layer_gate`; a forward pre-hook on the layer records ``x``, and each gate is
+    evaluated at most once per layer forward (:meth:`value`), so a component that wraps several
+    matrices of the layer (LoRA on W_q and W_v, Houlsby's two adapters) scales all of them by the
+    same (B, 1, 1) value. Holds no tensor between forward passes.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gates = nn.ModuleDict()
+        self._input: torch.Tensor | None = None
+        self._values: dict[str, torch.Tensor] = {}
+
+    def capture(self, layer: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Forward pre-hook of the layer: remember its input hidden states (B, T, d)."""
+        self._input = args[0] if args else kwargs.get("hidden_states")
+        self._values = {}
+
+    def release(self, layer: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        """Forward hook of the layer: drop the remembered input and gate values."""
+        self._input = None
+        self._values = {}
+
+    def value(self, key: str) -> torch.Tensor:
+        """Gate ``key`` on the current layer input: (B, 1, 1).
+
+        Raises:
+            RuntimeError: called outside the forward pass of this gate's layer.
+        """
+        if key not in self._values:
+            if self._input is None:
+                raise RuntimeError(f"gate {key!r} read outside the forward pass of its transformer layer")
+            self._values[key] = self.gates[key](self._input)
+        return self._values[key]
+
+
+class GateHandle:
+    """What a gated module holds: ``handle(x)`` -> its component's gate value (B, 1, 1) for this layer.
+
+    The argument is ignored: every gate reads the layer's input (see :class:`LayerGates`). Not an
+    ``nn.Module``, so the shared :class:`Gate` is registered (and counted, and saved) once, in the
+    layer's ``peft_gates``.
+    """
+
+    def __init__(self, host: LayerGates, key: str) -> None:
+        self.host, self.key = host, key
+
+    @property
+    def module(self) -> Gate:
+        """The shared :class:`Gate`."""
+        return self.host.gates[self.key]
+
+    def __call__(self, x: torch.Tensor | None = None) -> torch.Tensor:
+        return self.host.value(self.key)
+
+    def __repr__(self) -> str:
+        return f"GateHandle({self.key!r})"
 
 
 class SublayerOutput(nn.Module):
@@ -99,13 +172,11 @@ class PrefixAttention(nn.Module):
     def __init__(self, base: nn.Module) -> None:
         super().__init__()
         self.base = base
-        self._sources: list[tuple[Callable[[int], tuple[torch.Tensor, torch.Tensor]], Gate | None]] = []
-        self.gates = nn.ModuleList()
+        self._sources: list[tuple[Callable[[int], tuple[torch.Tensor, torch.Tensor]], GateHandle | None]] = []
 
-    def add_source(self, source: Callable[[int], tuple[torch.Tensor, torch.Tensor]], gate: Gate | None) -> None:
+    def add_source(self, source: Callable[[int], tuple[torch.Tensor, torch.Tensor]], gate: GateHandle | None) -> None:
+        """Prepend ``source(B) -> (P_k, P_v)``, scaled by ``gate`` (a layer gate, see :class:`LayerGates`) if given."""
         self._sources.append((source, gate))
-        if gate is not None:
-            self.gates.append(gate)
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, *args: Any, **kwargs: Any):
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -156,14 +227,22 @@ class PeftModel(nn.Module):
     Args:
         backbone: a Hugging Face ``*ForSequenceClassification`` of the BERT family.
         gating: default for components whose config leaves ``gated`` unset.
+        pooling: one of :data:`POOLINGS`; the head's parameters are the same for all three (the
+            classifier stays trainable and outside the budget).
+
+    Raises:
+        CompositionError: unknown ``pooling``.
 
     Attributes:
         backbone_params: parameters of the backbone without the task head, counted before any
             change (the denominator of ``trainable_percent``).
     """
 
-    def __init__(self, backbone: nn.Module, gating: bool = False) -> None:
+    def __init__(self, backbone: nn.Module, gating: bool = False, pooling: str = "pooler") -> None:
         super().__init__()
+        if pooling not in POOLINGS:
+            raise CompositionError(f"unknown pooling {pooling!r}; valid: {', '.join(POOLINGS)}")
+        self.pooling = pooling
         self.backbone = backbone
         self.encoder = Encoder.of(backbone)
         self.gating = gating
@@ -184,6 +263,8 @@ class PeftModel(nn.Module):
     def add_component(self, config: Any) -> None:
         """Apply one method component (a ``MethodConfig``) to this model.
 
+        Afterwards every module is in the model's mode (``self.training``), the new ones included.
+
         Raises:
             CompositionError: it claims a slot another component holds, or does not fit the model.
         """
@@ -198,6 +279,7 @@ class PeftModel(nn.Module):
         finally:
             self._owner = "user"
         self.components.append(config)
+        self.train(self.training)  # the new modules follow the model's mode: never half in training mode
 
     def claim(self, slot: tuple, shareable_with: Iterable[str] = ()) -> None:
         """Record that the current component owns ``slot``; a conflicting owner is an error."""
@@ -214,9 +296,35 @@ class PeftModel(nn.Module):
     def is_gated(self, config: Any) -> bool:
         return self.gating if getattr(config, "gated", None) is None else bool(config.gated)
 
-    def make_gate(self, config: Any, width: int | None = None) -> Gate | None:
-        """A new :class:`Gate` reading inputs of ``width`` features (default d) if the component is gated."""
-        return Gate(width or self.encoder.hidden_size) if self.is_gated(config) else None
+    def gate_key(self, config: Any) -> str:
+        """Name of the current component's gates in every layer's ``peft_gates``: ``<method>_<index>``.
+
+        ``method`` is the sub-method's (``unipelt`` builds ``prefix_tuning_i``, ``lora_i``, ``adapter_i``).
+        """
+        return f"{config.method}_{len(self.components)}"
+
+    def layer_gate(self, config: Any, layer: int, key: str | None = None) -> GateHandle | None:
+        """The component's ONE gate in ``layer`` if it is gated (else ``None``), created on first use.
+
+        UniPELT (Mao et al., arXiv:2110.07577, eq. 1-3): one gate ``G = sigmoid(W_G x)`` per gated
+        component and layer, ``W_G`` (1, d) + bias, read from the layer's input ``x`` (B, T, d) and
+        shared by every matrix/adapter the component puts in that layer (see :class:`LayerGates`).
+        ``key`` defaults to :meth:`gate_key`. Cost: ``d + 1`` parameters per gated component and layer.
+        """
+        if not self.is_gated(config):
+            return None
+        key = key or self.gate_key(config)
+        block = self.encoder.layers[layer]
+        host = getattr(block, "peft_gates", None)
+        if host is None:
+            host = LayerGates()
+            block.peft_gates = host
+            block.register_forward_pre_hook(host.capture, with_kwargs=True)
+            block.register_forward_hook(host.release, with_kwargs=True)
+        if key not in host.gates:
+            device = next(self.backbone.parameters()).device
+            host.gates[key] = Gate(self.encoder.hidden_size).to(device)
+        return GateHandle(host, key)
 
     def layers_of(self, config: Any) -> list[int]:
         try:
@@ -294,9 +402,44 @@ class PeftModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None, **kw: Any):
         """Run the backbone. ``input_ids`` (B, T) -> HF output with ``logits`` (B, num_labels)."""
-        if not self._input_prompts:
-            return self.backbone(input_ids=input_ids, attention_mask=attention_mask,
-                                 token_type_ids=token_type_ids, labels=labels, **kw)
+        inputs: dict[str, Any] = {"input_ids": input_ids}
+        if self._input_prompts:
+            inputs, attention_mask, token_type_ids = self._with_input_prompts(input_ids, attention_mask, token_type_ids)
+        if self.pooling == "pooler":
+            return self.backbone(**inputs, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                                 labels=labels, **kw)
+        hidden = self.backbone.base_model(**inputs, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                                          **kw).last_hidden_state  # (B, T, d)
+        if self.pooling == "cls":
+            pooled = hidden[:, 0]  # (B, d)
+        else:
+            if attention_mask is None:
+                attention_mask = torch.ones(hidden.shape[:2], dtype=hidden.dtype, device=hidden.device)
+            m = attention_mask[..., None].to(hidden.dtype)  # (B, T, 1)
+            pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)  # (B, d)
+        return self._head(pooled, labels)
+
+    def _head(self, pooled: torch.Tensor, labels: torch.Tensor | None):
+        """Task head on a pooled (B, d) vector -> ``SequenceClassifierOutput`` with logits (B, num_labels)."""
+        from transformers.modeling_outputs import SequenceClassifierOutput
+
+        bb = self.backbone
+        head = getattr(bb, "classifier", None) or getattr(bb, "score")
+        if isinstance(head, nn.Linear):  # BERT-style: dropout + Linear on the pooled vector
+            dropout = getattr(bb, "dropout", None)
+            logits = head(dropout(pooled) if dropout is not None else pooled)
+        else:  # RoBERTa/ELECTRA-style heads read features[:, 0, :]
+            logits = head(pooled[:, None, :])
+        loss = None
+        if labels is not None:
+            if logits.shape[-1] == 1:
+                loss = F.mse_loss(logits.squeeze(-1).float(), labels.float())
+            else:
+                loss = F.cross_entropy(logits.float(), labels.long())
+        return SequenceClassifierOutput(loss=loss, logits=logits)
+
+    def _with_input_prompts(self, input_ids, attention_mask, token_type_ids):
+        """Insert every input prompt's virtual tokens: returns ``({"inputs_embeds": (B, T+P, d)}, mask, types)``."""
         embeds = self.backbone.get_input_embeddings()(input_ids)  # (B, T, d)
         bsz = embeds.shape[0]
         if attention_mask is None:
@@ -311,13 +454,39 @@ class PeftModel(nn.Module):
             attention_mask = torch.cat([attention_mask[:, :pos], ones, attention_mask[:, pos:]], dim=1)
             zeros = token_type_ids.new_zeros((bsz, n))
             token_type_ids = torch.cat([token_type_ids[:, :pos], zeros, token_type_ids[:, pos:]], dim=1)
-        return self.backbone(inputs_embeds=embeds, attention_mask=attention_mask,
-                             token_type_ids=token_type_ids, labels=labels, **kw)
+        return {"inputs_embeds": embeds}, attention_mask, token_type_ids
 
     # ----- accounting and persistence ---------------------------------------------------------
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Every trainable tensor (method parameters, unfrozen backbone parameters, head), by name."""
         return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
+
+    def method_state_dict(self) -> dict[str, Any]:
+        """State of the method modules that is not a trainable parameter, by ``state_dict`` name.
+
+        Every persistent buffer and every ``get_extra_state`` entry of a module defined in
+        ``autopeft.methods`` or ``autopeft.model`` (never the backbone's own buffers): e.g. AdaLoRA's
+        ``rank_mask`` and allocator step, AdapterDrop's inference ``n``. Together with
+        :meth:`trainable_state_dict` this is everything that defines a trained adapter
+        (:meth:`adapter_state_dict`).
+        """
+        out: dict[str, Any] = {}
+        for prefix, module in self.named_modules():
+            cls = type(module)
+            if not (cls.__module__ == "autopeft.model" or cls.__module__.startswith("autopeft.methods.")):
+                continue
+            dot = f"{prefix}." if prefix else ""
+            for name, buf in module._buffers.items():
+                if buf is not None and name not in module._non_persistent_buffers_set:
+                    out[dot + name] = buf.detach()
+            if cls.get_extra_state is not nn.Module.get_extra_state:
+                out[dot + "_extra_state"] = module.get_extra_state()
+        return out
+
+    def adapter_state_dict(self) -> dict[str, Any]:
+        """What :func:`autopeft.trainer.save_trained` writes: :meth:`trainable_state_dict` plus
+        :meth:`method_state_dict` (tensors by name; ``load_state_dict(..., strict=False)`` restores them)."""
+        return {**self.trainable_state_dict(), **self.method_state_dict()}
 
     @staticmethod
     def is_head_parameter(name: str) -> bool:
@@ -348,12 +517,14 @@ class ParameterCount:
         trainable_params: trainable parameters excluding the task head (what the budget limits).
         backbone_params: parameters of the unmodified backbone excluding the head.
         head_params: trainable parameters of the task head (every method needs it).
+        pooling: what the head reads (:data:`POOLINGS`).
         trainable_percent: ``100 * trainable_params / backbone_params``.
     """
 
     trainable_params: int
     backbone_params: int
     head_params: int
+    pooling: str = "pooler"
 
     @property
     def trainable_percent(self) -> float:
@@ -365,6 +536,7 @@ class ParameterCount:
             "backbone_params": self.backbone_params,
             "trainable_percent": self.trainable_percent,
             "head_params": self.head_params,
+            "pooling": self.pooling,
         }
 
 
@@ -381,4 +553,4 @@ def count_parameters(model: PeftModel) -> ParameterCount:
             head += p.numel()
         else:
             trainable += p.numel()
-    return ParameterCount(trainable, model.backbone_params, head)
+    return ParameterCount(trainable, model.backbone_params, head, getattr(model, "pooling", "pooler"))

@@ -101,19 +101,114 @@ def pick_device(device: str | None = None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+#: Environment variable naming the token cache folder (default ``~/.cache/autopeft/tokens``).
+CACHE_ENV = "AUTOPEFT_CACHE_DIR"
+#: Examples per length-sorted mega-batch, in batches (``group_by_length`` in transformers uses 50).
+MEGABATCH_MULT = 50
+
+
+@dataclass
+class Encoded:
+    """A tokenised split without padding: example ``i`` is ``ids[offsets[i]:offsets[i + 1]]``.
+
+    ``types`` holds the token type ids in the same layout (``None`` when the tokenizer has none).
+    """
+
+    ids: np.ndarray
+    offsets: np.ndarray
+    types: np.ndarray | None
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """Tokens per example, (N,) int."""
+        return np.diff(self.offsets)
+
+
+def token_cache_dir() -> Path:
+    """The on-disk token cache: ``$AUTOPEFT_CACHE_DIR`` or ``~/.cache/autopeft/tokens``."""
+    import os
+
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "autopeft" / "tokens")
+
+
+def encode_split(split: Split, tokenizer, max_length: int, cache: bool = True) -> Encoded:
+    """Tokenise every example of ``split`` once (truncated to ``max_length``, no padding).
+
+    The result is cached on disk under :func:`token_cache_dir`, keyed by the tokenizer, the length
+    limit and a hash of the texts, so every trial of a search (and every later search) on the same
+    data reads it back instead of tokenising again. Writes are atomic (temp file + rename), so
+    trials running side by side never read a half-written file.
+    """
+    import hashlib
+    import os
+
+    h = hashlib.sha1()
+    h.update(f"{type(tokenizer).__name__}|{getattr(tokenizer, 'name_or_path', '')}|{len(tokenizer)}|{max_length}".encode())
+    for t in split.texts:
+        h.update("\x1f".join(t).encode())
+        h.update(b"\x1e")
+    path = token_cache_dir() / f"{h.hexdigest()}.npz"
+    if cache and path.is_file():
+        try:
+            with np.load(path) as z:
+                return Encoded(z["ids"], z["offsets"], z["types"] if "types" in z.files else None)
+        except (OSError, ValueError, KeyError):  # a damaged cache file: tokenise again
+            pass
+    columns = [list(c) for c in zip(*split.texts)] if split.texts else [[]]
+    enc = tokenizer(*columns, truncation=True, max_length=max_length, padding=False)
+    lengths = np.array([len(x) for x in enc["input_ids"]], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    ids = np.fromiter((t for x in enc["input_ids"] for t in x), dtype=np.int32, count=int(offsets[-1]))
+    types = None
+    if "token_type_ids" in enc:
+        types = np.fromiter((t for x in enc["token_type_ids"] for t in x), dtype=np.int8, count=int(offsets[-1]))
+    out = Encoded(ids, offsets, types)
+    if cache:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
+            arrays = {"ids": ids, "offsets": offsets} | ({"types": types} if types is not None else {})
+            np.savez(tmp, **arrays)
+            os.replace(tmp, path)
+        except OSError:  # a read-only home: work without the cache
+            pass
+    return out
+
+
 class Batches:
-    """Tokenises examples of a split in batches: ``batch(indices)`` -> dict of (B, T) tensors + labels."""
+    """Padded batches of a tokenised split: ``batch(indices)`` -> dict of (B, T) tensors + ``labels`` (B,).
+
+    ``T`` is the longest example of the batch (dynamic padding), so batches of similar lengths
+    (see :func:`length_grouped_order`) carry little padding.
+    """
 
     def __init__(self, split: Split, tokenizer, max_length: int, device: torch.device) -> None:
         self.split, self.tok, self.max_length, self.device = split, tokenizer, max_length, device
+        self.encoded = encode_split(split, tokenizer, max_length)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return self.encoded.lengths
 
     def batch(self, idx) -> dict[str, torch.Tensor]:
-        texts = [self.split.texts[i] for i in idx]
-        columns = list(zip(*texts))
-        enc = self.tok(*[list(c) for c in columns], truncation=True, max_length=self.max_length,
-                       padding=True, return_tensors="pt")
-        out = {k: v.to(self.device) for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-        out["labels"] = torch.as_tensor(self.split.labels[list(idx)]).to(self.device)
+        idx = np.asarray(list(idx), dtype=np.int64)
+        e = self.encoded
+        lens = e.lengths[idx]
+        t = int(lens.max()) if len(idx) else 0
+        ids = np.full((len(idx), t), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(idx), t), dtype=np.int64)
+        types = np.zeros((len(idx), t), dtype=np.int64) if e.types is not None else None
+        for row, (i, n) in enumerate(zip(idx, lens)):
+            a = e.offsets[i]
+            ids[row, :n] = e.ids[a:a + n]
+            mask[row, :n] = 1
+            if types is not None:
+                types[row, :n] = e.types[a:a + n]
+        out = {"input_ids": torch.from_numpy(ids).to(self.device), "attention_mask": torch.from_numpy(mask).to(self.device)}
+        if types is not None:
+            out["token_type_ids"] = torch.from_numpy(types).to(self.device)
+        out["labels"] = torch.as_tensor(self.split.labels[idx]).to(self.device)
         return out
 
 
@@ -124,20 +219,62 @@ def train_order(n: int, total: int, seed: int) -> np.ndarray:
     return np.concatenate([rng.permutation(n) for _ in range(epochs)])[:total]
 
 
+def length_grouped_order(lengths: np.ndarray, total: int, batch_size: int, seed: int,
+                         megabatch_mult: int = MEGABATCH_MULT) -> np.ndarray:
+    """Indices of the first ``total`` training examples, with batches of similar lengths.
+
+    Per epoch: a seeded permutation, cut into mega-batches of ``batch_size * megabatch_mult``
+    examples, each sorted by length and cut into batches; then the batches of the epoch are
+    shuffled (seeded). As ``group_by_length`` in transformers' Trainer, but with the batch order
+    shuffled so long and short batches alternate. Consecutive ``batch_size`` slices of the result
+    are the batches. Every example is seen once per epoch.
+    """
+    rng = np.random.default_rng(seed)
+    n = len(lengths)
+    mb = max(batch_size, batch_size * megabatch_mult)
+    out: list[np.ndarray] = []
+    seen = 0
+    while seen < total:
+        perm = rng.permutation(n)
+        batches = []
+        for a in range(0, n, mb):
+            chunk = perm[a:a + mb]
+            chunk = chunk[np.argsort(-lengths[chunk], kind="stable")]
+            batches += [chunk[b:b + batch_size] for b in range(0, len(chunk), batch_size)]
+        full = [b for b in batches if len(b) == batch_size]
+        rest = [b for b in batches if len(b) < batch_size]
+        order = rng.permutation(len(full))
+        epoch = np.concatenate([full[i] for i in order] + rest) if full or rest else np.array([], dtype=np.int64)
+        out.append(epoch)
+        seen += len(epoch)
+    return np.concatenate(out)[:total]
+
+
+def padding_fraction(lengths: np.ndarray, order: np.ndarray, batch_size: int) -> float:
+    """Share of padded token slots over the batches of ``order`` (0 = no padding)."""
+    real = padded = 0
+    for a in range(0, len(order), batch_size):
+        lens = lengths[order[a:a + batch_size]]
+        real += int(lens.sum())
+        padded += int(lens.max()) * len(lens)
+    return 1.0 - real / max(1, padded)
+
+
 @torch.no_grad()
 def evaluate(model: PeftModel, task: Task, batches: Batches, batch_size: int, limit: int | None = None) -> dict[str, float]:
     """All task metrics on ``batches.split`` (the first ``limit`` examples if given)."""
     was_training = model.training
     model.eval()
     n = len(batches.split) if limit is None else min(limit, len(batches.split))
-    preds = []
+    order = np.argsort(-batches.lengths[:n], kind="stable")  # length-sorted: little padding
+    pred = np.zeros(n, dtype=np.float64 if task.num_labels == 1 else np.int64)
     for start in range(0, n, batch_size):
-        b = batches.batch(range(start, min(n, start + batch_size)))
+        idx = order[start:start + batch_size]
+        b = batches.batch(idx)
         b.pop("labels")
         logits = model(**b).logits.float()
-        preds.append(logits.squeeze(-1) if task.num_labels == 1 else logits.argmax(-1))
+        pred[idx] = (logits.squeeze(-1) if task.num_labels == 1 else logits.argmax(-1)).cpu().numpy()
     model.train(was_training)
-    pred = torch.cat(preds).cpu().numpy()
     return task.score(pred, batches.split.labels[:n])
 
 
@@ -191,7 +328,10 @@ def run_trial(recipe: Recipe, data_dir: str | Path | None = None, rungs: list[in
         return max(0.0, (schedule_steps - step) / max(1, schedule_steps - warmup))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
-    order = train_order(len(train_split), tr.max_train_examples, tr.seed)
+    if tr.group_by_length:
+        order = length_grouped_order(train_b.lengths, tr.max_train_examples, tr.batch_size, tr.seed)
+    else:
+        order = train_order(len(train_split), tr.max_train_examples, tr.seed)
     milestones = sorted({r for r in (rungs or []) if 0 < r < tr.max_train_examples} | {tr.max_train_examples})
     meter = _SavedTensorMeter()
     if dev.type == "cuda":
@@ -242,19 +382,29 @@ def run_trial(recipe: Recipe, data_dir: str | Path | None = None, rungs: list[in
 
 def make_optimizer(model: PeftModel, groups: list[dict], weight_decay: float, device: torch.device,
                    log: Callable[[str], None] | None = None) -> torch.optim.Optimizer:
-    """AdamW; a paged 32-bit AdamW (bitsandbytes) for NF4-quantised models on CUDA (QLoRA, arXiv:2305.14314 §3)."""
+    """AdamW; a paged 32-bit AdamW (bitsandbytes) for NF4-quantised models on CUDA (QLoRA, arXiv:2305.14314 §3).
+
+    Either way, ``optimizer.step()`` raises :class:`autopeft.methods.lora.MergedAdapterError` while a
+    LoRA-style wrapper of ``model`` is merged (:func:`autopeft.methods.lora.merged_step_guard`).
+    """
+    from autopeft.methods.lora import merged_step_guard
+
     quantised = getattr(model, "quantized", False) or any(c.method == "qlora" for c in model.components)
     if quantised and device.type == "cuda":
         try:
             import bitsandbytes as bnb
 
-            return bnb.optim.PagedAdamW32bit(groups, weight_decay=weight_decay)
+            paged = bnb.optim.PagedAdamW32bit(groups, weight_decay=weight_decay)
+            paged.register_step_pre_hook(merged_step_guard(model))
+            return paged
         except (ImportError, RuntimeError) as exc:  # pragma: no cover - CUDA only
             if log:
                 log(f"paged AdamW unavailable ({exc}); using torch AdamW")
     elif quantised and log:
         log("no CUDA: paged optimiser not available, using torch AdamW")
-    return torch.optim.AdamW(groups, weight_decay=weight_decay)
+    optimizer = torch.optim.AdamW(groups, weight_decay=weight_decay)
+    optimizer.register_step_pre_hook(merged_step_guard(model))
+    return optimizer
 
 
 def peak_memory_bytes(model: PeftModel, optimizer: torch.optim.Optimizer, meter: _SavedTensorMeter,
@@ -270,13 +420,24 @@ def peak_memory_bytes(model: PeftModel, optimizer: torch.optim.Optimizer, meter:
 
 
 def save_trained(model: PeftModel, recipe: Recipe, result: TrialResult | None, out_dir: str | Path) -> Path:
-    """Write the trainable tensors (safetensors), the recipe and the metrics to ``out_dir``."""
+    """Write everything that defines the trained adapter to ``out_dir``; returns ``out_dir``.
+
+    * ``adapter_model.safetensors``: :meth:`PeftModel.adapter_state_dict` - every trainable tensor
+      plus the method modules' persistent state (AdaLoRA's rank masks and allocator step,
+      AdapterDrop's inference ``n``, ...);
+    * ``recipe.yaml``: the recipe of the model as it is now - after
+      :func:`autopeft.methods.adapter_fusion.prune_fusion_adapters` it lists only the kept adapters;
+    * ``metrics.json`` when ``result`` is given.
+    """
     from safetensors.torch import save_file
+
+    from autopeft.methods.adapter_fusion import recipe_after_pruning
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.trainable_state_dict().items()}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.adapter_state_dict().items()}
     save_file(tensors, str(out / ADAPTER_FILE))
+    recipe = recipe_after_pruning(model, recipe)
     recipe.save(out / "recipe.yaml")
     if result is not None:
         (out / "metrics.json").write_text(json.dumps(result.as_dict(), indent=2))
@@ -285,6 +446,12 @@ def save_trained(model: PeftModel, recipe: Recipe, result: TrialResult | None, o
 
 def load_trained(path: str | Path, device: str = "cpu") -> PeftModel:
     """Rebuild a model saved by :func:`save_trained`: fresh backbone + recipe + saved tensors.
+
+    Restores the trainable tensors and the method modules' saved state (rank masks, ...; files
+    written before that state was saved load too, with the state at its initial value), adapts the
+    structure the saved tensors imply (a prefix encoder saved after ``freeze_to_table``), and returns
+    the model in eval mode - every module, so two calls on the same input give the same output;
+    call ``.train()`` to train it further.
 
     Raises:
         FileNotFoundError: the folder lacks the recipe or the weights.
@@ -298,9 +465,14 @@ def load_trained(path: str | Path, device: str = "cpu") -> PeftModel:
     recipe = load_recipe(path / "recipe.yaml")
     model = build_model(recipe, device=device)
     tensors = load_file(str(path / ADAPTER_FILE), device=device)
-    expected = set(model.trainable_state_dict())
-    if set(tensors) != expected:
-        missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+    for prefix, module in model.named_modules():
+        adapt = getattr(module, "adapt_to_saved", None)
+        if callable(adapt):
+            adapt(f"{prefix}." if prefix else "", tensors)
+    required = set(model.trainable_state_dict())
+    allowed = required | set(model.method_state_dict())
+    if not required <= set(tensors) <= allowed:
+        missing, extra = sorted(required - set(tensors)), sorted(set(tensors) - allowed)
         raise RuntimeError(f"saved weights do not fit the recipe: missing {missing[:3]}, unexpected {extra[:3]}")
     model.load_state_dict(tensors, strict=False)
-    return model.to(device)
+    return model.to(device).eval()

@@ -37,7 +37,8 @@ def test_count_json_for_lora_r8_query_value_on_minilm(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout) == {"trainable_params": 73728, "backbone_params": 22713216,
-                                      "trainable_percent": pytest.approx(0.3246039662547), "head_params": 770}
+                                      "trainable_percent": pytest.approx(0.3246039662547), "head_params": 770,
+                                      "pooling": "pooler"}
 
 
 @pytest.mark.parametrize("content,msg", [
