@@ -72,6 +72,7 @@ def search(task: str = "sst2", budget: str | Budget = "0.5%", backbone: str | di
            name: str | None = None, output_dir: str | Path = RUNS_DIR, ray_address: str | None = None,
            cpus_per_trial: float | None = None, gpus_per_trial: float | None = None, seed: int = 0,
            training: dict[str, Any] | None = None, max_train_examples: int | None = None,
+           searcher: str = "tpe", one_shot: bool = False,
            progress: Callable[[str], None] | None = print) -> SearchResult:
     """Search PEFT configurations for ``task`` under ``budget``; returns the Pareto front.
 
@@ -92,15 +93,20 @@ def search(task: str = "sst2", budget: str | Budget = "0.5%", backbone: str | di
         training: overrides of the trials' training settings (e.g. ``{"batch_size": 16}``).
         max_train_examples: top fidelity (training examples) instead of the space's; the first rung
             scales with it (``max / reduction_factor^2``). Small values make quick, rough searches.
+        searcher: ``tpe`` (default), ``random``, ``nsga2`` or ``qnehvi`` (see :mod:`autopeft.hpo.searchers`).
+        one_shot: before the trials, train one gated model holding every component of the space and
+            add its best within-budget subsets as start points (:mod:`autopeft.hpo.oneshot`).
         progress: receives one-line progress messages (``None``: silent).
 
     Raises:
-        BudgetError, TaskError, BackboneError, SearchSpaceError: bad input, before anything starts.
+        BudgetError, TaskError, BackboneError, SearchSpaceError, SearcherError: bad input, before
+            anything starts.
         RuntimeError: Ray could not start.
     """
     from autopeft.backbones import load_config
     from autopeft.hpo.pareto import front_hypervolume, pareto_front
     from autopeft.hpo.space import SearchSpace
+    from autopeft.hpo.searchers import SEARCHERS, SearcherError, make_sampler
     from autopeft.hpo.tune import TuneSettings, run_tune
     from autopeft.tasks import get_task, load_split, resolve_data_dir
     from autopeft.tracking import SearchTracker, default_tracking_uri
@@ -110,6 +116,10 @@ def search(task: str = "sst2", budget: str | Budget = "0.5%", backbone: str | di
     task_obj = get_task(task)
     config = load_config(backbone, task_obj.num_labels)  # fails fast on an unknown backbone
     sp = SearchSpace.load(space)
+    if searcher not in SEARCHERS:
+        raise SearcherError(f"unknown searcher {searcher!r}; valid: {', '.join(SEARCHERS)}")
+    if searcher == "qnehvi":
+        make_sampler(searcher, seed)  # fails fast when BoTorch is missing
     if max_train_examples is not None:
         from dataclasses import replace
 
@@ -144,7 +154,10 @@ def search(task: str = "sst2", budget: str | Budget = "0.5%", backbone: str | di
     out.mkdir(parents=True, exist_ok=True)
     settings = {"task": task_obj.name, "budget": str(budget), "param_limit": limit, "backbone": backbone,
                 "backbone_params": backbone_params, "space": sp.name, "space_source": sp.source, "trials": trials,
-                "time_budget_s": time_budget_s, "rungs": sp.fidelity.rungs(), "seed": seed,
+                "time_budget_s": time_budget_s,
+                "rungs": sp.fidelity.search_rungs(int(base["training"].get("batch_size", 32))), "seed": seed,
+                "searcher": searcher, "scheduler": f"MO-ASHA (reduction factor {sp.fidelity.reduction_factor})",
+                "one_shot": one_shot,
                 "cpus_per_trial": cpus, "gpus_per_trial": gpus, "ray_address": ray_address,
                 "data_dir": str(root) if root else None, "training": base["training"]}
     (out / "search.json").write_text(json.dumps(settings, indent=2, default=str))
@@ -153,10 +166,20 @@ def search(task: str = "sst2", budget: str | Budget = "0.5%", backbone: str | di
     if progress:
         progress(f"search {name}: {task_obj.name}, budget {budget} = {limit:,} trainable parameters "
                  f"of {backbone_params:,}; MLflow {uri} run {tracker.parent_id}")
-    tune_settings = TuneSettings(num_samples=trials, time_budget_s=time_budget_s, cpus_per_trial=cpus,
-                                 gpus_per_trial=gpus, ray_address=ray_address, seed=seed,
-                                 storage_path=str(out), device=None)
     try:
+        start_points = list(sp.start_points)
+        if one_shot:
+            from autopeft.hpo.oneshot import propose
+
+            shot = propose(sp, base, limit, str(root) if root else None, log=progress)
+            (out / "one_shot.json").write_text(json.dumps({"importance": shot.importance, "proposals": shot.proposals,
+                                                            "examples": shot.examples,
+                                                            "wall_time_s": shot.wall_time_s}, indent=2, default=str))
+            start_points += shot.proposals
+        tune_settings = TuneSettings(num_samples=trials, time_budget_s=time_budget_s, cpus_per_trial=cpus,
+                                     gpus_per_trial=gpus, ray_address=ray_address, seed=seed,
+                                     storage_path=str(out), device=None, searcher=searcher,
+                                     start_points=start_points)
         records = run_tune(sp, base, limit, tune_settings, str(root) if root else None, tracker, progress)
     except BaseException as exc:
         tracker.fail(f"{type(exc).__name__}: {exc}")
@@ -166,13 +189,15 @@ def search(task: str = "sst2", budget: str | Budget = "0.5%", backbone: str | di
     candidates = []
     for r in records.values():
         row = r.row_at(top)
-        if row is not None and r.status == "finished" and row["trainable_params"] <= limit:
+        if row is not None and r.status == "finished" and row["trainable_params"] <= limit and _finite(row.get("score")):
             candidates.append({"trial_id": r.trial_id, **row, "recipe": r.recipe})
     front = [candidates[i] for i in pareto_front(candidates)]
     hv = front_hypervolume(front, limit)
     _write_results(out, trials_out, front, task_obj.metric)
     pareto_ids = {row["trial_id"] for row in front}
-    counts = {s: sum(1 for r in records.values() if r.status == s) for s in ("finished", "stopped_early", "over_budget", "failed")}
+    from autopeft.tracking import STATUSES
+
+    counts = {s: sum(1 for r in records.values() if r.status == s) for s in STATUSES}
     wall = time.time() - t0
     tracker.finish(pareto_ids, out, {"hypervolume": hv, "pareto_size": len(front), "wall_time_s": wall,
                                      **{f"trials_{k}": v for k, v in counts.items()},
@@ -182,6 +207,12 @@ def search(task: str = "sst2", budget: str | Budget = "0.5%", backbone: str | di
                                                  "mlflow_run_id": tracker.parent_id, "tracking_uri": uri,
                                                  "wall_time_s": wall, "counts": counts}, indent=2))
     return result
+
+
+def _finite(x: Any) -> bool:
+    import math
+
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def _write_results(out: Path, trials: list[dict], front: list[dict], metric: str) -> None:
@@ -252,7 +283,7 @@ def export(search: str | Path, pick: str = "best", output: str | Path | None = N
         SearchNotFoundError: no such search or an empty front; ValueError: unknown ``pick``.
     """
     folder = find_search(search, output_dir)
-    front = json.loads((folder / "pareto.json").read_text())
+    front = [r for r in json.loads((folder / "pareto.json").read_text()) if _finite(r.get("score"))]
     if not front:
         raise SearchNotFoundError(f"search {folder} has an empty Pareto front (no trial finished within budget)")
     if pick == "best":
@@ -289,8 +320,11 @@ def train(recipe: Recipe | str | Path, data_dir: str | None = None, output_dir: 
     """
     from autopeft.trainer import run_trial, save_trained
 
+    from autopeft.recipe import check_recipe
+
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
+    check_recipe(recipe, for_training=True)  # limits of the backbone/task/training: one line, before any data
     result, model = run_trial(recipe, data_dir, device=device, log=log)
     if output_dir is not None:
         save_trained(model, recipe, result, output_dir)

@@ -35,10 +35,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from autopeft.model import CompositionError
     from autopeft.recipe import RecipeError
     from autopeft.hpo.space import SearchSpaceError
+    from autopeft.hpo.searchers import SearcherError
     from autopeft.tasks import TaskError
 
     return (BudgetError, TaskError, BackboneError, RecipeError, CompositionError, SearchSpaceError,
-            SearchNotFoundError, ArchitectureError, _UserError)
+            SearchNotFoundError, ArchitectureError, SearcherError, _UserError)
 
 
 def _fail(exc: BaseException, code: int) -> None:
@@ -89,6 +90,9 @@ def search(
     gpus_per_trial: Optional[float] = typer.Option(None, min=0, help="GPUs per trial (default 1 when CUDA exists)."),
     seed: int = typer.Option(0, help="Seed of the sampler and of every trial."),
     batch_size: Optional[int] = typer.Option(None, help="Training batch size of the trials."),
+    searcher: str = typer.Option("tpe", help="Sampler: tpe (multi-objective TPE), random, nsga2, qnehvi (BoTorch)."),
+    one_shot: bool = typer.Option(False, "--one-shot/--no-one-shot",
+                                  help="Train one gated model with every component first; add its best subsets as start points."),
 ) -> None:
     """Search method choice and hyperparameters under a parameter budget; print the Pareto front."""
     from autopeft import api
@@ -104,7 +108,8 @@ def search(
                   time_budget_s=seconds, data_dir=data_dir, tracking_uri=tracking_uri, experiment=experiment,
                   name=name, output_dir=output_dir, ray_address=ray_address, cpus_per_trial=cpus_per_trial,
                   gpus_per_trial=gpus_per_trial, seed=seed, training=training,
-                  max_train_examples=max_train_examples, progress=_progress)
+                  max_train_examples=max_train_examples, searcher=searcher, one_shot=one_shot,
+                  progress=_progress)
     _print_front(result)
 
 
@@ -149,8 +154,80 @@ def _print_front(result) -> None:
     if result.pareto:
         console.print(f"next: autopeft export {result.path} --pick best -o best.yaml", markup=False)
     else:
-        console.print(f"no trial reached {result.fidelity:,} training examples within budget: raise --time-budget "
-                      "or lower --max-train-examples", markup=False)
+        console.print(empty_front_advice(result), markup=False, soft_wrap=True)
+
+
+#: Statuses of samples that were rejected before training (see :data:`autopeft.tracking.STATUSES`).
+_REJECTED = ("over_budget", "empty", "invalid")
+
+
+def empty_front_advice(result, smallest: tuple[str, int] | None = None) -> str:
+    """The one line printed under an empty Pareto front: the cause, read from the trials' statuses.
+
+    * every sample rejected, some over the budget (``result.param_limit``): the budget is the cause;
+      names the smallest configuration of the space and its count (``smallest``, else computed with
+      :meth:`autopeft.hpo.space.SearchSpace.smallest_point` from ``result.settings``);
+    * every sample rejected otherwise (invalid recipes, no PEFT component), or every trained trial
+      failed: says so, with the first reason;
+    * no trial at all: the time budget ran out first;
+    * otherwise trials trained but none reached the top fidelity: more time or a lower fidelity.
+
+    Args:
+        result: an :class:`autopeft.api.SearchResult` (``trials`` with ``status``/``error``,
+            ``param_limit``, ``fidelity``, ``path``, ``settings``).
+        smallest: ``(summary, trainable_params)`` of the space's smallest configuration.
+    """
+    statuses = [t.get("status") for t in result.trials]
+    counts = {s: statuses.count(s) for s in dict.fromkeys(statuses)}
+    limit = result.param_limit
+    trained = [t for t in result.trials if t.get("status") not in _REJECTED]
+    where = f"see {Path(result.path) / 'trials.json'}"
+
+    def first_error(trials) -> str:
+        err = next((str(t["error"]).strip().splitlines()[0] for t in trials if t.get("error")), "")
+        return f" (first: {err[:200]})" if err else ""
+
+    if not statuses:
+        return "no trial ran within the time budget: raise --time-budget"
+    if not trained and counts.get("over_budget"):
+        others = [f"{counts[s]} {label}" for s, label in (("invalid", "invalid"), ("empty", "without a PEFT component"))
+                  if counts.get(s)]
+        head = (f"every sampled configuration exceeded the budget of {limit:,} parameters" if not others else
+                f"no sampled configuration fit the budget of {limit:,} parameters ({counts['over_budget']} over it, "
+                f"{', '.join(others)})")
+        if smallest is None:
+            smallest = _smallest_configuration(result)
+        if smallest is None:
+            return f"{head}: raise --budget"
+        summary, m = smallest
+        if m > limit:
+            return (f"{head}; the smallest configuration of this space, {summary}, has {m:,} trainable parameters: "
+                    f"raise --budget to at least {m:,} (--budget {m})")
+        return (f"{head}; the smallest configuration of this space, {summary}, has {m:,} trainable parameters, "
+                f"within it: sample more configurations (--trials)")
+    if not trained:
+        rejected = ", ".join(f"{v} {k}" for k, v in counts.items())
+        return f"every sampled configuration was rejected before training ({rejected}){first_error(result.trials)}; {where}"
+    if all(t.get("status") == "failed" for t in trained):
+        return f"every trained trial failed{first_error(trained)}; {where}"
+    return (f"no trial reached {result.fidelity:,} training examples within budget: raise --time-budget "
+            "or lower --max-train-examples")
+
+
+def _smallest_configuration(result) -> tuple[str, int] | None:
+    """``(summary, trainable_params)`` of the smallest configuration of the search's space, or ``None``
+    when it cannot be computed (the space file or the backbone is gone)."""
+    from autopeft.hpo.space import SearchSpace
+
+    s = result.settings or {}
+    try:
+        space = SearchSpace.load(s.get("space_source") or s.get("space") or "default")
+        base = {"backbone": s.get("backbone", "minilm-l6"), "task": s.get("task", "sst2"),
+                "training": dict(s.get("training") or {})}
+        point, n = space.smallest_point(base)
+        return space.describe_point(point), n
+    except Exception:  # noqa: BLE001 - advice only: fall back to the sentence without the numbers
+        return None
 
 
 @app.command()
@@ -202,7 +279,7 @@ def count(
         print(json.dumps(c.as_dict()))
     else:
         console.print(f"trainable {c.trainable_params:,} ({c.trainable_percent:.4f}% of {c.backbone_params:,}); "
-                      f"head {c.head_params:,}", markup=False)
+                      f"head {c.head_params:,} (reads {c.pooling} pooling; outside the budget)", markup=False)
 
 
 fusion_app = typer.Typer(no_args_is_help=True, help="AdapterFusion in two stages: per-task adapters, then fusion.")

@@ -5,7 +5,8 @@ Default store: a SQLite file ``mlflow.db`` in the working folder; ``--tracking-u
 callback in :mod:`autopeft.hpo.tune`), so trial workers never touch the store.
 
 Per trial run: the flattened configuration as params, metrics per rung (``step`` = training
-examples seen), and the tags ``status`` (finished | stopped_early | over_budget | failed),
+examples seen), and the tags ``status`` (finished | stopped_early | failed for trials;
+over_budget | empty | invalid for rejected samples, which were never trained),
 ``pareto`` (true | false), ``trial_id``. On the parent: the search settings as params, the Pareto
 front as a table artifact (``pareto.json``, also ``pareto.csv``) and a plot, and the best recipe.
 """
@@ -13,10 +14,14 @@ front as a table artifact (``pareto.json``, also ``pareto.csv``) and a plot, and
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
-STATUSES = ("finished", "stopped_early", "over_budget", "failed")
+#: Trial statuses: trained to the top fidelity, stopped at a lower rung by the scheduler, failed
+#: (an exception or a non-finite score), and the rejected samples that never became trials:
+#: over the budget, without a PEFT component, or not a valid recipe.
+STATUSES = ("finished", "stopped_early", "failed", "over_budget", "empty", "invalid")
 
 
 def default_tracking_uri(workdir: str | Path | None = None) -> str:
@@ -25,6 +30,52 @@ def default_tracking_uri(workdir: str | Path | None = None) -> str:
     if env:
         return env
     return f"sqlite:///{Path(workdir or Path.cwd()).resolve() / 'mlflow.db'}"
+
+
+#: MLflow's limits on a parameter (``mlflow.utils.validation``: ``MAX_ENTITY_KEY_LENGTH``,
+#: ``MAX_PARAM_VAL_LENGTH``). Longer keys are an error there, longer values too unless truncation is on.
+MAX_PARAM_KEY_LENGTH = 250
+MAX_PARAM_VALUE_LENGTH = 6000
+#: Prefix of a trial's search-space parameters (``space.<dimension>``); the search space checks that
+#: every dimension's key fits :data:`MAX_PARAM_KEY_LENGTH` with it (``SearchSpace.from_dict``).
+SPACE_PARAM_PREFIX = "space."
+#: What MLflow accepts in a key on every platform (alphanumerics, ``_ - . space``; slashes too, but a
+#: slash makes the key a path that must not normalise to another, so autopeft does not write them).
+_BAD_KEY_CHARS = re.compile(r"[^A-Za-z0-9_.\- ]")
+
+
+def space_param_key(dim: str) -> str:
+    """The MLflow parameter key of search-space dimension ``dim`` on a trial run."""
+    return SPACE_PARAM_PREFIX + dim
+
+
+def safe_param_items(params: dict[str, Any]) -> list[tuple[str, str]]:
+    """``(key, value)`` pairs that MLflow accepts in one ``log_batch``: keys with characters MLflow
+    forbids replaced by ``_``, keys longer than :data:`MAX_PARAM_KEY_LENGTH` cut and suffixed with a
+    hash of the full key, every key distinct (a collision gets a hash suffix too), values as strings
+    cut to :data:`MAX_PARAM_VALUE_LENGTH`. Keys that are already valid and short are unchanged."""
+    import hashlib
+
+    def valid(key: str) -> bool:
+        return (0 < len(key) <= MAX_PARAM_KEY_LENGTH and key.strip() != "" and not key.startswith(".")
+                and not _BAD_KEY_CHARS.search(key))
+
+    out: list[tuple[str, str]] = []
+    seen = {str(k) for k in params if valid(str(k))}  # valid keys keep their names; the others avoid them
+    for raw, value in params.items():
+        key = str(raw)
+        if not valid(key):
+            key = _BAD_KEY_CHARS.sub("_", key)
+            if not key.strip() or key.startswith("."):
+                key = "_" + key  # "", " ", "." and ".." are not keys MLflow takes
+            n, base = 0, key
+            while len(key) > MAX_PARAM_KEY_LENGTH or key in seen:
+                suffix = "-" + hashlib.sha1(f"{raw}#{n}".encode()).hexdigest()[:8]
+                key = base[:MAX_PARAM_KEY_LENGTH - len(suffix)] + suffix
+                n += 1
+            seen.add(key)
+        out.append((key, str(value)[:MAX_PARAM_VALUE_LENGTH]))
+    return out
 
 
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -69,7 +120,7 @@ class SearchTracker:
     def _log_params(self, run_id: str, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
-        items = [Param(k[:250], str(v)[:6000]) for k, v in params.items()]
+        items = [Param(k, v) for k, v in safe_param_items(params)]
         for i in range(0, len(items), 100):
             self.client.log_batch(run_id, params=items[i:i + 100])
 
@@ -80,7 +131,7 @@ class SearchTracker:
         run = self.client.create_run(self.experiment_id, run_name=f"trial-{trial_id}", tags={
             "mlflow.parentRunId": self.parent_id, "trial_id": trial_id, "autopeft.kind": "trial", "status": "running"})
         self.trial_runs[trial_id] = run.info.run_id
-        params = {f"space.{k}": v for k, v in config.items()}
+        params = {space_param_key(k): v for k, v in config.items()}
         if recipe:
             params.update({f"recipe.{k}": v for k, v in _flat(_components_flat(recipe)).items()})
         self._log_params(run.info.run_id, params)

@@ -38,10 +38,13 @@ def test_mlflow_holds_parent_and_one_nested_run_per_trial(searched):
     runs = client.search_runs([exp.experiment_id])
     parent = [r for r in runs if r.info.run_id == result.mlflow_run_id][0]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert len(children) == len(result.trials) == 3
+    assert len(children) == len(result.trials)
+    trained = [t for t in result.trials if t["status"] in ("finished", "stopped_early", "failed")]
+    assert len(trained) == 3  # rejected samples take no trial slot
     assert parent.data.params["budget"] == "50k" and parent.data.params["param_limit"] == "50000"
+    assert parent.data.params["searcher"] == "tpe" and parent.data.params["seed"] == "0"
     statuses = {r.data.tags["trial_id"]: r.data.tags["status"] for r in children}
-    assert set(statuses.values()) <= {"finished", "stopped_early", "over_budget", "failed"}
+    assert set(statuses.values()) <= {"finished", "stopped_early", "failed", "over_budget", "empty", "invalid"}
     assert "over_budget" in statuses.values()  # the adapter start point (445,248 params) is over 50k
     pareto_ids = {row["trial_id"] for row in result.pareto}
     for r in children:
@@ -66,6 +69,9 @@ def test_pareto_lists_only_within_budget_trials_at_the_top_fidelity(searched):
         assert row["trainable_params"] <= 50_000 and row["examples_seen"] == 256
     over = [t for t in result.trials if t["status"] == "over_budget"]
     assert over and all(not t["rows"] for t in over)  # never trained
+    assert all(t["trial_id"].startswith("rejected_") for t in over)  # never a Ray trial
+    ray_trials = {p.name for p in (result.path / "ray").iterdir() if p.is_dir()}
+    assert not any(t["trial_id"] in name for t in over for name in ray_trials)
 
 
 def test_exported_best_recipe_retrains_to_the_same_score(searched, tmp_path):

@@ -29,10 +29,15 @@ def dominates(a: Sequence[float], b: Sequence[float]) -> bool:
 
 
 def pareto_front(rows: Sequence[dict], objectives=OBJECTIVES) -> list[int]:
-    """Indices of the non-dominated rows, sorted by score descending (first objective)."""
-    pts = _as_min(rows, objectives)
+    """Indices of the non-dominated rows, sorted by score descending (first objective).
+
+    Rows with a non-finite objective (a NaN score: STS-B's Pearson of constant predictions) are
+    failed trials: they are never on the front and never dominate anything.
+    """
+    valid = finite_rows(rows, objectives)
+    pts = _as_min([rows[i] for i in valid], objectives)
     keep = [i for i in range(len(pts)) if not any(dominates(pts[j], pts[i]) for j in range(len(pts)) if j != i)]
-    return sorted(keep, key=lambda i: tuple(pts[i]))
+    return [valid[i] for i in sorted(keep, key=lambda i: tuple(pts[i]))]
 
 
 def hypervolume(points_min: np.ndarray, reference: Sequence[float]) -> float:
@@ -62,3 +67,60 @@ def front_hypervolume(rows: Sequence[dict], param_limit: int, objectives=OBJECTI
     mem_ref = 1.1 * max(r["peak_memory_bytes"] for r in rows)
     pts = np.array([[-r["score"], r["trainable_params"] / param_limit, r["peak_memory_bytes"] / mem_ref] for r in rows])
     return hypervolume(pts, [0.0, 1.0, 1.0])
+
+
+def finite_rows(rows: Sequence[dict], objectives=OBJECTIVES) -> list[int]:
+    """Indices of the rows whose every objective is a finite number (a NaN score is a failed trial)."""
+    import math
+
+    def ok(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    return [i for i, r in enumerate(rows) if all(ok(r.get(k)) for k, _ in objectives)]
+
+
+def nondominated_fronts(points_min: np.ndarray) -> list[list[int]]:
+    """Non-dominated sorting (Deb et al. 2002, NSGA-II, sec. III-A): fronts of indices, best first."""
+    pts = np.asarray(points_min, dtype=float)
+    left = list(range(len(pts)))
+    fronts = []
+    while left:
+        front = [i for i in left if not any(dominates(pts[j], pts[i]) for j in left if j != i)]
+        fronts.append(front)
+        left = [i for i in left if i not in front]
+    return fronts
+
+
+def crowding_distance(points_min: np.ndarray) -> np.ndarray:
+    """NSGA-II crowding distance of each point within one front (sec. III-B); extremes get ``inf``."""
+    pts = np.asarray(points_min, dtype=float)
+    n, k = pts.shape if pts.ndim == 2 else (len(pts), 0)
+    dist = np.zeros(n)
+    if n <= 2:
+        return np.full(n, np.inf)
+    for j in range(k):
+        order = np.argsort(pts[:, j], kind="stable")
+        span = pts[order[-1], j] - pts[order[0], j]
+        dist[order[0]] = dist[order[-1]] = np.inf
+        if span > 0:
+            dist[order[1:-1]] += (pts[order[2:], j] - pts[order[:-2], j]) / span
+    return dist
+
+
+def rank_keys(points_min: np.ndarray) -> list[tuple[int, float]]:
+    """Per point, its NSGA-II rank key ``(front index, -crowding distance)``: smaller is better
+    (Deb et al. 2002, the crowded-comparison operator; MO-ASHA's NSGA-II selection, Schmucker et al.
+    2021, arXiv:2106.12639, sec. 3)."""
+    pts = np.asarray(points_min, dtype=float)
+    keys: list[tuple[int, float]] = [(0, 0.0)] * len(pts)
+    for f, front in enumerate(nondominated_fronts(pts)):
+        cd = crowding_distance(pts[front])
+        for i, idx in enumerate(front):
+            keys[idx] = (f, -float(cd[i]))
+    return keys
+
+
+def rank_order(points_min: np.ndarray) -> list[int]:
+    """All indices, best first by :func:`rank_keys`, ties by index (earlier first)."""
+    keys = rank_keys(points_min)
+    return sorted(range(len(keys)), key=lambda i: (keys[i], i))

@@ -21,7 +21,8 @@ Format (``search_spaces/default.yaml`` is the reference)::
 
 A component key is a method name, or any name with a ``method:`` entry (two differently placed
 adapters: ``serial_adapter: {method: adapter, placement: serial}``). Top-level ``quantization``
-(``none``/``nf4``) is a dimension like ``gating``. ``per_layer: {num_layers: 6}`` adds one on/off
+(``none``/``nf4``) and ``pooling`` (``pooler``/``cls``/``mean``: what the task head reads) are
+dimensions like ``gating``. ``per_layer: {num_layers: 6}`` adds one on/off
 dimension per layer (``layer.0`` ...), applied as every component's ``layers`` (AutoPEFT's layer
 selection); the search checks that the backbone has that many layers. A component whose method
 needs another (AdapterDrop needs adapters) is left out when none of those is on. ``one_of:
@@ -32,11 +33,18 @@ Dimension forms: scalar (fixed); list (choice); ``{choice: [...]}``; ``{uniform:
 ``{loguniform: [lo, hi]}``; ``{int: [lo, hi]}`` (inclusive); ``{logint: [lo, hi]}``.
 Flat keys are ``<method>.<param>``, ``gating`` and ``training.<param>``. Every method keeps its
 ``enabled`` switch; a component that is off contributes nothing to the recipe.
+
+Names are checked at load, since they become MLflow parameter keys (``space.<flat key>``): component
+keys and ``one_of`` group names use letters, digits, ``_`` and ``-`` only, are not one of the
+space's own prefixes (``training``, ``one_of``, ``layer``, ...), and leave every ``space.<flat key>``
+within MLflow's 250 characters; ``training`` keys must be training settings of a recipe.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -122,6 +130,18 @@ class Fidelity:
             r *= self.reduction_factor
         return out + [self.max_train_examples]
 
+    def search_rungs(self, batch_size: int) -> list[int]:
+        """The rungs a search uses: :meth:`rungs` with each lower rung rounded up to whole batches
+        (a rung never splits a batch), strictly ascending, ending at ``max_train_examples``. The
+        trials report at exactly these and the scheduler's milestones are exactly these."""
+        top = self.max_train_examples
+        out: list[int] = []
+        for r in self.rungs()[:-1]:
+            r = int(math.ceil(r / batch_size) * batch_size)
+            if r < top and (not out or r > out[-1]):
+                out.append(r)
+        return out + [top]
+
 
 @dataclass
 class SearchSpace:
@@ -164,6 +184,7 @@ class SearchSpace:
         methods = []
         component_methods: dict[str, str] = {}
         for key, params in (data.get("components") or {}).items():
+            _check_name("component", key)
             params = dict(params or {})
             method = params.pop("method", key)
             try:
@@ -180,13 +201,17 @@ class SearchSpace:
             component_methods[key] = method
         groups: dict[str, str] = {}
         for group, members in (data.get("one_of") or {}).items():
+            _check_name("one_of group", group)
             for m in members:
                 if m not in component_methods:
                     raise SearchSpaceError(f"one_of.{group} names {m!r}, which is not a component of this space")
+                if m in groups:
+                    raise SearchSpaceError(f"{m!r} is in two one_of groups ({groups[m]} and {group}); put it in one")
                 dims.pop(f"{m}.enabled", None)
                 groups[m] = group
             dims[f"one_of.{group}"] = Dim("choice", ("none", *members))
         dims["gating"] = Dim.parse("gating", data.get("gating", False))
+        dims["pooling"] = Dim.parse("pooling", data.get("pooling", "pooler"))
         dims["quantization"] = Dim.parse("quantization", data.get("quantization", "none"))
         per_layer = data.get("per_layer")
         num_layers = None
@@ -196,9 +221,17 @@ class SearchSpace:
                 raise SearchSpaceError("per_layer needs num_layers >= 1")
             for i in range(num_layers):
                 dims[f"layer.{i}"] = Dim.parse(f"layer.{i}", per_layer.get("choices", [True, False]))
+        from autopeft.recipe import TrainingConfig
+
         for pname, pspec in (data.get("training") or {}).items():
+            if pname not in TrainingConfig.model_fields:
+                raise SearchSpaceError(f"training has no setting {str(pname)!r}; valid: {', '.join(TrainingConfig.model_fields)}")
             dims[f"training.{pname}"] = Dim.parse(f"training.{pname}", pspec)
-        fid = Fidelity(**(data.get("fidelity") or {}))
+        _check_param_keys(dims)
+        try:
+            fid = Fidelity(**(data.get("fidelity") or {}))
+        except TypeError as exc:
+            raise SearchSpaceError(f"fidelity: {exc}; valid: max_train_examples, min_train_examples, reduction_factor") from None
         space = cls(data.get("name", Path(source).stem or "custom"), dims, fid, list(data.get("start_points") or []),
                     methods, source, component_methods, num_layers, groups)
         for point in space.start_points:
@@ -274,8 +307,163 @@ class SearchSpace:
             if k.startswith("training."):
                 training[k.split(".", 1)[1]] = v
         return recipe_from_dict({**base, "components": components, "gating": bool(values.get("gating", False)),
+                                 "pooling": values.get("pooling", "pooler"),
                                  "quantization": values.get("quantization", "none"), "training": training})
 
+
+    # ----- the smallest configuration -------------------------------------------------------------
+    def _on(self, key: str, values: dict[str, Any]) -> bool:
+        group = self.groups.get(key)
+        return values.get(f"one_of.{group}") == key if group else bool(values.get(f"{key}.enabled", False))
+
+    def smallest_point(self, base: dict[str, Any]) -> tuple[dict[str, Any], int]:
+        """The configuration of this space with the fewest trainable parameters among those with at
+        least one PEFT component, and that number.
+
+        Counts on the meta device: ``count_recipe(self.to_recipe(point, base))``. Approach: every
+        component adds its own modules in its own slots (and its own gates), so a configuration with
+        several components has at least the parameters of each of them alone; the minimum is a single
+        component. For each component (``full_finetuning`` aside, it is no PEFT method) the point
+        starts with that component alone (other components off, other ``one_of`` groups ``none``) at
+        its dimensions' first values; then every dimension of the component and the shared ones
+        (``gating``, ``pooling``, ``quantization``, ``layer.<i>``) in turn tries each of its choices
+        (a range: both bounds), keeping any that lowers the count, until none does. Counts are
+        products and sums of per-dimension factors (rank x matrices x layers, bottleneck x
+        sublayers), so this per-dimension descent reaches each component's minimum with a few dozen
+        counts instead of the whole grid. Training dimensions keep their first values (they do not
+        change the count). Points that are no valid recipe (a ``RecipeError``, e.g. a prompt too long
+        for the backbone) are skipped.
+
+        Args:
+            base: recipe fields the search fixes (``backbone``, ``task``, ``training``), as for :meth:`to_recipe`.
+
+        Returns:
+            ``(point, trainable_params)``; ``point`` is encoded like :meth:`complete_point`, so
+            ``self.to_recipe(point, base)`` builds it and :meth:`describe_point` names it.
+
+        Raises:
+            SearchSpaceError: no configuration of the space with a PEFT component is a valid recipe.
+        """
+        from autopeft.recipe import RecipeError, count_recipe
+
+        tunable = self.tunable()
+
+        def count(values: dict[str, Any]) -> int | None:
+            try:
+                recipe = self.to_recipe({k: tunable[k].encode(v) for k, v in values.items()}, base)
+                if not any(c.method != "full_finetuning" for c in recipe.components):
+                    return None
+                return count_recipe(recipe).trainable_params
+            except RecipeError:
+                return None
+
+        def candidates(dim: Dim) -> tuple:
+            if dim.kind in ("int", "logint"):
+                return (int(dim.values[0]), int(dim.values[1]))
+            return dim.values  # choices, or the bounds of a uniform range
+
+        shared = [k for k in tunable if k in ("gating", "pooling", "quantization") or k.startswith("layer.")]
+        best: tuple[dict[str, Any], int] | None = None
+        for key in self.methods:
+            if self.component_methods.get(key, key) == "full_finetuning":
+                continue
+            values = {k: d.default() for k, d in tunable.items()}
+            for k in tunable:
+                if k.endswith(".enabled"):
+                    values[k] = False
+                elif k.startswith("one_of."):
+                    values[k] = "none"
+            group = self.groups.get(key)
+            if group:
+                values[f"one_of.{group}"] = key
+            elif f"{key}.enabled" in tunable:
+                values[f"{key}.enabled"] = True
+            elif not self.dims[f"{key}.enabled"].values[0]:
+                continue  # fixed off: never in a configuration of this space
+            own = [k for k in tunable if k.startswith(key + ".") and not k.endswith(".enabled")]
+            current = count(values)
+            improved = True
+            while improved:
+                improved = False
+                for k in own + shared:
+                    for v in candidates(tunable[k]):
+                        if v == values[k]:
+                            continue
+                        n = count({**values, k: v})
+                        if n is not None and (current is None or n < current):
+                            values, current, improved = {**values, k: v}, n, True
+            if current is not None and (best is None or current < best[1]):
+                best = ({k: tunable[k].encode(v) for k, v in values.items()}, current)
+        if best is None:
+            raise SearchSpaceError(f"search space {self.name!r} has no configuration with a PEFT component that is a "
+                                   "valid recipe for this backbone and task")
+        return best
+
+    def describe_point(self, point: dict[str, Any]) -> str:
+        """A short summary of a point: its components with their sampled values, e.g.
+        ``adapter (placement=parallel, reduction_factor=128, sublayers=[ffn])``."""
+        values = self.decode(point)
+        tunable = self.tunable()
+        parts = []
+        for key in self.methods:
+            if not self._on(key, values):
+                continue
+            params = [f"{k.split('.', 1)[1]}={_fmt(v)}" for k, v in values.items()
+                      if k in tunable and k.startswith(key + ".") and not k.endswith(".enabled")]
+            parts.append(f"{key} ({', '.join(params)})" if params else key)
+        text = " + ".join(parts) or "no component"
+        if values.get("gating"):
+            text += ", gated"
+        if self.num_layers:
+            text += f", layers {[i for i in range(self.num_layers) if values.get(f'layer.{i}', True)]}"
+        return text
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_fmt(v) for v in value) + "]"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+#: Names a user writes in a space (component keys, ``one_of`` groups) become flat dimension keys
+#: (``<component>.<param>``, ``one_of.<group>``), Optuna/Ray parameter names and MLflow parameter keys
+#: (``space.<dimension>``): letters, digits, ``_`` and ``-`` only (a ``.`` would split the flat key;
+#: MLflow forbids most other characters, and a ``/`` makes a key a path).
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]+")
+#: First parts of the space's own flat keys, which a component name must not shadow.
+RESERVED_NAMES = ("one_of", "training", "layer", "gating", "pooling", "quantization")
+
+
+def _short(name: str, keep: int = 40) -> str:
+    return repr(name) if len(name) <= keep else f"{name[:keep]!r}... ({len(name)} characters)"
+
+
+def _check_name(kind: str, name: Any) -> None:
+    """Raise SearchSpaceError unless ``name`` (a component key or a one_of group) is a valid name."""
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+        raise SearchSpaceError(f"{kind} name {_short(str(name))} may only contain letters, digits, '_' and '-'")
+    if kind == "component" and name in RESERVED_NAMES:
+        raise SearchSpaceError(f"component name {name!r} is reserved ({', '.join(RESERVED_NAMES)}); name it otherwise "
+                               f"and give its method with 'method:'")
+
+
+def _check_param_keys(dims: dict[str, Dim]) -> None:
+    """Every dimension's MLflow parameter key (``space.<dimension>``) fits MLflow's length limit."""
+    from autopeft.tracking import MAX_PARAM_KEY_LENGTH, space_param_key
+
+    longest: dict[tuple[str, str], str] = {}  # (kind, user-written name) -> its longest parameter key
+    for k in dims:
+        first, _, rest = k.partition(".")
+        owner = ("one_of group", rest) if first == "one_of" else ("component", first)
+        key = space_param_key(k)
+        if len(key) > len(longest.get(owner, "")):
+            longest[owner] = key
+    for (kind, name), key in longest.items():
+        if len(key) > MAX_PARAM_KEY_LENGTH:
+            room = MAX_PARAM_KEY_LENGTH - (len(key) - len(name))
+            raise SearchSpaceError(f"{kind} name {_short(name)} is too long: its MLflow parameter key {_short(key, 30)} "
+                                   f"would have {len(key)} characters, MLflow allows {MAX_PARAM_KEY_LENGTH}; use at most "
+                                   f"{room} characters")
 
 def _requirements_met(method: str, present: set[str]) -> bool:
     """A method with ``requires_any`` (e.g. AdapterDrop) needs one of those methods in the recipe."""

@@ -1,13 +1,19 @@
-"""Ray Tune, behind one module: Tuner + OptunaSearch (3 objectives) + ASHA over training examples.
+"""Ray Tune, behind one module: Tuner + :class:`SpaceSearcher` (Optuna, 3 objectives) + MO-ASHA.
 
-* Search algorithm: ``OptunaSearch`` with objectives task score (max), trainable parameters (min)
-  and peak training memory (min); a seeded multi-objective TPE sampler; known good configurations
-  of the space (``start_points``) are evaluated first.
-* Scheduler: ``ASHAScheduler`` (Li et al., arXiv:1810.05934) on the task score with
-  ``time_attr = examples_seen``: rungs at ``min * rf^k`` training examples up to the top fidelity.
-* Budget: each sampled point is counted on the meta device first; over budget, it is reported with
-  ``status = over_budget`` and never trained.
-* Failures: an exception in a trial is reported with ``status = failed``; the search goes on.
+* Search algorithm: :class:`autopeft.hpo.searchers.SpaceSearcher` over the space's dimensions with
+  the searcher chosen by name (``tpe`` default, ``random``, ``nsga2``, ``qnehvi``); known good
+  configurations of the space (``start_points``) are tried first. Every sampled point is counted
+  on the meta device before Ray sees it: over budget, empty (no PEFT component) or invalid points
+  are told to the sampler as infeasible, recorded (``over_budget`` / ``empty`` / ``invalid``) and
+  never start a Ray trial or take a trial slot.
+* Scheduler: :class:`autopeft.hpo.scheduler.MultiObjectiveASHA` (Schmucker et al.,
+  arXiv:2106.12639) over training examples seen; its milestones are exactly the rungs the trials
+  report at (:meth:`Fidelity.search_rungs`).
+* The sampler only learns top-fidelity results as final; trials stopped at a lower rung are told
+  as pruned (see :mod:`autopeft.hpo.searchers`).
+* Failures: an exception in a trial, or a non-finite score, is recorded ``failed``; the search goes on.
+* Ray: without ``ray_address`` the search always starts its own local Ray instance
+  (``address="local"``), whatever cluster another Ray user left on the machine.
 
 Every trial's record (config, recipe, status, per-rung rows) is collected on the driver by a
 :class:`ray.tune.Callback`, which also writes MLflow through :class:`autopeft.tracking.SearchTracker`.
@@ -24,12 +30,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 from autopeft.hpo.space import SearchSpace
-
-#: Objective values reported for trials that were not trained (over budget, failed), so that the
-#: sampler learns to avoid them. Never shown as measurements: MLflow and the front skip them.
-WORST_SCORE = -1.0
-WORST_MEMORY = float(2**50)
-
 
 @dataclass
 class TrialRecord:
@@ -64,6 +64,8 @@ class TuneSettings:
         seed: seeds the sampler.
         storage_path: where Ray keeps its experiment folder (absolute).
         device: forced trial device (``cpu``/``cuda``), default: CUDA if the trial got a GPU.
+        searcher: sampler name (:data:`autopeft.hpo.searchers.SEARCHERS`).
+        start_points: partial points tried first (default: the space's own).
     """
 
     num_samples: int
@@ -74,32 +76,40 @@ class TuneSettings:
     seed: int
     storage_path: str
     device: str | None = None
+    searcher: str = "tpe"
+    start_points: list[dict[str, Any]] | None = None
 
 
-def _trial_fn(config: dict[str, Any], space: SearchSpace, base: dict[str, Any], param_limit: int,
-              rungs: list[int], data_dir: str | None, device: str | None) -> None:
-    """The Ray Tune trainable: runs in a worker; reports one row per rung."""
+class NonFiniteScore(FloatingPointError):
+    """A rung's score is NaN or infinite (e.g. STS-B's Pearson of constant predictions): the trial fails."""
+
+
+def _trial_fn(config: dict[str, Any], space: SearchSpace, base: dict[str, Any], rungs: list[int],
+              data_dir: str | None, device: str | None) -> None:
+    """The Ray Tune trainable: runs in a worker; reports one row per rung (``rungs``, examples seen)."""
     from ray import tune
 
-    from autopeft.recipe import count_recipe
     from autopeft.trainer import run_trial
 
     params = None
+
+    def report(row: dict[str, Any]) -> None:
+        score = row.get("score")
+        if not (isinstance(score, (int, float)) and math.isfinite(score)):
+            raise NonFiniteScore(f"validation score is {score} at {row.get('examples_seen')} examples "
+                                 "(constant predictions?)")
+        tune.report({**row, "status": "running"})
+
     try:
         recipe = space.to_recipe(config, base)
-        params = count_recipe(recipe).trainable_params
-        if params > param_limit:
-            tune.report({"status": "over_budget", "score": WORST_SCORE, "trainable_params": params,
-                         "peak_memory_bytes": WORST_MEMORY, "examples_seen": 0})
-            return
         dev = device or ("cuda" if _has_gpu() else "cpu")
-        run_trial(recipe, data_dir, rungs, report=lambda row: tune.report({**row, "status": "running"}), device=dev)
+        run_trial(recipe, data_dir, rungs, report=report, device=dev)
     except Exception as exc:  # a failing trial is recorded as failed; the search goes on
         if type(exc).__name__ in ("TuneError", "StopTraining", "SystemExit", "KeyboardInterrupt"):
             raise
-        tune.report({"status": "failed", "error": f"{type(exc).__name__}: {exc}"[:2000], "score": WORST_SCORE,
+        tune.report({"status": "failed", "error": f"{type(exc).__name__}: {exc}"[:2000], "score": float("nan"),
                      "trainable_params": params if params is not None else -1,
-                     "peak_memory_bytes": WORST_MEMORY, "examples_seen": 0})
+                     "peak_memory_bytes": float("nan"), "examples_seen": 0})
 
 
 def _has_gpu() -> bool:
@@ -108,36 +118,53 @@ def _has_gpu() -> bool:
     return torch.cuda.is_available()
 
 
+def start_ray(ray_address: str | None) -> None:
+    """Connect to ``ray_address``, or start a private local Ray instance (never joining a cluster
+    that another program started on this machine).
+
+    Raises:
+        RuntimeError: Ray could not start or reach the cluster (one line).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    try:
+        if ray_address:
+            ray.init(address=ray_address, log_to_driver=False)
+        else:
+            ray.init(address="local", num_cpus=max(1, os.cpu_count() or 1), include_dashboard=False,
+                     log_to_driver=False, logging_level="ERROR", configure_logging=True)
+    except Exception as exc:
+        raise RuntimeError(f"cannot start Ray ({'address ' + ray_address if ray_address else 'local'}): "
+                           f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+
+
 def run_tune(space: SearchSpace, base: dict[str, Any], param_limit: int, settings: TuneSettings,
              data_dir: str | None, tracker=None, progress: Callable[[str], None] | None = None) -> dict[str, TrialRecord]:
-    """Run the search; returns the driver's record of every trial, by trial id.
+    """Run the search; returns the driver's record of every trial and every rejected sample, by id.
 
     Raises:
         RuntimeError: Ray could not start or reach the cluster.
+        SearcherError: unknown searcher, or its library is missing.
     """
     import optuna
     import ray
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.optuna import OptunaSearch
+    from ray.tune.search import ConcurrencyLimiter
+
+    from autopeft.hpo.scheduler import MultiObjectiveASHA
+    from autopeft.hpo.searchers import SpaceSearcher, make_sampler
 
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    batch = int(base.get("training", {}).get("batch_size", 32))
-    rungs = [int(math.ceil(r / batch) * batch) for r in space.fidelity.rungs()[:-1]] + [space.fidelity.max_train_examples]
     fid = space.fidelity
-    if not ray.is_initialized():
-        try:
-            if settings.ray_address:
-                ray.init(address=settings.ray_address, log_to_driver=False)
-            else:
-                ray.init(num_cpus=max(1, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False,
-                         logging_level="ERROR", configure_logging=True)
-        except Exception as exc:
-            raise RuntimeError(f"cannot start Ray ({'address ' + settings.ray_address if settings.ray_address else 'local'}): "
-                               f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    rungs = fid.search_rungs(int(base.get("training", {}).get("batch_size", 32)))
+    start_points = space.start_points if settings.start_points is None else settings.start_points
+    sampler = make_sampler(settings.searcher, settings.seed, n_startup_trials=max(4, len(start_points) + 2))
+    start_ray(settings.ray_address)
 
     records: dict[str, TrialRecord] = {}
     t0 = time.time()
@@ -146,36 +173,47 @@ def run_tune(space: SearchSpace, base: dict[str, Any], param_limit: int, setting
         if progress:
             progress(f"[{time.time() - t0:6.0f}s] {msg}")
 
+    def on_reject(config: dict[str, Any], verdict) -> None:
+        rid = f"rejected_{sum(1 for r in records.values() if r.trial_id.startswith('rejected_')) + 1:04d}"
+        rec = records[rid] = TrialRecord(rid, space.decode(config), verdict.recipe, verdict.status, verdict.error,
+                                         verdict.trainable_params)
+        if tracker:
+            tracker.start_trial(rid, rec.config, rec.recipe)
+            if rec.trainable_params:
+                tracker.log_rung(rid, {"trainable_params": rec.trainable_params}, 0)
+            tracker.end_trial(rid, rec.status, rec.error)
+        why = rec.error or (f"{rec.trainable_params:,} params > limit {param_limit:,}" if rec.status == "over_budget"
+                            else "no PEFT component")
+        say(f"sample {rid} rejected ({rec.status}): {_summary(rec.recipe)}: {why}")
+        _save_progress()
+
+    def on_accept(trial_id: str, config: dict[str, Any], verdict) -> None:
+        records[trial_id] = TrialRecord(trial_id, space.decode(config), verdict.recipe, "running", None,
+                                        verdict.trainable_params)
+
     class _Recorder(tune.Callback):
         def _record(self, trial) -> TrialRecord:
             rec = records.get(trial.trial_id)
-            if rec is None:
+            if rec is None:  # not seen by on_accept (should not happen): rebuild from the config
                 rec = records[trial.trial_id] = TrialRecord(trial.trial_id, space.decode(dict(trial.config)))
-                try:
-                    rec.recipe = space.to_recipe(dict(trial.config), base).model_dump(mode="json")
-                except ValueError:
-                    rec.recipe = None
-                if tracker:
-                    tracker.start_trial(trial.trial_id, rec.config, rec.recipe)
-                say(f"trial {trial.trial_id} started: {_summary(rec.recipe)}")
             return rec
 
         def on_trial_start(self, iteration, trials, trial, **info):
-            self._record(trial)
+            rec = self._record(trial)
+            if tracker:
+                tracker.start_trial(trial.trial_id, rec.config, rec.recipe)
+            say(f"trial {trial.trial_id} started: {_summary(rec.recipe)} ({rec.trainable_params:,} params)"
+                if rec.trainable_params is not None else f"trial {trial.trial_id} started")
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
             rec = self._record(trial)
-            status = result.get("status", "running")
-            rec.trainable_params = result.get("trainable_params", rec.trainable_params)
-            if status in ("over_budget", "failed"):
-                rec.status, rec.error = status, result.get("error")
-                if tracker:
-                    if rec.trainable_params and rec.trainable_params > 0:
-                        tracker.log_rung(trial.trial_id, {"trainable_params": rec.trainable_params}, 0)
-                say(f"trial {trial.trial_id} {status}: " + (rec.error or f"{rec.trainable_params:,} params > limit {param_limit:,}"))
+            if result.get("status") == "failed":
+                rec.status, rec.error = "failed", result.get("error")
+                say(f"trial {trial.trial_id} failed: {rec.error}")
                 return
             row = {k: v for k, v in result.items() if k in _ROW_KEYS or k in _metric_keys(result)}
             rec.rows.append(row)
+            rec.trainable_params = row.get("trainable_params", rec.trainable_params)
             if tracker:
                 tracker.log_rung(trial.trial_id, row, int(row["examples_seen"]))
             say(f"trial {trial.trial_id} rung {row['examples_seen']:>6} examples: score={row['score']:.4f} "
@@ -187,7 +225,7 @@ def run_tune(space: SearchSpace, base: dict[str, Any], param_limit: int, setting
                 reached = max((r["examples_seen"] for r in rec.rows), default=0)
                 rec.status = "finished" if reached >= fid.max_train_examples else "stopped_early"
                 if rec.rows and rec.status == "stopped_early":
-                    say(f"trial {trial.trial_id} stopped early by ASHA at {reached} examples")
+                    say(f"trial {trial.trial_id} stopped early by MO-ASHA at {reached} examples")
             if tracker:
                 tracker.end_trial(trial.trial_id, rec.status, rec.error)
             _save_progress()
@@ -206,32 +244,35 @@ def run_tune(space: SearchSpace, base: dict[str, Any], param_limit: int, setting
         path = Path(settings.storage_path) / "trials.json"
         path.write_text(json.dumps([r.as_dict() for r in records.values()], indent=2, default=str))
 
-    objectives = ["score", "trainable_params", "peak_memory_bytes"]
-    sampler = optuna.samplers.TPESampler(seed=settings.seed, n_startup_trials=max(4, len(space.start_points) + 2),
-                                         multivariate=True)
-    searcher = OptunaSearch(metric=objectives, mode=["max", "min", "min"],
-                            points_to_evaluate=[space.complete_point(p) for p in space.start_points] or None,
-                            sampler=sampler)
-    scheduler = ASHAScheduler(time_attr="examples_seen", metric="score", mode="max", max_t=fid.max_train_examples,
-                              grace_period=rungs[0], reduction_factor=fid.reduction_factor)
+    searcher = SpaceSearcher(space, base, param_limit, sampler, fid.max_train_examples, start_points,
+                             on_reject=on_reject, on_accept=on_accept)
+    total = ray.cluster_resources()
+    per_trial = settings.gpus_per_trial if settings.gpus_per_trial else settings.cpus_per_trial
+    available = total.get("GPU", 0) if settings.gpus_per_trial else total.get("CPU", 1)
+    concurrent = max(1, int(available // max(per_trial, 1e-9)))
+    scheduler = MultiObjectiveASHA(rungs, reduction_factor=fid.reduction_factor)
     resources = {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial}
     trainable = tune.with_resources(
-        tune.with_parameters(_trial_fn, space=space, base=base, param_limit=param_limit, rungs=rungs,
-                             data_dir=data_dir, device=settings.device), resources)
+        tune.with_parameters(_trial_fn, space=space, base=base, rungs=rungs, data_dir=data_dir,
+                             device=settings.device), resources)
     tuner = tune.Tuner(
         trainable,
-        param_space=space.ray_param_space(),
-        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=settings.num_samples,
+        tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(searcher, max_concurrent=concurrent),
+                                    scheduler=scheduler, num_samples=settings.num_samples,
                                     time_budget_s=settings.time_budget_s),
         run_config=tune.RunConfig(name="ray", storage_path=settings.storage_path, verbose=0,
                                   callbacks=[_Recorder()], failure_config=tune.FailureConfig(max_failures=0)),
     )
-    say(f"Ray Tune: {settings.num_samples} trials, rungs {rungs} examples, "
-        f"{settings.cpus_per_trial:g} CPU / {settings.gpus_per_trial:g} GPU per trial")
+    say(f"Ray Tune: {settings.num_samples} trials, searcher {settings.searcher} (seed {settings.seed}), "
+        f"MO-ASHA rungs {rungs} examples, {settings.cpus_per_trial:g} CPU / {settings.gpus_per_trial:g} GPU per trial, "
+        f"{concurrent} at a time")
     tuner.fit()
     for rec in records.values():  # trials cut by the time budget
         if rec.status == "running":
             rec.status = "stopped_early"
+    if searcher.exhausted:
+        say(f"the searcher stopped: {searcher.rejected} samples in a row were over budget, empty or invalid")
+    _save_progress()
     return records
 
 

@@ -1,0 +1,60 @@
+"""Without --ray-address a search starts its own local Ray, whatever another Ray user left running.
+
+Before the fix, ``ray.init()`` joined the cluster named in Ray's current-cluster file (left by
+``ray start --head``, even after the head was killed without ``ray stop``) and failed with "When
+connecting to an existing cluster, num_cpus and num_gpus must not be provided".
+"""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import autopeft
+
+pytestmark = pytest.mark.integration
+GLUE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "glue"
+SPACE = Path(__file__).parent / "data" / "tiny_space.yaml"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def throwaway_head(tmp_path):
+    ray_cli = Path(sys.executable).parent / "ray"
+    if not ray_cli.exists():
+        ray_cli = shutil.which("ray")
+    if not ray_cli:
+        pytest.skip("ray CLI not found")
+    env = {**os.environ, "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
+    started = subprocess.run([str(ray_cli), "start", "--head", f"--port={_free_port()}", "--num-cpus=1",
+                              "--include-dashboard=false", "--disable-usage-stats"],
+                             capture_output=True, text=True, timeout=120, env=env)
+    if started.returncode != 0:
+        pytest.skip(f"could not start a Ray head: {started.stderr.strip().splitlines()[-1:]}")
+    yield
+    subprocess.run([str(ray_cli), "stop", "--force"], capture_output=True, timeout=120, env=env)
+
+
+def test_default_search_ignores_a_cluster_started_earlier(throwaway_head, tmp_path, monkeypatch):
+    if not (GLUE / "sst2" / "train.tsv").exists():
+        pytest.skip("real GLUE data not found")
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    result = autopeft.search(task="sst2", budget="50k", space=str(SPACE), trials=1, data_dir=str(GLUE),
+                             tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", name="own-ray", output_dir=tmp_path,
+                             training={"max_eval_examples": 64}, max_train_examples=64, progress=None)
+    ray.shutdown()
+    trained = [t for t in result.trials if t["status"] in ("finished", "stopped_early")]
+    assert len(trained) == 1 and trained[0]["rows"][-1]["examples_seen"] == 64
