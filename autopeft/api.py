@@ -81,7 +81,7 @@ def search(task: str = "sst2", budget: str | Budget = "0.5%", backbone: str | di
         budget: ``"0.5%"``, ``"0.005"``, ``"120k"`` or a :class:`Budget` (trainable parameters without head).
         backbone: ``minilm-l6``, a Hugging Face id/path, or a bare config mapping.
         space: a shipped search space name or a YAML path.
-        trials: trials to sample (default: 20 on CPU, 32 on GPU).
+        trials: trials to train (default: 30 on CPU, 32 on GPU); rejected samples do not count.
         time_budget_s: wall-clock cap in seconds (default: 26 minutes on CPU, none on GPU).
         data_dir: local GLUE folder (else ``$AUTOPEFT_DATA_DIR``, else the hub).
         tracking_uri: MLflow URI (default ``$MLFLOW_TRACKING_URI`` or ``sqlite:///./mlflow.db``).
@@ -145,8 +145,8 @@ def search(task: str = "sst2", budget: str | Budget = "0.5%", backbone: str | di
     limit = budget.limit(backbone_params)
     cpus, gpus = default_resources()
     cpus, gpus = cpus_per_trial or cpus, gpus if gpus_per_trial is None else gpus_per_trial
-    if trials is None:
-        trials = 32 if gpus else 20
+    if trials is None:  # on CPU the 26-minute cap, not the count, usually ends the search
+        trials = 32 if gpus else 30
     if time_budget_s is None and not gpus:
         time_budget_s = 26 * 60
     name = name or f"{task_obj.name}-{datetime.now():%Y%m%d-%H%M%S}"

@@ -77,7 +77,7 @@ def search(
     budget: str = typer.Option("0.5%", help="Trainable-parameter budget without the head: 0.5%, 0.005 or 120k."),
     backbone: str = typer.Option("minilm-l6", help="minilm-l6 (bundled), a Hugging Face id, or a local folder."),
     space: str = typer.Option("default", help="Search space: default, full, autopeft_paper, or a YAML path."),
-    trials: Optional[int] = typer.Option(None, help="Trials to sample (default 20 on CPU, 32 on GPU)."),
+    trials: Optional[int] = typer.Option(None, help="Trials to train (default 30 on CPU, 32 on GPU); over-budget or empty samples do not count."),
     max_train_examples: Optional[int] = typer.Option(None, help="Top fidelity in training examples (default 24000); lower it for a quick search."),
     time_budget: Optional[str] = typer.Option(None, help="Wall-clock cap: 1800, 30m, 2h (default 26m on CPU)."),
     data_dir: Optional[str] = typer.Option(None, envvar="AUTOPEFT_DATA_DIR", help="Local GLUE folder (else the hub)."),

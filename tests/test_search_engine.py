@@ -159,3 +159,40 @@ def test_unknown_searcher_is_a_one_line_error():
 
     with pytest.raises(SearcherError, match="unknown searcher 'bayes'; valid: tpe, random, nsga2, qnehvi"):
         make_sampler("bayes", 0)
+
+
+def test_a_nan_score_fails_the_trial_in_the_worker(monkeypatch):
+    """STS-B's Pearson is NaN for constant predictions: the trial reports failed, not a score."""
+    import ray.tune
+
+    import autopeft.trainer
+    from autopeft.hpo import tune as hpo_tune
+
+    reported = []
+    monkeypatch.setattr(ray.tune, "report", lambda row: reported.append(dict(row)))
+
+    def fake_run_trial(recipe, data_dir, rungs, report, device):
+        report({"score": 0.7, "examples_seen": 64, "trainable_params": 1, "peak_memory_bytes": 1})
+        report({"score": float("nan"), "examples_seen": 128, "trainable_params": 1, "peak_memory_bytes": 1})
+        raise AssertionError("not reached: the NaN report stops the trial")
+
+    monkeypatch.setattr(autopeft.trainer, "run_trial", fake_run_trial)
+    sp = _space()
+    hpo_tune._trial_fn(sp.complete_point({"lora.enabled": True, "lora.r": 4}), sp, BASE, [64, 128], None, "cpu")
+    assert [r["status"] for r in reported] == ["running", "failed"]
+    assert "NonFiniteScore" in reported[1]["error"] and "nan" in reported[1]["error"]
+
+
+def test_export_never_picks_a_nan_row(tmp_path):
+    import json
+
+    import autopeft
+
+    recipe = {"backbone": MINILM_META, "task": "stsb", "components": [{"method": "lora"}]}
+    rows = [{"trial_id": "nan", "score": float("nan"), "trainable_params": 10000, "peak_memory_bytes": 1e8,
+             "recipe": recipe},
+            {"trial_id": "ok", "score": 0.80, "trainable_params": 73728, "peak_memory_bytes": 2e8,
+             "recipe": {**recipe, "components": [{"method": "lora", "r": 4}]}}]
+    (tmp_path / "pareto.json").write_text(json.dumps(rows))
+    for pick in ("best", "smallest", "leanest"):
+        assert autopeft.export(tmp_path, pick=pick).components[0].r == 4
