@@ -91,8 +91,6 @@ def _trial_fn(config: dict[str, Any], space: SearchSpace, base: dict[str, Any], 
 
     from autopeft.trainer import run_trial
 
-    params = None
-
     def report(row: dict[str, Any]) -> None:
         score = row.get("score")
         if not (isinstance(score, (int, float)) and math.isfinite(score)):
@@ -108,8 +106,7 @@ def _trial_fn(config: dict[str, Any], space: SearchSpace, base: dict[str, Any], 
         if type(exc).__name__ in ("TuneError", "StopTraining", "SystemExit", "KeyboardInterrupt"):
             raise
         tune.report({"status": "failed", "error": f"{type(exc).__name__}: {exc}"[:2000], "score": float("nan"),
-                     "trainable_params": params if params is not None else -1,
-                     "peak_memory_bytes": float("nan"), "examples_seen": 0})
+                     "trainable_params": -1, "peak_memory_bytes": float("nan"), "examples_seen": 0})
 
 
 def _has_gpu() -> bool:
