@@ -230,8 +230,11 @@ def check_recipe(recipe: Recipe, config: Any = None, for_training: bool = False)
                               f"sentence pairs (the BERT tokenizer gives it token type 1): use type_vocab_size >= 2")
 
 
-def build_model(recipe: Recipe, device: str = "cpu"):
+def build_model(recipe: Recipe, device: str = "cpu", after_component=None):
     """Build the backbone and apply every component: returns a :class:`autopeft.model.PeftModel`.
+
+    ``after_component(index, model)``, if given, is called after component ``index`` is applied
+    (e.g. to attribute the modules each component created).
 
     ``device="meta"`` builds shapes only (parameter counting without weights or memory). The model
     comes back in eval mode - every module, the new method modules and stage-1 adapters loaded by
@@ -255,8 +258,10 @@ def build_model(recipe: Recipe, device: str = "cpu"):
 
     torch.manual_seed(recipe.training.seed)
     model = PeftModel(backbone, gating=recipe.gating, pooling=recipe.pooling)
-    for component in recipe.components:
+    for i, component in enumerate(recipe.components):
         model.add_component(component)
+        if after_component is not None:
+            after_component(i, model)
     return model.eval()
 
 

@@ -187,28 +187,23 @@ def _supernet_recipe(space: SearchSpace, base: dict[str, Any], keys: list[str], 
 def _meta_gates(recipe: Recipe, keys: list[str]) -> dict[str, list[str]]:
     """Gate module names (as in the built model) created by each component, built on the meta device.
 
-    Gates are attributed by identity while the components are added one by one, the same way
-    :func:`autopeft.recipe.build_model` adds them, so the names match the trained model's.
+    Gates are attributed by identity while :func:`autopeft.recipe.build_model` adds the components
+    one by one (its ``after_component`` hook), so the names match the trained model's.
 
     Raises:
         CompositionError: two components claim the same slot.
     """
-    from autopeft.backbones import load_model
-    from autopeft.model import Gate, PeftModel
-    from autopeft.tasks import get_task
+    from autopeft.model import Gate
+    from autopeft.recipe import build_model
 
-    backbone = load_model(recipe.backbone, get_task(recipe.task).num_labels, device="meta", seed=recipe.training.seed)
-    if recipe.quantization == "nf4" or any(c.method == "qlora" for c in recipe.components):
-        from autopeft.quantization import quantize_backbone
-
-        quantize_backbone(backbone, device="meta")
-    model = PeftModel(backbone, gating=recipe.gating, pooling=recipe.pooling)
     owner: dict[int, str] = {}
-    for key, component in zip(keys, recipe.components):
-        model.add_component(component)
+
+    def attribute(i: int, model) -> None:
         for module in model.modules():
             if isinstance(module, Gate) and id(module) not in owner:
-                owner[id(module)] = key
+                owner[id(module)] = keys[i]
+
+    model = build_model(recipe, device="meta", after_component=attribute)
     out: dict[str, list[str]] = {k: [] for k in keys}
     for name, module in model.named_modules():
         if isinstance(module, Gate):
