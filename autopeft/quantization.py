@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from autopeft.arch import LINEAR_TARGETS, Encoder
+from autopeft.arch import Encoder
 
 #: Block size of the first quantisation (QLoRA: 64) and of the second one (QLoRA: 256; fixed in bnb).
 BLOCKSIZE = 64
@@ -214,12 +214,13 @@ def quantize_backbone(backbone: nn.Module, device: str | torch.device = "cpu",
                       compute_dtype: torch.dtype | str = torch.float32) -> int:
     """Replace every encoder (and pooler) Linear of ``backbone`` by an NF4 :class:`NF4Linear`, in place.
 
-    Quantised: the six Linear slots of every layer (``autopeft.arch.LINEAR_TARGETS``; inside a
+    Quantised: every Linear slot of every layer in the family table (``autopeft.arch.FAMILIES``: six
+    on BERT, seven on Llama/Qwen2/Mistral, four on GPT-2; inside a
     LoRA-style wrapper its ``base_layer``) and ``pooler.dense`` when present. Embeddings,
     LayerNorms and the task head stay as they are. Sets ``backbone.autopeft_quantized = "nf4"``.
 
     Args:
-        backbone: a BERT-family ``*ForSequenceClassification`` model.
+        backbone: a ``*ForSequenceClassification`` model of a known family.
         device: where the weights live; ``meta`` (shape-only models for counting) is a no-op.
         compute_dtype: dtype of the 4-bit matmuls (``float32``, ``bfloat16``, ``float16``).
 
@@ -228,7 +229,7 @@ def quantize_backbone(backbone: nn.Module, device: str | torch.device = "cpu",
 
     Raises:
         ValueError: unknown ``compute_dtype``.
-        ArchitectureError: ``backbone`` is not a BERT-family encoder.
+        ArchitectureError: ``backbone`` is not of a known family.
         ImportError: bitsandbytes is missing.
     """
     dtype = _dtype(compute_dtype)
@@ -238,7 +239,7 @@ def quantize_backbone(backbone: nn.Module, device: str | torch.device = "cpu",
     encoder = Encoder.of(backbone)
     done = 0
     for layer in range(encoder.num_layers):
-        for path in LINEAR_TARGETS.values():
+        for path in encoder.family.linear.values():
             module = encoder.get(layer, path)
             if _plain_linear(module, cls):
                 encoder.replace(layer, path, quantize_linear(module, device, dtype))

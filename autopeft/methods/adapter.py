@@ -121,5 +121,5 @@ def apply_adapter(model, cfg: AdapterConfig, name: str = "adapter") -> None:
             model.add_adapter(layer, which, cfg.placement, name, make_adapter(model, cfg, cfg.placement, layer),
                               shareable_with=cfg.shares_slots_with)
             if train_ln:
-                for p in model.sublayer(layer, which).base.LayerNorm.parameters():
+                for p in model.sublayer_norm(layer, which).parameters():
                     p.requires_grad_(True)

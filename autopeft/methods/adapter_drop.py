@@ -103,15 +103,14 @@ class AdapterDropController(nn.Module):
         self.draws = 0
 
     def hosts(self) -> list[tuple[int, nn.Module]]:
-        """``(layer, SublayerOutput)`` for every sublayer that hosts an adapter or a fusion."""
-        from autopeft.arch import SUBLAYERS
-        from autopeft.model import SublayerOutput
+        """``(layer, host)`` for every sublayer whose adapter host holds an adapter or a fusion."""
+        from autopeft.model import ADAPTER_HOSTS
 
         out = []
         for layer in range(self._encoder.num_layers):
-            for path in SUBLAYERS.values():
-                host = self._encoder.get(layer, path)
-                if isinstance(host, SublayerOutput) and (len(host.serial) or len(host.parallel) or host.fusion is not None):
+            for spec in self._encoder.family.sublayers.values():
+                host = self._encoder.get(layer, spec.path)
+                if isinstance(host, ADAPTER_HOSTS) and (len(host.serial) or len(host.parallel) or host.fusion is not None):
                     out.append((layer, host))
         return out
 

@@ -189,7 +189,6 @@ def apply_adapter_fusion(model, cfg: AdapterFusionConfig) -> None:
             its weights do not fit this backbone, ``names`` has the wrong length, ``gated`` is set,
             or no adapter falls in ``layers``/``sublayers``.
     """
-    from autopeft.arch import SUBLAYERS
     from autopeft.model import CompositionError
     from autopeft.recipe import RecipeError, load_recipe
     from autopeft.trainer import ADAPTER_FILE
@@ -238,7 +237,7 @@ def apply_adapter_fusion(model, cfg: AdapterFusionConfig) -> None:
                     continue
                 module = make_adapter(model, acfg, "serial", layer, gate_key=f"{model.gate_key(cfg)}_{name}")
                 if tensors is not None:
-                    prefix = f"{layers_path}.{layer}.{SUBLAYERS[which]}.serial.{STAGE1_ADAPTER_NAME}."
+                    prefix = f"{layers_path}.{layer}.{model.sublayer_path(which)}.serial.{STAGE1_ADAPTER_NAME}."
                     own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
                     # A gated stage-1 adapter's gate is its layer's gate (older files: inside the adapter).
                     gprefix = f"{layers_path}.{layer}.peft_gates.gates.{STAGE1_GATE_KEY}."
@@ -278,15 +277,14 @@ def apply_adapter_fusion(model, cfg: AdapterFusionConfig) -> None:
 
 
 def fusion_hosts(model) -> list[tuple[int, str, nn.Module]]:
-    """``(layer, sublayer, SublayerOutput)`` of every sublayer that has a fusion layer."""
-    from autopeft.arch import SUBLAYERS
-    from autopeft.model import SublayerOutput
+    """``(layer, sublayer, host)`` of every sublayer whose adapter host has a fusion layer."""
+    from autopeft.model import ADAPTER_HOSTS
 
     out = []
     for layer in range(model.encoder.num_layers):
-        for which, path in SUBLAYERS.items():
-            host = model.encoder.get(layer, path)
-            if isinstance(host, SublayerOutput) and host.fusion is not None:
+        for which in model.family.sublayers:
+            host = model.encoder.get(layer, model.sublayer_path(which))
+            if isinstance(host, ADAPTER_HOSTS) and host.fusion is not None:
                 out.append((layer, which, host))
     return out
 

@@ -60,8 +60,9 @@ class MethodConfig(BaseModel):
         :func:`autopeft.recipe.check_recipe` calls it for every component before anything is built,
         so ``load_recipe``, ``check_composition`` and ``count_recipe`` (hence every point a search
         samples) reject such recipes at load. Overrides call ``super().check_fit`` (which checks
-        ``layers`` against the backbone's depth).
+        ``layers`` against the backbone's depth and the method against the backbone's family).
         """
+        limits.check_method(self.method)
         limits.resolve_layers(self.layers)
 
 
@@ -88,25 +89,57 @@ class BackboneLimits:
     num_heads: int
     positions: int | None = None
     positions_source: str = "max_position_embeddings"
+    family: Any = None
+    num_kv_heads: int = 0
+    head_dim: int = 0
+    model_type: str = ""
+    unsupported: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def of(cls, config: Any) -> "BackboneLimits":
-        """Limits of a transformers ``PretrainedConfig`` of the BERT family."""
+        """Limits of a transformers ``PretrainedConfig`` of a known family (:data:`autopeft.arch.FAMILIES`).
+
+        Raises:
+            ArchitectureError: the model type is in no family.
+        """
+        from autopeft.arch import family_of
+
+        model_type = getattr(config, "model_type", "")
+        fam = family_of(config)
         n = getattr(config, "max_position_embeddings", None)
         source = f"max_position_embeddings {n}"
-        model_type = getattr(config, "model_type", "")
         if n is not None and model_type in PADDING_OFFSET_MODEL_TYPES:
             pad = getattr(config, "pad_token_id", None)
             offset = (1 if pad is None else int(pad)) + 1
             n, source = int(n) - offset, f"max_position_embeddings {n} less {model_type}'s padding offset {offset}"
-        return cls(int(config.num_hidden_layers), int(config.hidden_size),
-                   int(getattr(config, "intermediate_size", 4 * config.hidden_size)),
-                   int(config.num_attention_heads), None if n is None else int(n), source)
+        d = int(config.hidden_size)
+        heads = int(config.num_attention_heads)
+        f = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) \
+            or getattr(config, "hidden_dim", None) or 4 * d
+        head_dim = int(getattr(config, "head_dim", None) or d // heads)
+        kv = int(getattr(config, "num_key_value_heads", None) or heads)
+        return cls(int(config.num_hidden_layers), d, int(f), heads, None if n is None else int(n), source,
+                   fam, kv, head_dim, model_type, tuple(fam.unsupported_methods(config).items()))
 
     def linear_shape(self, target: str) -> tuple[int, int]:
-        """``(d_in, d_out)`` of Linear slot ``target`` (query ... ffn_out)."""
+        """``(d_in, d_out)`` of Linear slot ``target`` on this backbone (GQA keys/values are
+        ``kv_heads * head_dim`` wide; GPT-2's fused ``qkv`` is ``3 d``).
+
+        Raises:
+            ValueError: the backbone's family has no such Linear.
+        """
         d, f = self.hidden_size, self.intermediate_size
-        return {"ffn_in": (d, f), "ffn_out": (f, d)}.get(canonical_target(target), (d, d))
+        key = self.family.target(target) if self.family is not None else canonical_target(target)
+        kv = self.num_kv_heads * self.head_dim if self.num_kv_heads else d
+        q = self.num_heads * self.head_dim if self.head_dim else d
+        return {"ffn_in": (d, f), "ffn_gate": (d, f), "ffn_out": (f, d), "qkv": (d, 3 * d), "query": (d, q),
+                "key": (d, kv), "value": (d, kv), "attention_output": (q, d)}[key]
+
+    def check_method(self, method: str) -> None:
+        """Raise ``ValueError`` (one line) when ``method`` cannot run on this backbone's family."""
+        why = dict(self.unsupported).get(method)
+        if why:
+            raise ValueError(f"{method} is not supported on {self.model_type or self.family.name} backbones: {why}")
 
     def resolve_layers(self, layers: list[int] | str | None) -> list[int]:
         """``layers`` as sorted indices (as :meth:`autopeft.arch.Encoder.resolve_layers`).

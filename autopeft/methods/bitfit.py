@@ -24,13 +24,14 @@ from __future__ import annotations
 
 from pydantic import Field, field_validator
 
-from autopeft.arch import LINEAR_TARGETS, canonical_target
+from autopeft.arch import ALL_TARGETS, canonical_target
 from autopeft.methods.base import MethodConfig, register
 
-#: Bias groups beyond the Linear targets: the LayerNorm biases of each layer.
-_LAYERNORM_BIASES = {"attention_layernorm": "attention.output.LayerNorm", "ffn_layernorm": "output.LayerNorm"}
-#: Per-layer bias groups (the ``encoder`` subset).
-LAYER_BIASES = tuple(LINEAR_TARGETS) + tuple(_LAYERNORM_BIASES)
+#: Bias groups beyond the Linear targets: the LayerNorm biases of each layer (the family table's
+#: ``attention`` / ``ffn`` sublayer norms).
+_LAYERNORM_BIASES = {"attention_layernorm": "attention", "ffn_layernorm": "ffn"}
+#: Per-layer bias groups (the ``encoder`` subset); a family uses those it has.
+LAYER_BIASES = tuple(ALL_TARGETS) + tuple(_LAYERNORM_BIASES)
 #: Model-level bias groups (outside the encoder layers, head excluded).
 MODEL_BIASES = ("embeddings", "pooler")
 #: Named subsets for ``biases``.
@@ -92,8 +93,9 @@ def apply_bitfit(model, cfg: BitFitConfig) -> None:
     """
     from autopeft.model import CompositionError
 
+    fam = model.family
     if cfg.biases in BIAS_SUBSETS:
-        names = list(LAYER_BIASES)
+        names = [n for n in LAYER_BIASES if n in fam.linear or n in _LAYERNORM_BIASES]
     else:
         names = [n for n in cfg.biases if n in LAYER_BIASES]
     groups = model_level_biases(model)
@@ -106,13 +108,29 @@ def apply_bitfit(model, cfg: BitFitConfig) -> None:
             raise CompositionError(f"bitfit: this backbone has no {missing[0]} biases; "
                                    f"its model-level groups: {', '.join(groups) or 'none'}")
         chosen = [bias for g in wanted for bias in groups[g]]
+    unfrozen = 0
     for name, p in chosen:
         model.claim(("bias", name))
         p.requires_grad_(True)
+        unfrozen += 1
     for layer in model.layers_of(cfg):
         for name in names:
-            model.claim(("bias", layer, name))
-            path = _LAYERNORM_BIASES.get(name) or LINEAR_TARGETS[name]
-            module = model.encoder.get(layer, path)
+            if name in _LAYERNORM_BIASES:
+                module = model.sublayer_norm(layer, _LAYERNORM_BIASES[name])
+                slot = name
+            else:
+                try:
+                    slot = fam.target(name)
+                except ValueError as exc:
+                    raise CompositionError(f"bitfit: {exc}") from None
+                module = model.encoder.get(layer, fam.linear[slot])
             module = getattr(module, "base_layer", module)  # a LoRA wrapper keeps the Linear inside
+            if getattr(module, "bias", None) is None:
+                if cfg.biases in BIAS_SUBSETS:
+                    continue  # this family has no such bias (Llama's RMSNorm, bias-free projections)
+                raise CompositionError(f"bitfit: the {name} of this {fam.name} backbone has no bias")
+            model.claim(("bias", layer, slot))
             module.bias.requires_grad_(True)
+            unfrozen += 1
+    if not unfrozen:
+        raise CompositionError(f"bitfit: this {fam.name} backbone has no bias terms to train")

@@ -7,7 +7,6 @@ It claims every slot, so it combines with nothing else. Trainable parameters: al
 
 from __future__ import annotations
 
-from autopeft.arch import LINEAR_TARGETS
 from autopeft.methods.base import MethodConfig, register
 
 
@@ -21,7 +20,7 @@ class FullFineTuningConfig(MethodConfig):
 def apply_full_finetuning(model, cfg: FullFineTuningConfig) -> None:
     """Unfreeze the whole backbone."""
     for layer in range(model.encoder.num_layers):
-        for target in LINEAR_TARGETS:
+        for target in model.family.linear:
             model.claim(("linear", layer, target))
         model.claim(("prefix", layer))
     for p in model.backbone.parameters():

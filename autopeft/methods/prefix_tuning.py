@@ -94,11 +94,13 @@ class _LayerSource:
 def attach_prefixes(model, cfg, projection: bool, name: str) -> PrefixEncoder:
     """Build a :class:`PrefixEncoder` for the selected layers and hook each into its attention."""
     layers = model.layers_of(cfg)
-    enc = PrefixEncoder(cfg.num_virtual_tokens, len(layers), model.encoder.hidden_size, model.encoder.num_heads,
+    # Keys/values are kv_heads * head_dim wide (grouped-query attention: fewer than the query heads), as
+    # peft sizes its prefix for such models.
+    enc = PrefixEncoder(cfg.num_virtual_tokens, len(layers), model.encoder.kv_width, model.encoder.num_kv_heads,
                         projection, getattr(cfg, "encoder_hidden_size", 0), getattr(cfg, "prefix_dropout", 0.0))
     model.extras[name] = enc
     for i, layer in enumerate(layers):
-        model.add_prefix(layer, _LayerSource(enc, i), model.layer_gate(cfg, layer))
+        model.add_prefix(layer, _LayerSource(enc, i), model.layer_gate(cfg, layer), num_tokens=cfg.num_virtual_tokens)
     return enc
 
 
