@@ -115,7 +115,7 @@ def search(task: str = "sst2", budget: str | Budget = "0.5%", backbone: str | di
     budget = budget if isinstance(budget, Budget) else parse_budget(budget)
     task_obj = get_task(task)
     config = load_config(backbone, task_obj.num_labels)  # fails fast on an unknown backbone
-    sp = SearchSpace.load(space)
+    sp, space_notes = SearchSpace.load(space).for_backbone(config)  # drops methods the backbone cannot run
     if searcher not in SEARCHERS:
         raise SearcherError(f"unknown searcher {searcher!r}; valid: {', '.join(SEARCHERS)}")
     if searcher == "qnehvi":
@@ -166,6 +166,8 @@ def search(task: str = "sst2", budget: str | Budget = "0.5%", backbone: str | di
     if progress:
         progress(f"search {name}: {task_obj.name}, budget {budget} = {limit:,} trainable parameters "
                  f"of {backbone_params:,}; MLflow {uri} run {tracker.parent_id}")
+        for note in space_notes:
+            progress(f"note: {note}")
     try:
         start_points = list(sp.start_points)
         if one_shot:

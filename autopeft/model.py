@@ -545,6 +545,18 @@ class PeftModel(nn.Module):
         self.attention(layer).add_source(source, gate)
         self._prefix_tokens = max(getattr(self, "_prefix_tokens", 0), int(num_tokens))
 
+    def load_stage1(self, folder: str, with_tensors: bool = True):
+        """A stage-1 adapter folder for AdapterFusion, as an
+        :class:`autopeft.methods.adapter_fusion.Stage1Adapter` (read by :func:`autopeft.fusion.load_stage1`;
+        methods never read files or recipes themselves).
+
+        Raises:
+            CompositionError: the folder is missing, is not a stage-1 folder, or its recipe is unfit.
+        """
+        from autopeft.fusion import load_stage1
+
+        return load_stage1(folder, with_tensors=with_tensors)
+
     def add_input_prompt(self, module: nn.Module, position: int = 0) -> None:
         """Insert ``module(B)`` -> (B, P, d) virtual token embeddings after ``position`` input tokens."""
         self.claim(("input_prompt",))
@@ -747,4 +759,7 @@ def count_parameters(model: PeftModel) -> ParameterCount:
             head += p.numel()
         else:
             trainable += p.numel()
-    return ParameterCount(trainable, model.backbone_params, head, getattr(model, "pooling", "pooler"))
+    pooling = getattr(model, "pooling", "pooler")
+    if pooling == "pooler" and model.family.causal:
+        pooling = "last"  # what a decoder's own head reads
+    return ParameterCount(trainable, model.backbone_params, head, pooling)

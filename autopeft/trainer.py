@@ -431,7 +431,7 @@ def save_trained(model: PeftModel, recipe: Recipe, result: TrialResult | None, o
     """
     from safetensors.torch import save_file
 
-    from autopeft.methods.adapter_fusion import recipe_after_pruning
+    from autopeft.fusion import recipe_after_pruning
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -297,3 +297,63 @@ def test_qlora_on_a_decoder_quantises_every_projection_and_counts_like_fp32():
     assert count_parameters(model).backbone_params == count_parameters(fp32).backbone_params
     assert count_parameters(model).trainable_params == count_parameters(fp32).trainable_params
     assert count_recipe(recipe).backbone_params == count_parameters(fp32).backbone_params
+
+
+# ----- the search space follows the backbone --------------------------------------------------------
+def test_space_drops_what_the_backbone_cannot_run_and_says_so_once():
+    from autopeft.backbones import load_config
+    from autopeft.hpo.space import SearchSpace
+
+    space = SearchSpace.load("default")
+    assert "prefix_tuning" in space.methods and "bitfit" in space.methods
+    same, notes = space.for_backbone(load_config({"preset": "bert-base"}, 2))
+    assert same is space and notes == []
+    deberta, notes = space.for_backbone(load_config({"preset": "deberta-v3-base"}, 2))
+    assert "prefix_tuning" not in deberta.methods and not any(k.startswith("prefix_tuning.") for k in deberta.dims)
+    assert notes == [n for n in notes if n.startswith("prefix_tuning left out of the search: prefix_tuning is not "
+                                                      "supported on deberta-v2 backbones")] and len(notes) == 1
+    llama, notes = space.for_backbone(load_config({"preset": "llama-2-7b"}, 2))
+    assert "bitfit" not in llama.methods and "prefix_tuning" in llama.methods
+    assert "cls" not in llama.dims["pooling"].values and len(notes) == 2
+    assert all(p.get("pooling") != "cls" for p in llama.start_points)
+    full = SearchSpace.load("full")
+    deb_full, notes = full.for_backbone(load_config({"preset": "deberta-v3-base"}, 2))
+    dropped = {"prefix_tuning", "p_tuning_v2", "mam", "unipelt"} & set(full.methods)
+    assert dropped and not dropped & set(deb_full.methods) and len(notes) == len(dropped)
+    for group in set(deb_full.groups.values()):
+        assert not dropped & set(deb_full.dims[f"one_of.{group}"].values)
+    # every start point that survives still makes a valid recipe on that backbone
+    base = {"backbone": {"preset": "deberta-v3-base"}, "task": "sst2"}
+    for point in deb_full.start_points:
+        count_recipe(deb_full.to_recipe(deb_full.complete_point(point), base))
+
+
+def test_cli_count_on_the_llama_preset_prints_4194304(tmp_path):
+    from typer.testing import CliRunner
+
+    from autopeft.cli import app
+
+    path = tmp_path / "llama.yaml"
+    path.write_text("backbone: {preset: llama-2-7b}\ntask: sst2\ncomponents:\n"
+                    "  - {method: lora, r: 8, target_modules: [q_proj, v_proj]}\n")
+    result = CliRunner().invoke(app, ["count", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "4194304" in result.output.replace(",", "")
+
+
+def test_method_modules_reach_only_the_composition_layer():
+    """Methods stay leaves: a method module imports autopeft.methods, autopeft.model and autopeft.arch
+    only (never recipe, backbones, tasks, trainer, fusion), so adding a family never touches them."""
+    import ast
+    from pathlib import Path
+
+    import autopeft.methods
+
+    allowed = ("autopeft.methods", "autopeft.model", "autopeft.arch", "autopeft.quantization")
+    offenders = []
+    for path in Path(autopeft.methods.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
+            offenders += [f"{path.name}: {n}" for n in names if n.startswith("autopeft") and not n.startswith(allowed)]
+    assert offenders == []

@@ -240,6 +240,50 @@ class SearchSpace:
                 raise SearchSpaceError(f"start point names unknown dimensions {sorted(unknown)}")
         return space
 
+    def for_backbone(self, config: Any) -> tuple["SearchSpace", list[str]]:
+        """This space without what cannot run on the backbone of ``config`` (a transformers config).
+
+        Components whose method the backbone's family does not support
+        (:meth:`autopeft.arch.Family.unsupported_methods`, e.g. prefixes on DeBERTa's relative
+        attention, BitFit on bias-free Llama) are dropped, with their dimensions, from ``one_of``
+        choices and from start points that turn them on; ``cls`` pooling is dropped on decoder
+        families (their first token sees only itself). Returns the new space and one note per drop
+        (``[]`` and ``self`` when nothing is dropped).
+        """
+        from dataclasses import replace
+
+        from autopeft.methods.base import BackboneLimits
+
+        limits = BackboneLimits.of(config)
+        unsupported = dict(limits.unsupported)
+        name = limits.model_type or limits.family.name
+        dropped = [k for k in self.methods if self.component_methods.get(k, k) in unsupported]
+        notes = [f"{k} left out of the search: {self.component_methods.get(k, k)} is not supported on {name} "
+                 f"backbones ({unsupported[self.component_methods.get(k, k)]})" for k in dropped]
+        dims = {k: d for k, d in self.dims.items() if k.split(".", 1)[0] not in dropped}
+        for group in set(self.groups.values()):
+            key = f"one_of.{group}"
+            keep = tuple(v for v in dims[key].values if v not in dropped)
+            dims[key] = Dim("choice", keep) if len(keep) > 1 else Dim("fixed", keep[:1])
+        pooling = dims.get("pooling")
+        if limits.family.causal and pooling is not None and "cls" in pooling.values:
+            keep = tuple(v for v in pooling.values if v != "cls") or ("last",)
+            dims["pooling"] = Dim("choice", keep) if len(keep) > 1 else Dim("fixed", keep[:1])
+            notes.append(f"pooling 'cls' left out of the search: the first token of a causal {name} model sees only "
+                         "itself (decoders pool the last token: 'pooler' = 'last')")
+        if not notes:
+            return self, []
+
+        def keeps(point: dict[str, Any]) -> bool:
+            return not any(point.get(f"{k}.enabled") is True or point.get(f"one_of.{self.groups.get(k)}") == k
+                           for k in dropped)
+
+        starts = [{k: v for k, v in p.items() if k in dims and not (k == "pooling" and v == "cls")}
+                  for p in self.start_points if keeps(p)]
+        return replace(self, dims=dims, start_points=starts, methods=[m for m in self.methods if m not in dropped],
+                       component_methods={k: v for k, v in self.component_methods.items() if k not in dropped},
+                       groups={k: v for k, v in self.groups.items() if k not in dropped}), notes
+
     # ----- Ray Tune / Optuna side --------------------------------------------------------------
     def tunable(self) -> dict[str, Dim]:
         return {k: d for k, d in self.dims.items() if d.kind != "fixed"}

@@ -43,8 +43,8 @@ The AdapterDrop paper's (arXiv:2010.11918, section 4) pruning of adapters from a
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Iterable, Literal, Sequence
+from dataclasses import dataclass
+from typing import Any, Iterable, Literal, Sequence
 
 import torch
 from pydantic import Field, field_validator
@@ -164,19 +164,34 @@ def _default_names(tasks: Iterable[str]) -> list[str]:
     return out
 
 
-def _check_backbone(model, recipe, where: str) -> None:
-    from autopeft.backbones import BackboneError, load_config
-    from autopeft.model import CompositionError
-    from autopeft.tasks import get_task
+@dataclass
+class Stage1Adapter:
+    """A stage-1 adapter as the fusion needs it, loaded by :func:`autopeft.fusion.load_stage1`
+    (reached through :meth:`autopeft.model.PeftModel.load_stage1`, so this module never reads files).
 
-    try:
-        src = load_config(recipe.backbone, get_task(recipe.task).num_labels)
-    except (BackboneError, OSError, ValueError):  # cannot tell: the tensor shapes are still checked
+    Attributes:
+        path: the folder. task: the stage-1 task (default slot name). config: its adapter component,
+        ``gated`` resolved. backbone_config: the stage-1 backbone's transformers config (``None``
+        when it cannot be loaded; the tensor shapes are still checked). tensors: its saved tensors by
+        name (``None`` on the meta device).
+    """
+
+    path: str
+    task: str
+    config: AdapterConfig
+    backbone_config: Any = None
+    tensors: dict[str, torch.Tensor] | None = None
+
+
+def _check_backbone(model, source: Stage1Adapter) -> None:
+    from autopeft.model import CompositionError
+
+    src, own = source.backbone_config, model.backbone.config
+    if src is None:
         return
-    own = model.backbone.config
     for key in ("model_type", "hidden_size", "num_hidden_layers"):
         if getattr(src, key, None) != getattr(own, key, None):
-            raise CompositionError(f"{where}: trained on another backbone ({key} {getattr(src, key, None)} "
+            raise CompositionError(f"{source.path}: trained on another backbone ({key} {getattr(src, key, None)} "
                                    f"vs {getattr(own, key, None)})")
 
 
@@ -190,41 +205,23 @@ def apply_adapter_fusion(model, cfg: AdapterFusionConfig) -> None:
             or no adapter falls in ``layers``/``sublayers``.
     """
     from autopeft.model import CompositionError
-    from autopeft.recipe import RecipeError, load_recipe
-    from autopeft.trainer import ADAPTER_FILE
 
     if cfg.gated:
         raise CompositionError("adapter_fusion cannot be gated (the stage-1 adapters keep their own gates)")
-    sources = []
-    for folder in cfg.adapters:
-        path = Path(folder).expanduser()
-        if not (path / "recipe.yaml").is_file() or not (path / ADAPTER_FILE).is_file():
-            raise CompositionError(f"adapter_fusion: {str(path)!r} is not a stage-1 folder "
-                                   f"(needs recipe.yaml and {ADAPTER_FILE} from save_trained)")
-        try:
-            recipe = load_recipe(path / "recipe.yaml")
-        except RecipeError as exc:
-            raise CompositionError(f"adapter_fusion: {exc}") from None
-        sources.append((path, recipe, stage1_adapter_config(recipe, where=str(path))))
-    names = cfg.names or _default_names(r.task for _, r, _ in sources)
+    meta = next(model.backbone.parameters()).device.type == "meta"
+    sources = [model.load_stage1(folder, with_tensors=not meta) for folder in cfg.adapters]
+    names = cfg.names or _default_names(s.task for s in sources)
     if len(names) != len(sources):
         raise CompositionError(f"adapter_fusion: {len(names)} names for {len(sources)} adapters")
 
     d = model.encoder.hidden_size
-    meta = next(model.backbone.parameters()).device.type == "meta"
     module_names = {id(m): n for n, m in model.named_modules()}
     layers_path = module_names[id(model.encoder.layers)]
     fused_layers = set(model.layers_of(cfg))
     slots: set[tuple[int, str]] = set()
-    for (path, recipe, acfg), name in zip(sources, names):
-        _check_backbone(model, recipe, str(path))
-        # Rebuild the adapter exactly as stage 1 did: its own recipe's gating decides the gate.
-        acfg = acfg.model_copy(update={"gated": recipe.gating if acfg.gated is None else acfg.gated})
-        tensors = None
-        if not meta:
-            from safetensors.torch import load_file
-
-            tensors = load_file(str(path / ADAPTER_FILE))
+    for source, name in zip(sources, names):
+        _check_backbone(model, source)
+        acfg, tensors, path = source.config, source.tensors, source.path
         try:
             src_layers = model.layers_of(acfg)
         except CompositionError as exc:
@@ -345,41 +342,3 @@ def prune_fusion_adapters(model, keep: int | Sequence[str]) -> list[str]:
                 del host.serial[name]
         host.fusion.last_weights = None
     return [n for n in present if n in keep_set]
-
-
-def recipe_after_pruning(model, recipe):
-    """``recipe`` as ``model`` now stands: each ``adapter_fusion`` component lists only the stage-1
-    adapters still fused in ``model`` (after :func:`prune_fusion_adapters`), with their slot names.
-
-    The fusion's Q/K/V do not depend on the number of adapters, so the saved fusion weights fit the
-    pruned recipe (:func:`autopeft.trainer.save_trained` writes it; ``load_trained`` rebuilds the
-    pruned model). Returns ``recipe`` itself when nothing was pruned.
-
-    Raises:
-        CompositionError: a stage-1 folder of the recipe can no longer be read.
-    """
-    from autopeft.model import CompositionError
-    from autopeft.recipe import RecipeError, load_recipe, recipe_from_dict
-
-    if not any(c.method == "adapter_fusion" for c in recipe.components):
-        return recipe
-    present = {n for _, _, host in fusion_hosts(model) for n in host.serial.keys()}
-    components, changed = [], False
-    for comp in recipe.components:
-        if comp.method == "adapter_fusion":
-            names = comp.names
-            if names is None:
-                try:
-                    names = _default_names(load_recipe(Path(f).expanduser() / "recipe.yaml").task for f in comp.adapters)
-                except (RecipeError, OSError) as exc:
-                    raise CompositionError(f"adapter_fusion: {exc}") from None
-            kept = [(f, n) for f, n in zip(comp.adapters, names) if n in present]
-            if kept and len(kept) < len(comp.adapters):
-                comp = comp.model_copy(update={"adapters": [f for f, _ in kept], "names": [n for _, n in kept]})
-                changed = True
-        components.append(comp)
-    if not changed:
-        return recipe
-    data = recipe.model_dump(mode="json")
-    data["components"] = [c.model_dump(mode="json") for c in components]
-    return recipe_from_dict(data)
