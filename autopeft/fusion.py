@@ -27,6 +27,13 @@ from autopeft.recipe import Recipe, RecipeError, check_recipe, load_recipe, reci
 RecipeLike = Recipe | dict | str | Path | None
 
 
+def _task_name(recipe: Recipe) -> str:
+    """The task's name (a built-in name, or the name of a user-data task spec)."""
+    from autopeft.tasks import get_task
+
+    return get_task(recipe.task).name
+
+
 def load_stage1(folder: str | Path, with_tensors: bool = True) -> Stage1Adapter:
     """Read a stage-1 folder written by :func:`autopeft.trainer.save_trained` for AdapterFusion.
 
@@ -113,7 +120,7 @@ def stage1_recipe(base_recipe: RecipeLike, task: str) -> Recipe:
     data["task"] = task
     data["components"] = [c.model_dump(mode="json") for c in comps]
     recipe = recipe_from_dict(data)
-    stage1_adapter_config(recipe, where=f"stage-1 recipe for {recipe.task}")
+    stage1_adapter_config(recipe, where=f"stage-1 recipe for {_task_name(recipe)}")
     return recipe
 
 
@@ -142,7 +149,7 @@ def train_adapters(tasks: Sequence[str], base_recipe: RecipeLike = None, out_dir
     if not tasks:
         raise ValueError("train_adapters needs at least one task")
     recipes = [stage1_recipe(base_recipe, t) for t in tasks]  # validate all before training any
-    names = [r.task for r in recipes]
+    names = [_task_name(r) for r in recipes]
     if len(set(names)) != len(names):
         raise ValueError(f"each task at most once, got {list(tasks)}")
     for recipe in recipes:
@@ -151,9 +158,9 @@ def train_adapters(tasks: Sequence[str], base_recipe: RecipeLike = None, out_dir
     folders = []
     for recipe in recipes:
         if log:
-            log(f"stage 1: training the {recipe.task} adapter")
+            log(f"stage 1: training the {_task_name(recipe)} adapter")
         result, model = run_trial(recipe, data_dir, device=device, log=log)
-        folders.append(save_trained(model, recipe, result, out / recipe.task))
+        folders.append(save_trained(model, recipe, result, out / _task_name(recipe)))
     return folders
 
 
@@ -235,7 +242,7 @@ def train_fusion(adapters: Sequence[str | Path], task: str, out_dir: str | Path,
     recipe = stage2_recipe(adapters, task, base_recipe, **fusion_options)
     check_recipe(recipe, for_training=True)
     if log:
-        log(f"stage 2: fusing {len(adapters)} adapters on {recipe.task}")
+        log(f"stage 2: fusing {len(adapters)} adapters on {_task_name(recipe)}")
     result, model = run_trial(recipe, data_dir, device=device, log=log)
     return result, save_trained(model, recipe, result, out_dir)
 

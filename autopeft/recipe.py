@@ -29,6 +29,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator
 
 from autopeft.methods.base import MethodConfig, parse_component
+from autopeft.tasks import TaskSpec
 
 
 class RecipeError(ValueError):
@@ -68,7 +69,9 @@ class Recipe(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     backbone: str | dict[str, Any] = "minilm-l6"
-    task: str = "sst2"
+    #: A built-in task name, or a :class:`autopeft.tasks.TaskSpec` (user data: source, columns, the
+    #: label mapping, the held-out split; or a built-in task with another metric to maximise).
+    task: str | TaskSpec = "sst2"
     components: list[SerializeAsAny[MethodConfig]] = Field(default_factory=list)
     gating: bool = False
     #: What the task head reads: ``pooler`` (the backbone's own), ``cls`` (first token) or ``mean``
@@ -96,10 +99,11 @@ class Recipe(BaseModel):
 
     @field_validator("task")
     @classmethod
-    def _task(cls, v: str) -> str:
+    def _task(cls, v: str | TaskSpec) -> str | TaskSpec:
         from autopeft.tasks import get_task
 
-        return get_task(v).name
+        task = get_task(v)
+        return task.name if isinstance(v, str) else v
 
     def to_yaml(self) -> str:
         """The recipe as YAML (only what differs from the defaults is not pruned: it is complete)."""

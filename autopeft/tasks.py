@@ -1,13 +1,24 @@
-"""GLUE task registry: columns, label counts, metrics, and data loading (local folder or the hub).
+"""Task registry: columns, label counts, metrics, and data loading (local folder or the hub).
 
-Local layout (as in ``shared/data/glue``): ``<data_dir>/<task>/{train,validation,test}.{tsv,parquet}``;
-SST-2 as GLUE's original TSV, the others as Hugging Face ``glue`` parquet. The folder comes from
-``--data-dir`` or ``AUTOPEFT_DATA_DIR``; without one, data is loaded from the Hugging Face hub
-(``nyu-mll/glue``), which needs internet.
+Built-in tasks: the GLUE tasks (``sst2``, ``cola``, ``mrpc``, ``rte``, ``stsb``, ``wnli``, ``qnli``,
+``qqp``, ``mnli`` with the matched validation split and ``mnli-mm`` with the mismatched one) and the
+SuperGLUE classification tasks ``superglue-boolq``, ``superglue-cb`` and ``superglue-rte`` (aliases
+``boolq``, ``cb``; plain ``rte`` is GLUE's).
 
-Metrics (Wang et al., GLUE, arXiv:1804.07461, table 1): accuracy; Matthews correlation for CoLA;
-F1 and accuracy for MRPC; Pearson and Spearman correlation for STS-B. Scores are in [0, 1]
-(correlations in [-1, 1]); the first metric listed is the one the search maximises.
+Local layout (as in ``shared/data/glue``): ``<data_dir>/<folder>/<split>.{tsv,parquet}`` with the
+folder the task name (``mnli`` for both MNLI tasks) and the split named as on the hub
+(``validation_matched``); SST-2 as GLUE's original TSV, the others as Hugging Face parquet. The
+folder comes from ``--data-dir`` or ``AUTOPEFT_DATA_DIR``; without one, data is loaded from the
+Hugging Face hub (``nyu-mll/glue``; SuperGLUE from ``aps/super_glue``'s parquet conversion), which
+needs internet.
+
+User data (a CSV / TSV / JSON Lines / Parquet file or folder, or ``hf:org/name``) is a
+:class:`TaskSpec` in the recipe instead of a name; :mod:`autopeft.userdata` reads it.
+
+Metrics (Wang et al., GLUE, arXiv:1804.07461, table 1; Wang et al., SuperGLUE, arXiv:1905.00537,
+table 1): accuracy; Matthews correlation for CoLA; F1 and accuracy for MRPC and QQP; Pearson and
+Spearman correlation for STS-B; accuracy and macro-F1 for CB. Scores are in [0, 1] (correlations
+in [-1, 1]); the first metric listed is the one the search maximises.
 """
 
 from __future__ import annotations
@@ -16,9 +27,10 @@ import csv
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
 DATA_DIR_ENV = "AUTOPEFT_DATA_DIR"
 
@@ -43,6 +55,12 @@ def _f1(pred, gold):
     return float(f1_score(gold, pred))
 
 
+def _f1_macro(pred, gold):
+    from sklearn.metrics import f1_score
+
+    return float(f1_score(gold, pred, average="macro"))
+
+
 def _pearson(pred, gold):
     from scipy.stats import pearsonr
 
@@ -55,21 +73,101 @@ def _spearman(pred, gold):
     return float(spearmanr(pred, gold)[0])
 
 
-@dataclass(frozen=True)
-class Task:
-    """A GLUE task.
+#: Every metric by name: ``fn(predictions, labels) -> float``.
+METRICS: dict[str, Callable] = {"accuracy": _accuracy, "f1": _f1, "f1_macro": _f1_macro, "mcc": _mcc,
+                                "pearson": _pearson, "spearman": _spearman}
+#: The metrics of user classification data (accuracy first) and of user regression data.
+CLASSIFICATION_METRICS = ("accuracy", "f1_macro", "mcc")
+REGRESSION_METRICS = ("pearson", "spearman")
+
+
+class HeldOut(BaseModel):
+    """How a validation split was cut from train when the data has none: a seeded ``fraction``,
+    stratified by label for classification (``sklearn.model_selection.train_test_split``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    fraction: float = Field(0.1, gt=0, lt=1)
+    seed: int = 0
+    stratified: bool = True
+
+
+class TaskSpec(BaseModel):
+    """A task in a recipe when a name is not enough: user data, or a built-in task with ``metric`` set.
 
     Attributes:
-        name: registry name (``sst2``).
+        name: a built-in task name (``source`` empty), or a display name of user data.
+        source: user data: an absolute path of a CSV / TSV / JSON Lines / Parquet file or of a folder
+            of ``train.*`` and optional ``validation.*`` files, or ``hf:<dataset id>[:<config>]``.
+        text_columns: one column (single text) or two (text pair) of the data.
+        label_column: the label column of the data.
+        labels: the original class labels in id order (sorted), id ``i`` is ``labels[i]``; empty for
+            regression.
+        regression: float labels, one output.
+        metric: the metric searches maximise (default: the task's first).
+        held_out: set when validation is cut from train (the data has no validation split).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    source: str | None = None
+    text_columns: list[str] | None = None
+    label_column: str | None = None
+    labels: list[bool | int | str] | None = None
+    regression: bool = False
+    metric: str | None = None
+    held_out: HeldOut | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TaskSpec":
+        if self.source is None:
+            extra = [k for k in ("text_columns", "label_column", "labels", "held_out") if getattr(self, k)]
+            if extra or self.regression:
+                raise ValueError(f"task {self.name!r}: {', '.join(extra or ['regression'])} need a data source "
+                                 "(source: a file, folder or hf:name)")
+            return self
+        if not self.text_columns or len(self.text_columns) > 2:
+            raise ValueError(f"task {self.name!r}: text_columns must name one or two columns, got {self.text_columns}")
+        if not self.label_column:
+            raise ValueError(f"task {self.name!r}: label_column is missing")
+        if self.regression == bool(self.labels):
+            raise ValueError(f"task {self.name!r}: give either labels (classification) or regression: true")
+        if self.labels is not None and len(self.labels) != len(set(self.labels)):
+            raise ValueError(f"task {self.name!r}: labels must be distinct, got {self.labels}")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _compact(self, handler):  # recipes show only what is set
+        return {k: v for k, v in handler(self).items() if v is not None and not (k == "regression" and not v)}
+
+
+@dataclass(frozen=True)
+class Task:
+    """A task: what the model reads, what it predicts, how it is scored, where its data is.
+
+    Attributes:
+        name: registry name (``sst2``), or a display name of user data.
         text_columns: one column (single sentence) or two (sentence pair).
         num_labels: classes; 1 means regression (STS-B).
         metrics: name -> ``fn(predictions, labels) -> float``; the first is the primary metric.
+        hub: ``(path, config, revision)`` of the Hugging Face dataset (built-in tasks).
+        folder: the task's folder in a local data dir (default: ``name``).
+        splits: split name -> the name in the data (``validation`` -> ``validation_matched``).
+        label_names: the original labels in id order (user classification data); ``None``: the
+            data's labels are the ids.
+        spec: the :class:`TaskSpec` of user data (``None`` for built-in tasks).
     """
 
     name: str
     text_columns: tuple[str, ...]
     num_labels: int
     metrics: dict[str, Callable] = field(hash=False)
+    hub: tuple[str, str | None, str | None] = ("nyu-mll/glue", None, None)
+    folder: str | None = None
+    splits: dict[str, str] = field(default_factory=dict, hash=False)
+    label_names: tuple[Any, ...] | None = None
+    spec: TaskSpec | None = field(default=None, hash=False, compare=False)
 
     @property
     def metric(self) -> str:
@@ -80,6 +178,14 @@ class Task:
         """All metrics of this task for ``predictions`` (class ids, or floats for regression)."""
         return {name: fn(predictions, labels) for name, fn in self.metrics.items()}
 
+    @property
+    def data_name(self) -> str | TaskSpec:
+        """What a recipe stores as ``task``: the name, or the spec of user data / a chosen metric."""
+        return self.spec if self.spec is not None else self.name
+
+
+_SUPERGLUE = "aps/super_glue"
+_PARQUET_REF = "refs/convert/parquet"  # the hub's parquet copy: loads without the dataset's script
 
 TASKS: dict[str, Task] = {
     t.name: t
@@ -91,20 +197,78 @@ TASKS: dict[str, Task] = {
         Task("stsb", ("sentence1", "sentence2"), 1, {"pearson": _pearson, "spearman": _spearman}),
         Task("wnli", ("sentence1", "sentence2"), 2, {"accuracy": _accuracy}),
         Task("qnli", ("question", "sentence"), 2, {"accuracy": _accuracy}),
+        Task("qqp", ("question1", "question2"), 2, {"f1": _f1, "accuracy": _accuracy}),
+        Task("mnli", ("premise", "hypothesis"), 3, {"accuracy": _accuracy},
+             splits={"validation": "validation_matched", "test": "test_matched"}),
+        Task("mnli-mm", ("premise", "hypothesis"), 3, {"accuracy": _accuracy}, hub=("nyu-mll/glue", "mnli", None),
+             folder="mnli", splits={"validation": "validation_mismatched", "test": "test_mismatched"}),
+        Task("superglue-boolq", ("question", "passage"), 2, {"accuracy": _accuracy},
+             hub=(_SUPERGLUE, "boolq", _PARQUET_REF)),
+        Task("superglue-cb", ("premise", "hypothesis"), 3, {"accuracy": _accuracy, "f1_macro": _f1_macro},
+             hub=(_SUPERGLUE, "cb", _PARQUET_REF)),
+        Task("superglue-rte", ("premise", "hypothesis"), 2, {"accuracy": _accuracy},
+             hub=(_SUPERGLUE, "rte", _PARQUET_REF)),
     ]
 }
+#: Other names of built-in tasks (compared without ``-``/``_`` and case).
+ALIASES = {"boolq": "superglue-boolq", "cb": "superglue-cb", "mnlim": "mnli", "mnlimatched": "mnli",
+           "mnlimismatched": "mnli-mm"}
 
 
-def get_task(name: str) -> Task:
-    """Look up a task.
+def _key(name: str) -> str:
+    return name.strip().lower().replace("-", "").replace("_", "")
+
+
+_BY_KEY = {_key(n): n for n in TASKS} | {_key(a): n for a, n in ALIASES.items()}
+
+
+def get_task(name: "str | TaskSpec | dict") -> Task:
+    """Look up a task: a built-in name, or a :class:`TaskSpec` (or its mapping, as in a recipe).
+
+    A spec without ``source`` is a built-in task with its metrics reordered so that ``metric``
+    comes first; a spec with a source is user data (columns, labels and metrics from the spec; the
+    data is not read here).
 
     Raises:
-        TaskError: unknown name; the message lists the valid ones.
+        TaskError: unknown name (the message lists the valid ones), invalid spec, or a ``metric``
+            the task does not report.
     """
-    key = name.strip().lower().replace("-", "")
-    if key not in TASKS:
-        raise TaskError(f"unknown task {name!r}; valid: {', '.join(TASKS)}")
-    return TASKS[key]
+    if isinstance(name, dict):
+        from pydantic import ValidationError
+
+        try:
+            name = TaskSpec.model_validate(name)
+        except ValidationError as exc:
+            e = exc.errors()[0]
+            raise TaskError(f"task.{'.'.join(str(x) for x in e['loc']) or 'spec'}: "
+                            f"{e['msg'].removeprefix('Value error, ')}") from None
+    if isinstance(name, TaskSpec):
+        return _task_of_spec(name)
+    key = _key(name)
+    if key not in _BY_KEY:
+        raise TaskError(f"unknown task {name!r}; valid: {', '.join(TASKS)}, a .csv/.tsv/.jsonl/.parquet file or "
+                        "folder, or hf:<dataset id>")
+    return TASKS[_BY_KEY[key]]
+
+
+def _task_of_spec(spec: TaskSpec) -> Task:
+    from dataclasses import replace
+
+    if spec.source is None:
+        base = get_task(spec.name)
+        return replace(base, metrics=_ordered(base.metrics, spec.metric, base.name), spec=spec)
+    names = REGRESSION_METRICS if spec.regression else CLASSIFICATION_METRICS
+    metrics = _ordered({n: METRICS[n] for n in names}, spec.metric, spec.name)
+    return Task(spec.name, tuple(spec.text_columns), 1 if spec.regression else len(spec.labels), metrics,
+                hub=("", None, None), label_names=None if spec.regression else tuple(spec.labels), spec=spec)
+
+
+def _ordered(metrics: dict[str, Callable], first: str | None, task: str) -> dict[str, Callable]:
+    if first is None:
+        return dict(metrics)
+    if first not in metrics:
+        raise TaskError(f"metric {first!r} is not reported for {task}; use one of: {', '.join(metrics)}")
+    return {first: metrics[first]} | {k: v for k, v in metrics.items() if k != first}
 
 
 @dataclass
@@ -134,15 +298,21 @@ def resolve_data_dir(data_dir: str | Path | None) -> Path | None:
 
 
 def load_split(task: Task, split: str, data_dir: str | Path | None = None) -> Split:
-    """Load ``split`` (train/validation/test) of ``task`` from the local folder or the hub.
+    """Load ``split`` (train/validation/test) of ``task`` from the local folder or the hub; user data
+    (a spec with a ``source``) from its files or dataset (:func:`autopeft.userdata.load_user_split`,
+    which ignores ``data_dir``).
 
     Raises:
-        TaskError: the local folder lacks the file, or the hub cannot be reached.
+        TaskError: the local folder lacks the file, the hub cannot be reached, or user data is bad.
     """
+    if task.spec is not None and task.spec.source is not None:
+        from autopeft.userdata import load_user_split
+
+        return load_user_split(task, split)
     root = resolve_data_dir(data_dir)
     if root is None:
         return _from_hub(task, split)
-    base = root / task.name / split
+    base = root / (task.folder or task.name) / task.splits.get(split, split)
     tsv, parquet = base.with_suffix(".tsv"), base.with_suffix(".parquet")
     import pandas as pd
 
@@ -151,7 +321,8 @@ def load_split(task: Task, split: str, data_dir: str | Path | None = None) -> Sp
     elif parquet.exists():
         df = pd.read_parquet(parquet)
     else:
-        raise TaskError(f"no {split} data for {task.name} in {root} (looked for {tsv.name} or {parquet.name})")
+        raise TaskError(f"no {split} data for {task.name} in {root} (looked for {base.parent.name}/{tsv.name} or "
+                        f"{base.parent.name}/{parquet.name})")
     return _to_split(task, df)
 
 
@@ -164,13 +335,15 @@ def _to_split(task: Task, df) -> Split:
     return Split(texts, df["label"].to_numpy().astype(dtype))
 
 
-def _from_hub(task: Task, split: str) -> Split:  # pragma: no cover - needs internet
+def _from_hub(task: Task, split: str) -> Split:
     try:
         import datasets
 
-        ds = datasets.load_dataset("nyu-mll/glue", task.name, split=split)
+        path, config, revision = task.hub
+        ds = datasets.load_dataset(path, config or task.name, split=task.splits.get(split, split),
+                                   **({"revision": revision} if revision else {}))
     except Exception as exc:
         raise TaskError(
             f"cannot load {task.name}/{split} from the Hugging Face hub ({type(exc).__name__}); "
-            f"pass --data-dir or set {DATA_DIR_ENV} to a local GLUE folder") from None
+            f"pass --data-dir or set {DATA_DIR_ENV} to a local data folder") from None
     return _to_split(task, ds.to_pandas())

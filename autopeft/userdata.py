@@ -1,0 +1,459 @@
+"""User data as a task: a CSV / TSV / JSON Lines / Parquet file or folder, or a Hugging Face dataset.
+
+``autopeft search --task reviews.csv --text-columns review --label-column sentiment`` turns the data
+into a :class:`autopeft.tasks.TaskSpec` (:func:`resolve_task`), stored in the recipe as ``task``;
+every trial, ``autopeft train`` and :func:`autopeft.api.predict` read it back with
+:func:`load_user_split`.
+
+* **Sources.** A file is the train split. A folder holds ``train.<ext>`` and optionally
+  ``validation.<ext>`` (or ``valid`` / ``val`` / ``dev``) and ``test.<ext>``, ext one of
+  :data:`SUFFIXES`. ``hf:<dataset id>[:<config>]`` is loaded with ``datasets.load_dataset`` (which
+  caches it under ``~/.cache/huggingface``); its ``train`` split and a ``validation`` (``valid``,
+  ``val``, ``dev``) split if it has one; ``ClassLabel`` columns become their label names.
+* **Labels.** Float labels make a regression task (one output; Pearson, then Spearman). Any other
+  labels (strings, integers, booleans) are classes: the sorted distinct train labels, id ``i`` for
+  ``labels[i]``; the list is saved in the recipe, so a trained output predicts the original labels.
+  Classification reports accuracy (first), macro-F1 and Matthews correlation; ``metric`` picks the
+  one a search maximises.
+* **Validation.** Without a validation split, a seeded 10% of train, stratified by label for
+  classes (``sklearn.model_selection.train_test_split``), is held out and recorded in the spec
+  (``held_out``); train is the other 90%.
+* **Bad data** raises :class:`autopeft.tasks.TaskError` with one line, before anything starts:
+  a missing file, a missing or misspelt column (the message lists the columns that exist), an empty
+  split, a single class, NaN or empty labels, validation labels that train does not have.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import os
+import re
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from autopeft.tasks import HeldOut, Split, Task, TaskError, TaskSpec, get_task
+
+#: File suffix -> format.
+SUFFIXES = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json",
+            ".parquet": "parquet", ".pq": "parquet"}
+#: Names of a validation split (files in a folder, splits of a Hugging Face dataset), in preference order.
+VALIDATION_NAMES = ("validation", "valid", "val", "dev")
+HF_PREFIX = "hf:"
+#: Share of train held out as validation when the data has no validation split.
+HELD_OUT_FRACTION = 0.1
+#: Columns taken as the text / the label when ``--text-columns`` / ``--label-column`` are not given.
+DEFAULT_TEXT_COLUMNS = (("text",), ("sentence",), ("sentence1", "sentence2"))
+DEFAULT_LABEL_COLUMN = "label"
+
+
+def is_data_source(task: str) -> bool:
+    """Whether ``--task`` names data rather than a task: ``hf:...``, a data-file suffix, a path
+    separator, or an existing path. Built-in task names are checked first by the caller."""
+    t = str(task)
+    return (t.startswith(HF_PREFIX) or Path(t).suffix.lower() in SUFFIXES or "/" in t or os.sep in t
+            or Path(t).expanduser().exists())
+
+
+def resolve_task(task: str | dict | TaskSpec, text_columns: Sequence[str] | str | None = None,
+                 label_column: str | None = None, metric: str | None = None, seed: int = 0) -> str | dict:
+    """What a recipe stores as ``task`` for ``--task``, after checking the data.
+
+    Args:
+        task: a built-in task name, a data file or folder, ``hf:<id>[:<config>]``, or a spec (a
+            :class:`TaskSpec` or its mapping, e.g. from a search's settings).
+        text_columns: one or two text columns (a list, or ``"a,b"``); default ``text``,
+            ``sentence`` or ``sentence1,sentence2``, whichever the data has. User data only.
+        label_column: the label column; default ``label``. User data only.
+        metric: the metric to maximise (default: the task's first, accuracy for user classes).
+        seed: seeds the held-out validation split when the data has none.
+
+    Returns:
+        The built-in task's name (unchanged recipes), or a JSON-ready :class:`TaskSpec` mapping
+        (user data, or a built-in task with ``metric``).
+
+    Raises:
+        TaskError: one line; see the module docstring for the data checks.
+    """
+    if isinstance(text_columns, str):
+        text_columns = [c.strip() for c in text_columns.split(",") if c.strip()]
+    if isinstance(task, (dict, TaskSpec)):
+        spec = get_task(task).spec
+        if spec is None:
+            raise TaskError(f"invalid task spec {task!r}")
+        if spec.source is not None:
+            check_spec_data(spec)
+        return _dump(spec)
+    builtin = _builtin(task)
+    if builtin is not None:
+        if text_columns or label_column:
+            raise TaskError(f"--text-columns and --label-column apply to data files and hf: datasets; {builtin.name} "
+                            f"reads {', '.join(builtin.text_columns)} and label")
+        if metric is None:
+            return builtin.name
+        return _dump(get_task(TaskSpec(name=builtin.name, metric=metric)).spec)
+    if not is_data_source(task):
+        get_task(task)  # raises: unknown task, listing the valid names
+    source = _normalise_source(task)
+    tables = read_tables(source)
+    train, val = tables["train"], tables.get("validation")
+    where = {"train": tables["__where__train"], "validation": tables.get("__where__validation")}
+    cols = _pick_text_columns(train, text_columns, where["train"])
+    label = label_column or DEFAULT_LABEL_COLUMN
+    if label_column is None and label not in train.columns:
+        raise TaskError(f"{where['train']} has no column {label!r}: name the label column with --label-column "
+                        f"(columns: {', '.join(map(str, train.columns))})")
+    for split, df in (("train", train), ("validation", val)):
+        if df is None:
+            continue
+        for c, flag in [(c, "--text-columns") for c in cols] + [(label, "--label-column")]:
+            _need_column(df, c, flag, where[split])
+        if len(df) == 0:
+            raise TaskError(f"the {split} split ({where[split]}) is empty")
+    kind, train_labels = _clean_labels(train[label], label, where["train"])
+    if kind == "float":
+        if len(np.unique(train_labels)) < 2:
+            raise TaskError(f"every label in column {label!r} of {where['train']} is {train_labels[0]}: "
+                            "regression needs at least two values")
+        labels = None
+    else:
+        labels = sorted(set(train_labels))
+        if len(labels) < 2:
+            raise TaskError(f"column {label!r} of {where['train']} has a single class ({labels[0]!r}): "
+                            "classification needs at least two")
+    if val is not None:
+        vkind, val_labels = _clean_labels(val[label], label, where["validation"])
+        if labels is not None:
+            known = set(labels)
+            unseen = sorted({_as_kind(v, kind) for v in val_labels} - known, key=str)
+            if unseen:
+                raise TaskError(f"validation labels {unseen[:5]} ({where['validation']}) do not occur in train "
+                                f"({where['train']}: {labels[:10]})")
+        elif vkind != "float" and not np.issubdtype(np.asarray(val_labels).dtype, np.number):
+            raise TaskError(f"validation labels of {where['validation']} are not numbers, but train's are "
+                            "(a regression task)")
+    held = None
+    if val is None:
+        held = HeldOut(fraction=HELD_OUT_FRACTION, seed=seed, stratified=labels is not None)
+        ids = None if labels is None else np.array([labels.index(v) for v in train_labels])
+        _held_out_indices(len(train), ids, held, where["train"])
+    spec = TaskSpec(name=_display_name(source), source=source, text_columns=list(cols), label_column=label,
+                    labels=labels, regression=labels is None, metric=metric, held_out=held)
+    get_task(spec)  # checks the metric
+    return _dump(spec)
+
+
+def load_user_split(task: Task, split: str) -> Split:
+    """Read ``split`` (``train``, ``validation``, ``test``) of user data with labels as ids.
+
+    Labels are mapped with the spec's ``labels`` (id ``i`` = ``labels[i]``; floats for regression);
+    with ``held_out`` set, ``train`` and ``validation`` are the two parts of the train data
+    (deterministic: seeded, and the same on every node). Texts are strings (missing text: ``""``).
+
+    Returns:
+        :class:`autopeft.tasks.Split`: ``texts[i]`` a tuple of 1 or 2 strings; ``labels`` (N,) int64
+        ids, or float32 for regression.
+
+    Raises:
+        TaskError: the data is gone or changed (a column, a split, a label outside ``labels``).
+    """
+    spec = task.spec
+    assert spec is not None and spec.source is not None
+    tables = read_tables(spec.source)
+    want = "train" if spec.held_out is not None and split in ("train", "validation") else split
+    df = tables.get(want)
+    if df is None:
+        raise TaskError(f"{spec.name} has no {split} split ({spec.source})")
+    where = tables[f"__where__{want}"]
+    for c in [*spec.text_columns, spec.label_column]:
+        _need_column(df, c, "--text-columns" if c != spec.label_column else "--label-column", where)
+    if len(df) == 0:
+        raise TaskError(f"the {split} split ({where}) is empty")
+    kind, values = _clean_labels(df[spec.label_column], spec.label_column, where)
+    if spec.regression:
+        labels = np.asarray(values, dtype=np.float32)
+    else:
+        index = {v: i for i, v in enumerate(spec.labels)}
+        kinds = {type(v) for v in spec.labels}
+        k = "bool" if kinds == {bool} else "int" if kinds == {int} else "str"
+        try:
+            labels = np.array([index[_as_kind(v, k)] for v in values], dtype=np.int64)
+        except KeyError as exc:
+            raise TaskError(f"label {exc.args[0]!r} in {where} is not one of the task's labels {spec.labels[:10]}; "
+                            "the data changed since the search: search again") from None
+    texts = list(zip(*(_text(df[c]) for c in spec.text_columns)))
+    if spec.held_out is not None and split in ("train", "validation"):
+        keep = _held_out_indices(len(df), None if spec.regression else labels, spec.held_out, where)[
+            0 if split == "train" else 1]
+        texts, labels = [texts[i] for i in keep], labels[keep]
+    return Split(texts, labels)
+
+
+def check_spec_data(spec: TaskSpec) -> None:
+    """Read every split of a spec's data once, so that bad data fails before a search starts.
+
+    Raises:
+        TaskError: as :func:`load_user_split`.
+    """
+    task = get_task(spec)
+    for split in ("train", "validation"):
+        load_user_split(task, split)
+
+
+def read_texts(source: str | Path, text_columns: Sequence[str]) -> list[tuple[str, ...]]:
+    """The text columns of a data file (any format of :data:`SUFFIXES`), e.g. for prediction.
+
+    Raises:
+        TaskError: missing file, unknown format, or a missing column (the message lists those that exist).
+    """
+    path = Path(source).expanduser()
+    df = _read_file(path)
+    for c in text_columns:
+        _need_column(df, c, "text column", path.name)
+    return list(zip(*(_text(df[c]) for c in text_columns)))
+
+
+# --- reading -------------------------------------------------------------------------------------
+
+
+def _normalise_source(task: str) -> str:
+    if task.startswith(HF_PREFIX):
+        name = task[len(HF_PREFIX):].strip()
+        if not name:
+            raise TaskError("hf: needs a dataset id, e.g. hf:stanfordnlp/imdb")
+        return HF_PREFIX + name
+    path = Path(task).expanduser()
+    if not path.exists():
+        raise TaskError(f"data file {str(path)!r} does not exist")
+    return str(path.resolve())  # absolute: Ray workers run in other folders
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_tables(source: str, stamp: tuple) -> dict[str, Any]:
+    if source.startswith(HF_PREFIX):
+        return _hf_tables(source)
+    path = Path(source)
+    if path.is_file():
+        return {"train": _read_file(path), "__where__train": path.name}
+    files = _split_files(path)
+    out: dict[str, Any] = {}
+    for split, f in files.items():
+        out[split] = _read_file(f)
+        out[f"__where__{split}"] = f"{path.name}/{f.name}"
+    return out
+
+
+def read_tables(source: str) -> dict[str, Any]:
+    """``{"train": DataFrame, "validation": DataFrame (if any), "test": ..., "__where__<split>": label}``
+    of a source (cached per process while the files are unchanged; do not modify the frames).
+
+    Raises:
+        TaskError: missing or unreadable files, no train file in a folder, a dataset that cannot load.
+    """
+    stamp: tuple = ()
+    if not source.startswith(HF_PREFIX):
+        path = Path(source)
+        if not path.exists():
+            raise TaskError(f"data file {source!r} does not exist")
+        files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
+        stamp = tuple((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in files)
+    return _cached_tables(source, stamp)
+
+
+def _split_files(folder: Path) -> dict[str, Path]:
+    found: dict[str, list[Path]] = {}
+    for f in sorted(folder.iterdir()):
+        if not f.is_file() or f.suffix.lower() not in SUFFIXES:
+            continue
+        stem = f.stem.lower()
+        split = "train" if stem == "train" else "validation" if stem in VALIDATION_NAMES else \
+            "test" if stem == "test" else None
+        if split:
+            found.setdefault(split, []).append(f)
+    if "train" not in found:
+        names = ", ".join(sorted(p.name for p in folder.iterdir())[:10]) or "nothing"
+        raise TaskError(f"folder {str(folder)!r} has no train file (train.csv, train.tsv, train.jsonl or "
+                        f"train.parquet); it holds: {names}")
+    out = {}
+    for split, files in found.items():
+        if split == "validation":
+            files = sorted(files, key=lambda f: VALIDATION_NAMES.index(f.stem.lower()))
+        if len(files) > 1 and files[0].stem.lower() == files[1].stem.lower():
+            raise TaskError(f"folder {str(folder)!r} has more than one {split} file: "
+                            f"{', '.join(f.name for f in files)}; keep one")
+        out[split] = files[0]
+    return out
+
+
+def _read_file(path: Path):
+    import pandas as pd
+
+    fmt = SUFFIXES.get(path.suffix.lower())
+    if not path.is_file():
+        raise TaskError(f"data file {str(path)!r} does not exist")
+    if fmt is None:
+        raise TaskError(f"cannot read {path.name}: use a .csv, .tsv, .jsonl or .parquet file")
+    try:
+        if fmt == "csv":
+            return pd.read_csv(path)
+        if fmt == "tsv":
+            return pd.read_csv(path, sep="\t")
+        if fmt == "jsonl":
+            return pd.read_json(path, lines=True)
+        if fmt == "json":
+            try:
+                return pd.read_json(path)
+            except ValueError:
+                return pd.read_json(path, lines=True)
+        return pd.read_parquet(path)
+    except TaskError:
+        raise
+    except Exception as exc:  # a file that does not parse
+        if "No columns to parse" in str(exc):
+            raise TaskError(f"the data file {path.name} is empty") from None
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TaskError(f"cannot read {path.name} as {fmt}: {msg}") from None
+
+
+def _hf_tables(source: str) -> dict[str, Any]:
+    name = source[len(HF_PREFIX):]
+    path, _, config = name.partition(":")
+    try:
+        import datasets
+
+        dd = datasets.load_dataset(path, config or None)
+    except Exception as exc:
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TaskError(f"cannot load the Hugging Face dataset {name!r}: {msg[:300]}") from None
+    if not hasattr(dd, "keys"):
+        raise TaskError(f"the Hugging Face dataset {name!r} has no named splits")
+    splits = list(dd.keys())
+    if "train" not in splits:
+        raise TaskError(f"the Hugging Face dataset {name!r} has no train split (splits: {', '.join(splits)})")
+    out: dict[str, Any] = {}
+    val = next((s for s in VALIDATION_NAMES if s in splits), None)
+    for split, key in (("train", "train"), ("validation", val), ("test", "test" if "test" in splits else None)):
+        if key is None:
+            continue
+        out[split] = _hf_frame(dd[key])
+        out[f"__where__{split}"] = f"{name} [{key}]"
+    return out
+
+
+def _hf_frame(ds):
+    """A dataset split as a DataFrame, ``ClassLabel`` columns as their names (``-1``, no label: missing)."""
+    import datasets
+
+    df = ds.to_pandas()
+    for col, feature in ds.features.items():
+        if isinstance(feature, datasets.ClassLabel):
+            df[col] = [feature.int2str(int(v)) if v is not None and v >= 0 else None for v in df[col]]
+    return df
+
+
+# --- checks --------------------------------------------------------------------------------------
+
+
+def _builtin(task: str) -> Task | None:
+    try:
+        return get_task(task)
+    except TaskError:
+        return None
+
+
+def _need_column(df, column: str, flag: str, where: str) -> None:
+    if column in df.columns:
+        return
+    names = [str(c) for c in df.columns]
+    close = difflib.get_close_matches(column, names, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise TaskError(f"{where} has no column {column!r} ({flag}); its columns: {', '.join(names)}{hint}")
+
+
+def _pick_text_columns(df, given: Sequence[str] | None, where: str) -> tuple[str, ...]:
+    if given:
+        cols = tuple(given)
+        if len(cols) > 2:
+            raise TaskError(f"--text-columns takes one or two columns (a text or a text pair), got {len(cols)}: "
+                            f"{','.join(cols)}")
+        for c in cols:
+            _need_column(df, c, "--text-columns", where)
+        return cols
+    for cols in DEFAULT_TEXT_COLUMNS:
+        if all(c in df.columns for c in cols):
+            return cols
+    raise TaskError(f"name the text column(s) of {where} with --text-columns a[,b] "
+                    f"(its columns: {', '.join(map(str, df.columns))})")
+
+
+def _clean_labels(series, column: str, where: str) -> tuple[str, list]:
+    """``(kind, values)``: kind ``bool`` / ``int`` / ``float`` / ``str``; raises on NaN or empty labels."""
+    import pandas as pd
+
+    missing = series.isna().to_numpy().copy()
+    if not (pd.api.types.is_numeric_dtype(series) or pd.api.types.is_bool_dtype(series)):
+        missing |= series.astype(str).str.strip().eq("").to_numpy()
+    if missing.any():
+        rows = np.flatnonzero(missing)
+        shown = ", ".join(str(r + 1) for r in rows[:5]) + (", ..." if len(rows) > 5 else "")
+        raise TaskError(f"{len(rows)} empty or NaN label(s) in column {column!r} of {where} (data rows {shown}, "
+                        "counting from 1): fill or drop them")
+    if pd.api.types.is_bool_dtype(series):
+        return "bool", [bool(v) for v in series]
+    if pd.api.types.is_integer_dtype(series):
+        return "int", [int(v) for v in series]
+    if pd.api.types.is_float_dtype(series):
+        values = series.to_numpy(dtype=np.float64)
+        if not np.isfinite(values).all():
+            raise TaskError(f"column {column!r} of {where} holds infinite labels")
+        return "float", values.tolist()
+    return "str", [str(v) for v in series]
+
+
+def _as_kind(value, kind: str):
+    """``value`` as a label of ``kind`` (the train labels' kind), for lookups across files."""
+    if kind == "int":
+        try:
+            f = float(value)
+            return int(f) if f.is_integer() else str(value)
+        except (TypeError, ValueError):
+            return str(value)
+    if kind == "bool" and isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if kind == "str":
+        return str(value)
+    return value
+
+
+def _held_out_indices(n: int, label_ids, held: HeldOut, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(train_rows, validation_rows)``, sorted, of a seeded (stratified) hold-out of ``n`` rows."""
+    from sklearn.model_selection import train_test_split
+
+    stratify = np.asarray(label_ids) if held.stratified and label_ids is not None else None
+    try:
+        tr, va = train_test_split(np.arange(n), test_size=held.fraction, random_state=held.seed, shuffle=True,
+                                  stratify=stratify)
+    except ValueError as exc:
+        raise TaskError(f"cannot hold out a {'stratified ' if stratify is not None else ''}{held.fraction:.0%} "
+                        f"validation split of the {n} rows of {where}: {str(exc).splitlines()[0]} "
+                        "(give a validation file, or more rows per class)") from None
+    return np.sort(tr), np.sort(va)
+
+
+def _text(series) -> list[str]:
+    return ["" if v is None or (isinstance(v, float) and np.isnan(v)) else str(v) for v in series.tolist()]
+
+
+def _display_name(source: str) -> str:
+    if source.startswith(HF_PREFIX):
+        base = source[len(HF_PREFIX):].replace(":", "-").split("/")[-1]
+    else:
+        p = Path(source)
+        base = p.stem if p.is_file() else p.name
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", base).strip("-.") or "data"
+
+
+def _dump(spec: TaskSpec) -> dict:
+    return spec.model_dump(mode="json", exclude_none=True, exclude_defaults=False)
