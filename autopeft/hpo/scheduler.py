@@ -112,3 +112,37 @@ class MultiObjectiveASHA(_scheduler_base()):
 
     def debug_string(self) -> str:
         return "MO-ASHA: " + ", ".join(f"rung {m}: {len(r)} recorded" for m, r in self.recorded.items())
+
+    def get_state(self) -> dict[str, Any]:
+        """The recorded rung results (arrival order kept: it breaks ties) and the decisions, for a
+        resumed search (:mod:`autopeft.hpo.resume`); plain lists and numbers."""
+        return {"recorded": {int(m): [[tid, list(vec)] for tid, vec in rung.items()] for m, rung in self.recorded.items()},
+                "decisions": [list(d) for d in self.decisions]}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`get_state`; milestones it does not hold stay empty.
+
+        Raises:
+            ValueError: the state has results at a rung that is not one of this scheduler's milestones.
+        """
+        extra = set(int(m) for m in state["recorded"]) - set(self.milestones)
+        if extra:
+            raise ValueError(f"the saved scheduler state has rungs {sorted(extra)} that are not milestones "
+                             f"{self.milestones}")
+        self.recorded = {m: {} for m in self.milestones}
+        for m, rung in state["recorded"].items():
+            self.recorded[int(m)] = {tid: list(vec) for tid, vec in rung}
+        self.decisions = [(tid, int(t), d) for tid, t, d in state["decisions"]]
+
+    def save(self, checkpoint_path: str) -> None:
+        """Ray Tune's scheduler checkpoint: :meth:`get_state` as JSON."""
+        import json
+
+        with open(checkpoint_path, "w") as f:
+            json.dump(self.get_state(), f)
+
+    def restore(self, checkpoint_path: str) -> None:
+        import json
+
+        with open(checkpoint_path) as f:
+            self.set_state(json.load(f))

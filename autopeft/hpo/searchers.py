@@ -172,6 +172,8 @@ class SpaceSearcher(_ray_searcher_base()):
         """Ask the sampler until a point passes :func:`check_point`; ``FINISHED`` after too many rejects."""
         from optuna.trial import TrialState
 
+        if trial_id in self._live:  # a resumed search re-creates a trial that was running: same point
+            return dict(self._live[trial_id].params)
         for _ in range(MAX_CONSECUTIVE_REJECTS):
             trial = self.study.ask(self.distributions)
             config = dict(trial.params)
@@ -209,6 +211,35 @@ class SpaceSearcher(_ray_searcher_base()):
             self.study.tell(trial, [float(score), float(result["trainable_params"]), float(result["peak_memory_bytes"])])
         else:
             self.study.tell(trial, state=TrialState.PRUNED)
+
+    def get_state(self) -> dict[str, Any]:
+        """What a resumed search needs (:mod:`autopeft.hpo.resume`), picklable: the Optuna study with
+        its sampler (random state included, so the next proposals are the ones an uninterrupted
+        search would make), which study trial each live Ray trial is, and the reject counters."""
+        return {"study": self.study, "live": {tid: t._trial_id for tid, t in self._live.items()},
+                "rejected": self.rejected, "exhausted": self.exhausted}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`get_state` (the study replaces this searcher's own, start points included)."""
+        import optuna
+
+        self.study = state["study"]
+        self._live = {tid: optuna.trial.Trial(self.study, storage_id) for tid, storage_id in state["live"].items()}
+        self.rejected, self.exhausted = int(state["rejected"]), bool(state["exhausted"])
+
+    def save(self, checkpoint_path: str) -> None:
+        """Ray Tune's searcher checkpoint: :meth:`get_state` pickled to ``checkpoint_path``."""
+        import pickle
+
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump(self.get_state(), f)
+
+    def restore(self, checkpoint_path: str) -> None:
+        """Load what :meth:`save` wrote (a pickle: only from a trusted search folder)."""
+        import pickle
+
+        with open(checkpoint_path, "rb") as f:
+            self.set_state(pickle.load(f))
 
     def told(self) -> list[tuple[str, tuple | None]]:
         """``(state, values)`` of every sampler trial, in order (for tests and reports)."""
