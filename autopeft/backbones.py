@@ -15,6 +15,9 @@ the right, so the last attended position is the one their head reads.
 
 from __future__ import annotations
 
+import os
+import socket
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +90,60 @@ def _source(backbone: str) -> str:
     return backbone
 
 
+#: Seconds to wait for a TCP connection to the Hugging Face hub before treating it as unreachable.
+#: Without this check an offline machine spends ~23 s on a hub id: huggingface_hub retries five
+#: times with back-off (1 + 2 + 4 + 8 + 8 s) before it gives up.
+HUB_CONNECT_TIMEOUT_S = 1.5
+
+
+@lru_cache(maxsize=1)
+def hub_reachable() -> bool:
+    """Whether the Hugging Face hub (``huggingface_hub.constants.ENDPOINT``) answers a TCP connection
+    within :data:`HUB_CONNECT_TIMEOUT_S` (checked once per process). ``False`` under
+    ``HF_HUB_OFFLINE=1``; ``True`` behind an HTTP(S) proxy, which only huggingface_hub can use."""
+    import threading
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    url = urlsplit(constants.ENDPOINT)
+    address = (url.hostname or "", url.port or (443 if url.scheme == "https" else 80))
+    ok: list[bool] = []
+
+    def connect() -> None:  # in a thread: name resolution has no timeout of its own
+        try:
+            socket.create_connection(address, timeout=HUB_CONNECT_TIMEOUT_S).close()
+            ok.append(True)
+        except OSError:
+            pass
+
+    worker = threading.Thread(target=connect, daemon=True)
+    worker.start()
+    worker.join(HUB_CONNECT_TIMEOUT_S)
+    return bool(ok)
+
+
+def _hub_kwargs(source: str) -> dict[str, Any]:
+    """``from_pretrained`` options for ``source``: ``local_files_only`` for a hub id while the hub is
+    unreachable, so a cached model still loads and a missing one fails at once."""
+    if Path(source).exists() or hub_reachable():
+        return {}
+    return {"local_files_only": True}
+
+
+def _offline_note(source: str) -> str:
+    if _hub_kwargs(source):
+        from huggingface_hub import constants
+
+        return (f"; the Hugging Face hub ({constants.ENDPOINT}) is unreachable and {source!r} is not in the "
+                f"local cache ({constants.HF_HUB_CACHE})")
+    return ""
+
+
 def bare_config(spec: dict, num_labels: int):
     """A transformers config from ``{"model_type": ..., sizes...}`` or ``{"preset": ...}``.
 
@@ -127,15 +184,15 @@ def load_config(backbone: str | dict, num_labels: int):
 
     logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # one error line, not five retries
     try:
-        config = AutoConfig.from_pretrained(_source(backbone), num_labels=num_labels)
+        config = AutoConfig.from_pretrained(_source(backbone), num_labels=num_labels, **_hub_kwargs(_source(backbone)))
         if getattr(config, "pad_token_id", None) is None and getattr(config, "eos_token_id", None) is not None:
             eos = config.eos_token_id
             config.pad_token_id = eos[0] if isinstance(eos, (list, tuple)) else eos  # decoders: pad with EOS
         return config
     except (OSError, ValueError) as exc:
         raise BackboneError(
-            f"cannot load backbone {backbone!r}: use {MINILM}, a local model folder, a Hugging Face id "
-            f"(needs internet), or a bare config ({type(exc).__name__})") from None
+            f"cannot load backbone {backbone!r}{_offline_note(_source(backbone))}: use {MINILM}, a local model "
+            f"folder, a Hugging Face id (needs internet), or a bare config ({type(exc).__name__})") from None
 
 
 def load_model(backbone: str | dict, num_labels: int, device: str | torch.device = "cpu", seed: int = 0):
@@ -162,7 +219,8 @@ def load_model(backbone: str | dict, num_labels: int, device: str | torch.device
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()  # the "newly initialized head" notice is expected here
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(_source(backbone), config=config)
+        model = AutoModelForSequenceClassification.from_pretrained(_source(backbone), config=config,
+                                                                   **_hub_kwargs(_source(backbone)))
     except OSError as exc:
         raise BackboneError(f"cannot load weights of {backbone!r}: {str(exc).splitlines()[0]}") from None
     finally:
@@ -176,7 +234,7 @@ def load_tokenizer(backbone: str | dict):
 
     source = str(minilm_path()) if isinstance(backbone, dict) else _source(backbone)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        tokenizer = AutoTokenizer.from_pretrained(source, **_hub_kwargs(source))
         if tokenizer.pad_token is None and tokenizer.eos_token is not None:
             tokenizer.pad_token = tokenizer.eos_token  # decoder LMs ship without a pad token
         tokenizer.padding_side = "right"  # last-token pooling reads the last attended position

@@ -6,10 +6,7 @@ connecting to an existing cluster, num_cpus and num_gpus must not be provided".
 """
 
 import os
-import shutil
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -29,19 +26,16 @@ def _free_port() -> int:
 
 @pytest.fixture
 def throwaway_head(tmp_path):
-    ray_cli = Path(sys.executable).parent / "ray"
-    if not ray_cli.exists():
-        ray_cli = shutil.which("ray")
-    if not ray_cli:
-        pytest.skip("ray CLI not found")
+    """A Ray head started as another user would (``ray start --head``), in its own ``--block`` process
+    so that stopping it stops this head only, never other Ray clusters on the machine."""
+    from test_ray_cluster import _start_node, _stop
+
     env = {**os.environ, "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
-    started = subprocess.run([str(ray_cli), "start", "--head", f"--port={_free_port()}", "--num-cpus=1",
-                              "--include-dashboard=false", "--disable-usage-stats"],
-                             capture_output=True, text=True, timeout=120, env=env)
-    if started.returncode != 0:
-        pytest.skip(f"could not start a Ray head: {started.stderr.strip().splitlines()[-1:]}")
-    yield
-    subprocess.run([str(ray_cli), "stop", "--force"], capture_output=True, timeout=120, env=env)
+    head = _start_node(["--head", f"--port={_free_port()}", "--include-dashboard=false"], env, tmp_path / "head.log")
+    try:
+        yield
+    finally:
+        _stop(head)
 
 
 def test_default_search_ignores_a_cluster_started_earlier(throwaway_head, tmp_path, monkeypatch):

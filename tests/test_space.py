@@ -56,10 +56,11 @@ def test_unknown_space_name_lists_shipped_spaces():
 
 
 def test_every_shipped_space_loads_and_its_start_points_build():
-    from autopeft.hpo.space import SPACES_DIR
+    from autopeft.hpo.space import shipped_spaces
 
-    for path in SPACES_DIR.glob("*.yaml"):
-        space = SearchSpace.load(path)
+    assert {"default", "full", "autopeft_paper"} <= set(shipped_spaces())
+    for name in shipped_spaces():
+        space = SearchSpace.load(name)
         for point in space.start_points:
             space.to_recipe(space.complete_point(point), BASE)
 

@@ -1,6 +1,6 @@
 """Search spaces as data: a YAML file of dimensions over method choice and hyperparameters.
 
-Format (``search_spaces/default.yaml`` is the reference)::
+Format (``autopeft/search_spaces/default.yaml`` is the reference)::
 
     name: default
     fidelity: {max_train_examples: 24000, min_train_examples: 2688, reduction_factor: 3}
@@ -42,6 +42,7 @@ within MLflow's 250 characters; ``training`` keys must be training settings of a
 
 from __future__ import annotations
 
+import importlib.resources
 import json
 import math
 import re
@@ -54,8 +55,14 @@ import yaml
 from autopeft.methods.base import get_method
 from autopeft.recipe import Recipe, recipe_from_dict
 
-#: Where the shipped search spaces live (``search_spaces/`` at the project root).
-SPACES_DIR = Path(__file__).resolve().parents[2] / "search_spaces"
+#: Where the shipped search spaces live: ``autopeft/search_spaces/*.yaml``, package data read through
+#: :mod:`importlib.resources`, so an installed wheel finds them too (a Traversable, a Path on disk).
+SPACES_DIR = importlib.resources.files("autopeft") / "search_spaces"
+
+
+def shipped_spaces() -> list[str]:
+    """Names of the search spaces shipped in the package (``default``, ``full``, ...), sorted."""
+    return sorted(p.name[:-len(".yaml")] for p in SPACES_DIR.iterdir() if p.name.endswith(".yaml"))
 _KINDS = ("choice", "uniform", "loguniform", "int", "logint")
 
 
@@ -165,11 +172,10 @@ class SearchSpace:
             SearchSpaceError: missing file, bad YAML, unknown method or parameter.
         """
         path = Path(name_or_path)
-        if not path.suffix:
+        if not path.suffix:  # a shipped name
             path = SPACES_DIR / f"{name_or_path}.yaml"
         if not path.is_file():
-            shipped = sorted(p.stem for p in SPACES_DIR.glob("*.yaml"))
-            raise SearchSpaceError(f"search space {str(name_or_path)!r} not found; shipped: {', '.join(shipped)}")
+            raise SearchSpaceError(f"search space {str(name_or_path)!r} not found; shipped: {', '.join(shipped_spaces())}")
         try:
             data = yaml.safe_load(path.read_text())
         except yaml.YAMLError as exc:

@@ -1,0 +1,71 @@
+"""Memory stays flat over trials in one process (issue 9, deliverable 3).
+
+The leak that ``benchmarks/memory_flat.py`` found: the trainer's saved-tensor meter handed autograd
+back the very tensor it was given, so an op saving its own output (the pooler's tanh) held a cycle
+output -> grad_fn -> saved output through C++. Under mean pooling the pooler's output is never
+back-propagated, so that graph, and every trainable parameter it saved, outlived the trial.
+"""
+
+import gc
+import weakref
+from pathlib import Path
+
+import torch
+
+from conftest import TINY_BERT
+
+
+def _data(root: Path) -> Path:
+    glue = root / "glue" / "sst2"
+    glue.mkdir(parents=True)
+    for split, n in (("train", 32), ("validation", 16)):
+        rows = ["sentence\tlabel"] + [f"the film is {'good' if i % 2 else 'bad'} {i}\t{i % 2}" for i in range(n)]
+        (glue / f"{split}.tsv").write_text("\n".join(rows) + "\n")
+    return root / "glue"
+
+
+def test_no_parameter_of_a_finished_trial_survives_it(tmp_path, monkeypatch):
+    from autopeft.recipe import recipe_from_dict
+    from autopeft.trainer import run_trial
+
+    monkeypatch.setenv("AUTOPEFT_CACHE_DIR", str(tmp_path / "tokens"))
+    recipe = recipe_from_dict({"backbone": {**TINY_BERT, "vocab_size": 30522}, "task": "sst2", "pooling": "mean",
+                               "components": [{"method": "lora", "r": 2, "target_modules": ["query", "value"]}],
+                               "training": {"max_train_examples": 32, "batch_size": 16, "max_seq_length": 16}})
+    result, model = run_trial(recipe, _data(tmp_path), device="cpu")
+    refs = [weakref.ref(p) for p in model.parameters()]
+    lora = sum(1 for n, _ in model.named_parameters() if "lora_" in n)
+    del model, result
+    gc.collect()
+    assert lora == 8  # 2 layers x (query, value) x (A, B): the parameters the leak kept
+    assert sum(r() is not None for r in refs) == 0
+
+
+def test_meter_gives_the_same_gradients_as_no_meter():
+    from autopeft.trainer import _SavedTensorMeter
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4, 3)
+    x = torch.randn(5, 4)
+    grads = []
+    for metered in (False, True):
+        lin.zero_grad()
+        meter = _SavedTensorMeter()
+        if metered:
+            with torch.autograd.graph.saved_tensors_hooks(meter.pack, lambda t: t):
+                loss = torch.tanh(lin(x)).pow(2).sum()
+        else:
+            loss = torch.tanh(lin(x)).pow(2).sum()
+        loss.backward()
+        grads.append((lin.weight.grad.clone(), lin.bias.grad.clone()))
+        if metered:
+            assert meter.bytes > 0  # it did count the saved tensors
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+
+
+def test_release_memory_runs_and_reports_a_bool():
+    from autopeft.memory import release_memory
+
+    junk = [bytearray(1 << 20) for _ in range(64)]  # 64 MiB on the heap, then freed
+    del junk
+    assert isinstance(release_memory(), bool)
