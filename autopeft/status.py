@@ -1,0 +1,170 @@
+"""``autopeft status``: the state of a running or finished search, read from its folder only.
+
+A search folder (``autopeft_runs/<name>/``) holds ``search.json`` (settings, written first),
+``trials.json`` (every trial, rewritten as trials end), ``result.json`` (written last) and, while
+trials train, ``progress/<trial id>.json`` (:mod:`autopeft.progress`). Nothing here needs Ray,
+MLflow or the driver process, so it works from another shell while a search runs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from autopeft.progress import read_progress
+
+#: A search without ``result.json`` whose files changed less than this many seconds ago is "running".
+STALE_AFTER_S = 600.0
+
+
+class SearchFolderError(ValueError):
+    """The folder is not a search folder (no ``search.json``), or its files cannot be read."""
+
+
+@dataclass
+class SearchStatus:
+    """What a search folder says about its search.
+
+    Attributes:
+        path: the folder.
+        state: ``finished`` (``result.json`` exists), ``running`` (a file changed within
+            :data:`STALE_AFTER_S`), or ``stopped`` (neither: interrupted or killed).
+        elapsed_s: wall-clock seconds: the recorded total when finished, else since ``search.json``.
+        counts: trials by status (``running`` included), rejected samples among them.
+        best: the best trial at the top fidelity within budget (``trial_id``, ``score``,
+            ``trainable_params``), else ``None``.
+        best_any_rung: the best score at any rung (``trial_id``, ``score``, ``examples_seen``), else ``None``.
+        running: the running trials: ``trial_id``, ``examples_seen``, ``top``, ``rung`` (1-based),
+            ``rungs``, ``loss``, ``age_s`` (seconds since the trial last wrote progress; ``None``
+            without a progress file).
+        settings: ``search.json``.
+    """
+
+    path: Path
+    state: str
+    elapsed_s: float
+    counts: dict[str, int]
+    best: dict[str, Any] | None
+    best_any_rung: dict[str, Any] | None
+    running: list[dict[str, Any]] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"path": str(self.path), "state": self.state, "elapsed_s": self.elapsed_s, "counts": self.counts,
+                "best": self.best, "best_any_rung": self.best_any_rung, "running": self.running}
+
+
+def find_search_folder(search: str | Path, output_dir: str | Path = "autopeft_runs") -> Path:
+    """A search folder from a path, a name under ``output_dir``, or ``latest`` (newest ``search.json``),
+    finished or not.
+
+    Raises:
+        SearchFolderError: nothing matches.
+    """
+    if str(search) == "latest":
+        found = sorted(Path(output_dir).glob("*/search.json"), key=lambda f: f.stat().st_mtime)
+        if not found:
+            raise SearchFolderError(f"no search under {output_dir}")
+        return found[-1].parent
+    for cand in (Path(search), Path(output_dir) / str(search)):
+        if (cand / "search.json").is_file():
+            return cand
+    raise SearchFolderError(f"no search {str(search)!r} (looked for {Path(search)}/search.json and "
+                            f"{Path(output_dir) / str(search)}/search.json)")
+
+
+def _read_json(path: Path, default: Any) -> Any:
+    if not path.is_file():
+        return default
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise SearchFolderError(f"cannot read {path}: {exc}") from None
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def search_status(folder: str | Path, now: float | None = None) -> SearchStatus:
+    """Read the state of the search in ``folder`` (see :class:`SearchStatus`).
+
+    Raises:
+        SearchFolderError: no ``search.json``, or a file that is not JSON.
+    """
+    folder = Path(folder)
+    now = time.time() if now is None else now
+    if not (folder / "search.json").is_file():
+        raise SearchFolderError(f"{folder} is not a search folder (no search.json)")
+    settings = _read_json(folder / "search.json", {})
+    trials = _read_json(folder / "trials.json", [])
+    result = _read_json(folder / "result.json", None)
+    progress = read_progress(folder)
+    counts: dict[str, int] = {}
+    for t in trials:
+        counts[t.get("status", "running")] = counts.get(t.get("status", "running"), 0) + 1
+    rungs = list(settings.get("rungs") or [])
+    top = rungs[-1] if rungs else (settings.get("training") or {}).get("max_train_examples")
+    limit = settings.get("param_limit")
+    best = best_any = None
+    for t in trials:
+        for row in t.get("rows") or []:
+            if not _finite(row.get("score")):
+                continue
+            if best_any is None or row["score"] > best_any["score"]:
+                best_any = {"trial_id": t["trial_id"], "score": row["score"], "examples_seen": row.get("examples_seen")}
+            at_top = top is not None and row.get("examples_seen") == top
+            fits = limit is None or (row.get("trainable_params") or 0) <= limit
+            if t.get("status") == "finished" and at_top and fits and (best is None or row["score"] > best["score"]):
+                best = {"trial_id": t["trial_id"], "score": row["score"], "trainable_params": row.get("trainable_params")}
+    running = []
+    running_ids = [t["trial_id"] for t in trials if t.get("status") == "running"]
+    for tid in running_ids + [p for p in progress if p not in running_ids and result is None]:
+        p = progress.get(tid)
+        running.append({"trial_id": tid, "examples_seen": p.get("examples_seen") if p else 0,
+                        "top": p.get("top", top) if p else top, "rung": int(p.get("rung", 0)) + 1 if p else None,
+                        "rungs": len(p.get("rungs") or rungs) if p else len(rungs), "loss": p.get("loss") if p else None,
+                        "age_s": now - p["updated"] if p and _finite(p.get("updated")) else None})
+    started = (folder / "search.json").stat().st_mtime
+    if result is not None:
+        state, elapsed = "finished", float(result.get("wall_time_s", 0.0))
+        running = []
+    else:
+        files = [folder / "trials.json", folder / "search.json", *(folder / "progress").glob("*.json")]
+        last = max((f.stat().st_mtime for f in files if f.is_file()), default=started)
+        state = "running" if now - last < STALE_AFTER_S else "stopped"
+        elapsed = (now if state == "running" else last) - started
+    return SearchStatus(folder, state, elapsed, counts, best, best_any, running, settings)
+
+
+def format_status(st: SearchStatus) -> list[str]:
+    """The lines ``autopeft status`` prints."""
+    s = st.settings
+    metric = s.get("metric") or "score"
+    lines = [f"search {st.path.name}: {st.state}, {st.elapsed_s / 60:.1f} min; task {s.get('task')}, budget "
+             f"{s.get('budget')} = {s.get('param_limit', 0):,} parameters, searcher {s.get('searcher')}, "
+             f"{s.get('trials')} trials"]
+    total = sum(st.counts.values())
+    lines.append(f"trials: {total} ({', '.join(f'{v} {k}' for k, v in sorted(st.counts.items())) or 'none yet'})")
+    if st.best:
+        lines.append(f"best at the top fidelity: trial {st.best['trial_id']} {metric}={st.best['score']:.4f} "
+                     f"({st.best['trainable_params']:,} trainable parameters)")
+    elif st.best_any_rung:
+        b = st.best_any_rung
+        lines.append(f"best so far (no trial at the top fidelity yet): trial {b['trial_id']} {metric}={b['score']:.4f} "
+                     f"at {b['examples_seen']:,} examples")
+    else:
+        lines.append("best so far: none (no rung reached yet)")
+    for r in st.running:
+        if r["rung"] is None:
+            lines.append(f"running: trial {r['trial_id']} (no progress reported)")
+            continue
+        loss = f", loss {r['loss']:.4f}" if _finite(r["loss"]) else ""
+        age = f", updated {r['age_s']:.0f}s ago" if r["age_s"] is not None else ""
+        lines.append(f"running: trial {r['trial_id']} {r['examples_seen']:,}/{r['top']:,} examples, "
+                     f"rung {r['rung']}/{r['rungs']}{loss}{age}")
+    return lines

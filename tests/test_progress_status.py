@@ -1,0 +1,200 @@
+"""Live progress (files written by the trial, polled by the driver) and ``autopeft status``."""
+
+import io
+import json
+import time
+
+import pytest
+from typer.testing import CliRunner
+
+from autopeft.progress import LiveProgress, TrialProgressWriter, current_rung, progress_file, read_progress
+from autopeft.status import STALE_AFTER_S, SearchFolderError, format_status, search_status
+from tests.conftest import TINY_BERT
+
+
+@pytest.fixture
+def tiny_glue(tmp_path, monkeypatch):
+    """``<dir>/sst2/{train,validation}.tsv``; token cache kept in tmp."""
+    monkeypatch.setenv("AUTOPEFT_CACHE_DIR", str(tmp_path / "token-cache"))
+    root = tmp_path / "glue"
+    (root / "sst2").mkdir(parents=True)
+    for split, n in (("train", 96), ("validation", 32)):
+        rows = ["sentence\tlabel"] + [f"the film was {'good' if i % 2 else 'bad'} number {i}\t{i % 2}" for i in range(n)]
+        (root / "sst2" / f"{split}.tsv").write_text("\n".join(rows) + "\n")
+    return str(root)
+
+
+def test_current_rung_is_the_rung_being_trained_towards():
+    rungs = [352, 1024, 3000]
+    assert [current_rung(n, rungs) for n in (0, 32, 352, 353, 1024, 2999, 3000)] == [0, 0, 0, 1, 1, 2, 2]
+
+
+def test_writer_throttles_but_always_writes_rung_boundaries(tmp_path):
+    path = progress_file(tmp_path, "t1")
+    w = TrialProgressWriter(path, "t1", [64, 128], interval_s=3600)
+    w(32, 0.9)
+    assert read_progress(tmp_path)["t1"]["examples_seen"] == 32  # the first step is written
+    w(48, 0.8)
+    assert read_progress(tmp_path)["t1"]["examples_seen"] == 32  # within the interval: skipped
+    w(64, 0.7)
+    s = read_progress(tmp_path)["t1"]
+    assert (s["examples_seen"], s["rung"], s["loss"], s["top"]) == (64, 0, 0.7, 128)
+    w(96, 0.6)  # first step of the next rung
+    assert read_progress(tmp_path)["t1"]["rung"] == 1
+    assert [f.name for f in path.parent.iterdir()] == ["t1.json"]  # no temporary file left behind
+
+
+def test_writer_never_fails_the_trial(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    w = TrialProgressWriter(blocker / "progress" / "t.json", "t", [10])  # parent is a file: OSError
+    w(5, 1.0)
+    assert w.enabled is False
+
+
+def test_read_progress_skips_half_written_files(tmp_path):
+    (tmp_path / "progress").mkdir()
+    (tmp_path / "progress" / "bad.json").write_text('{"examples_se')
+    TrialProgressWriter(progress_file(tmp_path, "ok"), "ok", [10])(5, 0.5)
+    assert list(read_progress(tmp_path)) == ["ok"]
+
+
+def test_run_trial_reports_only_at_rungs_and_steps_leave_scores_unchanged(tmp_path, tiny_glue):
+    """Live progress adds no Tune report: the scheduler and searcher see the same rung rows."""
+    from autopeft.recipe import recipe_from_dict
+    from autopeft.trainer import run_trial
+
+    recipe = recipe_from_dict({"backbone": {**TINY_BERT, "vocab_size": 30522, "max_position_embeddings": 128},
+                               "task": "sst2", "components": [{"method": "lora", "r": 2}],
+                               "training": {"max_train_examples": 96, "batch_size": 16, "max_seq_length": 32,
+                                            "seed": 0}})
+    plain, steps = [], []
+    run_trial(recipe, tiny_glue, [32, 64, 96], report=plain.append, device="cpu")
+    with_progress = []
+    writer = TrialProgressWriter(progress_file(tmp_path, "t"), "t", [32, 64, 96], interval_s=0)
+    run_trial(recipe, tiny_glue, [32, 64, 96], report=with_progress.append, device="cpu",
+              on_step=lambda seen, loss: (steps.append((seen, loss)), writer(seen, loss)))
+    assert [r["examples_seen"] for r in with_progress] == [32, 64, 96]
+    assert [r["score"] for r in with_progress] == [r["score"] for r in plain]
+    assert [s for s, _ in steps] == list(range(16, 97, 16))  # every optimiser step
+    assert read_progress(tmp_path)["t"]["examples_seen"] == 96
+
+
+def _folder(tmp_path, result=False, progress=True):
+    folder = tmp_path / "autopeft_runs" / "s1"
+    folder.mkdir(parents=True)
+    (folder / "search.json").write_text(json.dumps({"task": "sst2", "budget": "0.5%", "param_limit": 100_000,
+                                                    "searcher": "tpe", "trials": 6, "rungs": [352, 1024, 3000]}))
+    rows = lambda *pts: [{"examples_seen": e, "score": s, "trainable_params": p} for e, s, p in pts]  # noqa: E731
+    trials = [
+        {"trial_id": "a", "status": "finished", "rows": rows((352, 0.70, 50_000), (1024, 0.78, 50_000), (3000, 0.81, 50_000))},
+        {"trial_id": "b", "status": "finished", "rows": rows((352, 0.72, 90_000), (1024, 0.80, 90_000), (3000, 0.84, 90_000))},
+        {"trial_id": "c", "status": "stopped_early", "rows": rows((352, 0.90, 20_000))},
+        {"trial_id": "r1", "status": "over_budget", "rows": []},
+        {"trial_id": "d", "status": "running", "rows": rows((352, 0.75, 30_000))},
+    ]
+    (folder / "trials.json").write_text(json.dumps(trials))
+    if progress:
+        TrialProgressWriter(progress_file(folder, "d"), "d", [352, 1024, 3000])(640, 0.4321)
+    if result:
+        (folder / "result.json").write_text(json.dumps({"wall_time_s": 125.0}))
+    return folder
+
+
+def test_status_of_a_running_search(tmp_path):
+    st = search_status(_folder(tmp_path))
+    assert st.state == "running"
+    assert st.counts == {"finished": 2, "stopped_early": 1, "over_budget": 1, "running": 1}
+    assert st.best == {"trial_id": "b", "score": 0.84, "trainable_params": 90_000}
+    assert st.best_any_rung["trial_id"] == "c" and st.best_any_rung["score"] == 0.90
+    [r] = st.running
+    assert (r["trial_id"], r["examples_seen"], r["top"], r["rung"], r["rungs"], r["loss"]) == ("d", 640, 3000, 2, 3, 0.4321)
+    lines = format_status(st)
+    assert lines[1] == "trials: 5 (2 finished, 1 over_budget, 1 running, 1 stopped_early)"
+    assert lines[2] == "best at the top fidelity: trial b score=0.8400 (90,000 trainable parameters)"
+    assert lines[3].startswith("running: trial d 640/3,000 examples, rung 2/3, loss 0.4321, updated ")
+
+
+def test_status_of_a_finished_and_of_a_stopped_search(tmp_path):
+    st = search_status(_folder(tmp_path, result=True))
+    assert (st.state, st.elapsed_s, st.running) == ("finished", 125.0, [])
+    st = search_status(_folder(tmp_path / "x", progress=False), now=time.time() + STALE_AFTER_S + 1)
+    assert st.state == "stopped"
+    assert st.running == [{"trial_id": "d", "examples_seen": 0, "top": 3000, "rung": None, "rungs": 3, "loss": None,
+                           "age_s": None}]
+
+
+def test_status_budget_excludes_a_larger_trial_from_best(tmp_path):
+    folder = _folder(tmp_path)
+    settings = json.loads((folder / "search.json").read_text())
+    (folder / "search.json").write_text(json.dumps({**settings, "param_limit": 60_000}))
+    assert search_status(folder).best["trial_id"] == "a"
+
+
+def test_status_cli(tmp_path, monkeypatch):
+    from autopeft.cli import app
+
+    _folder(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    out = CliRunner().invoke(app, ["status", "s1"])
+    assert out.exit_code == 0, out.output
+    assert "search s1: running" in out.output and "best at the top fidelity: trial b score=0.8400" in out.output
+    out = CliRunner().invoke(app, ["status", "latest", "--json"])
+    assert json.loads(out.output)["counts"]["finished"] == 2
+    out = CliRunner().invoke(app, ["status", "nope"])
+    assert out.exit_code == 2 and out.output.count("\n") == 1 and "error: no search 'nope'" in out.output
+    with pytest.raises(SearchFolderError):
+        search_status(tmp_path)
+
+
+def test_live_progress_adds_updates_and_drops_bars(tmp_path):
+    from rich.console import Console
+    from rich.progress import Progress
+
+    bars, tasks = Progress(console=Console(file=io.StringIO())), {}
+    w = TrialProgressWriter(progress_file(tmp_path, "t1"), "t1", [100, 300], interval_s=0)
+    w(50, 0.9)
+    LiveProgress.refresh(bars, tasks, tmp_path)
+    t = bars.tasks[0]
+    assert (t.description, t.completed, t.total, t.fields["rung"], t.fields["loss"]) == \
+        ("trial t1", 50, 300, "rung 1/2 (100)", "0.9000")
+    w(200, 0.5)
+    LiveProgress.refresh(bars, tasks, tmp_path)
+    assert (bars.tasks[0].completed, bars.tasks[0].fields["rung"]) == (200, "rung 2/2 (300)")
+    progress_file(tmp_path, "t1").unlink()  # the driver deletes it when the trial ends
+    LiveProgress.refresh(bars, tasks, tmp_path)
+    assert bars.tasks == [] and tasks == {}
+
+
+def test_quiet_search_passes_no_progress(monkeypatch, tmp_path):
+    from autopeft import api
+    from autopeft.cli import app
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_search(**kw):
+        seen["progress"] = kw["progress"]
+        raise Stop
+
+    monkeypatch.setattr(api, "search", fake_search)
+    monkeypatch.setenv("AUTOPEFT_DEBUG", "1")
+    CliRunner().invoke(app, ["search", "--quiet"])
+    assert seen["progress"] is None
+    CliRunner().invoke(app, ["search"])
+    assert callable(seen["progress"])  # lines (no terminal here: no live bars)
+
+
+def test_live_progress_survives_pickling_by_ray_tune():
+    """Tuner pickles the searcher, whose callbacks reach the progress object (its console holds locks)."""
+    import pickle
+
+    from ray import cloudpickle
+    from rich.console import Console
+
+    lp = LiveProgress(Console(file=io.StringIO()), poll_s=0.25)
+    for dumps in (pickle.dumps, cloudpickle.dumps):
+        copy = pickle.loads(dumps(lp))
+        assert copy.poll_s == 0.25 and isinstance(copy.console, Console) and copy.console is not lp.console
