@@ -73,11 +73,14 @@ def search(task: str = "sst2", budget: str | Budget = "0.5%", backbone: str | di
            cpus_per_trial: float | None = None, gpus_per_trial: float | None = None, seed: int = 0,
            training: dict[str, Any] | None = None, max_train_examples: int | None = None,
            searcher: str = "tpe", one_shot: bool = False,
-           progress: Callable[[str], None] | None = print) -> SearchResult:
+           text_columns: str | list[str] | None = None, label_column: str | None = None, metric: str | None = None,
+           progress: Callable[[str], None] | None = print, resume: bool = False) -> SearchResult:
     """Search PEFT configurations for ``task`` under ``budget``; returns the Pareto front.
 
     Args:
-        task: GLUE task name.
+        task: a built-in task name (GLUE, ``mnli``/``mnli-mm``, ``qqp``, ``superglue-boolq``/``-cb``/``-rte``),
+            a CSV / TSV / JSON Lines / Parquet file or folder, ``hf:<dataset id>[:<config>]``, or a
+            task spec mapping (see :mod:`autopeft.userdata`).
         budget: ``"0.5%"``, ``"0.005"``, ``"120k"`` or a :class:`Budget` (trainable parameters without head).
         backbone: ``minilm-l6``, a Hugging Face id/path, or a bare config mapping.
         space: a shipped search space name or a YAML path.
@@ -97,10 +100,21 @@ def search(task: str = "sst2", budget: str | Budget = "0.5%", backbone: str | di
         one_shot: before the trials, train one gated model holding every component of the space and
             add its best within-budget subsets as start points (:mod:`autopeft.hpo.oneshot`).
         progress: receives one-line progress messages (``None``: silent).
+        resume: continue the interrupted search ``name`` in ``output_dir`` (the same options, except
+            resources; or use :func:`resume`): finished trials are kept with their ids and scores, the
+            trial that was running is re-run from the start under its id, the sampler and scheduler
+            go on from their saved state, and MLflow keeps the same parent run
+            (:mod:`autopeft.hpo.resume`). Without it, an existing ``name`` is an error, never overwritten.
+        text_columns / label_column: the text column(s) (``"a,b"`` or a list) and the label column
+            of user data (defaults ``text`` or ``sentence``, and ``label``).
+        metric: the metric to maximise (default: the task's first; user data: ``accuracy`` for
+            classes, ``pearson`` for regression; also ``f1_macro``, ``mcc``, ``spearman``).
 
     Raises:
         BudgetError, TaskError, BackboneError, SearchSpaceError, SearcherError: bad input, before
             anything starts.
+        ResumeError: ``name`` exists without ``resume``; with it, no such search, a finished one, or
+            other settings than it was started with (:mod:`autopeft.hpo.resume`).
         RuntimeError: Ray could not start.
     """
     from autopeft.backbones import load_config
@@ -109,11 +123,16 @@ def search(task: str = "sst2", budget: str | Budget = "0.5%", backbone: str | di
     from autopeft.hpo.searchers import SEARCHERS, SearcherError, make_sampler
     from autopeft.hpo.tune import TuneSettings, run_tune
     from autopeft.tasks import get_task, load_split, resolve_data_dir
+    from autopeft.userdata import resolve_task
     from autopeft.tracking import SearchTracker, default_tracking_uri
 
+    from autopeft.hpo.resume import ResumeError, check_same_settings, open_search_folder, write_request
+
+    request = _search_request(locals())  # the arguments as given, for `autopeft resume`
     t0 = time.time()
     budget = budget if isinstance(budget, Budget) else parse_budget(budget)
-    task_obj = get_task(task)
+    task_value = resolve_task(task, text_columns, label_column, metric, seed)  # bad data fails here, first
+    task_obj = get_task(task_value)
     config = load_config(backbone, task_obj.num_labels)  # fails fast on an unknown backbone
     sp, space_notes = SearchSpace.load(space).for_backbone(config)  # drops methods the backbone cannot run
     if searcher not in SEARCHERS:
@@ -138,7 +157,7 @@ def search(task: str = "sst2", budget: str | Budget = "0.5%", backbone: str | di
     root = resolve_data_dir(data_dir)
     if root is not None:
         load_split(task_obj, "validation", root)  # fails fast on a folder without the task
-    base = {"backbone": backbone, "task": task_obj.name,
+    base = {"backbone": backbone, "task": task_value,
             "training": {"max_train_examples": sp.fidelity.max_train_examples,
                          "schedule_examples": sp.fidelity.max_train_examples, "seed": seed, **(training or {})}}
     backbone_params = count_recipe(recipe_from_dict({**base, "components": []})).backbone_params
@@ -149,20 +168,29 @@ def search(task: str = "sst2", budget: str | Budget = "0.5%", backbone: str | di
         trials = 32 if gpus else 30
     if time_budget_s is None and not gpus:
         time_budget_s = 26 * 60
+    if resume and not name:
+        raise ResumeError("--resume needs the --name of the search to continue")
     name = name or f"{task_obj.name}-{datetime.now():%Y%m%d-%H%M%S}"
     out = Path(output_dir).resolve() / name
+    stored = open_search_folder(out, resume)  # an existing search is never overwritten
     out.mkdir(parents=True, exist_ok=True)
-    settings = {"task": task_obj.name, "budget": str(budget), "param_limit": limit, "backbone": backbone,
-                "backbone_params": backbone_params, "space": sp.name, "space_source": sp.source, "trials": trials,
+    settings = {"task": task_value, "budget": str(budget), "param_limit": limit, "backbone": backbone,
+                "backbone_params": backbone_params, "space": sp.name,
+                "space_source": str(Path(sp.source).resolve()) if sp.source else sp.source, "trials": trials,
                 "time_budget_s": time_budget_s,
                 "rungs": sp.fidelity.search_rungs(int(base["training"].get("batch_size", 32))), "seed": seed,
                 "searcher": searcher, "scheduler": f"MO-ASHA (reduction factor {sp.fidelity.reduction_factor})",
                 "one_shot": one_shot,
                 "cpus_per_trial": cpus, "gpus_per_trial": gpus, "ray_address": ray_address,
                 "data_dir": str(root) if root else None, "training": base["training"]}
+    if stored:
+        check_same_settings(out, settings)
     (out / "search.json").write_text(json.dumps(settings, indent=2, default=str))
-    uri = tracking_uri or default_tracking_uri()
-    tracker = SearchTracker(uri, experiment, name, settings)
+    uri = tracking_uri or (stored["mlflow"]["tracking_uri"] if stored else None) or default_tracking_uri()
+    tracker = SearchTracker(uri, experiment, name, settings,
+                            parent_run_id=stored["mlflow"]["parent_run_id"] if stored else None)
+    if not stored:
+        write_request(out, request, uri, experiment, tracker.parent_id)
     if progress:
         progress(f"search {name}: {task_obj.name}, budget {budget} = {limit:,} trainable parameters "
                  f"of {backbone_params:,}; MLflow {uri} run {tracker.parent_id}")
@@ -170,7 +198,9 @@ def search(task: str = "sst2", budget: str | Budget = "0.5%", backbone: str | di
             progress(f"note: {note}")
     try:
         start_points = list(sp.start_points)
-        if one_shot:
+        if one_shot and stored and (out / "one_shot.json").is_file():  # resumed: the proposals made before
+            start_points += json.loads((out / "one_shot.json").read_text())["proposals"]
+        elif one_shot:
             from autopeft.hpo.oneshot import propose
 
             shot = propose(sp, base, limit, str(root) if root else None, log=progress)
@@ -181,7 +211,7 @@ def search(task: str = "sst2", budget: str | Budget = "0.5%", backbone: str | di
         tune_settings = TuneSettings(num_samples=trials, time_budget_s=time_budget_s, cpus_per_trial=cpus,
                                      gpus_per_trial=gpus, ray_address=ray_address, seed=seed,
                                      storage_path=str(out), device=None, searcher=searcher,
-                                     start_points=start_points)
+                                     start_points=start_points, resume=bool(stored))
         records = run_tune(sp, base, limit, tune_settings, str(root) if root else None, tracker, progress)
     except BaseException as exc:
         tracker.fail(f"{type(exc).__name__}: {exc}")
@@ -195,7 +225,7 @@ def search(task: str = "sst2", budget: str | Budget = "0.5%", backbone: str | di
             candidates.append({"trial_id": r.trial_id, **row, "recipe": r.recipe})
     front = [candidates[i] for i in pareto_front(candidates)]
     hv = front_hypervolume(front, limit)
-    _write_results(out, trials_out, front, task_obj.metric)
+    _write_results(out, trials_out, front, task_obj.metric, limit, settings["rungs"])
     pareto_ids = {row["trial_id"] for row in front}
     from autopeft.tracking import STATUSES
 
@@ -211,13 +241,60 @@ def search(task: str = "sst2", budget: str | Budget = "0.5%", backbone: str | di
     return result
 
 
+def resume(name: str | Path, output_dir: str | Path = RUNS_DIR, tracking_uri: str | None = None,
+           progress: Callable[[str], None] | None = print) -> SearchResult:
+    """Continue an interrupted search with the arguments it was started with (its ``resume.json``).
+
+    Args:
+        name: the search's name under ``output_dir``, or its folder.
+        output_dir: where search folders are.
+        tracking_uri: MLflow store (default: the one the search was started with).
+        progress: as in :func:`search`.
+
+    Returns:
+        the finished search, as :func:`search` returns it.
+
+    Raises:
+        ResumeError: no such search, one that cannot be resumed, or one that already finished.
+    """
+    from autopeft.hpo.resume import REQUEST_FILE, ResumeError, open_search_folder
+
+    folder = Path(name)
+    if not (folder / REQUEST_FILE).is_file():
+        folder = Path(output_dir) / str(name)
+    stored = open_search_folder(folder, resume=True)
+    request = {k: v for k, v in stored["request"].items() if k not in ("name", "output_dir", "progress", "resume")}
+    if tracking_uri:
+        request["tracking_uri"] = tracking_uri
+    if not isinstance(request.get("budget"), str):
+        raise ResumeError(f"{folder / REQUEST_FILE} has no budget")
+    return search(**request, name=folder.name, output_dir=folder.parent, progress=progress, resume=True)
+
+
+def _search_request(args: dict[str, Any]) -> dict[str, Any]:
+    """The arguments of a :func:`search` call (from its ``locals()``), JSON-able, for ``resume.json``."""
+    import inspect
+
+    keep = [p for p in inspect.signature(search).parameters if p not in ("progress", "resume")]
+    out = {k: args[k] for k in keep if k in args}
+    out["budget"] = str(out["budget"])
+    out["output_dir"] = str(out["output_dir"])
+    # paths absolute, so a resume works from any folder (names such as "default" or "sst2" stay names)
+    if isinstance(out.get("data_dir"), str):
+        out["data_dir"] = str(Path(out["data_dir"]).expanduser().resolve())
+    if isinstance(out.get("space"), str) and out["space"].endswith((".yaml", ".yml")) and Path(out["space"]).is_file():
+        out["space"] = str(Path(out["space"]).resolve())
+    return json.loads(json.dumps(out, default=str))
+
+
 def _finite(x: Any) -> bool:
     import math
 
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def _write_results(out: Path, trials: list[dict], front: list[dict], metric: str) -> None:
+def _write_results(out: Path, trials: list[dict], front: list[dict], metric: str, param_limit: int | None = None,
+                   rungs: list[int] | None = None) -> None:
     (out / "trials.json").write_text(json.dumps(trials, indent=2, default=str))
     (out / "pareto.json").write_text(json.dumps(front, indent=2, default=str))
     cols = ["trial_id", "score", "trainable_params", "trainable_percent", "peak_memory_bytes", "examples_seen",
@@ -230,26 +307,14 @@ def _write_results(out: Path, trials: list[dict], front: list[dict], metric: str
             w.writerow([row.get(c) if c != "methods" else methods for c in cols])
     if front:
         Recipe.model_validate(front[0]["recipe"]).save(out / "best_recipe.yaml")
-        _plot(out / "pareto.png", trials, front, metric)
+        _plot(out / "pareto.png", trials, front, metric, param_limit, rungs)
 
 
-def _plot(path: Path, trials: list[dict], front: list[dict], metric: str) -> None:
-    import matplotlib
+def _plot(path: Path, trials: list[dict], front: list[dict], metric: str, param_limit: int | None = None,
+          rungs: list[int] | None = None) -> None:
+    from autopeft.plots import pareto_plot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    xs = [r["rows"][-1]["trainable_params"] for r in trials if r["rows"]]
-    ys = [r["rows"][-1]["score"] for r in trials if r["rows"]]
-    ax.scatter(xs, ys, c="lightgray", label="trials (last rung)")
-    ax.scatter([r["trainable_params"] for r in front], [r["score"] for r in front], c="tab:red", label="Pareto front")
-    ax.set_xlabel("trainable parameters")
-    ax.set_ylabel(f"validation {metric}")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    pareto_plot(path, trials, front, metric, param_limit, rungs)
 
 
 def find_search(search: str | Path, output_dir: str | Path = RUNS_DIR) -> Path:
@@ -283,6 +348,37 @@ def export(search: str | Path, pick: str = "best", output: str | Path | None = N
 
     Raises:
         SearchNotFoundError: no such search or an empty front; ValueError: unknown ``pick``.
+
+    For a Hugging Face peft adapter folder or a merged transformers model instead of a recipe, see
+    :func:`autopeft.hf_export.export_model` (``autopeft export ... --format peft`` / ``--merge``).
+    """
+    folder, row = pick_point(search, pick, output_dir)
+    recipe = Recipe.model_validate(row["recipe"])
+    if output:
+        recipe.save(output)
+        Path(output).write_text(_provenance_comment(folder, row) + Path(output).read_text())
+    return recipe
+
+
+def _provenance_comment(folder: Path, row: dict) -> str:
+    """YAML comment lines naming the search (name, searcher, seed), the trial and its score: the
+    recipe file's model card."""
+    s = json.loads((folder / "search.json").read_text()) if (folder / "search.json").is_file() else {}
+    score = row.get("score")
+    where = f" at {row['examples_seen']:,} training examples" if isinstance(row.get("examples_seen"), int) else ""
+    return (f"# exported by autopeft from search {folder.name} (searcher {s.get('searcher', 'unknown')}, "
+            f"seed {s.get('seed', 'unknown')}, budget {s.get('budget', 'unknown')})\n"
+            f"# trial {row.get('trial_id')}: validation score {score:.4f}{where}, "
+            f"{row.get('trainable_params', 0):,} trainable parameters without the head\n")
+
+
+def pick_point(search: str | Path, pick: str = "best", output_dir: str | Path = RUNS_DIR) -> tuple[Path, dict]:
+    """``(search folder, Pareto row)`` of one point of a search (``pick`` as in :func:`export`).
+
+    The row is as in ``pareto.json``: ``trial_id``, ``score``, ``trainable_params``, ``recipe``, ...
+
+    Raises:
+        SearchNotFoundError: no such search or an empty front; ValueError: unknown ``pick``.
     """
     folder = find_search(search, output_dir)
     front = [r for r in json.loads((folder / "pareto.json").read_text()) if _finite(r.get("score"))]
@@ -304,10 +400,7 @@ def export(search: str | Path, pick: str = "best", output: str | Path | None = N
             ids = ", ".join(r["trial_id"] for r in front)
             raise ValueError(f"unknown pick {pick!r}; use best, smallest, leanest, an index, or a trial id ({ids})")
         row = matches[0]
-    recipe = Recipe.model_validate(row["recipe"])
-    if output:
-        recipe.save(output)
-    return recipe
+    return folder, row
 
 
 def train(recipe: Recipe | str | Path, data_dir: str | None = None, output_dir: str | Path | None = None,
@@ -340,3 +433,57 @@ def count(recipe: Recipe | str | Path | dict):
     elif not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
     return count_recipe(recipe)
+
+
+def predict(trained: str | Path, texts, device: str | None = None, batch_size: int = 128) -> list:
+    """Predict with a trained output (a folder written by :func:`train` / ``autopeft train``).
+
+    Args:
+        trained: the folder (``recipe.yaml`` + ``adapter_model.safetensors``).
+        texts: a string, a list of strings (single-text tasks), or a list of ``(text_a, text_b)``
+            pairs (pair tasks, e.g. ``--text-columns premise,hypothesis``).
+        device: ``cpu``, ``cuda``, ... (default: CUDA when available).
+        batch_size: examples per forward pass.
+
+    Returns:
+        One prediction per text, in order: the original label of user classification data (the
+        strings, or numbers, of the label column; the mapping is the recipe's ``task.labels``), the
+        class id of a built-in task (its data's label), or a float for regression.
+
+    Raises:
+        FileNotFoundError: the folder lacks the recipe or the weights.
+        ValueError: a text of the wrong arity (a pair for a single-text task, or the reverse).
+    """
+    from autopeft.backbones import load_tokenizer
+    from autopeft.tasks import Split, get_task
+    from autopeft.trainer import Batches, load_trained, pick_device, predict_ids
+
+    folder = Path(trained)
+    if not (folder / "recipe.yaml").is_file():
+        raise FileNotFoundError(f"{str(folder)!r} is not a trained output (no recipe.yaml; see autopeft train -o)")
+    recipe = load_recipe(folder / "recipe.yaml")
+    task = get_task(recipe.task)
+    arity = len(task.text_columns)
+    rows = [texts] if isinstance(texts, str) else list(texts)
+    items = []
+    for i, t in enumerate(rows):
+        item = (t,) if isinstance(t, str) else tuple(t)
+        if len(item) != arity or not all(isinstance(x, str) for x in item):
+            raise ValueError(f"text {i} has {len(item)} part(s); {task.name} reads {arity} "
+                             f"({', '.join(task.text_columns)}), each a string")
+        items.append(item)
+    if not items:
+        return []
+    dev = pick_device(device)
+    model = load_trained(folder, device=str(dev))
+    tokenizer = load_tokenizer(recipe.backbone)
+    import numpy as np
+
+    batches = Batches(Split(items, np.zeros(len(items), dtype=np.int64)), tokenizer,
+                      recipe.training.max_seq_length, dev)
+    pred = predict_ids(model, task, batches, batch_size)
+    if task.num_labels == 1:
+        return [float(p) for p in pred]
+    if task.label_names is not None:
+        return [task.label_names[int(p)] for p in pred]
+    return [int(p) for p in pred]

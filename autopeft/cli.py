@@ -36,10 +36,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from autopeft.recipe import RecipeError
     from autopeft.hpo.space import SearchSpaceError
     from autopeft.hpo.searchers import SearcherError
+    from autopeft.status import SearchFolderError
     from autopeft.tasks import TaskError
 
     return (BudgetError, TaskError, BackboneError, RecipeError, CompositionError, SearchSpaceError,
-            SearchNotFoundError, ArchitectureError, SearcherError, _UserError)
+            SearchNotFoundError, ArchitectureError, SearcherError, SearchFolderError, _UserError)
 
 
 def _fail(exc: BaseException, code: int) -> None:
@@ -73,7 +74,11 @@ def _progress(msg: str) -> None:
 
 @app.command()
 def search(
-    task: str = typer.Option("sst2", help="GLUE task: sst2, cola, mrpc, rte, stsb, wnli, qnli."),
+    task: str = typer.Option("sst2", help="Task: a GLUE name (sst2, cola, mrpc, rte, stsb, wnli, qnli, qqp, mnli, mnli-mm), "
+                             "superglue-boolq/-cb/-rte, a .csv/.tsv/.jsonl/.parquet file or folder, or hf:<dataset id>."),
+    text_columns: Optional[str] = typer.Option(None, help="Text column(s) of your data: review, or premise,hypothesis (default text or sentence)."),
+    label_column: Optional[str] = typer.Option(None, help="Label column of your data (default label); float labels make a regression task."),
+    metric: Optional[str] = typer.Option(None, help="Metric to maximise: accuracy (default for classes), f1_macro, mcc; pearson, spearman for regression."),
     budget: str = typer.Option("0.5%", help="Trainable-parameter budget without the head: 0.5%, 0.005 or 120k."),
     backbone: str = typer.Option("minilm-l6", help="minilm-l6 (bundled), a Hugging Face id, or a local folder."),
     space: str = typer.Option("default", help="Search space: default, full, autopeft_paper, or a YAML path."),
@@ -85,7 +90,8 @@ def search(
     experiment: str = typer.Option("autopeft", help="MLflow experiment name."),
     name: Optional[str] = typer.Option(None, help="Search name (default <task>-<timestamp>)."),
     output_dir: str = typer.Option("autopeft_runs", help="Where search folders go."),
-    ray_address: Optional[str] = typer.Option(None, help="Existing Ray cluster: auto or ray://host:10001."),
+    ray_address: Optional[str] = typer.Option(None, help="Existing Ray cluster: host:port of `ray start --head`, auto, or ray://host:10001 "
+                                               "(token authentication: see the README's cluster section)."),
     cpus_per_trial: Optional[float] = typer.Option(None, min=0.1, help="CPUs per trial (default: all cores, or cores/GPUs)."),
     gpus_per_trial: Optional[float] = typer.Option(None, min=0, help="GPUs per trial (default 1 when CUDA exists)."),
     seed: int = typer.Option(0, help="Seed of the sampler and of every trial."),
@@ -93,8 +99,12 @@ def search(
     searcher: str = typer.Option("tpe", help="Sampler: tpe (multi-objective TPE), random, nsga2, qnehvi (BoTorch)."),
     one_shot: bool = typer.Option(False, "--one-shot/--no-one-shot",
                                   help="Train one gated model with every component first; add its best subsets as start points."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output: only the Pareto front (and errors)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the interrupted search --name (same options): finished "
+                                "trials are kept, the running one is re-run, sampler and scheduler go on."),
 ) -> None:
-    """Search method choice and hyperparameters under a parameter budget; print the Pareto front."""
+    """Search method choice and hyperparameters under a parameter budget; print the Pareto front.
+    On a terminal, a live bar per running trial shows its examples seen, rung, loss and ETA."""
     from autopeft import api
     from autopeft.budget import parse_budget
 
@@ -109,8 +119,48 @@ def search(
                   name=name, output_dir=output_dir, ray_address=ray_address, cpus_per_trial=cpus_per_trial,
                   gpus_per_trial=gpus_per_trial, seed=seed, training=training,
                   max_train_examples=max_train_examples, searcher=searcher, one_shot=one_shot,
-                  progress=_progress)
+                  text_columns=text_columns, label_column=label_column, metric=metric,
+                  progress=None if quiet else _live_progress(), resume=resume)
     _print_front(result)
+
+
+@app.command("resume")
+def resume_search(
+    search: str = typer.Argument(..., help="Name of the interrupted search under --output-dir, or its folder."),
+    output_dir: str = typer.Option("autopeft_runs", help="Where search folders are."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output: only the Pareto front (and errors)."),
+) -> None:
+    """Continue an interrupted search with the options it was started with (its resume.json): finished
+    trials are kept with their ids and scores, the trial that was running is re-run from the start."""
+    from autopeft import api
+
+    result = _run(api.resume, search, output_dir=output_dir, progress=None if quiet else _live_progress())
+    _print_front(result)
+
+
+def _live_progress():
+    """Lines plus live per-trial bars on a terminal; lines only in logs and CI (no redraws there)."""
+    from autopeft.progress import LiveProgress
+
+    return LiveProgress(console) if console.is_terminal else _progress
+
+
+@app.command()
+def status(
+    search: str = typer.Argument("latest", help="Search folder, search name under --output-dir, or 'latest'."),
+    output_dir: str = typer.Option("autopeft_runs", help="Where search folders are."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """State of a running or finished search, from its folder: trials by status, best so far,
+    elapsed time, running trials and their progress."""
+    from autopeft.status import find_search_folder, format_status, search_status
+
+    st = _run(lambda: search_status(find_search_folder(search, output_dir)))
+    if as_json:
+        print(json.dumps(st.as_dict(), default=str))
+        return
+    for line in format_status(st):
+        console.print(line, markup=False, soft_wrap=True)
 
 
 def _parse_duration(text: str) -> float:
@@ -232,17 +282,56 @@ def _smallest_configuration(result) -> tuple[str, int] | None:
 
 @app.command()
 def export(
-    search: str = typer.Argument(..., help="Search folder, search name under --output-dir, or 'latest'."),
-    pick: str = typer.Option("best", help="best, smallest, leanest, an index into the front, or a trial id."),
-    output: Path = typer.Option(Path("best.yaml"), "-o", "--output", help="Recipe file to write."),
+    search: str = typer.Argument(..., help="Search folder, search name under --output-dir, 'latest', or a folder "
+                                           "written by autopeft train (for --format peft / --merge)."),
+    pick: Optional[str] = typer.Option(None, help="best (default), smallest, leanest, an index into the front, or a trial id."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output",
+                                          help="Recipe file to write (default best.yaml), or the folder for --format peft / --merge."),
     output_dir: str = typer.Option("autopeft_runs", help="Where search folders are."),
+    fmt: Optional[str] = typer.Option(None, "--format", help="recipe (default: autopeft's YAML), peft (a Hugging Face "
+                                                                 "peft adapter folder) or merged (same as --merge)."),
+    merge: bool = typer.Option(False, "--merge", help="Write a plain transformers model with LoRA/AdaLoRA/BitFit merged in."),
+    data_dir: Optional[str] = typer.Option(None, envvar="AUTOPEFT_DATA_DIR",
+                                           help="GLUE folder for training a search point first (default: the search's)."),
+    train: bool = typer.Option(True, "--train/--no-train",
+                               help="peft/merged from a search: train the point first when it has no trained weights."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing non-empty output folder."),
 ) -> None:
-    """Write one Pareto point of a search as a training recipe."""
+    """Write one Pareto point as a training recipe, a peft adapter folder (--format peft) or a merged model (--merge).
+
+    Folders need trained weights: export a folder written by autopeft train, or a search point, which is then trained first (deterministic; saved under <search>/trained/<trial id>/ and reused).
+    """
     from autopeft import api
 
-    recipe = _run(api.export, search, pick=pick, output=output, output_dir=output_dir)
-    methods = ", ".join(c.method for c in recipe.components) or "head only"
-    console.print(f"wrote {output} ({methods}; {recipe.training.max_train_examples:,} training examples)", markup=False)
+    if fmt not in (None, "recipe", "peft", "merged"):
+        _fail(_UserError(f"unknown --format {fmt!r}; valid: recipe, peft, merged"), 2)
+    if merge and fmt == "recipe":
+        _fail(_UserError("--merge writes a model folder, not a recipe: drop --format recipe"), 2)
+    fmt = "merged" if merge else fmt or "recipe"
+    if fmt == "recipe":
+        from autopeft.hf_export import is_trained_folder
+        from autopeft.recipe import load_recipe
+
+        if is_trained_folder(search):  # a trained folder's own recipe
+            recipe = _run(load_recipe, Path(search) / "recipe.yaml")
+            recipe.save(output or Path("best.yaml"))
+        else:
+            recipe = _run(api.export, search, pick=pick or "best", output=output or Path("best.yaml"),
+                          output_dir=output_dir)
+        methods = ", ".join(c.method for c in recipe.components) or "head only"
+        console.print(f"wrote {output or 'best.yaml'} ({methods}; {recipe.training.max_train_examples:,} training examples)",
+                      markup=False)
+        return
+    from autopeft.hf_export import export_model
+
+    res = _run(export_model, search, fmt=fmt, output=output, pick=pick, output_dir=output_dir, data_dir=data_dir,
+               train=train, overwrite=overwrite, log=_progress)
+    methods = ", ".join(c.method for c in res.recipe.components)
+    kind = "peft adapter folder" if fmt == "peft" else "merged transformers model"
+    console.print(f"wrote {res.path} ({kind}: {methods}; logits within {res.max_abs_diff:.1e} of autopeft's model; "
+                  f"model card README.md)", markup=False)
+    for note in res.notes:
+        console.print(f"note: {note}", markup=False, soft_wrap=True)
 
 
 @app.command()
@@ -255,15 +344,56 @@ def train(
     """Train a recipe, report its validation score, and save the trained PEFT weights."""
     from autopeft import api
     from autopeft.recipe import load_recipe
+    from autopeft.tasks import get_task
 
     r = _run(load_recipe, recipe)
     out = output_dir or Path("outputs") / recipe.stem
     result = _run(api.train, r, data_dir=data_dir, output_dir=out, device=device, log=_progress)
     metrics = ", ".join(f"{k}={v:.4f}" for k, v in result.metrics.items())
-    console.print(f"{r.task} validation: {metrics}; trainable {result.trainable_params:,} "
+    console.print(f"{get_task(r.task).name} validation: {metrics}; trainable {result.trainable_params:,} "
                   f"({result.trainable_percent:.3f}%), peak memory {result.peak_memory_bytes / 2**20:.0f} MiB, "
                   f"{result.train_time_s:.0f}s training", markup=False)
     console.print(f"saved to {out}", markup=False)
+
+
+@app.command()
+def predict(
+    trained: Path = typer.Argument(..., help="A trained output folder (autopeft train -o)."),
+    texts: Optional[list[str]] = typer.Argument(None, help="Texts to classify (single-text tasks)."),
+    input_file: Optional[Path] = typer.Option(None, "--input", "-i", help="A .csv/.tsv/.jsonl/.parquet file with the recipe's text column(s)."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write the texts and their predictions here (CSV) instead of printing them."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, ... (default: CUDA if available)."),
+) -> None:
+    """Predict labels with a trained output: one per line, as the labels of the training data."""
+    from autopeft import api
+    from autopeft.recipe import load_recipe
+    from autopeft.tasks import get_task
+    from autopeft.userdata import read_texts
+
+    if bool(texts) == (input_file is not None):
+        _fail(_UserError("give either texts or --input FILE"), 2)
+    if not (trained / "recipe.yaml").is_file():
+        _fail(_UserError(f"{str(trained)!r} is not a trained output (no recipe.yaml; see autopeft train -o)"), 2)
+    task = _run(lambda: get_task(load_recipe(trained / "recipe.yaml").task))
+    if input_file is not None:
+        rows = _run(read_texts, input_file, task.text_columns)
+    elif len(task.text_columns) > 1:
+        _fail(_UserError(f"{task.name} reads text pairs ({', '.join(task.text_columns)}): use --input FILE"), 2)
+    else:
+        rows = [(t,) for t in texts]
+    preds = _run(api.predict, trained, rows, device=device)
+    if output is not None:
+        import csv
+
+        output.parent.mkdir(parents=True, exist_ok=True)
+        with open(output, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow([*task.text_columns, "prediction"])
+            w.writerows([*row, p] for row, p in zip(rows, preds))
+        console.print(f"wrote {len(preds)} predictions to {output}", markup=False)
+    else:
+        for p in preds:
+            print(p)
 
 
 @app.command()
@@ -337,16 +467,19 @@ def ui(
     tracking_uri: Optional[str] = typer.Option(None, envvar="MLFLOW_TRACKING_URI", help="MLflow URI (default sqlite:///mlflow.db)."),
     port: int = typer.Option(5000, help="Port."),
     host: str = typer.Option("127.0.0.1", help="Host."),
+    workers: int = typer.Option(1, min=1, help="Server worker processes."),
 ) -> None:
-    """Open the MLflow UI on the search store (same as ``mlflow ui --backend-store-uri ...``)."""
-    import subprocess
-
+    """Open the MLflow UI on the search store (``mlflow ui --backend-store-uri ...``); prints the
+    addresses of the searches' runs views. SIGTERM / Ctrl-C stop the server and all its workers."""
     from autopeft.tracking import default_tracking_uri
+    from autopeft.ui import serve, server_command, view_urls
 
     uri = tracking_uri or default_tracking_uri()
-    console.print(f"MLflow UI on http://{host}:{port} for {uri}", markup=False)
-    raise typer.Exit(subprocess.call([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
-                                      "--host", host, "--port", str(port)]))
+    base = f"http://{host}:{port}"
+    console.print(f"MLflow UI on {base} for {uri}", markup=False)
+    for what, url in view_urls(uri, base):
+        console.print(f"  {what}: {url}", markup=False, soft_wrap=True)
+    raise typer.Exit(serve(server_command(uri, host, port, workers)))
 
 
 def main() -> None:

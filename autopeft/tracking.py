@@ -9,6 +9,11 @@ examples seen), and the tags ``status`` (finished | stopped_early | failed for t
 over_budget | empty | invalid for rejected samples, which were never trained),
 ``pareto`` (true | false), ``trial_id``. On the parent: the search settings as params, the Pareto
 front as a table artifact (``pareto.json``, also ``pareto.csv``) and a plot, and the best recipe.
+
+In MLflow's UI (3.x) the experiment is tagged as model training (:data:`EXPERIMENT_KIND`), and two
+shared runs views carry the search's columns (score, trainable parameters, status, pareto, ...):
+the experiment's (:data:`RUNS_VIEW_KEY`) and one per search listing its trials with their
+``space.*`` parameters; :func:`runs_view_url` gives their addresses (``autopeft ui`` prints them).
 """
 
 from __future__ import annotations
@@ -22,6 +27,48 @@ from typing import Any
 #: (an exception or a non-finite score), and the rejected samples that never became trials:
 #: over the budget, without a PEFT component, or not a valid recipe.
 STATUSES = ("finished", "stopped_early", "failed", "over_budget", "empty", "invalid")
+
+
+#: MLflow 3's experiment-kind tag and the kind that makes its UI treat the experiment as model training
+#: (runs, metrics, parameters) instead of GenAI (traces, token usage). Values from MLflow's UI source,
+#: ``ExperimentKind.CUSTOM_MODEL_DEVELOPMENT`` (mlflow/server/js, ``experimentKind`` utils).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+#: MLflow's shared runs-view state: an experiment tag ``mlflow.sharedViewState.<key>`` holding JSON
+#: (``selectedColumns`` and search facets such as ``searchFilter``), opened by the runs page URL
+#: ``#/experiments/<id>/runs?viewStateShareKey=<key>``. Without it the runs table shows only
+#: name, created, dataset, duration, source and models: none of a search's numbers.
+SHARED_VIEW_TAG_PREFIX = "mlflow.sharedViewState."
+#: The experiment-wide view (every search and its trials) and the prefix of one search's trials view.
+RUNS_VIEW_KEY = "autopeft"
+TRIALS_VIEW_PREFIX = "autopeft-trials-"
+#: Columns of both views, as MLflow names them (``<metrics|params|tags>.`<key>```).
+VIEW_COLUMNS = ("metrics.`score`", "metrics.`trainable_params`", "metrics.`trainable_percent`",
+                "metrics.`peak_memory_bytes`", "metrics.`examples_seen`", "tags.`status`", "tags.`pareto`",
+                "metrics.`best_score`", "metrics.`hypervolume`")
+
+
+def runs_view_state(params: list[str] = (), search_filter: str | None = None,
+                    group_by_tag: str | None = None, expanded: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The JSON of a shared runs view: :data:`VIEW_COLUMNS`, then ``params.`<p>``` for each of
+    ``params``, the runs filter ``search_filter`` (MLflow search syntax) if given, and rows grouped
+    by the value of tag ``group_by_tag``, the groups of the values ``expanded`` open. Grouping
+    lists runs flat in their groups: without it MLflow shows nested runs folded under their parent,
+    and a shared view cannot unfold them (MLflow leaves ``runsExpanded`` out of shared views)."""
+    state: dict[str, Any] = {"selectedColumns": [*VIEW_COLUMNS, *(f"params.`{p}`" for p in params)]}
+    if search_filter:
+        state["searchFilter"] = search_filter
+    if group_by_tag:
+        state["groupBy"] = {"aggregateFunction": "max", "groupByKeys": [{"mode": "tag", "groupByData": group_by_tag}]}
+        state["groupsExpanded"] = {f"tag.{group_by_tag}.{v}": True for v in expanded}
+    return state
+
+
+def runs_view_url(base_url: str, experiment_id: str, view_key: str = RUNS_VIEW_KEY) -> str:
+    """The MLflow UI address of a shared runs view, in the model-training workflow
+    (``workflowType=machine_learning``: MLflow 3.17 otherwise opens the GenAI overview)."""
+    return (f"{base_url.rstrip('/')}/#/experiments/{experiment_id}/runs?"
+            f"workflowType=machine_learning&viewStateShareKey={view_key}")
 
 
 def default_tracking_uri(workdir: str | Path | None = None) -> str:
@@ -99,7 +146,10 @@ class SearchTracker:
         params: search settings logged on the parent run.
     """
 
-    def __init__(self, tracking_uri: str, experiment: str, run_name: str, params: dict[str, Any]) -> None:
+    def __init__(self, tracking_uri: str, experiment: str, run_name: str, params: dict[str, Any],
+                 parent_run_id: str | None = None) -> None:
+        """``parent_run_id``: resume that search's parent run (:meth:`_reopen_parent`) instead of
+        creating one; its nested runs are reconciled by :func:`autopeft.hpo.resume.reconcile_mlflow`."""
         import logging
 
         import mlflow
@@ -112,10 +162,38 @@ class SearchTracker:
         self.client = MlflowClient(tracking_uri)
         exp = self.client.get_experiment_by_name(experiment)
         self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
-        self.parent = self.client.create_run(self.experiment_id, run_name=run_name, tags={"autopeft.kind": "search"})
-        self.parent_id = self.parent.info.run_id
-        self._log_params(self.parent_id, _flat(params))
+        self._mark_experiment(exp)
+        if parent_run_id:
+            self._reopen_parent(parent_run_id)
+        else:
+            self.parent = self.client.create_run(self.experiment_id, run_name=run_name, tags={"autopeft.kind": "search"})
+            self.parent_id = self.parent.info.run_id
+            self._log_params(self.parent_id, _flat(params))
         self.trial_runs: dict[str, str] = {}
+        self._trial_param_keys: list[str] = []  # space.<dim> columns of the trials view
+        self._write_trials_view()
+
+    @property
+    def trials_view_key(self) -> str:
+        """The shared-view key of this search's trials (:func:`runs_view_url`)."""
+        return TRIALS_VIEW_PREFIX + self.parent_id
+
+    def _mark_experiment(self, exp) -> None:
+        """Open the experiment in MLflow's UI as model training, on views with the search's columns
+        (:data:`VIEW_COLUMNS`); a kind the user set on the experiment is kept."""
+        tags = dict(exp.tags) if exp else {}
+        if EXPERIMENT_KIND_TAG not in tags:
+            self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+        self._write_view(RUNS_VIEW_KEY, runs_view_state())
+
+    def _write_view(self, key: str, state: dict[str, Any]) -> None:
+        import json
+
+        self.client.set_experiment_tag(self.experiment_id, SHARED_VIEW_TAG_PREFIX + key, json.dumps(state))
+
+    def _write_trials_view(self) -> None:
+        self._write_view(self.trials_view_key, runs_view_state(
+            self._trial_param_keys, f"tags.`mlflow.parentRunId` = '{self.parent_id}'", "autopeft.kind", ("trial",)))
 
     def _log_params(self, run_id: str, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
@@ -124,13 +202,21 @@ class SearchTracker:
         for i in range(0, len(items), 100):
             self.client.log_batch(run_id, params=items[i:i + 100])
 
-    def start_trial(self, trial_id: str, config: dict[str, Any], recipe: dict[str, Any] | None) -> str:
-        """Create the nested run of a trial; returns its run id."""
+    def start_trial(self, trial_id: str, config: dict[str, Any], recipe: dict[str, Any] | None,
+                    trainable_params: int | None = None) -> str:
+        """Create the nested run of a trial; returns its run id. ``trainable_params`` (counted before
+        training) is logged at step 0, so the column is filled while the trial runs."""
         if trial_id in self.trial_runs:
             return self.trial_runs[trial_id]
         run = self.client.create_run(self.experiment_id, run_name=f"trial-{trial_id}", tags={
             "mlflow.parentRunId": self.parent_id, "trial_id": trial_id, "autopeft.kind": "trial", "status": "running"})
         self.trial_runs[trial_id] = run.info.run_id
+        if trainable_params is not None:
+            self.client.log_metric(run.info.run_id, "trainable_params", float(trainable_params), step=0)
+        new_keys = [space_param_key(k) for k in config if space_param_key(k) not in self._trial_param_keys]
+        if new_keys:
+            self._trial_param_keys += new_keys
+            self._write_trials_view()
         params = {space_param_key(k): v for k, v in config.items()}
         if recipe:
             params.update({f"recipe.{k}": v for k, v in _flat(_components_flat(recipe)).items()})
@@ -148,6 +234,12 @@ class SearchTracker:
         ms = [Metric(k, float(v), now, int(step)) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
         self.client.log_batch(run_id, metrics=ms)
 
+    def tag_trial(self, trial_id: str, tags: dict[str, str]) -> None:
+        """Set tags on a trial's run (e.g. ``node_id`` and ``hostname``: where it ran on the cluster)."""
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(self.trial_runs[trial_id], tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
     def end_trial(self, trial_id: str, status: str, error: str | None = None) -> None:
         """Close a trial's run with its status tag (one of :data:`STATUSES`)."""
         run_id = self.trial_runs[trial_id]
@@ -162,6 +254,9 @@ class SearchTracker:
             self.client.set_tag(run_id, "pareto", "true" if trial_id in pareto_ids else "false")
         for k, v in metrics.items():
             self.client.log_metric(self.parent_id, k, float(v))
+        if "best_score" in metrics:  # the parent's row in the score column: the best point of the front
+            self.client.log_metric(self.parent_id, "score", float(metrics["best_score"]))
+        self.client.set_tag(self.parent_id, "status", "finished")
         for name in ("pareto.json", "pareto.csv", "pareto.png", "best_recipe.yaml", "trials.json"):
             f = artifacts_dir / name
             if f.exists():
@@ -170,7 +265,30 @@ class SearchTracker:
 
     def fail(self, message: str) -> None:
         self.client.set_tag(self.parent_id, "error", message[:5000])
+        self.client.set_tag(self.parent_id, "status", "failed")
         self.client.set_terminated(self.parent_id, "FAILED")
+
+    def _reopen_parent(self, parent_run_id: str) -> None:
+        """Take over the parent run of an interrupted search: status ``RUNNING`` again, the
+        ``error``/``status`` tags of a failed end removed, ``autopeft.resumes`` counting the resumes.
+
+        Raises:
+            ValueError: no such run in this store (a different ``--tracking-uri``?).
+        """
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.parent = self.client.get_run(parent_run_id)
+        except MlflowException:
+            raise ValueError(f"the search's MLflow run {parent_run_id} is not in {self.uri}") from None
+        self.parent_id = parent_run_id
+        self.experiment_id = self.parent.info.experiment_id
+        tags = self.parent.data.tags
+        for key in ("error", "status"):
+            if key in tags:
+                self.client.delete_tag(parent_run_id, key)
+        self.client.set_tag(parent_run_id, "autopeft.resumes", str(int(tags.get("autopeft.resumes", 0)) + 1))
+        self.client.update_run(parent_run_id, status="RUNNING")
 
 
 def _components_flat(recipe: dict[str, Any]) -> dict[str, Any]:

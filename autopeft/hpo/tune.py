@@ -12,6 +12,9 @@
 * The sampler only learns top-fidelity results as final; trials stopped at a lower rung are told
   as pruned (see :mod:`autopeft.hpo.searchers`).
 * Failures: an exception in a trial, or a non-finite score, is recorded ``failed``; the search goes on.
+* Trial ids are ``trial_0001``, ``trial_0002``, ... in creation order, and every write of
+  ``trials.json`` is preceded by a resume checkpoint (:mod:`autopeft.hpo.resume`): a killed search
+  continues with ``TuneSettings.resume``, the trial that was running re-run from the start.
 * Ray: without ``ray_address`` the search always starts its own local Ray instance
   (``address="local"``), whatever cluster another Ray user left on the machine.
 
@@ -21,15 +24,19 @@ Every trial's record (config, recipe, status, per-rung rows) is collected on the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import re
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from autopeft.hpo.space import SearchSpace
+from autopeft.progress import PROGRESS_DIR, progress_file
 
 @dataclass
 class TrialRecord:
@@ -42,6 +49,8 @@ class TrialRecord:
     error: str | None = None
     trainable_params: int | None = None
     rows: list[dict[str, Any]] = field(default_factory=list)
+    node_id: str | None = None  #: the Ray node it ran on (hex id), as the trial reported it
+    hostname: str | None = None  #: that node's host name
 
     def row_at(self, examples: int) -> dict[str, Any] | None:
         """The measurement at fidelity ``examples`` (training examples seen), if reached."""
@@ -49,7 +58,8 @@ class TrialRecord:
 
     def as_dict(self) -> dict[str, Any]:
         return {"trial_id": self.trial_id, "status": self.status, "error": self.error, "config": self.config,
-                "recipe": self.recipe, "trainable_params": self.trainable_params, "rows": self.rows}
+                "recipe": self.recipe, "trainable_params": self.trainable_params, "rows": self.rows,
+                "node_id": self.node_id, "hostname": self.hostname}
 
 
 @dataclass
@@ -66,6 +76,8 @@ class TuneSettings:
         device: forced trial device (``cpu``/``cuda``), default: CUDA if the trial got a GPU.
         searcher: sampler name (:data:`autopeft.hpo.searchers.SEARCHERS`).
         start_points: partial points tried first (default: the space's own).
+        resume: continue the search saved in ``storage_path`` (:mod:`autopeft.hpo.resume`): finished
+            trials kept, the trial that was running re-run under its id, sampler and scheduler restored.
     """
 
     num_samples: int
@@ -78,6 +90,7 @@ class TuneSettings:
     device: str | None = None
     searcher: str = "tpe"
     start_points: list[dict[str, Any]] | None = None
+    resume: bool = False
 
 
 class NonFiniteScore(FloatingPointError):
@@ -85,28 +98,68 @@ class NonFiniteScore(FloatingPointError):
 
 
 def _trial_fn(config: dict[str, Any], space: SearchSpace, base: dict[str, Any], rungs: list[int],
-              data_dir: str | None, device: str | None) -> None:
-    """The Ray Tune trainable: runs in a worker; reports one row per rung (``rungs``, examples seen)."""
+              data_dir: str | None, device: str | None, search_dir: str | None = None) -> None:
+    """The Ray Tune trainable: runs in a worker; reports one row per rung (``rungs``, examples seen).
+    With ``search_dir`` it also writes its live progress there (:mod:`autopeft.progress`; a file,
+    never a Tune report, so the scheduler and the searcher only ever see rung reports)."""
     from ray import tune
 
+    from autopeft.progress import TrialProgressWriter, progress_file
     from autopeft.trainer import run_trial
+
+    where = _where()  # node id and host name, in every report: the driver records where each trial ran
+    on_step = None
+    if search_dir:
+        trial_id = tune.get_context().get_trial_id()
+        on_step = TrialProgressWriter(progress_file(search_dir, trial_id), trial_id, rungs)
 
     def report(row: dict[str, Any]) -> None:
         score = row.get("score")
         if not (isinstance(score, (int, float)) and math.isfinite(score)):
             raise NonFiniteScore(f"validation score is {score} at {row.get('examples_seen')} examples "
                                  "(constant predictions?)")
-        tune.report({**row, "status": "running"})
+        tune.report({**row, "status": "running", **where})
 
     try:
         recipe = space.to_recipe(config, base)
         dev = device or ("cuda" if _has_gpu() else "cpu")
-        run_trial(recipe, data_dir, rungs, report=report, device=dev)
+        run_trial(recipe, data_dir, rungs, report=report, device=dev, on_step=on_step)
     except Exception as exc:  # a failing trial is recorded as failed; the search goes on
         if type(exc).__name__ in ("TuneError", "StopTraining", "SystemExit", "KeyboardInterrupt"):
             raise
         tune.report({"status": "failed", "error": f"{type(exc).__name__}: {exc}"[:2000], "score": float("nan"),
-                     "trainable_params": -1, "peak_memory_bytes": float("nan"), "examples_seen": 0})
+                     "trainable_params": -1, "peak_memory_bytes": float("nan"), "examples_seen": 0, **where})
+    finally:  # the worker process runs the next trial: give this one's memory back (autopeft.memory)
+        from autopeft.memory import release_memory
+
+        release_memory()
+
+
+def _where() -> dict[str, str]:
+    """``{"node_id": <hex Ray node id>, "hostname": <host>}`` of the calling Ray worker (``node_id``
+    ``None`` outside Ray: asking would start a Ray instance)."""
+    import socket
+
+    import ray
+
+    node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    return {"node_id": node, "hostname": socket.gethostname()}
+
+
+def _ray_error(trial) -> str:
+    """One line from Ray's ``error.txt`` of a trial that died outside ``_trial_fn`` (its worker
+    process or its node died): e.g. "The actor died unexpectedly before finishing this task. The
+    actor died because its node has died. Node Id: <hex>: health check failed ..."."""
+    path = getattr(trial, "error_file", None)
+    try:
+        lines = [ln.strip() for ln in Path(path).read_text().splitlines() if ln.strip()] if path else []
+    except OSError:
+        lines = []
+    lines = [ln for ln in lines if not ln.startswith("Failure #")]
+    if not lines:
+        return "the trial's Ray worker died"
+    keep = [lines[0]] + [ln for ln in lines[1:] if "died" in ln or "terminated" in ln or "Error" in ln][:2]
+    return " ".join(keep)[:2000]
 
 
 def _has_gpu() -> bool:
@@ -119,8 +172,16 @@ def start_ray(ray_address: str | None) -> None:
     """Connect to ``ray_address``, or start a private local Ray instance (never joining a cluster
     that another program started on this machine).
 
+    Token authentication (Ray >= 2.5x): ``ray start --head`` turns it on by itself when a token
+    exists (``~/.ray/auth_token``, which any earlier local ``ray.init()`` writes), but a driver given
+    an explicit address does not, and then fails after 20 s ("Failed to connect to Ray cluster").
+    So when ``RAY_AUTH_MODE`` is unset and a token is at hand (``RAY_AUTH_TOKEN``,
+    ``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``), the driver sends it, as ``ray start --head``
+    would (:func:`_use_token_if_available`); a cluster without authentication ignores it.
+
     Raises:
-        RuntimeError: Ray could not start or reach the cluster (one line).
+        RuntimeError: Ray could not start or reach the cluster (one line; for a cluster address,
+            with what to check about the token).
     """
     import ray
 
@@ -128,18 +189,47 @@ def start_ray(ray_address: str | None) -> None:
         return
     try:
         if ray_address:
+            _use_token_if_available()
             ray.init(address=ray_address, log_to_driver=False)
         else:
             ray.init(address="local", num_cpus=max(1, os.cpu_count() or 1), include_dashboard=False,
                      log_to_driver=False, logging_level="ERROR", configure_logging=True)
     except Exception as exc:
+        hint = ""
+        if ray_address and (isinstance(exc, (ConnectionError, TimeoutError)) or "uthenticat" in type(exc).__name__):
+            hint = ("; if the head runs with token authentication, give this machine its token "
+                    "(copy the head's ~/.ray/auth_token, or set RAY_AUTH_TOKEN) and RAY_AUTH_MODE=token")
         raise RuntimeError(f"cannot start Ray ({'address ' + ray_address if ray_address else 'local'}): "
-                           f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+                           f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}{hint}") from None
+
+
+def _use_token_if_available() -> bool:
+    """Turn on Ray token authentication in this process when ``RAY_AUTH_MODE`` is unset and a token
+    is available, the rule ``ray start --head`` follows (Ray's
+    ``maybe_enable_token_auth_if_token_available``). Returns whether token mode is on; ``False`` on
+    a Ray without token authentication."""
+    import logging
+
+    try:
+        from ray._private.authentication import authentication_token_setup as auth
+    except ImportError:  # a Ray before token authentication
+        return False
+    log = logging.getLogger(auth.__name__)
+    level = log.level
+    log.setLevel(logging.ERROR)  # its "token authentication is enabled" notice is for cluster starters
+    try:
+        return bool(auth.maybe_enable_token_auth_if_token_available(warn_if_disabled=False))
+    finally:
+        log.setLevel(level)
 
 
 def run_tune(space: SearchSpace, base: dict[str, Any], param_limit: int, settings: TuneSettings,
              data_dir: str | None, tracker=None, progress: Callable[[str], None] | None = None) -> dict[str, TrialRecord]:
     """Run the search; returns the driver's record of every trial and every rejected sample, by id.
+
+    ``progress`` receives one line per event (trial started, rung reached, stopped, failed); when it
+    also has a ``watch(search_dir)`` context manager (:class:`autopeft.progress.LiveProgress`), Ray
+    Tune runs inside it, which draws a live bar per running trial from the trials' progress files.
 
     Raises:
         RuntimeError: Ray could not start or reach the cluster.
@@ -148,8 +238,10 @@ def run_tune(space: SearchSpace, base: dict[str, Any], param_limit: int, setting
     import optuna
     import ray
     from ray import tune
+    from ray.tune.logger import JsonLoggerCallback
     from ray.tune.search import ConcurrencyLimiter
 
+    from autopeft.hpo.resume import NumberedSearchGenerator, resume_search, save_checkpoint
     from autopeft.hpo.scheduler import MultiObjectiveASHA
     from autopeft.hpo.searchers import SpaceSearcher, make_sampler
 
@@ -198,12 +290,16 @@ def run_tune(space: SearchSpace, base: dict[str, Any], param_limit: int, setting
         def on_trial_start(self, iteration, trials, trial, **info):
             rec = self._record(trial)
             if tracker:
-                tracker.start_trial(trial.trial_id, rec.config, rec.recipe)
+                tracker.start_trial(trial.trial_id, rec.config, rec.recipe, rec.trainable_params)
             say(f"trial {trial.trial_id} started: {_summary(rec.recipe)} ({rec.trainable_params:,} params)"
                 if rec.trainable_params is not None else f"trial {trial.trial_id} started")
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
             rec = self._record(trial)
+            if result.get("node_id") and result["node_id"] != rec.node_id:  # where it runs (cluster)
+                rec.node_id, rec.hostname = result["node_id"], result.get("hostname")
+                if tracker:
+                    tracker.tag_trial(trial.trial_id, {"node_id": rec.node_id, "hostname": rec.hostname})
             if result.get("status") == "failed":
                 rec.status, rec.error = "failed", result.get("error")
                 say(f"trial {trial.trial_id} failed: {rec.error}")
@@ -225,19 +321,28 @@ def run_tune(space: SearchSpace, base: dict[str, Any], param_limit: int, setting
                     say(f"trial {trial.trial_id} stopped early by MO-ASHA at {reached} examples")
             if tracker:
                 tracker.end_trial(trial.trial_id, rec.status, rec.error)
+            progress_file(settings.storage_path, trial.trial_id).unlink(missing_ok=True)
             _save_progress()
 
         def on_trial_error(self, iteration, trials, trial, **info):
             rec = self._record(trial)
             rec.status = "failed"
-            rec.error = rec.error or str(getattr(trial, "error_file", "") or "worker crashed")
+            rec.error = rec.error or _ray_error(trial)
+            lost_node = re.search(r"node has died\. Node Id: ([0-9a-f]+)", rec.error)
+            if lost_node and rec.node_id is None:  # killed before its first report: Ray names the node
+                rec.node_id = lost_node.group(1)
             say(f"trial {trial.trial_id} failed: {rec.error}")
             if tracker:
+                if rec.node_id:
+                    tracker.tag_trial(trial.trial_id, {"node_id": rec.node_id, "hostname": rec.hostname or ""})
                 tracker.end_trial(trial.trial_id, "failed", rec.error)
+            progress_file(settings.storage_path, trial.trial_id).unlink(missing_ok=True)
             _save_progress()
 
     def _save_progress() -> None:
         """Keep ``trials.json`` current, so an interrupted search loses no finished trial."""
+        # The resume state first: trials.json never shows a trial that a resume would not know.
+        save_checkpoint(settings.storage_path, records, searcher, scheduler, generator, time.time() - t0)
         path = Path(settings.storage_path) / "trials.json"
         path.write_text(json.dumps([r.as_dict() for r in records.values()], indent=2, default=str))
 
@@ -248,22 +353,35 @@ def run_tune(space: SearchSpace, base: dict[str, Any], param_limit: int, setting
     available = total.get("GPU", 0) if settings.gpus_per_trial else total.get("CPU", 1)
     concurrent = max(1, int(available // max(per_trial, 1e-9)))
     scheduler = MultiObjectiveASHA(rungs, reduction_factor=fid.reduction_factor)
+    generator = NumberedSearchGenerator(ConcurrencyLimiter(searcher, max_concurrent=concurrent))
+    time_budget_s = settings.time_budget_s
+    if settings.resume:  # records, sampler, scheduler and trial counter as at the last checkpoint
+        elapsed = resume_search(settings.storage_path, records, searcher, scheduler, generator, tracker, say)
+        t0 -= elapsed
+        if time_budget_s is not None:
+            time_budget_s = max(time_budget_s - elapsed, 1e-3)
     resources = {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial}
     trainable = tune.with_resources(
         tune.with_parameters(_trial_fn, space=space, base=base, rungs=rungs, data_dir=data_dir,
-                             device=settings.device), resources)
+                             device=settings.device, search_dir=settings.storage_path), resources)
     tuner = tune.Tuner(
         trainable,
-        tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(searcher, max_concurrent=concurrent),
-                                    scheduler=scheduler, num_samples=settings.num_samples,
-                                    time_budget_s=settings.time_budget_s),
+        tune_config=tune.TuneConfig(search_alg=generator, scheduler=scheduler, num_samples=settings.num_samples,
+                                    time_budget_s=time_budget_s),
         run_config=tune.RunConfig(name="ray", storage_path=settings.storage_path, verbose=0,
-                                  callbacks=[_Recorder()], failure_config=tune.FailureConfig(max_failures=0)),
+                                  # result.json per trial, on the driver: Tune's end-of-run analysis reads it
+                                  # ("Could not fetch metrics ... result.json and progress.csv were not found")
+                                  callbacks=[_Recorder(), JsonLoggerCallback()],
+                                  failure_config=tune.FailureConfig(max_failures=0)),
     )
     say(f"Ray Tune: {settings.num_samples} trials, searcher {settings.searcher} (seed {settings.seed}), "
         f"MO-ASHA rungs {rungs} examples, {settings.cpus_per_trial:g} CPU / {settings.gpus_per_trial:g} GPU per trial, "
         f"{concurrent} at a time")
-    tuner.fit()
+    shutil.rmtree(Path(settings.storage_path) / PROGRESS_DIR, ignore_errors=True)  # stale: a killed earlier driver
+    watch = getattr(progress, "watch", None)  # a LiveProgress: bars per running trial while Tune runs
+    with watch(settings.storage_path) if watch else contextlib.nullcontext():
+        tuner.fit()
+    shutil.rmtree(Path(settings.storage_path) / PROGRESS_DIR, ignore_errors=True)  # trials cut by the time budget
     for rec in records.values():  # trials cut by the time budget
         if rec.status == "running":
             rec.status = "stopped_early"
@@ -278,10 +396,9 @@ _ROW_KEYS = {"score", "trainable_params", "head_params", "backbone_params", "tra
 
 
 def _metric_keys(result: dict) -> set[str]:
-    from autopeft.tasks import TASKS
+    from autopeft.tasks import METRICS
 
-    names = {m for t in TASKS.values() for m in t.metrics}
-    return {k for k in result if k in names}
+    return {k for k in result if k in METRICS}
 
 
 def _summary(recipe: dict | None) -> str:
