@@ -217,7 +217,12 @@ def canonical_target(name: str) -> str:
     key = name.strip().lower()
     key = TARGET_ALIASES.get(key, key)
     if key not in ALL_TARGETS:
-        raise ValueError(f"unknown target module {name!r}; valid: {', '.join(ALL_TARGETS)}")
+        import difflib
+
+        close = difflib.get_close_matches(key, [*ALL_TARGETS, *TARGET_ALIASES], n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"unknown target module {name!r}{hint}; valid: {', '.join(ALL_TARGETS)}, or the model's own "
+                         f"names ({', '.join(k for k in TARGET_ALIASES if '_' in k and not k.startswith(('attn_', 'ffn_')))})")
     return key
 
 

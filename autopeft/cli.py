@@ -381,6 +381,8 @@ def predict(
         _fail(_UserError(f"{task.name} reads text pairs ({', '.join(task.text_columns)}): use --input FILE"), 2)
     else:
         rows = [(t,) for t in texts]
+    if not rows:
+        _fail(_UserError(f"{input_file} has no rows to predict"), 2)
     preds = _run(api.predict, trained, rows, device=device)
     if output is not None:
         import csv

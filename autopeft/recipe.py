@@ -184,7 +184,8 @@ def check_recipe(recipe: Recipe, config: Any = None, for_training: bool = False)
     steps, P-Tuning's insert position); and ``training.max_seq_length`` plus the virtual tokens the
     components insert (:meth:`~autopeft.methods.base.MethodConfig.input_tokens`) fit the backbone's
     positions (``max_position_embeddings``, less RoBERTa's padding offset). With ``for_training``,
-    also what only training needs: bare-config backbones tokenise with the bundled BERT tokenizer,
+    also what only training needs: presets (``{preset: llama-2-7b}``) count only, never train (random
+    weights; a 7B preset would fill memory); bare-config backbones tokenise with the bundled BERT tokenizer,
     so they need its 30,522-token vocabulary and, for sentence-pair tasks, two token types.
 
     Args:
@@ -222,6 +223,11 @@ def check_recipe(recipe: Recipe, config: Any = None, for_training: bool = False)
                else f"lower training.max_seq_length to at most {limits.positions - p}")
         raise RecipeError(f"{names}: prompt length {p} (num_virtual_tokens) + training.max_seq_length {t} = {t + p} "
                           f"exceeds {where}; {fix}")
+    if for_training and isinstance(recipe.backbone, dict) and "preset" in recipe.backbone:
+        preset = recipe.backbone["preset"]
+        real = "minilm-l6" if preset == "minilm-l6" else "its Hugging Face id or a local folder"
+        raise RecipeError(f"backbone: preset {preset!r} describes sizes for counting only (random weights, which "
+                          f"train to chance level): to train, use {real} as the backbone")
     if for_training and isinstance(recipe.backbone, dict):
         vocab = int(getattr(config, "vocab_size", BARE_CONFIG_VOCAB))
         if vocab < BARE_CONFIG_VOCAB:

@@ -136,6 +136,15 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def artifact_location(tracking_uri: str) -> str | None:
+    """Where a new experiment keeps its artifacts: beside a SQLite database (``<db folder>/mlartifacts``),
+    not in MLflow's default ``./mlruns`` of whatever folder the search was started from; ``None``
+    (MLflow's default) for other stores."""
+    if tracking_uri.startswith("sqlite:///"):
+        return (Path(tracking_uri[len("sqlite:///"):]).expanduser().resolve().parent / "mlartifacts").as_uri()
+    return None
+
+
 class SearchTracker:
     """Writes one search into MLflow.
 
@@ -161,7 +170,8 @@ class SearchTracker:
         mlflow.set_tracking_uri(tracking_uri)
         self.client = MlflowClient(tracking_uri)
         exp = self.client.get_experiment_by_name(experiment)
-        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(
+            experiment, artifact_location=artifact_location(tracking_uri))
         self._mark_experiment(exp)
         if parent_run_id:
             self._reopen_parent(parent_run_id)

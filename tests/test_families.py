@@ -357,3 +357,9 @@ def test_method_modules_reach_only_the_composition_layer():
                 [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
             offenders += [f"{path.name}: {n}" for n in names if n.startswith("autopeft") and not n.startswith(allowed)]
     assert offenders == []
+
+
+def test_a_misspelt_target_suggests_the_close_name_and_lists_the_models_own_names():
+    with pytest.raises(RecipeError, match=r"unknown target module 'q_prj' \(did you mean 'q_proj'\?\); valid: query, "
+                                          r"key, .*or the model's own names \(q_proj, k_proj, .*c_fc\)"):
+        count_recipe(_recipe({"preset": "llama-2-7b"}, [{"method": "lora", "target_modules": ["q_prj"]}]))

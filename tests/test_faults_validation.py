@@ -168,10 +168,19 @@ def test_training_only_limits_of_bare_configs(tmp_path):
     assert count_recipe(small_vocab).trainable_params == 2 * 2 * 2 * (32 + 32)
     with pytest.raises(RecipeError, match="vocab_size 120 is smaller than the 30,522 tokens"):
         check_recipe(small_vocab, for_training=True)
-    roberta_pairs = recipe([], {"preset": "roberta-base"}, task="rte")
+    from autopeft.backbones import PRESETS
+
+    roberta = dict(PRESETS["roberta-base"])  # the sizes as a bare config (random weights, trainable)
+    roberta_pairs = recipe([], roberta, task="rte")
     with pytest.raises(RecipeError, match="type_vocab_size 1 cannot embed the second segment of rte"):
         check_recipe(roberta_pairs, for_training=True)
-    check_recipe(recipe([], {"preset": "roberta-base"}, task="sst2"), for_training=True)  # one segment: fine
+    check_recipe(recipe([], roberta, task="sst2"), for_training=True)  # one segment: fine
+    # a preset counts, never trains: one line, before any weight exists (a 7B preset would fill memory)
+    llama = recipe([{"method": "lora"}], {"preset": "llama-2-7b"}, task="sst2")
+    assert count_recipe(llama).trainable_params == 32 * 2 * 8 * (4096 + 4096)
+    with pytest.raises(RecipeError, match=r"preset 'llama-2-7b' describes sizes for counting only .* use its Hugging "
+                                          r"Face id or a local folder"):
+        check_recipe(llama, for_training=True)
     from autopeft import api
 
     with pytest.raises(RecipeError, match="vocab_size 120"):  # before any data is read (tmp_path has none)
