@@ -487,6 +487,10 @@ def ui(
 def main() -> None:
     """Console-script entry point."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not sys.stdout.isatty() and "COLUMNS" not in os.environ:  # piped help: rich would cut cells at 80
+        import typer.rich_utils
+
+        typer.rich_utils.MAX_WIDTH = 120
     app()
 
 
