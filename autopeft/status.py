@@ -1,7 +1,8 @@
 """``autopeft status``: the state of a running or finished search, read from its folder only.
 
 A search folder (``autopeft_runs/<name>/``) holds ``search.json`` (settings, written first),
-``trials.json`` (every trial, rewritten as trials end), ``result.json`` (written last) and, while
+``trials.json`` (every trial, rewritten as trials end), ``result.json`` (written last),
+``driver.json`` (the driver's pid, host and heartbeat, :mod:`autopeft.liveness`) and, while
 trials train, ``progress/<trial id>.json`` (:mod:`autopeft.progress`). Nothing here needs Ray,
 MLflow or the driver process, so it works from another shell while a search runs.
 """
@@ -15,9 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from autopeft.liveness import driver_alive, read_driver
 from autopeft.progress import read_progress
 
-#: A search without ``result.json`` whose files changed less than this many seconds ago is "running".
+#: A search without ``result.json`` nor ``driver.json`` (an older autopeft) whose files changed less
+#: than this many seconds ago is "running".
 STALE_AFTER_S = 600.0
 
 
@@ -31,9 +34,15 @@ class SearchStatus:
 
     Attributes:
         path: the folder.
-        state: ``finished`` (``result.json`` exists), ``running`` (a file changed within
-            :data:`STALE_AFTER_S`), or ``stopped`` (neither: interrupted or killed).
-        elapsed_s: wall-clock seconds: the recorded total when finished, else since ``search.json``.
+        state: ``finished`` (``result.json`` exists); else, from ``driver.json``, ``running`` (the
+            driver is alive, :func:`autopeft.liveness.driver_alive`) or ``interrupted`` (it is gone:
+            killed, or it raised; ``autopeft resume`` continues it). A folder without
+            ``driver.json`` (an older autopeft): ``running`` when a file changed within
+            :data:`STALE_AFTER_S`, else ``stopped``.
+        elapsed_s: seconds the search has run, earlier sessions (resumes) included: the recorded
+            total (``result.json``'s ``wall_time_s``) when finished; else, with ``driver.json``, until
+            now (running) or until the driver's last heartbeat (interrupted); without it, since
+            ``search.json`` was written.
         counts: trials by status (``running`` included), rejected samples among them.
         best: the best trial at the top fidelity within budget (``trial_id``, ``score``,
             ``trainable_params``), else ``None``.
@@ -130,9 +139,14 @@ def search_status(folder: str | Path, now: float | None = None) -> SearchStatus:
                         "rungs": len(p.get("rungs") or rungs) if p else len(rungs), "loss": p.get("loss") if p else None,
                         "age_s": now - p["updated"] if p and _finite(p.get("updated")) else None})
     started = (folder / "search.json").stat().st_mtime
+    driver = read_driver(folder)
     if result is not None:
         state, elapsed = "finished", float(result.get("wall_time_s", 0.0))
         running = []
+    elif driver is not None:
+        state = "running" if driver_alive(driver, now) else "interrupted"
+        until = now if state == "running" else (driver.get("ended") or driver.get("heartbeat") or now)
+        elapsed = float(driver.get("elapsed_before_s") or 0.0) + max(0.0, until - float(driver.get("started", until)))
     else:
         files = [folder / "trials.json", folder / "search.json", *(folder / "progress").glob("*.json")]
         last = max((f.stat().st_mtime for f in files if f.is_file()), default=started)
@@ -145,7 +159,9 @@ def format_status(st: SearchStatus) -> list[str]:
     """The lines ``autopeft status`` prints."""
     s = st.settings
     metric = s.get("metric") or "score"
-    lines = [f"search {st.path.name}: {st.state}, {st.elapsed_s / 60:.1f} min; task {s.get('task')}, budget "
+    state = (f"interrupted (the driver is gone; continue with `autopeft resume {st.path.name}`)"
+             if st.state == "interrupted" else st.state)
+    lines = [f"search {st.path.name}: {state}, {st.elapsed_s / 60:.1f} min; task {s.get('task')}, budget "
              f"{s.get('budget')} = {s.get('param_limit', 0):,} parameters, searcher {s.get('searcher')}, "
              f"{s.get('trials')} trials"]
     total = sum(st.counts.values())

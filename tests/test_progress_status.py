@@ -198,3 +198,107 @@ def test_live_progress_survives_pickling_by_ray_tune():
     for dumps in (pickle.dumps, cloudpickle.dumps):
         copy = pickle.loads(dumps(lp))
         assert copy.poll_s == 0.25 and isinstance(copy.console, Console) and copy.console is not lp.console
+
+
+# ---- is the driver alive? (driver.json, autopeft.liveness) ----------------------------------------
+
+def _driver(folder, **fields):
+    import os
+    import socket
+
+    import psutil
+
+    info = {"pid": os.getpid(), "create_time": psutil.Process().create_time(), "hostname": socket.gethostname(),
+            "started": time.time() - 30, "elapsed_before_s": 0.0, "heartbeat": time.time(), "ended": None, **fields}
+    (folder / "driver.json").write_text(json.dumps(info))
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_status_running_while_the_driver_lives_interrupted_once_it_is_gone(tmp_path):
+    import socket
+
+    from autopeft.liveness import HEARTBEAT_STALE_S
+
+    folder = _folder(tmp_path)
+    now = time.time()
+    # this test's own process, alive: running; elapsed counts the earlier sessions (a resume) too
+    _driver(folder, started=now - 30, elapsed_before_s=60.0)
+    st = search_status(folder, now=now)
+    assert st.state == "running" and st.elapsed_s == pytest.approx(90.0)
+    assert format_status(st)[0].startswith("search s1: running, 1.5 min;")
+    # a dead pid with a fresh heartbeat: the pid decides on its own host
+    _driver(folder, pid=_dead_pid(), started=now - 30, heartbeat=now - 6)
+    st = search_status(folder, now=now)
+    assert st.state == "interrupted" and st.elapsed_s == pytest.approx(24.0)  # until its last heartbeat
+    assert format_status(st)[0].startswith(
+        "search s1: interrupted (the driver is gone; continue with `autopeft resume s1`), 0.4 min;")
+    # a live pid that is another process (pid reused: other start time): interrupted
+    _driver(folder, create_time=now - 3600)
+    assert search_status(folder, now=now).state == "interrupted"
+    # a driver that raised and recorded its end (its process, e.g. a notebook, lives on): interrupted
+    _driver(folder, ended=now - 1)
+    assert search_status(folder, now=now).state == "interrupted"
+    # on another host: only the heartbeat can tell
+    other = socket.gethostname() + "-elsewhere"
+    _driver(folder, hostname=other, pid=_dead_pid(), heartbeat=now - 10)
+    assert search_status(folder, now=now).state == "running"
+    _driver(folder, hostname=other, heartbeat=now - HEARTBEAT_STALE_S - 1)
+    assert search_status(folder, now=now).state == "interrupted"
+
+
+def test_status_of_a_finished_search_ignores_the_driver(tmp_path):
+    folder = _folder(tmp_path, result=True)
+    _driver(folder)  # alive (this process)
+    assert (search_status(folder).state, search_status(folder).elapsed_s) == ("finished", 125.0)
+    _driver(folder, pid=_dead_pid())
+    assert search_status(folder).state == "finished"
+
+
+def test_driver_beacon_heartbeats_and_records_its_end(tmp_path):
+    from autopeft.liveness import DriverBeacon, read_driver
+
+    folder = _folder(tmp_path)
+    beacon = DriverBeacon(folder, elapsed_before_s=12.0, interval_s=0.05).start()
+    try:
+        first = read_driver(folder)["heartbeat"]
+        deadline = time.time() + 5
+        while read_driver(folder)["heartbeat"] == first and time.time() < deadline:
+            time.sleep(0.02)
+        assert read_driver(folder)["heartbeat"] > first  # refreshed by the thread
+        assert search_status(folder).state == "running"
+    finally:
+        beacon.stop()
+    info = read_driver(folder)
+    assert info["ended"] is not None and info["elapsed_before_s"] == 12.0
+    assert search_status(folder).state == "interrupted"
+
+
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGTERM"])
+def test_status_after_the_driver_is_killed(tmp_path, sig):
+    """kill -9 (or timeout's SIGTERM) of a process holding a DriverBeacon: running, then interrupted."""
+    import signal
+    import subprocess
+    import sys
+
+    folder = _folder(tmp_path)
+    code = ("import sys, time; from autopeft.liveness import DriverBeacon; "
+            "DriverBeacon(sys.argv[1], interval_s=0.1).start(); print('up', flush=True); time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "up"
+        assert search_status(folder).state == "running"
+        proc.send_signal(getattr(signal, sig))
+        proc.wait(timeout=10)
+        assert search_status(folder).state == "interrupted"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

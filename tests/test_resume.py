@@ -176,17 +176,22 @@ def runs(tmp_path_factory):
     assert at_kill is not None, "the search ended before its first trial finished"
     assert proc.returncode == -signal.SIGKILL
     finished_at_kill = (folder / "result.json").exists()
+    from autopeft.status import search_status
+
+    state_at_kill = search_status(folder).state  # driver.json names a dead pid
     parents_at_kill, children_at_kill, _ = _mlflow(args["tracking_uri"], "killed")
     run_ids_at_kill = {r.data.tags["trial_id"]: r.info.run_id for r in children_at_kill}
     interrupted = [r.data.tags["trial_id"] for r in children_at_kill if r.info.status == "RUNNING"]
     # 3. resume it through the CLI, with the options it was started with (from its resume.json)
+    started = time.time()
     res = subprocess.run([sys.executable, "-c", "from autopeft.cli import main; main()", "resume", "killed",
                           "--output-dir", str(out)], env=env, capture_output=True, text=True, timeout=600)
+    resume_s = time.time() - started
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return {"tmp": tmp, "whole": out / "whole", "killed": folder, "at_kill": at_kill,
             "parents_at_kill": parents_at_kill, "run_ids_at_kill": run_ids_at_kill, "resume_out": res.stdout,
             "finished_at_kill": finished_at_kill, "interrupted": interrupted, "uri_whole": _args(tmp, glue, "whole")["tracking_uri"],
-            "uri_killed": args["tracking_uri"]}
+            "uri_killed": args["tracking_uri"], "state_at_kill": state_at_kill, "resume_s": resume_s}
 
 
 @pytest.mark.integration
@@ -196,6 +201,7 @@ def test_the_kill_interrupted_the_search(runs):
     assert not runs["finished_at_kill"]  # result.json came from the resume
     assert runs["interrupted"] == ["trial_0002"]  # killed while the second trial trained
     assert "resumed after" in runs["resume_out"], runs["resume_out"]
+    assert runs["state_at_kill"] == "interrupted"  # autopeft status, once the driver was killed
     # the interrupted trial's run, and those of samples rejected after the last checkpoint (replayed)
     deleted = re.search(r"MLflow: (\d+) unfinished run\(s\) deleted", runs["resume_out"])
     assert deleted and int(deleted.group(1)) >= 1, runs["resume_out"]
@@ -381,3 +387,33 @@ def test_trials_running_at_the_checkpoint_are_created_again_under_their_ids(tmp_
     assert [t.trial_id for t in again] == ["trial_0002", "trial_0003", "trial_0004"]
     assert [t.config for t in again[:2]] == [t.config for t in first[1:]]
     assert gen2.is_finished() and gen2.next_trial() is None  # 4 distinct trials, as asked
+
+
+@pytest.mark.integration
+def test_resumed_wall_time_counts_the_sessions_before_the_kill(runs):
+    """result.json's wall_time_s = the killed session's running time (its checkpoint's clock,
+    printed as "resumed after Ns") + the resumed session's own time."""
+    before = int(re.search(r"resumed after (\d+)s", runs["resume_out"]).group(1))
+    wall = json.loads((runs["killed"] / "result.json").read_text())["wall_time_s"]
+    driver = json.loads((runs["killed"] / "driver.json").read_text())  # the resumed session's record
+    assert before >= 2 and round(driver["elapsed_before_s"]) == before  # the first trial had finished
+    session = driver["ended"] - driver["started"]  # the resumed search() call, start to end
+    assert 1.0 < session <= runs["resume_s"]
+    assert wall == pytest.approx(driver["elapsed_before_s"] + session, abs=0.5)  # not the session alone
+
+
+def test_elapsed_before_is_the_checkpoint_clock(tmp_path):
+    """What api.search adds to a resumed session's time: the checkpoint's elapsed_s, 0 without one."""
+    from types import SimpleNamespace
+
+    from autopeft.hpo.resume import elapsed_before, save_checkpoint
+
+    assert elapsed_before(tmp_path) == 0.0
+    state = SimpleNamespace(get_state=lambda: {}, resume_state=lambda: {})
+    assert save_checkpoint(tmp_path, {}, state, state, state, 42.5)
+    assert elapsed_before(tmp_path) == 42.5
+    (tmp_path / "checkpoint.pkl").write_bytes(b"truncated")
+    from autopeft.hpo.resume import ResumeError
+
+    with pytest.raises(ResumeError, match="cannot read the resume state"):
+        elapsed_before(tmp_path)

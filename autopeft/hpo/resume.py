@@ -189,6 +189,20 @@ def load_checkpoint(folder: str | Path) -> dict[str, Any] | None:
     return state
 
 
+def elapsed_before(folder: str | Path) -> float:
+    """Seconds the search in ``folder`` had run when its last checkpoint was written, all earlier
+    sessions together (the time budget's clock, :func:`save_checkpoint`'s ``elapsed_s``); 0 without
+    a checkpoint. What a killed session did after its last checkpoint is not counted (it is
+    replayed). :func:`autopeft.api.search` adds it to a resumed session's own time for the
+    search's ``wall_time_s``.
+
+    Raises:
+        ResumeError: the checkpoint is unreadable.
+    """
+    state = load_checkpoint(folder)
+    return float(state["elapsed_s"]) if state else 0.0
+
+
 def restore(state: dict[str, Any] | None, records: dict, searcher, scheduler, generator) -> float:
     """Load a checkpoint into fresh objects; returns the seconds the search had run (0 without one).
 
