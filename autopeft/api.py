@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -23,6 +24,37 @@ from autopeft.budget import Budget, parse_budget
 from autopeft.recipe import Recipe, count_recipe, load_recipe, recipe_from_dict
 
 RUNS_DIR = "autopeft_runs"
+
+
+class SearchSettingsError(ValueError):
+    """Search settings that cannot work, caught before anything starts: a ``--name`` that is not a
+    plain folder name, resources no trial can get, a budget below the space's smallest configuration,
+    a preset (counting-only) backbone."""
+
+
+#: A search name is one folder below ``output_dir``.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def _check_search_settings(name: str | None, backbone: Any, cpus: float, gpus: float, ray_address: str | None) -> None:
+    """Raise :class:`SearchSettingsError` (one line) for settings that cannot work (see there)."""
+    if name is not None and (not _NAME.fullmatch(name) or ".." in name):
+        raise SearchSettingsError(f"--name {name!r} must be a plain folder name (letters, digits, '.', '_', '-'; "
+                                  "no '/' or '..'): the search folder is <output-dir>/<name>")
+    if isinstance(backbone, dict) and "preset" in backbone:
+        raise SearchSettingsError(f"backbone preset {backbone['preset']!r} describes sizes for counting only (random "
+                                  "weights): search with a Hugging Face id, a local folder or minilm-l6")
+    if ray_address:  # a cluster's resources are checked once connected (autopeft.hpo.tune.run_tune)
+        return
+    import torch
+
+    have_cpus, have_gpus = os.cpu_count() or 1, torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if cpus > have_cpus:
+        raise SearchSettingsError(f"--cpus-per-trial {cpus:g} exceeds this machine's {have_cpus} CPUs: no trial "
+                                  "could start")
+    if gpus > have_gpus:
+        raise SearchSettingsError(f"--gpus-per-trial {gpus:g} exceeds this machine's {have_gpus} GPUs: no trial "
+                                  "could start")
 
 
 class SearchNotFoundError(ValueError):
@@ -41,7 +73,10 @@ class SearchResult:
         param_limit: the budget in parameters.
         hypervolume: of the normalised front (see ``front_hypervolume``).
         mlflow_run_id: the parent run.
-        wall_time_s: seconds.
+        wall_time_s: seconds the search ran, all its sessions together: after a resume, this
+            session's time plus the earlier sessions' running time by the resume checkpoint's clock
+            (:func:`autopeft.hpo.resume.elapsed_before`; a killed session's time after its last
+            checkpoint is not counted). Also ``result.json``'s ``wall_time_s``.
     """
 
     path: Path
@@ -126,7 +161,8 @@ def search(task: str = "sst2", budget: str | Budget = "0.5%", backbone: str | di
     from autopeft.userdata import resolve_task
     from autopeft.tracking import SearchTracker, default_tracking_uri
 
-    from autopeft.hpo.resume import ResumeError, check_same_settings, open_search_folder, write_request
+    from autopeft.hpo.resume import ResumeError, check_same_settings, elapsed_before, open_search_folder, write_request
+    from autopeft.liveness import DRIVER_FILE, DriverBeacon
 
     request = _search_request(locals())  # the arguments as given, for `autopeft resume`
     t0 = time.time()
@@ -164,6 +200,12 @@ def search(task: str = "sst2", budget: str | Budget = "0.5%", backbone: str | di
     limit = budget.limit(backbone_params)
     cpus, gpus = default_resources()
     cpus, gpus = cpus_per_trial or cpus, gpus if gpus_per_trial is None else gpus_per_trial
+    _check_search_settings(name, backbone, cpus, gpus, ray_address)
+    point, smallest = sp.smallest_point(base)
+    if smallest > limit:
+        raise SearchSettingsError(f"budget {budget} = {limit:,} trainable parameters is below the smallest configuration "
+                                  f"of space {sp.name!r} on this backbone ({sp.describe_point(point)}: {smallest:,}): "
+                                  f"raise --budget to at least {smallest:,}")
     if trials is None:  # on CPU the 26-minute cap, not the count, usually ends the search
         trials = 32 if gpus else 30
     if time_budget_s is None and not gpus:
@@ -173,6 +215,7 @@ def search(task: str = "sst2", budget: str | Budget = "0.5%", backbone: str | di
     name = name or f"{task_obj.name}-{datetime.now():%Y%m%d-%H%M%S}"
     out = Path(output_dir).resolve() / name
     stored = open_search_folder(out, resume)  # an existing search is never overwritten
+    before_s = elapsed_before(out) if stored else 0.0  # seconds the earlier sessions ran (a resume)
     out.mkdir(parents=True, exist_ok=True)
     settings = {"task": task_value, "budget": str(budget), "param_limit": limit, "backbone": backbone,
                 "backbone_params": backbone_params, "space": sp.name,
@@ -186,6 +229,7 @@ def search(task: str = "sst2", budget: str | Budget = "0.5%", backbone: str | di
     if stored:
         check_same_settings(out, settings)
     (out / "search.json").write_text(json.dumps(settings, indent=2, default=str))
+    (out / DRIVER_FILE).unlink(missing_ok=True)  # a killed session's; this one's is written below
     uri = tracking_uri or (stored["mlflow"]["tracking_uri"] if stored else None) or default_tracking_uri()
     tracker = SearchTracker(uri, experiment, name, settings,
                             parent_run_id=stored["mlflow"]["parent_run_id"] if stored else None)
@@ -196,6 +240,7 @@ def search(task: str = "sst2", budget: str | Budget = "0.5%", backbone: str | di
                  f"of {backbone_params:,}; MLflow {uri} run {tracker.parent_id}")
         for note in space_notes:
             progress(f"note: {note}")
+    beacon = DriverBeacon(out, before_s, started=t0).start()  # driver.json: pid + heartbeat, for `autopeft status`
     try:
         start_points = list(sp.start_points)
         if one_shot and stored and (out / "one_shot.json").is_file():  # resumed: the proposals made before
@@ -214,30 +259,37 @@ def search(task: str = "sst2", budget: str | Budget = "0.5%", backbone: str | di
                                      start_points=start_points, resume=bool(stored))
         records = run_tune(sp, base, limit, tune_settings, str(root) if root else None, tracker, progress)
     except BaseException as exc:
+        beacon.stop()
         tracker.fail(f"{type(exc).__name__}: {exc}")
         raise
-    trials_out = [r.as_dict() for r in records.values()]
-    top = sp.fidelity.max_train_examples
-    candidates = []
-    for r in records.values():
-        row = r.row_at(top)
-        if row is not None and r.status == "finished" and row["trainable_params"] <= limit and _finite(row.get("score")):
-            candidates.append({"trial_id": r.trial_id, **row, "recipe": r.recipe})
-    front = [candidates[i] for i in pareto_front(candidates)]
-    hv = front_hypervolume(front, limit)
-    _write_results(out, trials_out, front, task_obj.metric, limit, settings["rungs"])
-    pareto_ids = {row["trial_id"] for row in front}
-    from autopeft.tracking import STATUSES
+    try:  # the results: a failure here still ends the parent run and the heartbeat
+        trials_out = [r.as_dict() for r in records.values()]
+        top = sp.fidelity.max_train_examples
+        candidates = []
+        for r in records.values():
+            row = r.row_at(top)
+            if row is not None and r.status == "finished" and row["trainable_params"] <= limit and _finite(row.get("score")):
+                candidates.append({"trial_id": r.trial_id, **row, "recipe": r.recipe})
+        front = [candidates[i] for i in pareto_front(candidates)]
+        hv = front_hypervolume(front, limit)
+        _write_results(out, trials_out, front, task_obj.metric, limit, settings["rungs"])
+        pareto_ids = {row["trial_id"] for row in front}
+        from autopeft.tracking import STATUSES
 
-    counts = {s: sum(1 for r in records.values() if r.status == s) for s in STATUSES}
-    wall = time.time() - t0
-    tracker.finish(pareto_ids, out, {"hypervolume": hv, "pareto_size": len(front), "wall_time_s": wall,
-                                     **{f"trials_{k}": v for k, v in counts.items()},
-                                     **({"best_score": front[0]["score"]} if front else {})})
-    result = SearchResult(out, trials_out, front, top, limit, hv, tracker.parent_id, wall, settings)
-    (out / "result.json").write_text(json.dumps({"fidelity": top, "param_limit": limit, "hypervolume": hv,
-                                                 "mlflow_run_id": tracker.parent_id, "tracking_uri": uri,
-                                                 "wall_time_s": wall, "counts": counts}, indent=2))
+        counts = {s: sum(1 for r in records.values() if r.status == s) for s in STATUSES}
+        wall = before_s + time.time() - t0  # the whole search's running time, earlier sessions included
+        tracker.finish(pareto_ids, out, {"hypervolume": hv, "pareto_size": len(front), "wall_time_s": wall,
+                                         **{f"trials_{k}": v for k, v in counts.items()},
+                                         **({"best_score": front[0]["score"]} if front else {})})
+        result = SearchResult(out, trials_out, front, top, limit, hv, tracker.parent_id, wall, settings)
+        (out / "result.json").write_text(json.dumps({"fidelity": top, "param_limit": limit, "hypervolume": hv,
+                                                     "mlflow_run_id": tracker.parent_id, "tracking_uri": uri,
+                                                     "wall_time_s": wall, "counts": counts}, indent=2))
+    except BaseException as exc:
+        tracker.fail(f"{type(exc).__name__}: {exc}")
+        raise
+    finally:
+        beacon.stop()
     return result
 
 
@@ -392,7 +444,7 @@ def pick_point(search: str | Path, pick: str = "best", output_dir: str | Path = 
         row = min(front, key=lambda r: (r["peak_memory_bytes"], -r["score"]))
     elif pick.isdigit():
         if int(pick) >= len(front):
-            raise ValueError(f"pick {pick} is out of range: the front has {len(front)} points (0-{len(front) - 1})")
+            raise ValueError(f"pick {pick} is out of range: the front has {len(front)} point{'s' if len(front) != 1 else ''} (0-{len(front) - 1})")
         row = front[int(pick)]
     else:
         matches = [r for r in front if r["trial_id"] == pick]

@@ -168,6 +168,24 @@ def _has_gpu() -> bool:
     return torch.cuda.is_available()
 
 
+class ClusterTooSmall(ValueError):
+    """A trial asks for more CPUs or GPUs than the whole Ray cluster has: no trial could ever start."""
+
+
+def check_cluster_fits(cpus_per_trial: float, gpus_per_trial: float) -> None:
+    """Raise :class:`ClusterTooSmall` (one line) when one trial's resources exceed the connected
+    cluster's totals (``ray.cluster_resources()``); Ray would otherwise wait for them forever.
+    An autoscaling cluster that would grow on demand is not covered: start it at its needed size."""
+    import ray
+
+    total = ray.cluster_resources()
+    for what, need in (("CPU", cpus_per_trial), ("GPU", gpus_per_trial)):
+        have = float(total.get(what, 0.0))
+        if need and need > have:
+            raise ClusterTooSmall(f"a trial needs {need:g} {what}s but the Ray cluster has {have:g}: lower "
+                                  f"--{what.lower()}s-per-trial or add nodes")
+
+
 def start_ray(ray_address: str | None) -> None:
     """Connect to ``ray_address``, or start a private local Ray instance (never joining a cluster
     that another program started on this machine).
@@ -254,6 +272,7 @@ def run_tune(space: SearchSpace, base: dict[str, Any], param_limit: int, setting
     start_points = space.start_points if settings.start_points is None else settings.start_points
     sampler = make_sampler(settings.searcher, settings.seed, n_startup_trials=max(4, len(start_points) + 2))
     start_ray(settings.ray_address)
+    check_cluster_fits(settings.cpus_per_trial, settings.gpus_per_trial)
 
     records: dict[str, TrialRecord] = {}
     t0 = time.time()

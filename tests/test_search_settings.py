@@ -1,0 +1,69 @@
+"""Search settings that cannot work are one line before anything starts (no folder, no Ray, no MLflow)."""
+
+import pytest
+
+from autopeft import api
+from autopeft.api import SearchSettingsError
+from conftest import GLUE_DIR
+
+TINY = {"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "intermediate_size": 37, "vocab_size": 30522, "max_position_embeddings": 160}
+
+
+def _search(tmp_path, **kw):
+    if not (GLUE_DIR / "sst2" / "validation.tsv").exists():
+        pytest.skip("real GLUE data not found")
+    args = dict(task="sst2", budget="0.5%", backbone=TINY, data_dir=str(GLUE_DIR), output_dir=tmp_path / "runs",
+                tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", trials=1, progress=None)
+    return api.search(**{**args, **kw})
+
+
+def _nothing_started(tmp_path):
+    import ray
+
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()
+    assert not ray.is_initialized()
+
+
+@pytest.mark.parametrize("name", ["../escape", "a/b", "/abs", "", ".hidden", "x" * 200])
+def test_a_name_that_is_not_one_folder_is_refused(tmp_path, name):
+    with pytest.raises(SearchSettingsError, match="must be a plain folder name"):
+        _search(tmp_path, name=name)
+    _nothing_started(tmp_path)
+
+
+def test_a_budget_below_the_smallest_configuration_is_refused_up_front(tmp_path):
+    # default space on the tiny BERT: the smallest configuration is the parallel FFN adapter with
+    # reduction factor 128 -> bottleneck max(1, 32 // 128) = 1: 2 layers x (32*1 + 1 + 1*32 + 32) = 194
+    with pytest.raises(SearchSettingsError, match=r"budget 10 = 10 trainable parameters is below the smallest "
+                                                  r"configuration of space 'default' .*: 194\): raise --budget to "
+                                                  r"at least 194"):
+        _search(tmp_path, budget="10")
+    _nothing_started(tmp_path)
+
+
+def test_resources_no_trial_can_get_are_refused(tmp_path):
+    with pytest.raises(SearchSettingsError, match=r"--gpus-per-trial 1 exceeds this machine's 0 GPUs"):
+        _search(tmp_path, gpus_per_trial=1)
+    with pytest.raises(SearchSettingsError, match=r"--cpus-per-trial 999 exceeds this machine's"):
+        _search(tmp_path, cpus_per_trial=999)
+    _nothing_started(tmp_path)
+
+
+def test_a_preset_backbone_counts_but_never_searches(tmp_path):
+    with pytest.raises(SearchSettingsError, match="preset 'llama-2-7b' describes sizes for counting only"):
+        _search(tmp_path, backbone={"preset": "llama-2-7b"})
+    _nothing_started(tmp_path)
+
+
+def test_cluster_resources_are_checked_against_the_connected_cluster(monkeypatch):
+    import ray
+
+    from autopeft.hpo.tune import ClusterTooSmall, check_cluster_fits
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0})
+    check_cluster_fits(4, 0)
+    with pytest.raises(ClusterTooSmall, match="a trial needs 1 GPUs but the Ray cluster has 0"):
+        check_cluster_fits(1, 1)
+    with pytest.raises(ClusterTooSmall, match="a trial needs 8 CPUs but the Ray cluster has 4"):
+        check_cluster_fits(8, 0)
