@@ -38,8 +38,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from autopeft.hpo.searchers import SearcherError
     from autopeft.status import SearchFolderError
     from autopeft.tasks import TaskError
+    from autopeft.hpo.tune import RayStartError
 
-    return (BudgetError, TaskError, BackboneError, RecipeError, CompositionError, SearchSpaceError,
+    return (RayStartError, BudgetError, TaskError, BackboneError, RecipeError, CompositionError, SearchSpaceError,
             SearchNotFoundError, ArchitectureError, SearcherError, SearchFolderError, _UserError)
 
 

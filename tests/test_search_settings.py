@@ -67,3 +67,27 @@ def test_cluster_resources_are_checked_against_the_connected_cluster(monkeypatch
         check_cluster_fits(1, 1)
     with pytest.raises(ClusterTooSmall, match="a trial needs 8 CPUs but the Ray cluster has 4"):
         check_cluster_fits(8, 0)
+
+
+def test_a_cluster_that_cannot_be_reached_is_a_one_line_exit_2(capsys):
+    import typer
+
+    from autopeft import cli
+    from autopeft.hpo.tune import RayStartError
+
+    def connect():
+        raise RayStartError("cannot start Ray (address 10.0.0.9:6379): timed out; if the head runs with token ...")
+
+    with pytest.raises(typer.Exit) as exit_:
+        cli._run(connect)
+    assert exit_.value.exit_code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: cannot start Ray (address 10.0.0.9:6379): timed out; if the head runs with token ..."]
+
+
+def test_trial_summaries_print_whole_numbers_without_a_decimal_point():
+    from autopeft.hpo.tune import _summary
+
+    recipe = {"components": [{"method": "adapter", "placement": "parallel", "reduction_factor": 64.0}],
+              "training": {"learning_rate": 0.0032}}
+    assert _summary(recipe) == "adapter(placement=parallel, reduction_factor=64) lr=0.0032"

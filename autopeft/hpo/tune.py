@@ -168,6 +168,11 @@ def _has_gpu() -> bool:
     return torch.cuda.is_available()
 
 
+class RayStartError(RuntimeError):
+    """Ray could not start locally or reach the cluster at ``--ray-address`` (one line, with what to
+    check); the CLI exits 2 on it, as on other bad settings."""
+
+
 class ClusterTooSmall(ValueError):
     """A trial asks for more CPUs or GPUs than the whole Ray cluster has: no trial could ever start."""
 
@@ -198,7 +203,7 @@ def start_ray(ray_address: str | None) -> None:
     would (:func:`_use_token_if_available`); a cluster without authentication ignores it.
 
     Raises:
-        RuntimeError: Ray could not start or reach the cluster (one line; for a cluster address,
+        RayStartError: Ray could not start or reach the cluster (one line; for a cluster address,
             with what to check about the token).
     """
     import ray
@@ -217,7 +222,7 @@ def start_ray(ray_address: str | None) -> None:
         if ray_address and (isinstance(exc, (ConnectionError, TimeoutError)) or "uthenticat" in type(exc).__name__):
             hint = ("; if the head runs with token authentication, give this machine its token "
                     "(copy the head's ~/.ray/auth_token, or set RAY_AUTH_TOKEN) and RAY_AUTH_MODE=token")
-        raise RuntimeError(f"cannot start Ray ({'address ' + ray_address if ray_address else 'local'}): "
+        raise RayStartError(f"cannot start Ray ({'address ' + ray_address if ray_address else 'local'}): "
                            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}{hint}") from None
 
 
@@ -427,7 +432,8 @@ def _summary(recipe: dict | None) -> str:
     for c in recipe.get("components", []):
         keys = [k for k in ("r", "target_modules", "placement", "reduction_factor", "bottleneck_size", "num_virtual_tokens")
                 if k in c and c[k] is not None]
-        parts.append(c["method"] + "(" + ", ".join(f"{k}={c[k]}" for k in keys) + ")")
+        parts.append(c["method"] + "(" + ", ".join(f"{k}={c[k]:g}" if isinstance(c[k], float) else f"{k}={c[k]}"
+                                                   for k in keys) + ")")
     lr = recipe.get("training", {}).get("learning_rate")
     gate = " gated" if recipe.get("gating") else ""
     return (" + ".join(parts) or "head only") + gate + (f" lr={lr:.2g}" if lr else "")
