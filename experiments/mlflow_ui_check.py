@@ -38,8 +38,8 @@ def free_port() -> int:
 
 
 def build_store(folder: Path) -> dict:
-    """A finished search in ``folder/mlflow.db``, artifacts in ``folder/mlruns`` (MLflow puts them under
-    the working folder at the experiment's creation); returns its ids and values."""
+    """A finished search in ``folder/mlflow.db``, artifacts beside it in ``folder/mlartifacts``
+    (:func:`autopeft.tracking.artifact_location`); returns its ids and values."""
     from autopeft.plots import pareto_plot
     from autopeft.tracking import SearchTracker
 
@@ -76,6 +76,19 @@ def build_store(folder: Path) -> dict:
     tracker.finish({"t0001", "t0002"}, art, {"hypervolume": 0.42, "pareto_size": 2, "best_score": 0.8125})
     return {"uri": uri, "experiment_id": tracker.experiment_id, "parent_id": tracker.parent_id,
             "trial_runs": dict(tracker.trial_runs), "trials": shown}
+
+
+def start_ui_on_free_port(uri: str, log: Path, tries: int = 3) -> tuple[subprocess.Popen, int]:
+    """:func:`start_ui` on a free port, ``(process, port)``; a port found free can be taken by another
+    process before the server binds it, so a server that exits at start is retried on the next one."""
+    for attempt in range(tries):
+        port = free_port()
+        try:
+            return start_ui(uri, port, log), port
+        except RuntimeError:
+            if attempt == tries - 1:
+                raise
+    raise AssertionError("unreachable")
 
 
 def start_ui(uri: str, port: int, log: Path) -> subprocess.Popen:
@@ -166,9 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     t0 = time.time()
     store = build_store(folder)
-    port = free_port()
+    proc, port = start_ui_on_free_port(store["uri"], folder / "ui.log")
     base = f"http://127.0.0.1:{port}"
-    proc = start_ui(store["uri"], port, folder / "ui.log")
     failures = []
 
     def check(what: str, ok: bool) -> None:

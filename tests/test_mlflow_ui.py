@@ -52,9 +52,8 @@ def test_ui_serves_the_search_with_its_views_and_sigterm_stops_every_server_proc
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     store = check.build_store(tmp_path)
-    port = check.free_port()
+    proc, port = check.start_ui_on_free_port(store["uri"], tmp_path / "ui.log")
     base = f"http://127.0.0.1:{port}"
-    proc = check.start_ui(store["uri"], port, tmp_path / "ui.log")
     try:
         printed = (tmp_path / "ui.log").read_text()
         assert runs_view_url(base, store["experiment_id"]) in printed

@@ -68,8 +68,26 @@ def _ray_cli() -> str:
     return found
 
 
-def _start_node(args: list[str], env: dict, log: Path) -> subprocess.Popen:
-    """``ray start ... --block`` in its own process; returns once the node is up."""
+def start_head(env: dict, log: Path, tries: int = 3) -> tuple[subprocess.Popen, int]:
+    """A head on a free port, ``(process, port)``. A port found free can be taken by another process
+    (a Ray worker of an earlier test) before the head binds it: then try the next free port."""
+    for attempt in range(tries):
+        port = _free_port()
+        try:
+            return _start_node(["--head", f"--port={port}", "--include-dashboard=false"], env, log,
+                               fail=attempt == tries - 1), port
+        except _NodeDidNotStart:
+            continue
+    raise AssertionError("unreachable")
+
+
+class _NodeDidNotStart(Exception):
+    pass
+
+
+def _start_node(args: list[str], env: dict, log: Path, fail: bool = True) -> subprocess.Popen:
+    """``ray start ... --block`` in its own process; returns once the node is up. If it does not come
+    up: ``pytest.fail`` with its log (or, with ``fail=False``, :class:`_NodeDidNotStart`)."""
     proc = subprocess.Popen([_ray_cli(), "start", *args, "--num-cpus=1", "--disable-usage-stats", "--block"],
                             stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
     deadline = time.time() + 120
@@ -81,6 +99,8 @@ def _start_node(args: list[str], env: dict, log: Path) -> subprocess.Popen:
             break
         time.sleep(0.3)
     _stop(proc)
+    if not fail:
+        raise _NodeDidNotStart(log.read_text()[-2000:])
     pytest.fail(f"ray start {' '.join(args)} did not come up:\n{log.read_text()[-2000:]}")
 
 
@@ -113,11 +133,10 @@ def cluster(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
                 **FAST_HEALTH_CHECKS})
-    port = _free_port()
     nodes = []
     try:
-        nodes.append(_start_node(["--head", f"--port={port}", "--include-dashboard=false"], env,
-                                 tmp_path / "head.log"))
+        head, port = start_head(env, tmp_path / "head.log")
+        nodes.append(head)
         nodes.append(_start_node([f"--address=127.0.0.1:{port}"], env, tmp_path / "worker.log"))
         yield {"address": f"127.0.0.1:{port}", "token": token, "head": nodes[0], "worker": nodes[1]}
     finally:

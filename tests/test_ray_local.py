@@ -6,7 +6,6 @@ connecting to an existing cluster, num_cpus and num_gpus must not be provided".
 """
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -18,20 +17,14 @@ GLUE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "glue"
 SPACE = Path(__file__).parent / "data" / "tiny_space.yaml"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def throwaway_head(tmp_path):
     """A Ray head started as another user would (``ray start --head``), in its own ``--block`` process
     so that stopping it stops this head only, never other Ray clusters on the machine."""
-    from test_ray_cluster import _start_node, _stop
+    from test_ray_cluster import _stop, start_head
 
     env = {**os.environ, "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
-    head = _start_node(["--head", f"--port={_free_port()}", "--include-dashboard=false"], env, tmp_path / "head.log")
+    head, _ = start_head(env, tmp_path / "head.log")
     try:
         yield
     finally:
