@@ -208,7 +208,7 @@ def peft_blocker(recipe: Recipe) -> str | None:
             return _WHY_NOT_PEFT.get(c.method, f"peft has no counterpart of {c.method}")
     if recipe.quantization != "none":
         return "the recipe trains on autopeft's 4-bit NF4 base weights; on peft's base the logits would differ"
-    gated = [c.method for c in recipe.components if c.gated or (c.gated is None and recipe.gating)]
+    gated = _gated_methods(recipe)
     if gated:
         return f"UniPELT gates ({', '.join(gated)} gated) have no peft counterpart"
     main = [m for m in methods if m != "bitfit"]
@@ -231,6 +231,11 @@ def peft_blocker(recipe: Recipe) -> str | None:
     return _pooling_blocker(recipe)
 
 
+def _gated_methods(recipe: Recipe) -> list[str]:
+    """Methods of the recipe's components that carry a UniPELT gate (their own ``gated``, else the recipe's ``gating``)."""
+    return [c.method for c in recipe.components if c.gated or (c.gated is None and recipe.gating)]
+
+
 def merge_blocker(recipe: Recipe) -> str | None:
     """Why ``recipe`` cannot be folded into the backbone's weights (one clause), or ``None``."""
     for c in recipe.components:
@@ -238,7 +243,7 @@ def merge_blocker(recipe: Recipe) -> str | None:
             return _WHY_NOT_MERGE.get(c.method, f"{c.method} is not a linear update of the backbone's weights")
     if recipe.quantization != "none":
         return "the base weights are 4-bit NF4; dequantise before merging"
-    gated = [c.method for c in recipe.components if c.gated or (c.gated is None and recipe.gating)]
+    gated = _gated_methods(recipe)
     if gated:
         return f"gated components ({', '.join(gated)}) depend on the input and cannot be folded into weights"
     return _pooling_blocker(recipe)
