@@ -217,10 +217,12 @@ def peft_blocker(recipe: Recipe) -> str | None:
     if main and main[0] not in ("lora", "adalora") and "bitfit" in methods:
         return f"peft's {main[0]} cannot train biases too (bitfit rides only on LoRA/AdaLoRA's bias='all')"
     prefixes = [m for m in methods if m in ("prefix_tuning", "p_tuning_v2")]
-    if prefixes and _model_type(recipe) in NO_CACHE_MODEL_TYPES:
-        return (f"{prefixes[0]} on {_model_type(recipe)}: its transformers attention takes no key/value cache, so peft "
+    config = _backbone_config(recipe) if prefixes or "p_tuning" in methods else None  # loaded once
+    model_type = str(getattr(config, "model_type", ""))
+    if prefixes and model_type in NO_CACHE_MODEL_TYPES:
+        return (f"{prefixes[0]} on {model_type}: its transformers attention takes no key/value cache, so peft "
                 "cannot feed it prefixes")
-    if "p_tuning" in methods and _causal_backbone(recipe):
+    if "p_tuning" in methods and _causal(config):
         return ("p_tuning on a decoder-only backbone: peft feeds the prompt as inputs_embeds, and transformers then "
                 "cannot find the last real token of a padded sequence")
     for c in recipe.components:
@@ -694,16 +696,11 @@ def peft_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) ->
                                 cache=cache, **kw).logits
 
 
-def _causal_backbone(recipe: Recipe) -> bool:
+def _backbone_config(recipe: Recipe) -> Any:
+    """The transformers config of the recipe's backbone (no weights)."""
     from autopeft.backbones import load_config
 
-    return _causal(load_config(recipe.backbone, _num_labels(recipe)))
-
-
-def _model_type(recipe: Recipe) -> str:
-    from autopeft.backbones import load_config
-
-    return str(getattr(load_config(recipe.backbone, _num_labels(recipe)), "model_type", ""))
+    return load_config(recipe.backbone, _num_labels(recipe))
 
 
 def _causal(config: Any) -> bool:

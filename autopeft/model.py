@@ -542,7 +542,7 @@ class PeftModel(nn.Module):
         """
         self.claim(("prefix", layer))
         self.attention(layer).add_source(source, gate)
-        self._prefix_tokens = max(getattr(self, "_prefix_tokens", 0), int(num_tokens))
+        self._prefix_tokens = max(self._prefix_tokens, int(num_tokens))
 
     def load_stage1(self, folder: str, with_tensors: bool = True):
         """A stage-1 adapter folder for AdapterFusion, as an
@@ -593,7 +593,7 @@ class PeftModel(nn.Module):
             inputs, attention_mask, token_type_ids = self._with_input_prompts(input_ids, attention_mask, token_type_ids)
         if token_type_ids is not None:
             inputs["token_type_ids"] = token_type_ids
-        p = getattr(self, "_prefix_tokens", 0)
+        p = self._prefix_tokens
         if fam.causal and p:
             t = (inputs.get("inputs_embeds") if "inputs_embeds" in inputs else input_ids).shape[1]
             kw.setdefault("position_ids", torch.arange(p, p + t, device=input_ids.device)[None])
