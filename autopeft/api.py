@@ -24,6 +24,8 @@ from autopeft.budget import Budget, parse_budget
 from autopeft.recipe import Recipe, count_recipe, load_recipe, recipe_from_dict
 
 RUNS_DIR = "autopeft_runs"
+#: Named picks of a Pareto point (:func:`pick_point`); an index or a trial id also picks one.
+PICKS = ("best", "smallest", "leanest", "smallest-within-noise")
 
 
 class SearchSettingsError(ValueError):
@@ -88,6 +90,8 @@ class SearchResult:
     mlflow_run_id: str | None
     wall_time_s: float
     settings: dict[str, Any] = field(default_factory=dict)
+    #: The ``--reference`` run (:func:`autopeft.hpo.final.train_reference`), else ``None``.
+    reference: dict[str, Any] | None = None
 
 
 def default_resources() -> tuple[float, float]:
@@ -109,7 +113,8 @@ def search(task: str = "sst2", budget: str | Budget = "0.5%", backbone: str | di
            training: dict[str, Any] | None = None, max_train_examples: int | None = None,
            searcher: str = "tpe", one_shot: bool = False,
            text_columns: str | list[str] | None = None, label_column: str | None = None, metric: str | None = None,
-           progress: Callable[[str], None] | None = print, resume: bool = False) -> SearchResult:
+           progress: Callable[[str], None] | None = print, resume: bool = False, confirm_seeds: int = 0,
+           reference: str | None = None) -> SearchResult:
     """Search PEFT configurations for ``task`` under ``budget``; returns the Pareto front.
 
     Args:
@@ -135,6 +140,17 @@ def search(task: str = "sst2", budget: str | Budget = "0.5%", backbone: str | di
         one_shot: before the trials, train one gated model holding every component of the space and
             add its best within-budget subsets as start points (:mod:`autopeft.hpo.oneshot`).
         progress: receives one-line progress messages (``None``: silent).
+        confirm_seeds: after the search, retrain each Pareto point with this many more training seeds
+            and report the mean and standard deviation of its test scores
+            (:func:`autopeft.hpo.final.confirm_seeds`).
+        reference: ``"full"``: after the search, train full fine-tuning at the top fidelity on the same
+            splits and report its dev and test scores beside the front (:func:`autopeft.hpo.final.train_reference`).
+
+    Splits: trials train on train less a seeded, stratified **dev** split
+    (:func:`autopeft.tasks.default_dev_examples` rows) and are scored on dev; every search decision
+    reads dev only. The task's validation split is the **test** split (user data without one: its
+    seeded held-out part), read once after the search, for the front's kept models
+    (:mod:`autopeft.hpo.final`). The sizes are in ``search.json`` (``splits``) and on the MLflow parent run.
         resume: continue the interrupted search ``name`` in ``output_dir`` (the same options, except
             resources; or use :func:`resume`): finished trials are kept with their ids and scores, the
             trial that was running is re-run from the start under its id, the sampler and scheduler
@@ -191,9 +207,14 @@ def search(task: str = "sst2", budget: str | Budget = "0.5%", backbone: str | di
         raise SearchSpaceError(f"search space {sp.name!r} has per_layer num_layers={sp.num_layers}, but the backbone "
                                f"has {config.num_hidden_layers} layers")
     root = resolve_data_dir(data_dir)
-    if root is not None:
-        load_split(task_obj, "validation", root)  # fails fast on a folder without the task
-    base = {"backbone": backbone, "task": task_value,
+    if confirm_seeds < 0:
+        raise SearchSettingsError(f"--confirm-seeds must be 0 or more, got {confirm_seeds}")
+    from autopeft.hpo.final import REFERENCES
+
+    if reference is not None and reference not in REFERENCES:
+        raise SearchSettingsError(f"unknown --reference {reference!r}; valid: {', '.join(REFERENCES)}")
+    splits, dev = _splits(task_obj, root, seed)  # fails fast on a folder without the task
+    base = {"backbone": backbone, "task": task_value, "dev": dev,
             "training": {"max_train_examples": sp.fidelity.max_train_examples,
                          "schedule_examples": sp.fidelity.max_train_examples, "seed": seed, **(training or {})}}
     backbone_params = count_recipe(recipe_from_dict({**base, "components": []})).backbone_params
@@ -223,7 +244,7 @@ def search(task: str = "sst2", budget: str | Budget = "0.5%", backbone: str | di
                 "time_budget_s": time_budget_s,
                 "rungs": sp.fidelity.search_rungs(int(base["training"].get("batch_size", 32))), "seed": seed,
                 "searcher": searcher, "scheduler": f"MO-ASHA (reduction factor {sp.fidelity.reduction_factor})",
-                "one_shot": one_shot,
+                "one_shot": one_shot, "splits": splits, "confirm_seeds": confirm_seeds, "reference": reference,
                 "cpus_per_trial": cpus, "gpus_per_trial": gpus, "ray_address": ray_address,
                 "data_dir": str(root) if root else None, "training": base["training"]}
     if stored:
@@ -238,6 +259,9 @@ def search(task: str = "sst2", budget: str | Budget = "0.5%", backbone: str | di
     if progress:
         progress(f"search {name}: {task_obj.name}, budget {budget} = {limit:,} trainable parameters "
                  f"of {backbone_params:,}; MLflow {uri} run {tracker.parent_id}")
+        progress(f"splits: train {splits['train']:,} / dev {splits['dev']:,} (carved from train, seed {seed}, "
+                 f"{'stratified' if task_obj.num_labels > 1 else 'random'}; every search decision reads it) / "
+                 f"test {splits['test']:,} ({splits['test_source']}; read once, after the search)")
         for note in space_notes:
             progress(f"note: {note}")
     beacon = DriverBeacon(out, before_s, started=t0).start()  # driver.json: pid + heartbeat, for `autopeft status`
@@ -271,7 +295,8 @@ def search(task: str = "sst2", budget: str | Budget = "0.5%", backbone: str | di
             if row is not None and r.status == "finished" and row["trainable_params"] <= limit and _finite(row.get("score")):
                 candidates.append({"trial_id": r.trial_id, **row, "recipe": r.recipe})
         front = [candidates[i] for i in pareto_front(candidates)]
-        hv = front_hypervolume(front, limit)
+        hv = front_hypervolume(front, limit)  # of the dev scores: what the search optimised
+        _finish_front(front, out, base, str(root) if root else None, confirm_seeds, reference, tracker, progress)
         _write_results(out, trials_out, front, task_obj.metric, limit, settings["rungs"])
         pareto_ids = {row["trial_id"] for row in front}
         from autopeft.tracking import STATUSES
@@ -280,8 +305,11 @@ def search(task: str = "sst2", budget: str | Budget = "0.5%", backbone: str | di
         wall = before_s + time.time() - t0  # the whole search's running time, earlier sessions included
         tracker.finish(pareto_ids, out, {"hypervolume": hv, "pareto_size": len(front), "wall_time_s": wall,
                                          **{f"trials_{k}": v for k, v in counts.items()},
-                                         **({"best_score": front[0]["score"]} if front else {})})
-        result = SearchResult(out, trials_out, front, top, limit, hv, tracker.parent_id, wall, settings)
+                                         **({"best_score": front[0]["score"]} if front else {}),
+                                         **({"best_test_score": front[0]["test_score"]}
+                                            if front and _finite(front[0].get("test_score")) else {})})
+        ref = json.loads((out / "reference.json").read_text()) if reference and (out / "reference.json").is_file() else None
+        result = SearchResult(out, trials_out, front, top, limit, hv, tracker.parent_id, wall, settings, ref)
         (out / "result.json").write_text(json.dumps({"fidelity": top, "param_limit": limit, "hypervolume": hv,
                                                      "mlflow_run_id": tracker.parent_id, "tracking_uri": uri,
                                                      "wall_time_s": wall, "counts": counts}, indent=2))
@@ -339,6 +367,45 @@ def _search_request(args: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(out, default=str))
 
 
+def _splits(task_obj, root: Path | None, seed: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(sizes, dev)``: the split sizes a search prints and records (``train``, ``dev``, ``test``,
+    ``test_source``, ``dev_seed``) and the recipe's ``dev`` mapping (:class:`autopeft.tasks.DevSplit`).
+    Reads train and the test split's length only (never its labels' values)."""
+    from autopeft.tasks import DevSplit, default_dev_examples, load_split
+
+    n_train = len(load_split(task_obj, "train", root))
+    n_test = len(load_split(task_obj, "validation", root))
+    dev = DevSplit(examples=default_dev_examples(n_train), seed=seed)
+    spec = task_obj.spec
+    if spec is not None and spec.source is not None:
+        source = (f"a seeded {spec.held_out.fraction:.0%} held out of your train data" if spec.held_out is not None
+                  else "your validation split")
+    else:
+        source = f"{task_obj.name}'s validation split"
+    sizes = {"train": n_train - dev.examples, "dev": dev.examples, "test": n_test, "dev_seed": seed,
+             "test_source": source}
+    return sizes, dev.model_dump()
+
+
+def _finish_front(front: list[dict], out: Path, base: dict[str, Any], data_dir: str | None, confirm: int,
+                  reference: str | None, tracker, progress: Callable[[str], None] | None) -> None:
+    """After the search: the front's kept models scored once on test, ``--confirm-seeds`` and
+    ``--reference`` (:mod:`autopeft.hpo.final`); MLflow gets the test scores on the trials' runs and
+    the reference on the parent; ``reference.json`` in the search folder."""
+    from autopeft.hpo.final import confirm_seeds, score_front_on_test, train_reference
+
+    score_front_on_test(front, out, data_dir, log=progress)
+    confirm_seeds(front, confirm, data_dir, log=progress)
+    if tracker:
+        for row in front:
+            tracker.log_test(row["trial_id"], row)
+    if reference:
+        ref = train_reference(reference, base, data_dir, log=progress)
+        (out / "reference.json").write_text(json.dumps(ref, indent=2, default=str))
+        if tracker:
+            tracker.log_reference(ref)
+
+
 def _finite(x: Any) -> bool:
     import math
 
@@ -349,8 +416,8 @@ def _write_results(out: Path, trials: list[dict], front: list[dict], metric: str
                    rungs: list[int] | None = None) -> None:
     (out / "trials.json").write_text(json.dumps(trials, indent=2, default=str))
     (out / "pareto.json").write_text(json.dumps(front, indent=2, default=str))
-    cols = ["trial_id", "score", "trainable_params", "trainable_percent", "peak_memory_bytes", "examples_seen",
-            "train_time_s", "methods"]
+    cols = ["trial_id", "score", "score_low", "score_high", "test_score", "test_low", "test_high",
+            "trainable_params", "trainable_percent", "peak_memory_bytes", "examples_seen", "train_time_s", "methods"]
     with open(out / "pareto.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(cols)
@@ -359,14 +426,15 @@ def _write_results(out: Path, trials: list[dict], front: list[dict], metric: str
             w.writerow([row.get(c) if c != "methods" else methods for c in cols])
     if front:
         Recipe.model_validate(front[0]["recipe"]).save(out / "best_recipe.yaml")
-        _plot(out / "pareto.png", trials, front, metric, param_limit, rungs)
+        ref = json.loads((out / "reference.json").read_text()) if (out / "reference.json").is_file() else None
+        _plot(out / "pareto.png", trials, front, metric, param_limit, rungs, ref)
 
 
 def _plot(path: Path, trials: list[dict], front: list[dict], metric: str, param_limit: int | None = None,
-          rungs: list[int] | None = None) -> None:
+          rungs: list[int] | None = None, reference: dict | None = None) -> None:
     from autopeft.plots import pareto_plot
 
-    pareto_plot(path, trials, front, metric, param_limit, rungs)
+    pareto_plot(path, trials, front, metric, param_limit, rungs, reference)
 
 
 def find_search(search: str | Path, output_dir: str | Path = RUNS_DIR) -> Path:
@@ -394,8 +462,11 @@ def export(search: str | Path, pick: str = "best", output: str | Path | None = N
 
     Args:
         search: search folder, name, or ``latest``.
-        pick: ``best`` (highest score), ``smallest`` (fewest trainable parameters), ``leanest``
-            (least memory), a 0-based index into the front (best score first), or a trial id.
+        pick: ``best`` (highest dev score), ``smallest`` (fewest trainable parameters), ``leanest``
+            (least memory), ``smallest-within-noise`` (fewest trainable parameters among the points whose
+            dev score is at least the lower end of the best point's 95% interval,
+            :func:`autopeft.uncertainty.within_noise`), a 0-based index into the front (best score
+            first), or a trial id. Every pick reads dev scores only, never test.
         output: write the recipe YAML there too.
 
     Raises:
@@ -416,12 +487,22 @@ def _provenance_comment(folder: Path, row: dict) -> str:
     """YAML comment lines naming the search (name, searcher, seed), the trial and its score: the
     recipe file's model card."""
     s = json.loads((folder / "search.json").read_text()) if (folder / "search.json").is_file() else {}
-    score = row.get("score")
     where = f" at {row['examples_seen']:,} training examples" if isinstance(row.get("examples_seen"), int) else ""
+    split = "dev" if (row.get("recipe") or {}).get("dev") else "validation"
+    test = (f"; test {_fmt_ci(row.get('test_score'), row.get('test_low'), row.get('test_high'))}"
+            if _finite(row.get("test_score")) else "")
     return (f"# exported by autopeft from search {folder.name} (searcher {s.get('searcher', 'unknown')}, "
             f"seed {s.get('seed', 'unknown')}, budget {s.get('budget', 'unknown')})\n"
-            f"# trial {row.get('trial_id')}: validation score {score:.4f}{where}, "
+            f"# trial {row.get('trial_id')}: {split} score "
+            f"{_fmt_ci(row.get('score'), row.get('score_low'), row.get('score_high'))}{test}{where}, "
             f"{row.get('trainable_params', 0):,} trainable parameters without the head\n")
+
+
+def _fmt_ci(score: Any, low: Any, high: Any) -> str:
+    """``0.8761 [0.8541, 0.8968]`` (95% interval), or the score alone without a finite interval."""
+    if not _finite(score):
+        return "n/a"
+    return f"{score:.4f} [{low:.4f}, {high:.4f}]" if _finite(low) and _finite(high) else f"{score:.4f}"
 
 
 def pick_point(search: str | Path, pick: str = "best", output_dir: str | Path = RUNS_DIR) -> tuple[Path, dict]:
@@ -442,6 +523,10 @@ def pick_point(search: str | Path, pick: str = "best", output_dir: str | Path = 
         row = min(front, key=lambda r: (r["trainable_params"], -r["score"]))
     elif pick == "leanest":
         row = min(front, key=lambda r: (r["peak_memory_bytes"], -r["score"]))
+    elif pick == "smallest-within-noise":
+        from autopeft.uncertainty import within_noise
+
+        row = min(within_noise(front), key=lambda r: (r["trainable_params"], -r["score"]))
     elif pick.isdigit():
         if int(pick) >= len(front):
             raise ValueError(f"pick {pick} is out of range: the front has {len(front)} point{'s' if len(front) != 1 else ''} (0-{len(front) - 1})")
@@ -450,7 +535,7 @@ def pick_point(search: str | Path, pick: str = "best", output_dir: str | Path = 
         matches = [r for r in front if r["trial_id"] == pick]
         if not matches:
             ids = ", ".join(r["trial_id"] for r in front)
-            raise ValueError(f"unknown pick {pick!r}; use best, smallest, leanest, an index, or a trial id ({ids})")
+            raise ValueError(f"unknown pick {pick!r}; use {', '.join(PICKS)}, an index, or a trial id ({ids})")
         row = matches[0]
     return folder, row
 
@@ -458,6 +543,11 @@ def pick_point(search: str | Path, pick: str = "best", output_dir: str | Path = 
 def train(recipe: Recipe | str | Path, data_dir: str | None = None, output_dir: str | Path | None = None,
           device: str | None = None, log: Callable[[str], None] | None = print):
     """Train a recipe at its fidelity, evaluate it, and save the trained PEFT weights.
+
+    A recipe with ``dev`` (every recipe a search exports) trains on train less that dev split, is
+    scored on dev (the search's score for it, reproduced), then once on the untouched test split
+    (``result.test_score``). A recipe without ``dev`` trains on all of train and is scored on the
+    validation split.
 
     Returns:
         :class:`autopeft.trainer.TrialResult`.
@@ -472,7 +562,7 @@ def train(recipe: Recipe | str | Path, data_dir: str | None = None, output_dir: 
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
     check_recipe(recipe, for_training=True)  # limits of the backbone/task/training: one line, before any data
-    result, model = run_trial(recipe, data_dir, device=device, log=log)
+    result, model = run_trial(recipe, data_dir, device=device, log=log, test=True)
     if output_dir is not None:
         save_trained(model, recipe, result, output_dir)
     return result

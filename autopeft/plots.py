@@ -10,13 +10,17 @@ RUNG_MARKERS = ("v", "s", "D", "o", "^", "P", "X")
 
 
 def pareto_plot(path: str | Path, trials: list[dict[str, Any]], front: list[dict[str, Any]], metric: str,
-                param_limit: int | None = None, rungs: list[int] | None = None) -> None:
-    """Draw score against trainable parameters for every trained trial, at the last rung it reached.
+                param_limit: int | None = None, rungs: list[int] | None = None,
+                reference: dict[str, Any] | None = None) -> None:
+    """Draw dev score against trainable parameters for every trained trial, at the last rung it reached.
 
     * colour: peak training memory (MiB, colour bar; the same scale for every point);
     * marker: the rung the point was measured at (legend ``rung k: n examples``);
     * a black ring: the point is on the Pareto front (top fidelity, within budget);
-    * a dashed vertical line: the budget ``param_limit`` (trainable parameters without the head).
+    * a dashed vertical line: the budget ``param_limit`` (trainable parameters without the head);
+    * error bars: the front's 95% dev intervals (``score_low``/``score_high``), and beside each front
+      point its test score (red ``x``) with its 95% test interval (``test_low``/``test_high``);
+    * a dotted horizontal line: the ``--reference`` run's test score (``reference["test_score"]``).
 
     Args:
         path: the PNG to write.
@@ -56,15 +60,34 @@ def pareto_plot(path: str | Path, trials: list[dict[str, Any]], front: list[dict
                      label="peak training memory (MiB)")
     if front:
         ax.scatter([r["trainable_params"] for r in front], [r["score"] for r in front], s=140, facecolors="none",
-                   edgecolors="black", linewidths=1.2, label="Pareto front (top rung)")
+                   edgecolors="black", linewidths=1.2, label="Pareto front (top rung), dev")
+        _error_bars(ax, front, "score", "score_low", "score_high", "black", None)
+        tested = [r for r in front if _finite(r.get("test_score"))]
+        if tested:
+            ax.scatter([r["trainable_params"] for r in tested], [r["test_score"] for r in tested], marker="x",
+                       color="tab:red", s=50, label="same points, test (95% interval)")
+            _error_bars(ax, tested, "test_score", "test_low", "test_high", "tab:red", None)
+    if reference and _finite(reference.get("test_score")):
+        ax.axhline(reference["test_score"], color="tab:gray", linestyle=":", linewidth=1.2,
+                   label=f"{reference.get('kind', 'reference')} fine-tuning, test {reference['test_score']:.4f}")
     if param_limit is not None and math.isfinite(param_limit):
         ax.axvline(param_limit, color="tab:red", linestyle="--", linewidth=1, label=f"budget {param_limit:,}")
     ax.set_xlabel("trainable parameters (without the head)")
-    ax.set_ylabel(f"validation {metric}")
+    ax.set_ylabel(metric)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _error_bars(ax, rows: list[dict], key: str, low: str, high: str, color: str, label: str | None) -> None:
+    """Vertical 95% interval bars ``[row[low], row[high]]`` around ``row[key]`` (rows without one: none)."""
+    rows = [r for r in rows if _finite(r.get(low)) and _finite(r.get(high)) and _finite(r.get(key))]
+    if not rows:
+        return
+    ax.errorbar([r["trainable_params"] for r in rows], [r[key] for r in rows],
+                yerr=[[r[key] - r[low] for r in rows], [r[high] - r[key] for r in rows]], fmt="none",
+                ecolor=color, elinewidth=1, capsize=3, label=label)
 
 
 def _finite(x: Any) -> bool:

@@ -29,7 +29,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator
 
 from autopeft.methods.base import MethodConfig, parse_component
-from autopeft.tasks import TaskSpec
+from autopeft.tasks import DevSplit, TaskSpec
 
 
 class RecipeError(ValueError):
@@ -79,6 +79,11 @@ class Recipe(BaseModel):
     pooling: Literal["pooler", "cls", "mean"] = "pooler"
     quantization: Literal["none", "nf4"] = "none"
     training: TrainingConfig = Field(default_factory=TrainingConfig)
+    #: Where the trial is scored. ``None``: on the task's validation split, training on all of train
+    #: (a recipe written by hand). Set (every search sets it): on a dev split carved from train
+    #: (:class:`autopeft.tasks.DevSplit`), training on the rest; the validation split is then the
+    #: untouched ``test`` split, scored once after training by ``autopeft train``, never in a search.
+    dev: DevSplit | None = None
 
     @field_validator("components", mode="before")
     @classmethod

@@ -258,6 +258,37 @@ class SearchTracker:
             self.client.set_tag(run_id, "error", error[:5000])
         self.client.set_terminated(run_id, "FAILED" if status == "failed" else "FINISHED")
 
+    def log_test(self, trial_id: str, row: dict[str, Any]) -> None:
+        """After the search: a Pareto point's test score, its 95% interval (``test_low`` /
+        ``test_high``), every test metric (``test_<metric>``) and, with ``--confirm-seeds``, the mean and
+        standard deviation over seeds (``confirm_test_mean`` / ``confirm_test_std``) on its trial's run.
+        Its dev interval (``score_low`` / ``score_high``) is logged with each rung."""
+        if trial_id not in self.trial_runs:
+            return
+        values = {k: row.get(k) for k in ("test_score", "test_low", "test_high")}
+        values.update({f"test_{k}": v for k, v in (row.get("test_metrics") or {}).items()})
+        confirm = row.get("confirm") or {}
+        values.update({f"confirm_{k}": confirm.get(k) for k in ("test_mean", "test_std", "dev_mean", "dev_std")})
+        self._log_values(self.trial_runs[trial_id], values)
+
+    def log_reference(self, ref: dict[str, Any]) -> None:
+        """The ``--reference`` run's dev and test scores on the parent run (``reference_<key>``)."""
+        self._log_values(self.parent_id, {f"reference_{k}": ref.get(k) for k in
+                                          ("score", "score_low", "score_high", "test_score", "test_low", "test_high")})
+        self.client.set_tag(self.parent_id, "reference", str(ref.get("kind")))
+
+    def _log_values(self, run_id: str, values: dict[str, Any]) -> None:
+        import math
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        ms = [Metric(k, float(v), now, 0) for k, v in values.items()
+              if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
+        if ms:
+            self.client.log_batch(run_id, metrics=ms)
+
     def finish(self, pareto_ids: set[str], artifacts_dir: Path, metrics: dict[str, float]) -> None:
         """Tag every trial ``pareto=true|false``, attach the front's files to the parent, close it."""
         for trial_id, run_id in self.trial_runs.items():
@@ -267,7 +298,7 @@ class SearchTracker:
         if "best_score" in metrics:  # the parent's row in the score column: the best point of the front
             self.client.log_metric(self.parent_id, "score", float(metrics["best_score"]))
         self.client.set_tag(self.parent_id, "status", "finished")
-        for name in ("pareto.json", "pareto.csv", "pareto.png", "best_recipe.yaml", "trials.json"):
+        for name in ("pareto.json", "pareto.csv", "pareto.png", "best_recipe.yaml", "trials.json", "reference.json"):
             f = artifacts_dir / name
             if f.exists():
                 self.client.log_artifact(self.parent_id, str(f))

@@ -37,12 +37,19 @@ class TrialResult:
     """What one trial measured.
 
     Attributes:
-        score: the task's primary metric on the validation split (e.g. accuracy in [0, 1]).
-        metrics: every metric of the task.
+        score: the task's primary metric on the split the trial is scored on (e.g. accuracy in [0, 1]):
+            the dev split when the recipe sets ``dev`` (every search), else the validation split.
+        metrics: every metric of the task on that split.
+        score_low / score_high: the 95% bootstrap interval of ``score`` (:mod:`autopeft.uncertainty`).
+        eval_split / eval_examples: ``dev`` or ``validation``, and its size.
         trainable_params / head_params / backbone_params / trainable_percent: see ``ParameterCount``.
         peak_memory_bytes: peak training memory (see the module docstring), bytes.
         examples_seen / steps: the fidelity actually trained.
         train_time_s / wall_time_s: seconds in training steps / in the whole trial.
+        test_score / test_low / test_high / test_metrics / test_examples: the untouched test split
+            (the task's validation split), scored once after training when asked
+            (``run_trial(test=True)``, as ``autopeft train`` does for a recipe with ``dev``); ``None``
+            otherwise, and always inside a search.
     """
 
     score: float
@@ -57,6 +64,15 @@ class TrialResult:
     train_time_s: float
     wall_time_s: float
     history: list[dict] = field(default_factory=list)
+    score_low: float | None = None
+    score_high: float | None = None
+    eval_split: str = "validation"
+    eval_examples: int = 0
+    test_score: float | None = None
+    test_low: float | None = None
+    test_high: float | None = None
+    test_metrics: dict[str, float] | None = None
+    test_examples: int | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -293,10 +309,74 @@ def evaluate(model: PeftModel, task: Task, batches: Batches, batch_size: int, li
     return task.score(pred, batches.split.labels[:len(pred)])
 
 
+@dataclass
+class Scored:
+    """A model's scores on one split: every metric, the primary one with its 95% bootstrap interval.
+
+    Attributes:
+        metrics: metric name -> value.
+        score: the task's primary metric; ``low`` / ``high`` its interval; ``examples`` scored.
+    """
+
+    metrics: dict[str, float]
+    score: float
+    low: float
+    high: float
+    examples: int
+
+
+def score_split(model: PeftModel, task: Task, batches: Batches, batch_size: int, limit: int | None = None,
+                seed: int = 0) -> Scored:
+    """:func:`evaluate` plus the primary metric's 95% bootstrap interval (seeded,
+    :func:`autopeft.uncertainty.bootstrap_ci`)."""
+    from autopeft.uncertainty import bootstrap_ci
+
+    pred = predict_ids(model, task, batches, batch_size, limit)
+    gold = batches.split.labels[:len(pred)]
+    metrics = task.score(pred, gold)
+    low, high = bootstrap_ci(task.metrics[task.metric], pred, gold, seed=seed)
+    return Scored(metrics, metrics[task.metric], low, high, len(pred))
+
+
+def trial_splits(recipe: Recipe, data_dir: str | Path | None = None) -> tuple[Split, Split, str]:
+    """``(train, eval, eval name)`` of a recipe: with ``recipe.dev``, train less the carved dev split
+    and that dev split (``"dev"``); without, all of train and the validation split (``"validation"``).
+
+    Raises:
+        TaskError: missing data, or a dev split too large for train.
+    """
+    from autopeft.tasks import carve_dev
+
+    task = get_task(recipe.task)
+    train_split = load_split(task, "train", data_dir)
+    if recipe.dev is not None:
+        train_split, dev_split = carve_dev(train_split, recipe.dev, regression=task.num_labels == 1)
+        return train_split, dev_split, "dev"
+    return train_split, load_split(task, "validation", data_dir), "validation"
+
+
+def score_test(model: PeftModel, recipe: Recipe, data_dir: str | Path | None = None, device: str | None = None,
+               tokenizer=None) -> Scored:
+    """Score a trained model once on the recipe's untouched test split: the task's validation split
+    (user data without one: its seeded ``held_out`` part). Evaluation only; seeded interval.
+
+    Raises:
+        TaskError: missing data.
+    """
+    from autopeft.backbones import load_tokenizer
+
+    task = get_task(recipe.task)
+    dev = pick_device(device)
+    tokenizer = tokenizer or load_tokenizer(recipe.backbone)
+    test_b = Batches(load_split(task, "validation", data_dir), tokenizer, recipe.training.max_seq_length, dev)
+    return score_split(model, task, test_b, recipe.training.eval_batch_size, seed=recipe.training.seed)
+
+
 def run_trial(recipe: Recipe, data_dir: str | Path | None = None, rungs: list[int] | None = None,
               report: Callable[[dict], None] | None = None, device: str | None = None,
               log: Callable[[str], None] | None = None,
-              on_step: Callable[[int, float], None] | None = None) -> tuple[TrialResult, PeftModel]:
+              on_step: Callable[[int, float], None] | None = None, keep_dir: str | Path | None = None,
+              test: bool = False) -> tuple[TrialResult, PeftModel]:
     """Train and evaluate one recipe.
 
     Args:
@@ -309,6 +389,12 @@ def run_trial(recipe: Recipe, data_dir: str | Path | None = None, rungs: list[in
         log: receives one-line progress messages.
         on_step: called after every optimiser step with (training examples seen, that step's
             training loss incl. regularisation) — live progress (:class:`autopeft.progress.TrialProgressWriter`).
+        keep_dir: when the trial reaches ``recipe.training.max_train_examples``, its trained weights are
+            saved there (:func:`save_trained`) *before* that rung is reported, so a search keeps
+            every top-fidelity model even when the report ends the trial.
+        test: after training, score the model once on the untouched test split (only meaningful
+            with ``recipe.dev``: without it the test split is the split the trial was scored on).
+            Never set inside a search: no search decision may read the test split.
 
     Returns:
         ``(result, model)``: the result at the last rung reached and the trained model.
@@ -321,8 +407,7 @@ def run_trial(recipe: Recipe, data_dir: str | Path | None = None, rungs: list[in
     dev = pick_device(device)
     seed_everything(tr.seed)
     task = get_task(recipe.task)
-    train_split = load_split(task, "train", data_dir)
-    val_split = load_split(task, "validation", data_dir)
+    train_split, val_split, eval_name = trial_splits(recipe, data_dir)
     from autopeft.backbones import load_tokenizer
 
     tokenizer = load_tokenizer(recipe.backbone)
@@ -384,20 +469,32 @@ def run_trial(recipe: Recipe, data_dir: str | Path | None = None, rungs: list[in
             if on_step is not None:
                 on_step(seen, loss_value)
         train_time += time.perf_counter() - t0
-        metrics = evaluate(model, task, val_b, tr.eval_batch_size, tr.max_eval_examples)
+        scored = score_split(model, task, val_b, tr.eval_batch_size, tr.max_eval_examples, seed=tr.seed)
         peak = peak_memory_bytes(model, optimizer, meter, dev)
         result = TrialResult(
-            score=metrics[task.metric], metrics=metrics, trainable_params=counts.trainable_params,
+            score=scored.score, metrics=scored.metrics, trainable_params=counts.trainable_params,
             head_params=counts.head_params, backbone_params=counts.backbone_params,
             trainable_percent=counts.trainable_percent, peak_memory_bytes=peak, examples_seen=seen,
-            steps=step, train_time_s=train_time, wall_time_s=time.perf_counter() - t_start, history=history)
-        row = {k: v for k, v in result.as_dict().items() if k not in ("metrics", "history")} | metrics
+            steps=step, train_time_s=train_time, wall_time_s=time.perf_counter() - t_start, history=history,
+            score_low=scored.low, score_high=scored.high, eval_split=eval_name, eval_examples=scored.examples)
+        row = {k: v for k, v in result.as_dict().items()
+               if k not in ("metrics", "history") and not k.startswith("test_")} | scored.metrics
         history.append(row)
         if log:
-            log(f"{seen} examples: {task.metric}={result.score:.4f} ({train_time:.0f}s training)")
+            log(f"{seen} examples: {eval_name} {task.metric}={result.score:.4f} "
+                f"[{result.score_low:.4f}, {result.score_high:.4f}] ({train_time:.0f}s training)")
+        if keep_dir is not None and seen >= tr.max_train_examples:
+            save_trained(model, recipe, result, keep_dir)
         if report is not None:
             report(row)
     assert result is not None
+    if test and recipe.dev is not None:
+        t = score_test(model, recipe, data_dir, str(dev), tokenizer)
+        result.test_score, result.test_low, result.test_high = t.score, t.low, t.high
+        result.test_metrics, result.test_examples = t.metrics, t.examples
+        if log:
+            log(f"test {task.metric}={t.score:.4f} [{t.low:.4f}, {t.high:.4f}] on {t.examples:,} examples "
+                "(the task's validation split, read once, after training)")
     return result, model
 
 
@@ -463,6 +560,12 @@ def save_trained(model: PeftModel, recipe: Recipe, result: TrialResult | None, o
     if result is not None:
         (out / "metrics.json").write_text(json.dumps(result.as_dict(), indent=2))
     return out
+
+
+def is_trained_folder(path: str | Path) -> bool:
+    """Whether ``path`` is a folder written by :func:`save_trained` (``recipe.yaml`` + weights)."""
+    p = Path(path)
+    return (p / "recipe.yaml").is_file() and (p / ADAPTER_FILE).is_file()
 
 
 def load_trained(path: str | Path, device: str = "cpu") -> PeftModel:

@@ -43,7 +43,8 @@ def build_report(tracking_uri: str, experiment: str = "autopeft", run_id: str | 
             png = ""
     e = html.escape
     rows = "".join(
-        f"<tr><td>{e(r['trial_id'])}</td><td>{r['score']:.4f}</td><td>{r['trainable_params']:,}</td>"
+        f"<tr><td>{e(r['trial_id'])}</td><td>{_ci(r, 'score', 'score_low', 'score_high')}</td>"
+        f"<td>{_ci(r, 'test_score', 'test_low', 'test_high')}</td><td>{_seeds(r)}</td><td>{r['trainable_params']:,}</td>"
         f"<td>{r['peak_memory_bytes'] / 2**20:.0f}</td><td>{e(' + '.join(c['method'] for c in r['recipe']['components']) or 'head only')}</td></tr>"
         for r in front)
     trials = []
@@ -55,12 +56,40 @@ def build_report(tracking_uri: str, experiment: str = "autopeft", run_id: str | 
                       f"<td>{e(rungs)}</td></tr>")
     settings = "".join(f"<li>{e(k)}: {e(v)}</li>" for k, v in sorted(parent.data.params.items()) if "." not in k)
     img = f'<img src="data:image/png;base64,{png}">' if png else ""
+    m = parent.data.metrics
+    reference = (f"<p>Reference: {e(parent.data.tags.get('reference', ''))} fine-tuning, dev "
+                 f"{_ci(m, 'reference_score', 'reference_score_low', 'reference_score_high')}, test "
+                 f"{_ci(m, 'reference_test_score', 'reference_test_low', 'reference_test_high')}</p>"
+                 if "reference_test_score" in m else "")
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>autopeft search {e(parent.info.run_name)}</title>
 <style>body{{font-family:sans-serif;margin:2em}}td,th{{border:1px solid #ccc;padding:4px 8px}}table{{border-collapse:collapse}}</style>
 </head><body><h1>Search {e(parent.info.run_name)}</h1><ul>{settings}</ul>
-<h2>Pareto front</h2><table><tr><th>trial</th><th>score</th><th>trainable params</th><th>peak MiB</th><th>methods</th></tr>{rows}</table>
+<h2>Pareto front</h2><p>Scores with 95% bootstrap intervals: dev (carved from train; every search decision read it)
+and test (the task's validation split, read once after the search).</p>
+<table><tr><th>trial</th><th>dev score</th><th>test score</th><th>test mean ± std (seeds)</th><th>trainable params</th><th>peak MiB</th><th>methods</th></tr>{rows}</table>{reference}
 {img}<h2>Trials</h2><table><tr><th>trial</th><th>status</th><th>pareto</th><th>params</th><th>score per rung (examples: score)</th></tr>
 {''.join(trials)}</table></body></html>"""
+
+
+def _ci(row: dict, key: str, low: str, high: str) -> str:
+    """``0.8761 [0.8541, 0.8968]``, the score alone without an interval, ``n/a`` without a score."""
+    import math
+
+    def ok(x):
+        return isinstance(x, (int, float)) and math.isfinite(x)
+
+    if not ok(row.get(key)):
+        return "n/a"
+    if ok(row.get(low)) and ok(row.get(high)):
+        return f"{row[key]:.4f} [{row[low]:.4f}, {row[high]:.4f}]"
+    return f"{row[key]:.4f}"
+
+
+def _seeds(row: dict) -> str:
+    c = row.get("confirm") or {}
+    if c.get("test_mean") is None:
+        return ""
+    return f"{c['test_mean']:.4f} ± {c['test_std']:.4f} ({len(c['seeds'])} seeds)"
 
 
 def main(argv: list[str] | None = None) -> int:

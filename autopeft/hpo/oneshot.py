@@ -5,7 +5,7 @@ search space side by side (each at its dimension defaults; one member per ``one_
 gated as in UniPELT (Mao et al., "UniPELT: A Unified Framework for Parameter-Efficient Language
 Model Tuning", arXiv:2110.07577, eq. 1-3: each component's output is scaled by
 ``G = sigmoid(W_G x)``), trains it briefly, and reads each component's **importance**: the mean gate
-value, over a few validation batches in eval mode, over the component's gates (one per layer, see
+value, over a few dev batches (the search's dev split) in eval mode, over the component's gates (one per layer, see
 ``PeftModel.layer_gate``). Components are ranked by importance and the best within-budget subsets
 (top-1, top-1 + top-2, ... greedily, shrinking or skipping what does not fit) become extra start
 points of the search. The idea of learning which modules matter in one training run, rather than
@@ -15,8 +15,8 @@ prunes the PEFT modules of a combined model); here the learned "masks" are the U
 composition already offers.
 
 Cost: one trial of ``examples`` training examples (default 2,000) with every component on at
-once, evaluated on at most 256 validation examples, plus one forward pass over at most 256
-validation examples to read the gates. Measured on MiniLM-L6 / SST-2 / 2 shared CPU cores with the
+once, evaluated on at most 256 dev examples, plus one forward pass over at most 256
+dev examples to read the gates. Measured on MiniLM-L6 / SST-2 / 2 shared CPU cores with the
 default space (LoRA + adapter + prefix, ~203k supernet parameters): 33-56 s for 640 examples
 (depending on the load), so roughly 1.5-2.5 minutes for the default 2,000 (one top-fidelity
 trial: ~5 minutes); the actual time is ``OneShotResult.wall_time_s``. Candidate subsets are
@@ -240,11 +240,10 @@ def _supernet(space: SearchSpace, base: dict[str, Any], keys: list[str], example
 
 @torch.no_grad()
 def _read_importance(model, recipe: Recipe, gates: dict[str, list[str]], data_dir: str | None) -> dict[str, float]:
-    """Mean gate value per component over the first validation batches, in eval mode."""
+    """Mean gate value per component over the first batches of the eval split (dev in a search), in eval mode."""
     from autopeft.backbones import load_tokenizer
     from autopeft.model import Gate
-    from autopeft.tasks import get_task, load_split
-    from autopeft.trainer import Batches
+    from autopeft.trainer import Batches, trial_splits
 
     modules = {n: m for n, m in model.named_modules() if isinstance(m, Gate)}
     expected = {n for names in gates.values() for n in names}
@@ -264,7 +263,7 @@ def _read_importance(model, recipe: Recipe, gates: dict[str, list[str]], data_di
     model.eval()
     try:
         tr = recipe.training
-        split = load_split(get_task(recipe.task), "validation", data_dir)
+        split = trial_splits(recipe, data_dir)[1]  # the search's dev split: a search never reads test
         dev = next(model.parameters()).device
         batches = Batches(split, load_tokenizer(recipe.backbone), tr.max_seq_length, dev)
         n = min(GATE_EXAMPLES, len(split))

@@ -108,10 +108,13 @@ def _trial_fn(config: dict[str, Any], space: SearchSpace, base: dict[str, Any], 
     from autopeft.trainer import run_trial
 
     where = _where()  # node id and host name, in every report: the driver records where each trial ran
-    on_step = None
+    on_step = keep = None
     if search_dir:
+        from autopeft.hpo.final import kept_dir
+
         trial_id = tune.get_context().get_trial_id()
         on_step = TrialProgressWriter(progress_file(search_dir, trial_id), trial_id, rungs)
+        keep = kept_dir(search_dir, trial_id)  # top-fidelity weights: scored on test after the search, exported
 
     def report(row: dict[str, Any]) -> None:
         score = row.get("score")
@@ -123,7 +126,7 @@ def _trial_fn(config: dict[str, Any], space: SearchSpace, base: dict[str, Any], 
     try:
         recipe = space.to_recipe(config, base)
         dev = device or ("cuda" if _has_gpu() else "cpu")
-        run_trial(recipe, data_dir, rungs, report=report, device=dev, on_step=on_step)
+        run_trial(recipe, data_dir, rungs, report=report, device=dev, on_step=on_step, keep_dir=keep)
     except Exception as exc:  # a failing trial is recorded as failed; the search goes on
         if type(exc).__name__ in ("TuneError", "StopTraining", "SystemExit", "KeyboardInterrupt"):
             raise
@@ -415,8 +418,9 @@ def run_tune(space: SearchSpace, base: dict[str, Any], param_limit: int, setting
     return records
 
 
-_ROW_KEYS = {"score", "trainable_params", "head_params", "backbone_params", "trainable_percent", "peak_memory_bytes",
-             "examples_seen", "steps", "train_time_s", "wall_time_s"}
+_ROW_KEYS = {"score", "score_low", "score_high", "eval_split", "eval_examples", "trainable_params", "head_params",
+             "backbone_params", "trainable_percent", "peak_memory_bytes", "examples_seen", "steps", "train_time_s",
+             "wall_time_s"}
 
 
 def _metric_keys(result: dict) -> set[str]:
