@@ -20,20 +20,33 @@ violations: TPE puts it in its "bad" group, NSGA-II ranks it below every feasibl
 ``on_reject`` (the search records it as ``over_budget`` / ``empty`` / ``invalid`` in MLflow), and the
 sampler is asked again. A rejected point never starts a Ray trial and never takes a trial slot.
 
+**Constraints** are told the same way for every sampled point: ``budget`` (how far over the
+parameter limit, relative), ``nonempty`` and ``valid`` (1.0 when violated); every point that passes
+the check gets 0.0 for all three when it is sampled (BoTorch's qNEHVI needs
+the same constraint names on every complete trial; TPE and NSGA-II read them as feasibility).
+
 Multi-fidelity and the sampler: only a trial that reached the **top fidelity** is told to the
 sampler as complete, with its top-fidelity objectives. A trial the scheduler stopped at a lower
 rung is told as ``PRUNED`` with no values: the sampler never reads a low-rung score as a final one,
 and the rung result still counts as its own signal (Optuna's TPE ranks pruned trials after every
 complete one when it splits good from bad; NSGA-II and BoTorch leave them out). Failed trials and
 trials with a non-finite score are told as ``FAIL``.
+
+Pickling: Ray pickles the search algorithm and the resume checkpoint pickles the Optuna study with
+its sampler. Optuna's NSGA-II sampler holds a ``threading.Lock``, which cannot be pickled;
+:class:`PicklableNSGAIISampler` leaves its locks out of the pickle and makes new ones on load.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable
+
+import optuna
+from optuna.trial import TrialState
 
 from autopeft.hpo.space import Dim, SearchSpace
 
@@ -41,6 +54,33 @@ from autopeft.hpo.space import Dim, SearchSpace
 SEARCHERS = ("tpe", "random", "nsga2", "qnehvi")
 #: Consecutive rejected samples after which the searcher gives up (the space is nearly all infeasible).
 MAX_CONSECUTIVE_REJECTS = 500
+
+_LOCK, _RLOCK = type(threading.Lock()), type(threading.RLock())
+
+
+class PicklableNSGAIISampler(optuna.samplers.NSGAIISampler):
+    """Optuna's ``NSGAIISampler`` (same arguments, same proposals) that can be pickled.
+
+    Optuna 5's genetic samplers keep a ``threading.Lock`` (``BaseGASampler._thread_lock``) that
+    ``pickle`` refuses ("cannot pickle '_thread.lock' object"). This subclass pickles every other
+    attribute (random state, generation caches) and replaces each lock attribute by a new lock of
+    the same kind on load; nothing is changed in Optuna itself.
+    """
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        locks = {k: isinstance(v, _RLOCK) for k, v in state.items() if isinstance(v, (_LOCK, _RLOCK))}
+        for k in locks:
+            del state[k]
+        state["_autopeft_locks"] = locks  # name -> reentrant
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        locks = state.pop("_autopeft_locks", {})
+        self.__dict__.update(state)
+        for k, reentrant in locks.items():
+            setattr(self, k, threading.RLock() if reentrant else threading.Lock())
 
 
 class SearcherError(ValueError):
@@ -50,17 +90,17 @@ class SearcherError(ValueError):
 def make_sampler(name: str, seed: int, n_startup_trials: int = 6):
     """The seeded Optuna sampler of searcher ``name`` (see the module docstring).
 
+    Every sampler returned pickles (``nsga2`` is a :class:`PicklableNSGAIISampler`).
+
     Raises:
         SearcherError: unknown name, or ``qnehvi`` without BoTorch / optuna-integration.
     """
-    import optuna
-
     if name == "tpe":
         return optuna.samplers.TPESampler(seed=seed, n_startup_trials=n_startup_trials, multivariate=True)
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if name == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(4, n_startup_trials))
+        return PicklableNSGAIISampler(seed=seed, population_size=max(4, n_startup_trials))
     if name == "qnehvi":
         try:
             from optuna_integration import BoTorchSampler
@@ -170,8 +210,6 @@ class SpaceSearcher(_ray_searcher_base()):
 
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
         """Ask the sampler until a point passes :func:`check_point`; ``FINISHED`` after too many rejects."""
-        from optuna.trial import TrialState
-
         if trial_id in self._live:  # a resumed search re-creates a trial that was running: same point
             return dict(self._live[trial_id].params)
         for _ in range(MAX_CONSECUTIVE_REJECTS):
@@ -180,16 +218,13 @@ class SpaceSearcher(_ray_searcher_base()):
             key = json.dumps(config, sort_keys=True, default=str)
             verdict = self._verdicts.get(key) or check_point(self.space, config, self.base, self.param_limit)
             self._verdicts[key] = verdict
+            _set_constraints(trial, verdict, self.param_limit)
             if verdict.status == "ok":
                 self._live[trial_id] = trial
                 if self.on_accept:
                     self.on_accept(trial_id, config, verdict)
                 return config
-            # Infeasible: tell the sampler (constraint > 0 means violated) and ask again.
-            over = (verdict.trainable_params or 0) - self.param_limit
-            trial.set_constraint("budget", over / self.param_limit if verdict.status == "over_budget" else 0.0)
-            trial.set_constraint("nonempty", 1.0 if verdict.status == "empty" else 0.0)
-            trial.set_constraint("valid", 1.0 if verdict.status == "invalid" else 0.0)
+            # Infeasible: told as such (constraints > 0) and asked again.
             self.study.tell(trial, [0.0, float(verdict.trainable_params or 0), 0.0], state=TrialState.COMPLETE)
             self.rejected += 1
             if self.on_reject:
@@ -199,8 +234,6 @@ class SpaceSearcher(_ray_searcher_base()):
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         """Tell the sampler: complete only at the top fidelity; pruned below it; failed on error/NaN."""
-        from optuna.trial import TrialState
-
         trial = self._live.pop(trial_id, None)
         if trial is None:
             return
@@ -244,6 +277,14 @@ class SpaceSearcher(_ray_searcher_base()):
     def told(self) -> list[tuple[str, tuple | None]]:
         """``(state, values)`` of every sampler trial, in order (for tests and reports)."""
         return [(t.state.name, tuple(t.values) if t.values else None) for t in self.study.trials]
+
+
+def _set_constraints(trial, verdict: Verdict, param_limit: int) -> None:
+    """The three constraints of a sampled point, the same names for every point (> 0: violated)."""
+    over = (verdict.trainable_params or 0) - param_limit
+    trial.set_constraint("budget", over / param_limit if verdict.status == "over_budget" else 0.0)
+    trial.set_constraint("nonempty", 1.0 if verdict.status == "empty" else 0.0)
+    trial.set_constraint("valid", 1.0 if verdict.status == "invalid" else 0.0)
 
 
 def _finite(x: Any) -> bool:
