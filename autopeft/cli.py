@@ -262,7 +262,7 @@ def empty_front_advice(result, smallest: tuple[str, int] | None = None) -> str:
     statuses = [t.get("status") for t in result.trials]
     counts = {s: statuses.count(s) for s in dict.fromkeys(statuses)}
     limit = result.param_limit
-    trained = [t for t in result.trials if t.get("status") not in _REJECTED]
+    trained = [t for t in result.trials if t.get("status") not in (*_REJECTED, "duplicate")]  # never trained
     where = f"see {Path(result.path) / 'trials.json'}"
 
     def first_error(trials) -> str:

@@ -6,7 +6,8 @@ callback in :mod:`autopeft.hpo.tune`), so trial workers never touch the store.
 
 Per trial run: the flattened configuration as params, metrics per rung (``step`` = training
 examples seen), and the tags ``status`` (finished | stopped_early | failed for trials;
-over_budget | empty | invalid for rejected samples, which were never trained),
+over_budget | empty | invalid for rejected samples, and duplicate for samples whose recipe a trial
+already had, tagged ``duplicate_of`` with its id: neither was trained),
 ``pareto`` (true | false), ``trial_id``. On the parent: the search settings as params, the Pareto
 front as a table artifact (``pareto.json``, also ``pareto.csv``) and a plot, and the best recipe.
 
@@ -24,9 +25,10 @@ from pathlib import Path
 from typing import Any
 
 #: Trial statuses: trained to the top fidelity, stopped at a lower rung by the scheduler, failed
-#: (an exception or a non-finite score), and the rejected samples that never became trials:
-#: over the budget, without a PEFT component, or not a valid recipe.
-STATUSES = ("finished", "stopped_early", "failed", "over_budget", "empty", "invalid")
+#: (an exception or a non-finite score), and the samples that never became trials: rejected (over
+#: the budget, without a PEFT component, or not a valid recipe) or a duplicate (the recipe of a
+#: trial already trained or running, answered from it).
+STATUSES = ("finished", "stopped_early", "failed", "over_budget", "empty", "invalid", "duplicate")
 
 
 #: MLflow 3's experiment-kind tag and the kind that makes its UI treat the experiment as model training

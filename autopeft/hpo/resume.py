@@ -4,6 +4,9 @@
 folder ``autopeft_runs/N/``:
 
 * **Finished trials are not re-run**: they keep their ids, rows and scores, and their MLflow runs.
+  Rejected and duplicate samples are kept too; the searcher still knows which trial holds each
+  recipe, so a configuration trained before the kill is not trained again after it, and a duplicate
+  that waited for the trial that was running is told that trial's result when its re-run completes.
 * **The trial that was running is re-run from the start, under the same id** (a partial trial has no
   checkpoint worth keeping: trials are minutes long and a rung is evaluated on the whole validation
   split). Its MLflow run from the killed driver is tagged ``status=interrupted``, ended ``KILLED``
@@ -16,13 +19,14 @@ folder ``autopeft_runs/N/``:
 
 How. The driver writes ``checkpoint.pkl`` in the search folder *before* ``trials.json``, atomically
 (write, fsync, rename), every time a Ray trial has ended (finished, stopped or failed) and, when only
-rejected samples were added, at most every :data:`REJECT_CHECKPOINT_INTERVAL_S` seconds (the study
-grows with every sample). So ``trials.json`` never lists a finished trial the checkpoint lacks. It
+rejected or duplicate samples were added, at most every :data:`REJECT_CHECKPOINT_INTERVAL_S` seconds
+(the study grows with every sample). So ``trials.json`` never lists a finished trial the checkpoint lacks. It
 holds the trial records, :meth:`SpaceSearcher.get_state` (the pickled study and sampler,
-which Optuna trial each live Ray trial is), :meth:`MultiObjectiveASHA.get_state`, the
+which Optuna trial each live Ray trial is, which trial holds each recipe, the duplicates waiting
+for a running trial), :meth:`MultiObjectiveASHA.get_state`, the
 :class:`NumberedSearchGenerator`'s counters and the seconds spent. A resume loads it into fresh
 objects and starts a fresh Ray Tune run in the same folder. Whatever the killed driver did after the
-last checkpoint (rejected samples, the start of the next trial) is replayed by the restored sampler,
+last checkpoint (rejected and duplicate samples, the start of the next trial) is replayed by the restored sampler,
 which proposes the same points again, and its leftovers in MLflow are deleted.
 
 Why not ``Tuner.restore``: Ray saves its experiment state on a timer (not at every event), so after
@@ -129,21 +133,23 @@ class NumberedSearchGenerator(_ray_search_generator()):
         self._finished = bool(state["finished"]) and not self.reissue
 
 
-#: After a rejected sample alone, the checkpoint is rewritten at most this often (seconds): the
-#: pickled study grows with every sample, and a resume replays rejected samples identically anyway.
+#: After a rejected or duplicate sample alone, the checkpoint is rewritten at most this often (seconds):
+#: the pickled study grows with every sample, and a resume replays such samples identically anyway.
 REJECT_CHECKPOINT_INTERVAL_S = 5.0
+#: Id prefixes of the records of samples that never became Ray trials (rejected, duplicate).
+SAMPLE_PREFIXES = ("rejected_", "duplicate_")
 _last_saved: dict[str, tuple[float, frozenset]] = {}  # folder -> (time, ids of the trials done then)
 
 
 def save_checkpoint(folder: str | Path, records: dict, searcher, scheduler, generator, elapsed_s: float) -> bool:
     """Write the resume state atomically (``checkpoint.pkl``: temp file, fsync, then rename).
 
-    Written whenever a Ray trial has ended since the last write; when only rejected samples were
-    added, at most every :data:`REJECT_CHECKPOINT_INTERVAL_S` seconds.
+    Written whenever a Ray trial has ended since the last write; when only rejected or duplicate
+    samples were added, at most every :data:`REJECT_CHECKPOINT_INTERVAL_S` seconds.
 
     Args:
         folder: the search folder.
-        records: ``{trial_id: TrialRecord}`` (trials and rejected samples, in order).
+        records: ``{trial_id: TrialRecord}`` (trials, rejected and duplicate samples, in order).
         searcher: the :class:`SpaceSearcher`; scheduler: the :class:`MultiObjectiveASHA`;
         generator: the :class:`NumberedSearchGenerator`.
         elapsed_s: seconds the search has run (all sessions together).
@@ -152,7 +158,7 @@ def save_checkpoint(folder: str | Path, records: dict, searcher, scheduler, gene
         whether it was written.
     """
     key = str(Path(folder).resolve())
-    done = frozenset(tid for tid, r in records.items() if r.status != "running" and not tid.startswith("rejected_"))
+    done = frozenset(tid for tid, r in records.items() if r.status != "running" and not tid.startswith(SAMPLE_PREFIXES))
     last = _last_saved.get(key)
     if last is not None and last[1] == done and time.monotonic() - last[0] < REJECT_CHECKPOINT_INTERVAL_S:
         return False
@@ -238,9 +244,11 @@ def resume_search(folder: str | Path, records: dict, searcher, scheduler, genera
     if say:
         done = sum(1 for r in records.values() if r.status in ("finished", "stopped_early", "failed"))
         rejected = sum(1 for r in records.values() if r.trial_id.startswith("rejected_"))
+        duplicates = sum(1 for r in records.values() if r.trial_id.startswith("duplicate_"))
         again = (f"re-run from the start: {', '.join(generator.reissue)}" if generator.reissue else
                  "a trial that was running starts again from the beginning")
-        say(f"resumed after {elapsed:.0f}s: {done} trials done and {rejected} rejected samples kept; {again}"
+        say(f"resumed after {elapsed:.0f}s: {done} trials done, {rejected} rejected and {duplicates} duplicate "
+            f"samples kept; {again}"
             + ("" if state else " (no checkpoint yet: starting over)")
             + (f"; MLflow: {mlflow_counts['deleted']} unfinished run(s) deleted" if mlflow_counts else ""))
     return elapsed
@@ -282,6 +290,8 @@ def reconcile_mlflow(tracker, records: dict) -> dict[str, int]:
     for tid, rec in records.items():
         if rec.status != "running" and tid not in tracker.trial_runs:
             tracker.start_trial(tid, rec.config, rec.recipe)
+            if getattr(rec, "duplicate_of", None):
+                tracker.tag_trial(tid, {"duplicate_of": rec.duplicate_of})
             for row in rec.rows:
                 tracker.log_rung(tid, row, int(row.get("examples_seen", 0)))
             if not rec.rows and rec.trainable_params:

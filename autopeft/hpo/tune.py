@@ -5,7 +5,8 @@
   configurations of the space (``start_points``) are tried first. Every sampled point is counted
   on the meta device before Ray sees it: over budget, empty (no PEFT component) or invalid points
   are told to the sampler as infeasible, recorded (``over_budget`` / ``empty`` / ``invalid``) and
-  never start a Ray trial or take a trial slot.
+  never start a Ray trial or take a trial slot. A point whose recipe a trial already has (trained or
+  running) is a ``duplicate``: answered from that trial, recorded, never trained again.
 * Scheduler: :class:`autopeft.hpo.scheduler.MultiObjectiveASHA` (Schmucker et al.,
   arXiv:2106.12639) over training examples seen; its milestones are exactly the rungs the trials
   report at (:meth:`Fidelity.search_rungs`).
@@ -51,6 +52,7 @@ class TrialRecord:
     rows: list[dict[str, Any]] = field(default_factory=list)
     node_id: str | None = None  #: the Ray node it ran on (hex id), as the trial reported it
     hostname: str | None = None  #: that node's host name
+    duplicate_of: str | None = None  #: a ``duplicate`` sample: the trial whose recipe it repeats
 
     def row_at(self, examples: int) -> dict[str, Any] | None:
         """The measurement at fidelity ``examples`` (training examples seen), if reached."""
@@ -59,7 +61,7 @@ class TrialRecord:
     def as_dict(self) -> dict[str, Any]:
         return {"trial_id": self.trial_id, "status": self.status, "error": self.error, "config": self.config,
                 "recipe": self.recipe, "trainable_params": self.trainable_params, "rows": self.rows,
-                "node_id": self.node_id, "hostname": self.hostname}
+                "node_id": self.node_id, "hostname": self.hostname, "duplicate_of": self.duplicate_of}
 
 
 @dataclass
@@ -303,6 +305,21 @@ def run_tune(space: SearchSpace, base: dict[str, Any], param_limit: int, setting
         say(f"sample {rid} rejected ({rec.status}): {_summary(rec.recipe)}: {why}")
         _save_progress()
 
+    def on_duplicate(config: dict[str, Any], verdict) -> None:
+        """A sample whose recipe a trial already has: recorded the way a rejected sample is, never trained."""
+        did = f"duplicate_{sum(1 for r in records.values() if r.trial_id.startswith('duplicate_')) + 1:04d}"
+        rec = records[did] = TrialRecord(did, space.decode(config), verdict.recipe, "duplicate", None,
+                                         verdict.trainable_params, duplicate_of=verdict.duplicate_of)
+        if tracker:
+            tracker.start_trial(did, rec.config, rec.recipe)
+            tracker.tag_trial(did, {"duplicate_of": rec.duplicate_of})
+            if rec.trainable_params:
+                tracker.log_rung(did, {"trainable_params": rec.trainable_params}, 0)
+            tracker.end_trial(did, rec.status)
+        say(f"sample {did} duplicates {rec.duplicate_of}: {_summary(rec.recipe)}: answered from "
+            f"{rec.duplicate_of}, not trained")
+        _save_progress()
+
     def on_accept(trial_id: str, config: dict[str, Any], verdict) -> None:
         records[trial_id] = TrialRecord(trial_id, space.decode(config), verdict.recipe, "running", None,
                                         verdict.trainable_params)
@@ -374,7 +391,7 @@ def run_tune(space: SearchSpace, base: dict[str, Any], param_limit: int, setting
         path.write_text(json.dumps([r.as_dict() for r in records.values()], indent=2, default=str))
 
     searcher = SpaceSearcher(space, base, param_limit, sampler, fid.max_train_examples, start_points,
-                             on_reject=on_reject, on_accept=on_accept)
+                             on_reject=on_reject, on_accept=on_accept, on_duplicate=on_duplicate)
     total = ray.cluster_resources()
     per_trial = settings.gpus_per_trial if settings.gpus_per_trial else settings.cpus_per_trial
     available = total.get("GPU", 0) if settings.gpus_per_trial else total.get("CPU", 1)
@@ -413,7 +430,7 @@ def run_tune(space: SearchSpace, base: dict[str, Any], param_limit: int, setting
         if rec.status == "running":
             rec.status = "stopped_early"
     if searcher.exhausted:
-        say(f"the searcher stopped: {searcher.rejected} samples in a row were over budget, empty or invalid")
+        say(f"the searcher stopped: {searcher.stop_reason}")
     _save_progress()
     return records
 
