@@ -43,6 +43,8 @@ class TrialResult:
         peak_memory_bytes: peak training memory (see the module docstring), bytes.
         examples_seen / steps: the fidelity actually trained.
         train_time_s / wall_time_s: seconds in training steps / in the whole trial.
+        threads / interop_threads: PyTorch's intra-op / inter-op threads the trial computed on
+            (:mod:`autopeft.threads`: the CPUs it was given).
     """
 
     score: float
@@ -57,6 +59,8 @@ class TrialResult:
     train_time_s: float
     wall_time_s: float
     history: list[dict] = field(default_factory=list)
+    threads: int = 0
+    interop_threads: int = 0
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -451,7 +455,8 @@ def run_trial(recipe: Recipe, data_dir: str | Path | None = None, rungs: list[in
             score=metrics[task.metric], metrics=metrics, trainable_params=counts.trainable_params,
             head_params=counts.head_params, backbone_params=counts.backbone_params,
             trainable_percent=counts.trainable_percent, peak_memory_bytes=peak, examples_seen=seen,
-            steps=step, train_time_s=train_time, wall_time_s=time.perf_counter() - t_start, history=history)
+            steps=step, train_time_s=train_time, wall_time_s=time.perf_counter() - t_start, history=history,
+            threads=torch.get_num_threads(), interop_threads=torch.get_num_interop_threads())
         row = {k: v for k, v in result.as_dict().items() if k not in ("metrics", "history")} | metrics
         history.append(row)
         if log:

@@ -100,13 +100,17 @@ class NonFiniteScore(FloatingPointError):
 def _trial_fn(config: dict[str, Any], space: SearchSpace, base: dict[str, Any], rungs: list[int],
               data_dir: str | None, device: str | None, search_dir: str | None = None) -> None:
     """The Ray Tune trainable: runs in a worker; reports one row per rung (``rungs``, examples seen).
+    It computes on as many threads as the CPUs Ray assigned it (:func:`autopeft.threads.limit_threads`;
+    each row's ``threads`` / ``interop_threads`` say what it ran on).
     With ``search_dir`` it also writes its live progress there (:mod:`autopeft.progress`; a file,
     never a Tune report, so the scheduler and the searcher only ever see rung reports)."""
     from ray import tune
 
     from autopeft.progress import TrialProgressWriter, progress_file
+    from autopeft.threads import limit_threads, ray_cpus, threads_for
     from autopeft.trainer import run_trial
 
+    limit_threads(threads_for(ray_cpus()))  # compute on the CPUs Ray gave this trial, no more
     where = _where()  # node id and host name, in every report: the driver records where each trial ran
     on_step = None
     if search_dir:
@@ -416,7 +420,7 @@ def run_tune(space: SearchSpace, base: dict[str, Any], param_limit: int, setting
 
 
 _ROW_KEYS = {"score", "trainable_params", "head_params", "backbone_params", "trainable_percent", "peak_memory_bytes",
-             "examples_seen", "steps", "train_time_s", "wall_time_s"}
+             "examples_seen", "steps", "train_time_s", "wall_time_s", "threads", "interop_threads"}
 
 
 def _metric_keys(result: dict) -> set[str]:
