@@ -236,7 +236,7 @@ def empty_front_advice(result, smallest: tuple[str, int] | None = None) -> str:
 
     def first_error(trials) -> str:
         err = next((str(t["error"]).strip().splitlines()[0] for t in trials if t.get("error")), "")
-        return f" (first: {err[:200]})" if err else ""
+        return f" (first: {err[:200]}{'…' if len(err) > 200 else ''})" if err else ""
 
     if not statuses:
         return "no trial ran within the time budget: raise --time-budget"

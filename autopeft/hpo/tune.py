@@ -37,6 +37,7 @@ from typing import Any, Callable
 
 from autopeft.hpo.space import SearchSpace
 from autopeft.progress import PROGRESS_DIR, progress_file
+from autopeft.tracking import cut_value
 
 @dataclass
 class TrialRecord:
@@ -93,6 +94,12 @@ class TuneSettings:
     resume: bool = False
 
 
+#: A trial's error message longer than this (characters) is recorded cut, with a visible marker
+#: (:func:`autopeft.tracking.cut_value`); MLflow's ``error`` tag keeps up to 8,000 and the whole
+#: message as an artifact.
+MAX_ERROR_CHARS = 20_000
+
+
 class NonFiniteScore(FloatingPointError):
     """A rung's score is NaN or infinite (e.g. STS-B's Pearson of constant predictions): the trial fails."""
 
@@ -131,7 +138,8 @@ def _trial_fn(config: dict[str, Any], space: SearchSpace, base: dict[str, Any], 
     except Exception as exc:  # a failing trial is recorded as failed; the search goes on
         if type(exc).__name__ in ("TuneError", "StopTraining", "SystemExit", "KeyboardInterrupt"):
             raise
-        tune.report({"status": "failed", "error": f"{type(exc).__name__}: {exc}"[:2000], "score": float("nan"),
+        tune.report({"status": "failed", "error": cut_value(f"{type(exc).__name__}: {exc}", MAX_ERROR_CHARS),
+                     "score": float("nan"),
                      "trainable_params": -1, "peak_memory_bytes": float("nan"), "examples_seen": 0, **where})
     finally:  # the worker process runs the next trial: give this one's memory back (autopeft.memory)
         from autopeft.memory import release_memory
@@ -163,7 +171,7 @@ def _ray_error(trial) -> str:
     if not lines:
         return "the trial's Ray worker died"
     keep = [lines[0]] + [ln for ln in lines[1:] if "died" in ln or "terminated" in ln or "Error" in ln][:2]
-    return " ".join(keep)[:2000]
+    return cut_value(" ".join(keep), MAX_ERROR_CHARS)
 
 
 def _has_gpu() -> bool:
