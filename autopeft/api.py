@@ -541,13 +541,16 @@ def pick_point(search: str | Path, pick: str = "best", output_dir: str | Path = 
 
 
 def train(recipe: Recipe | str | Path, data_dir: str | None = None, output_dir: str | Path | None = None,
-          device: str | None = None, log: Callable[[str], None] | None = print):
+          device: str | None = None, log: Callable[[str], None] | None = print, cpus: int | None = None):
     """Train a recipe at its fidelity, evaluate it, and save the trained PEFT weights.
 
     A recipe with ``dev`` (every recipe a search exports) trains on train less that dev split, is
     scored on dev (the search's score for it, reproduced), then once on the untouched test split
     (``result.test_score``). A recipe without ``dev`` trains on all of train and is scored on the
     validation split.
+
+    ``cpus``: compute on this many CPU threads (PyTorch intra-op and inter-op, OpenMP/MKL;
+    :func:`autopeft.threads.limit_threads`); default: every CPU this process may use.
 
     Returns:
         :class:`autopeft.trainer.TrialResult`.
@@ -559,9 +562,14 @@ def train(recipe: Recipe | str | Path, data_dir: str | None = None, output_dir: 
 
     from autopeft.recipe import check_recipe
 
+    from autopeft.threads import limit_threads, threads_for
+
+    if cpus is not None and cpus < 1:
+        raise ValueError(f"cpus must be at least 1, got {cpus}")
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
     check_recipe(recipe, for_training=True)  # limits of the backbone/task/training: one line, before any data
+    limit_threads(threads_for(cpus))
     result, model = run_trial(recipe, data_dir, device=device, log=log, test=True)
     if output_dir is not None:
         save_trained(model, recipe, result, output_dir)

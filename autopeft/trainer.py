@@ -50,6 +50,8 @@ class TrialResult:
             (the task's validation split), scored once after training when asked
             (``run_trial(test=True)``, as ``autopeft train`` does for a recipe with ``dev``); ``None``
             otherwise, and always inside a search.
+        threads / interop_threads: PyTorch's intra-op / inter-op threads the trial computed on
+            (:mod:`autopeft.threads`: the CPUs it was given).
     """
 
     score: float
@@ -73,6 +75,8 @@ class TrialResult:
     test_high: float | None = None
     test_metrics: dict[str, float] | None = None
     test_examples: int | None = None
+    threads: int = 0
+    interop_threads: int = 0
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -151,23 +155,84 @@ def token_cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "autopeft" / "tokens")
 
 
+#: Tokenizer settings that name files or folders, not behaviour: left out of :func:`tokenizer_fingerprint`
+#: (the same tokenizer in two folders tokenises alike).
+_TOKENIZER_PATH_KEYS = frozenset({"name_or_path", "vocab_file", "merges_file", "tokenizer_file", "is_local",
+                                  "local_files_only", "cache_dir", "_commit_hash", "token", "revision"})
+#: Changes when the token cache's key or file layout does: files of an older layout are never read.
+TOKEN_CACHE_VERSION = 2
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A hash of everything in ``tokenizer`` that decides the ids it gives a text: its class, the
+    transformers / tokenizers versions, the backend's full serialised state (normaliser with its
+    lower-casing, pre-tokeniser, vocabulary, post-processor, added tokens) or, for a tokenizer
+    without one, its vocabulary, and its settings (``do_lower_case``, special tokens, truncation
+    side, ...). File paths are left out, and so are the backend's truncation and padding, which
+    every call sets (:func:`encode_split` keys its own call settings separately)."""
+    import hashlib
+
+    import transformers
+
+    state: dict = {"class": f"{type(tokenizer).__module__}.{type(tokenizer).__qualname__}",
+                   "transformers": transformers.__version__}
+    try:
+        import tokenizers
+
+        state["tokenizers"] = tokenizers.__version__
+    except ImportError:  # pragma: no cover - a dependency of transformers
+        pass
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        doc = json.loads(backend.to_str())
+        doc.pop("truncation", None)
+        doc.pop("padding", None)
+        state["backend"] = doc
+    else:
+        state["vocab"] = sorted(tokenizer.get_vocab().items())
+    state["settings"] = {k: v for k, v in getattr(tokenizer, "init_kwargs", {}).items() if k not in _TOKENIZER_PATH_KEYS}
+    state["added"] = {int(i): str(t) for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items()}
+    state["special"] = getattr(tokenizer, "special_tokens_map", {})
+    state["sides"] = [getattr(tokenizer, "truncation_side", None), getattr(tokenizer, "padding_side", None)]
+    state["model_max_length"] = getattr(tokenizer, "model_max_length", None)
+    state["lowercase"] = getattr(tokenizer, "do_lower_case", None)
+    return hashlib.sha256(json.dumps(state, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def token_cache_key(split: Split, tokenizer, max_length: int) -> str:
+    """The token cache's key of one :func:`encode_split` call: :func:`tokenizer_fingerprint`, the
+    call's settings (truncation to ``max_length``, longest first; special tokens added; single texts
+    or pairs) and the texts, each part length-prefixed so that no two inputs share a key."""
+    import hashlib
+
+    arity = len(split.texts[0]) if split.texts else 0
+    h = hashlib.sha256()
+    call = {"version": TOKEN_CACHE_VERSION, "tokenizer": tokenizer_fingerprint(tokenizer), "max_length": int(max_length),
+            "truncation": "longest_first", "add_special_tokens": True, "padding": False, "arity": arity,
+            "n": len(split.texts)}
+    h.update(json.dumps(call, sort_keys=True).encode())
+    for t in split.texts:
+        if len(t) != arity:
+            raise ValueError(f"texts of one split must all be single texts or all pairs; got {arity} and {len(t)} parts")
+        for part in t:
+            b = part.encode()
+            h.update(len(b).to_bytes(8, "little"))
+            h.update(b)
+    return h.hexdigest()
+
+
 def encode_split(split: Split, tokenizer, max_length: int, cache: bool = True) -> Encoded:
     """Tokenise every example of ``split`` once (truncated to ``max_length``, no padding).
 
-    The result is cached on disk under :func:`token_cache_dir`, keyed by the tokenizer, the length
-    limit and a hash of the texts, so every trial of a search (and every later search) on the same
-    data reads it back instead of tokenising again. Writes are atomic (temp file + rename), so
-    trials running side by side never read a half-written file.
+    The result is cached on disk under :func:`token_cache_dir`, keyed by :func:`token_cache_key`
+    (the tokenizer's full state, the call's settings and the texts), so every trial of a search (and
+    every later search) on the same data reads it back instead of tokenising again, and a changed
+    tokenizer (e.g. a folder's tokenizer made cased) never reads another's tokens. Writes are
+    atomic (temp file + rename), so trials running side by side never read a half-written file.
     """
-    import hashlib
     import os
 
-    h = hashlib.sha1()
-    h.update(f"{type(tokenizer).__name__}|{getattr(tokenizer, 'name_or_path', '')}|{len(tokenizer)}|{max_length}".encode())
-    for t in split.texts:
-        h.update("\x1f".join(t).encode())
-        h.update(b"\x1e")
-    path = token_cache_dir() / f"{h.hexdigest()}.npz"
+    path = token_cache_dir() / f"{token_cache_key(split, tokenizer, max_length)}.npz"
     if cache and path.is_file():
         try:
             with np.load(path) as z:
@@ -476,7 +541,8 @@ def run_trial(recipe: Recipe, data_dir: str | Path | None = None, rungs: list[in
             head_params=counts.head_params, backbone_params=counts.backbone_params,
             trainable_percent=counts.trainable_percent, peak_memory_bytes=peak, examples_seen=seen,
             steps=step, train_time_s=train_time, wall_time_s=time.perf_counter() - t_start, history=history,
-            score_low=scored.low, score_high=scored.high, eval_split=eval_name, eval_examples=scored.examples)
+            score_low=scored.low, score_high=scored.high, eval_split=eval_name, eval_examples=scored.examples,
+            threads=torch.get_num_threads(), interop_threads=torch.get_num_interop_threads())
         row = {k: v for k, v in result.as_dict().items()
                if k not in ("metrics", "history") and not k.startswith("test_")} | scored.metrics
         history.append(row)

@@ -18,6 +18,12 @@ every trial, ``autopeft train`` and :func:`autopeft.api.predict` read it back wi
 * **Validation.** Without a validation split, a seeded 10% of train, stratified by label for
   classes (``sklearn.model_selection.train_test_split``), is held out and recorded in the spec
   (``held_out``); train is the other 90%.
+* **Cells are text as written.** Only a truly empty cell is missing: the words pandas reads as
+  missing by default (``NA``, ``null``, ``None``, ``N/A``, ``nan``, ``NULL``, ...) are data, in
+  labels and texts (:data:`CSV_NA_OPTIONS`, also for ``hf:`` datasets built from CSV files), and a
+  CSV/TSV text column is read as the strings in the file (``007`` stays ``007``, not ``7``). JSON
+  keeps JSON's own types (``"007"`` is a string, ``7`` a number; no date guessing). An empty text
+  is ``""``; an empty label is an error naming the rows.
 * **Bad data** raises :class:`autopeft.tasks.TaskError` with one line, before anything starts:
   a missing file, a missing or misspelt column (the message lists the columns that exist), an empty
   split, a single class, NaN or empty labels, validation labels that train does not have.
@@ -47,6 +53,10 @@ HELD_OUT_FRACTION = 0.1
 #: Columns taken as the text / the label when ``--text-columns`` / ``--label-column`` are not given.
 DEFAULT_TEXT_COLUMNS = (("text",), ("sentence",), ("sentence1", "sentence2"))
 DEFAULT_LABEL_COLUMN = "label"
+#: ``pandas.read_csv`` options under which only an empty cell is missing (NaN): pandas' default
+#: missing-value words ("NA", "null", "None", "N/A", "nan", "NULL", "#N/A", ...) stay text, as they
+#: are data (a class named ``None``, a text that says ``NA``; huggingface/datasets#4467).
+CSV_NA_OPTIONS = {"keep_default_na": False, "na_values": [""]}
 
 
 def is_data_source(task: str) -> bool:
@@ -183,7 +193,8 @@ def load_user_split(task: Task, split: str) -> Split:
         except KeyError as exc:
             raise TaskError(f"label {exc.args[0]!r} in {where} is not one of the task's labels {spec.labels[:10]}; "
                             "the data changed since the search: search again") from None
-    texts = list(zip(*(_text(df[c]) for c in spec.text_columns)))
+    text_df = tables.get(f"__text__{want}", df)
+    texts = list(zip(*(_text(text_df[c]) for c in spec.text_columns)))
     if spec.held_out is not None and split in ("train", "validation"):
         keep = _held_out_indices(len(df), None if spec.regression else labels, spec.held_out, where)[
             0 if split == "train" else 1]
@@ -209,7 +220,7 @@ def read_texts(source: str | Path, text_columns: Sequence[str]) -> list[tuple[st
         TaskError: missing file, unknown format, or a missing column (the message lists those that exist).
     """
     path = Path(source).expanduser()
-    df = _read_file(path)
+    df = _read_file(path, as_text=True)
     for c in text_columns:
         _need_column(df, c, "text column", path.name)
     return list(zip(*(_text(df[c]) for c in text_columns)))
@@ -235,19 +246,21 @@ def _cached_tables(source: str, stamp: tuple) -> dict[str, Any]:
     if source.startswith(HF_PREFIX):
         return _hf_tables(source)
     path = Path(source)
-    if path.is_file():
-        return {"train": _read_file(path), "__where__train": path.name}
-    files = _split_files(path)
+    files = {"train": path} if path.is_file() else _split_files(path)
     out: dict[str, Any] = {}
     for split, f in files.items():
         out[split] = _read_file(f)
-        out[f"__where__{split}"] = f"{path.name}/{f.name}"
+        if SUFFIXES.get(f.suffix.lower()) in ("csv", "tsv"):  # untyped: texts as the strings in the file
+            out[f"__text__{split}"] = _read_file(f, as_text=True)
+        out[f"__where__{split}"] = f.name if path.is_file() else f"{path.name}/{f.name}"
     return out
 
 
 def read_tables(source: str) -> dict[str, Any]:
     """``{"train": DataFrame, "validation": DataFrame (if any), "test": ..., "__where__<split>": label}``
     of a source (cached per process while the files are unchanged; do not modify the frames).
+    CSV/TSV splits also have ``"__text__<split>"``: the same file with every column as the strings
+    written in it (read text columns from there; the typed frame's ``007`` is ``7``).
 
     Raises:
         TaskError: missing or unreadable files, no train file in a folder, a dataset that cannot load.
@@ -257,9 +270,20 @@ def read_tables(source: str) -> dict[str, Any]:
         path = Path(source)
         if not path.exists():
             raise TaskError(f"data file {source!r} does not exist")
-        files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
-        stamp = tuple((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in files)
+        stamp = _files_stamp(path, recursive=False)
+    else:  # a local folder or file given as hf:<path>: its files, at any depth (a hub id has none here)
+        local = Path(source[len(HF_PREFIX):].partition(":")[0]).expanduser()
+        if local.exists():
+            stamp = _files_stamp(local, recursive=True)
     return _cached_tables(source, stamp)
+
+
+def _files_stamp(path: Path, recursive: bool) -> tuple:
+    """``(path, mtime_ns, size)`` of a file, or of the files in a folder (``recursive``: at any depth):
+    the key under which :func:`_cached_tables` keeps what it read, so it changes when the data does."""
+    files = [path] if path.is_file() else sorted(p for p in (path.rglob("*") if recursive else path.iterdir())
+                                                 if p.is_file())
+    return tuple((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in files)
 
 
 def _split_files(folder: Path) -> dict[str, Path]:
@@ -287,7 +311,11 @@ def _split_files(folder: Path) -> dict[str, Path]:
     return out
 
 
-def _read_file(path: Path):
+def _read_file(path: Path, as_text: bool = False):
+    """A data file as a DataFrame. Only empty cells are missing (:data:`CSV_NA_OPTIONS`); JSON keeps
+    its own types (``dtype=False``: pandas would turn the string ``"007"`` into ``7.0`` and
+    date-like columns into timestamps). ``as_text``: CSV/TSV columns as the strings in the file
+    (for text columns); other formats are typed by the file and read the same either way."""
     import pandas as pd
 
     fmt = SUFFIXES.get(path.suffix.lower())
@@ -295,18 +323,19 @@ def _read_file(path: Path):
         raise TaskError(f"data file {str(path)!r} does not exist")
     if fmt is None:
         raise TaskError(f"cannot read {path.name}: use a .csv, .tsv, .jsonl or .parquet file")
+    text = {"dtype": str} if as_text else {}
     try:
         if fmt == "csv":
-            return pd.read_csv(path)
+            return pd.read_csv(path, **CSV_NA_OPTIONS, **text)
         if fmt == "tsv":
-            return pd.read_csv(path, sep="\t")
+            return pd.read_csv(path, sep="\t", **CSV_NA_OPTIONS, **text)
         if fmt == "jsonl":
-            return pd.read_json(path, lines=True)
+            return pd.read_json(path, lines=True, dtype=False)
         if fmt == "json":
             try:
-                return pd.read_json(path)
+                return pd.read_json(path, dtype=False)
             except ValueError:
-                return pd.read_json(path, lines=True)
+                return pd.read_json(path, lines=True, dtype=False)
         return pd.read_parquet(path)
     except TaskError:
         raise
@@ -323,10 +352,15 @@ def _hf_tables(source: str) -> dict[str, Any]:
     try:
         import datasets
 
-        dd = datasets.load_dataset(path, config or None)
+        try:  # a dataset of CSV/TSV files: pandas reads it, and only an empty cell is missing
+            dd = datasets.load_dataset(path, config or None, **CSV_NA_OPTIONS)
+        except ValueError as exc:
+            if "keep_default_na" not in str(exc):
+                raise
+            dd = datasets.load_dataset(path, config or None)  # another builder (Parquet, JSON): typed already
     except Exception as exc:
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise TaskError(f"cannot load the Hugging Face dataset {name!r}: {msg[:300]}") from None
+        raise TaskError(f"cannot load the Hugging Face dataset {name!r}: {msg[:300]}{'…' if len(msg) > 300 else ''}") from None
     if not hasattr(dd, "keys"):
         raise TaskError(f"the Hugging Face dataset {name!r} has no named splits")
     splits = list(dd.keys())
@@ -443,7 +477,9 @@ def _held_out_indices(n: int, label_ids, held: HeldOut, where: str) -> tuple[np.
 
 
 def _text(series) -> list[str]:
-    return ["" if v is None or (isinstance(v, float) and np.isnan(v)) else str(v) for v in series.tolist()]
+    from autopeft.tasks import cell_texts
+
+    return cell_texts(series)
 
 
 def _display_name(source: str) -> str:

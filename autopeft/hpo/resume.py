@@ -58,6 +58,10 @@ CHECKPOINT_FILE = "checkpoint.pkl"
 REQUEST_FILE = "resume.json"
 #: Settings (``search.json`` keys) that may differ on resume: where and how wide trials run.
 MAY_CHANGE_ON_RESUME = ("cpus_per_trial", "gpus_per_trial", "ray_address")
+#: Record statuses of trials that did not end: ``running`` (the driver was killed) and ``interrupted``
+#: (Ctrl-C / SIGTERM stopped the search, :class:`autopeft.hpo.tune.SearchInterrupted`). A resume
+#: re-runs them from the start under their ids; every other status is final and kept.
+UNFINISHED = ("running", "interrupted")
 _VERSION = 1
 
 
@@ -141,11 +145,13 @@ SAMPLE_PREFIXES = ("rejected_", "duplicate_")
 _last_saved: dict[str, tuple[float, frozenset]] = {}  # folder -> (time, ids of the trials done then)
 
 
-def save_checkpoint(folder: str | Path, records: dict, searcher, scheduler, generator, elapsed_s: float) -> bool:
+def save_checkpoint(folder: str | Path, records: dict, searcher, scheduler, generator, elapsed_s: float,
+                    force: bool = False) -> bool:
     """Write the resume state atomically (``checkpoint.pkl``: temp file, fsync, then rename).
 
-    Written whenever a Ray trial has ended since the last write; when only rejected or duplicate
-    samples were added, at most every :data:`REJECT_CHECKPOINT_INTERVAL_S` seconds.
+    Written whenever a Ray trial has ended since the last write, when the folder has no checkpoint
+    (a new search under the name of a removed one), and with ``force`` (an interrupted search);
+    when only rejected or duplicate samples were added, at most every :data:`REJECT_CHECKPOINT_INTERVAL_S` seconds.
 
     Args:
         folder: the search folder.
@@ -158,13 +164,14 @@ def save_checkpoint(folder: str | Path, records: dict, searcher, scheduler, gene
         whether it was written.
     """
     key = str(Path(folder).resolve())
-    done = frozenset(tid for tid, r in records.items() if r.status != "running" and not tid.startswith(SAMPLE_PREFIXES))
+    done = frozenset(tid for tid, r in records.items() if r.status not in UNFINISHED and not tid.startswith(SAMPLE_PREFIXES))
     last = _last_saved.get(key)
-    if last is not None and last[1] == done and time.monotonic() - last[0] < REJECT_CHECKPOINT_INTERVAL_S:
+    path = Path(folder) / CHECKPOINT_FILE
+    if (not force and last is not None and last[1] == done and path.exists()
+            and time.monotonic() - last[0] < REJECT_CHECKPOINT_INTERVAL_S):
         return False
     state = {"version": _VERSION, "records": records, "searcher": searcher.get_state(),
              "scheduler": scheduler.get_state(), "generator": generator.resume_state(), "elapsed_s": float(elapsed_s)}
-    path = Path(folder) / CHECKPOINT_FILE
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         pickle.dump(state, f)
@@ -212,14 +219,15 @@ def elapsed_before(folder: str | Path) -> float:
 def restore(state: dict[str, Any] | None, records: dict, searcher, scheduler, generator) -> float:
     """Load a checkpoint into fresh objects; returns the seconds the search had run (0 without one).
 
-    Records of trials that were running lose their rows (they are re-run from the start); their
-    Optuna trials stay live in the searcher and the generator creates them again first.
+    Records of trials that were running or interrupted (:data:`UNFINISHED`) lose their rows (they
+    are re-run from the start); their Optuna trials stay live in the searcher and the generator
+    creates them again first.
     """
     if state is None:
         return 0.0
     records.clear()
     records.update(state["records"])
-    running = [tid for tid, r in records.items() if r.status == "running"]
+    running = [tid for tid, r in records.items() if r.status in UNFINISHED]
     for tid in running:  # as when it was accepted: what it measured (rows, node, ...) is measured again
         rec = records[tid]
         records[tid] = type(rec)(rec.trial_id, rec.config, rec.recipe, "running", None, rec.trainable_params)
@@ -276,7 +284,7 @@ def reconcile_mlflow(tracker, records: dict) -> dict[str, int]:
     for run in runs:
         tid = run.data.tags.get("trial_id")
         rec = records.get(tid)
-        if rec is not None and rec.status != "running" and tid not in tracker.trial_runs:
+        if rec is not None and rec.status not in UNFINISHED and tid not in tracker.trial_runs:
             tracker.trial_runs[tid] = run.info.run_id
             if run.info.status == "RUNNING":  # killed between its last metric and its end: end it now
                 tracker.end_trial(tid, rec.status, rec.error)
@@ -288,7 +296,7 @@ def reconcile_mlflow(tracker, records: dict) -> dict[str, int]:
         tracker.client.delete_run(run.info.run_id)
         deleted += 1
     for tid, rec in records.items():
-        if rec.status != "running" and tid not in tracker.trial_runs:
+        if rec.status not in UNFINISHED and tid not in tracker.trial_runs:
             tracker.start_trial(tid, rec.config, rec.recipe)
             if getattr(rec, "duplicate_of", None):
                 tracker.tag_trial(tid, {"duplicate_of": rec.duplicate_of})

@@ -38,6 +38,7 @@ from typing import Any, Callable
 
 from autopeft.hpo.space import SearchSpace
 from autopeft.progress import PROGRESS_DIR, progress_file
+from autopeft.tracking import cut_value
 
 @dataclass
 class TrialRecord:
@@ -95,6 +96,12 @@ class TuneSettings:
     resume: bool = False
 
 
+#: A trial's error message longer than this (characters) is recorded cut, with a visible marker
+#: (:func:`autopeft.tracking.cut_value`); MLflow's ``error`` tag keeps up to 8,000 and the whole
+#: message as an artifact.
+MAX_ERROR_CHARS = 20_000
+
+
 class NonFiniteScore(FloatingPointError):
     """A rung's score is NaN or infinite (e.g. STS-B's Pearson of constant predictions): the trial fails."""
 
@@ -102,13 +109,17 @@ class NonFiniteScore(FloatingPointError):
 def _trial_fn(config: dict[str, Any], space: SearchSpace, base: dict[str, Any], rungs: list[int],
               data_dir: str | None, device: str | None, search_dir: str | None = None) -> None:
     """The Ray Tune trainable: runs in a worker; reports one row per rung (``rungs``, examples seen).
+    It computes on as many threads as the CPUs Ray assigned it (:func:`autopeft.threads.limit_threads`;
+    each row's ``threads`` / ``interop_threads`` say what it ran on).
     With ``search_dir`` it also writes its live progress there (:mod:`autopeft.progress`; a file,
     never a Tune report, so the scheduler and the searcher only ever see rung reports)."""
     from ray import tune
 
     from autopeft.progress import TrialProgressWriter, progress_file
+    from autopeft.threads import limit_threads, ray_cpus, threads_for
     from autopeft.trainer import run_trial
 
+    limit_threads(threads_for(ray_cpus()))  # compute on the CPUs Ray gave this trial, no more
     where = _where()  # node id and host name, in every report: the driver records where each trial ran
     on_step = keep = None
     if search_dir:
@@ -132,7 +143,8 @@ def _trial_fn(config: dict[str, Any], space: SearchSpace, base: dict[str, Any], 
     except Exception as exc:  # a failing trial is recorded as failed; the search goes on
         if type(exc).__name__ in ("TuneError", "StopTraining", "SystemExit", "KeyboardInterrupt"):
             raise
-        tune.report({"status": "failed", "error": f"{type(exc).__name__}: {exc}"[:2000], "score": float("nan"),
+        tune.report({"status": "failed", "error": cut_value(f"{type(exc).__name__}: {exc}", MAX_ERROR_CHARS),
+                     "score": float("nan"),
                      "trainable_params": -1, "peak_memory_bytes": float("nan"), "examples_seen": 0, **where})
     finally:  # the worker process runs the next trial: give this one's memory back (autopeft.memory)
         from autopeft.memory import release_memory
@@ -164,7 +176,7 @@ def _ray_error(trial) -> str:
     if not lines:
         return "the trial's Ray worker died"
     keep = [lines[0]] + [ln for ln in lines[1:] if "died" in ln or "terminated" in ln or "Error" in ln][:2]
-    return " ".join(keep)[:2000]
+    return cut_value(" ".join(keep), MAX_ERROR_CHARS)
 
 
 def _has_gpu() -> bool:
@@ -437,7 +449,7 @@ def run_tune(space: SearchSpace, base: dict[str, Any], param_limit: int, setting
 
 _ROW_KEYS = {"score", "score_low", "score_high", "eval_split", "eval_examples", "trainable_params", "head_params",
              "backbone_params", "trainable_percent", "peak_memory_bytes", "examples_seen", "steps", "train_time_s",
-             "wall_time_s"}
+             "wall_time_s", "threads", "interop_threads"}
 
 
 def _metric_keys(result: dict) -> set[str]:

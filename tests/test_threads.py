@@ -1,0 +1,82 @@
+"""A trial computes on as many threads as the CPUs it was given (issue 14, case 2; ray-project/ray#28594).
+
+Nothing set a trial's thread count: with ``--cpus-per-trial 1`` two trials ran side by side on two
+cores, each with PyTorch's default inter-op pool of one thread per core (Ray's ``OMP_NUM_THREADS``
+only reaches the intra-op pool), and ``autopeft train`` had no say at all. Each trial now sizes
+PyTorch's intra-op and inter-op pools (and OpenMP / MKL) from its Ray resources, ``autopeft train``
+from ``--cpus``; every rung row records what the trial computed on, read inside the trial.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from test_resume import SPACE, TINY_BERT, _data, _env
+
+
+@pytest.mark.integration
+def test_every_trial_computes_on_the_cpus_ray_gave_it(tmp_path):
+    glue = _data(tmp_path)
+    (tmp_path / "space.yaml").write_text(SPACE)
+    args = {"task": "sst2", "budget": "1500", "backbone": TINY_BERT, "space": str(tmp_path / "space.yaml"),
+            "trials": 2, "data_dir": str(glue), "tracking_uri": f"sqlite:///{tmp_path / 'm.db'}", "name": "threads",
+            "output_dir": str(tmp_path / "runs"), "seed": 3, "cpus_per_trial": 1,
+            "training": {"max_eval_examples": 48}, "max_train_examples": 128, "time_budget_s": 600}
+    runner = "import json, sys\nfrom autopeft.api import search\nsearch(**json.loads(sys.argv[1]), progress=print)"
+    res = subprocess.run([sys.executable, "-c", runner, json.dumps(args)], env=_env(tmp_path), capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "1 CPU / 0 GPU per trial, 2 at a time" in res.stdout  # two trials side by side on 2 CPUs
+    trials = [t for t in json.loads((tmp_path / "runs" / "threads" / "trials.json").read_text())
+              if t["trial_id"].startswith("trial_")]
+    rows = [r for t in trials for r in t["rows"]]
+    assert len(trials) == 2 and rows
+    # read by torch.get_num_threads() / get_num_interop_threads() inside each trial, at each rung:
+    # was 1 and 2 (Ray's OMP_NUM_THREADS=1, PyTorch's inter-op pool one per core)
+    assert [(r["threads"], r["interop_threads"]) for r in rows] == [(1, 1)] * len(rows)
+
+
+def _in_fresh_process(code: str) -> dict:
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "OMP_NUM_THREADS": "2"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_limit_threads_sets_both_pools_and_the_native_libraries_once_per_process():
+    got = _in_fresh_process(
+        "import json, os, torch\nfrom autopeft.threads import limit_threads\n"
+        "first = limit_threads(3)\n"
+        "torch.ones(64, 64) @ torch.ones(64, 64)\n"
+        "torch.jit.wait(torch.jit.fork(torch.add, torch.ones(2), 1))  # the inter-op pool runs\n"
+        "second = limit_threads(1)  # inter-op can no longer change: kept, no error\n"
+        "print(json.dumps({'first': first, 'second': second, 'omp': os.environ['OMP_NUM_THREADS'],"
+        " 'rayon': os.environ['RAYON_NUM_THREADS']}))")
+    assert got == {"first": {"threads": 3, "interop_threads": 3}, "second": {"threads": 1, "interop_threads": 3},
+                   "omp": "1", "rayon": "1"}
+
+
+@pytest.mark.integration
+def test_autopeft_train_computes_on_cpus_threads(tmp_path):
+    glue = _data(tmp_path)
+    recipe = {"backbone": TINY_BERT, "task": "sst2",
+              "components": [{"method": "lora", "r": 2, "target_modules": ["query", "value"]}],
+              "training": {"max_train_examples": 32, "batch_size": 16, "max_eval_examples": 16, "max_seq_length": 16}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    cli = "from autopeft.cli import main; main()"
+    for cpus in (1, 2):
+        out = tmp_path / f"out{cpus}"
+        res = subprocess.run([sys.executable, "-c", cli, "train", "-r", str(tmp_path / "r.yaml"), "--data-dir", str(glue),
+                              "-o", str(out), "--cpus", str(cpus)], env=_env(tmp_path), capture_output=True, text=True,
+                             timeout=300)
+        assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert (metrics["threads"], metrics["interop_threads"]) == (cpus, cpus)
+        assert f"training on {cpus} thread" in res.stdout
+    res = subprocess.run([sys.executable, "-c", cli, "train", "-r", str(tmp_path / "r.yaml"), "--cpus", "0"],
+                         env=_env(tmp_path), capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and res.stderr.strip() == "error: --cpus must be at least 1, got 0", res.stderr
