@@ -217,7 +217,12 @@ def search(task: str = "sst2", budget: str | Budget = "0.5%", backbone: str | di
     base = {"backbone": backbone, "task": task_value, "dev": dev,
             "training": {"max_train_examples": sp.fidelity.max_train_examples,
                          "schedule_examples": sp.fidelity.max_train_examples, "seed": seed, **(training or {})}}
-    backbone_params = count_recipe(recipe_from_dict({**base, "components": []})).backbone_params
+    bare = recipe_from_dict({**base, "components": []})
+    backbone_params = count_recipe(bare).backbone_params
+    if not (isinstance(backbone, dict) and "preset" in backbone):  # presets: refused below, with their own line
+        from autopeft.recipe import check_recipe
+
+        check_recipe(bare, for_training=True)  # what no trial could train (a bare config's vocabulary): one line
     limit = budget.limit(backbone_params)
     cpus, gpus = default_resources()
     cpus, gpus = cpus_per_trial or cpus, gpus if gpus_per_trial is None else gpus_per_trial

@@ -186,15 +186,18 @@ def _print_front(result) -> None:
 
     metric = get_task(result.settings["task"]).metric
     splits = result.settings.get("splits") or {}
+    caption = (f"{metric} [95% interval]. dev: {splits['dev']:,} examples carved from train, read by every search "
+               f"decision; test: {splits['test']:,} examples ({splits.get('test_source', 'validation')}), read once "
+               "after the search: quote the test score" if splits else None)
     table = Table(title=f"Pareto front at {result.fidelity:,} training examples "
-                        f"(budget {result.settings['budget']} = {result.param_limit:,} parameters); "
-                        f"{metric} with 95% intervals: dev ({splits.get('dev', '?'):,} examples, picked on) "
-                        f"and test ({splits.get('test', '?'):,}, read once after the search)")
+                        f"(budget {result.settings['budget']} = {result.param_limit:,} parameters)",
+                  caption=caption, caption_justify="left")
     confirm = any(r.get("confirm") for r in result.pareto)
-    cols = ("#", "trial", f"dev {metric}", f"test {metric}", *(("test mean ± std (seeds)",) if confirm else ()),
-            "trainable params", "%", "peak memory (MiB)", "methods")
-    for col in cols:
-        table.add_column(col, justify="right" if col not in ("trial", "methods") else "left")
+    cols = ("#", "trial", "dev", "test", *(("test mean ± std (seeds)",) if confirm else ()),
+            "params", "%", "MiB", "methods")
+    for col in cols:  # scores never wrap or shorten; the methods column folds instead
+        table.add_column(col, justify="right" if col not in ("trial", "methods") else "left",
+                         no_wrap=col != "methods", overflow="fold")
     if not result.pareto:
         console.print(f"Pareto front at {result.fidelity:,} training examples: empty (no trial reached it within budget)",
                       markup=False)

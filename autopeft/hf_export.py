@@ -137,10 +137,14 @@ class Provenance:
 
     Attributes:
         search: search name; search_path: its folder; searcher, seed, budget, space: its settings.
-        trial_id: the Pareto point's trial; search_score: its validation score in the search
-            (at ``fidelity`` training examples); trainable_params / trainable_percent: its count.
+        trial_id: the Pareto point's trial; search_score: its dev score in the search (validation in
+            searches from before dev splits; at ``fidelity`` training examples); trainable_params /
+            trainable_percent: its count.
         trained_dir: the autopeft-format folder the weights were read from.
-        metrics: validation metrics of the trained weights (``metrics.json``), e.g. ``{"accuracy": 0.868}``.
+        metrics: metrics of the trained weights on the split they were scored on (``metrics.json``),
+            e.g. ``{"accuracy": 0.868}``; metrics_split: that split (``dev`` or ``validation``).
+        test_metrics: the same weights on the untouched test split (the search's front, or ``autopeft
+            train``'s ``metrics.json``), ``{}`` when unknown.
     """
 
     search: str | None = None
@@ -156,6 +160,8 @@ class Provenance:
     trainable_percent: float | None = None
     trained_dir: str | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    metrics_split: str = "validation"
+    test_metrics: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -434,9 +440,19 @@ def _same_inputs(recorded: dict | None, now: dict) -> bool:
                for k in ("data", "backbone"))
 
 
-def _metrics_of(folder: Path) -> dict[str, float]:
-    return {k: float(v) for k, v in (_read_json(folder / "metrics.json").get("metrics") or {}).items()
+def _metrics_of(folder: Path, key: str = "metrics") -> dict[str, float]:
+    """``metrics.json``'s ``key`` (``metrics``: the split the weights were scored on; ``test_metrics``)."""
+    return {k: float(v) for k, v in (_read_json(folder / "metrics.json").get(key) or {}).items()
             if isinstance(v, (int, float))}
+
+
+def _fill_metrics(prov: Provenance, folder: Path, row: dict | None = None) -> Provenance:
+    """Set ``prov``'s metrics from a trained folder's ``metrics.json`` and, for a search point, the
+    test metrics the search measured for it (``row["test_metrics"]``)."""
+    prov.metrics = _metrics_of(folder)
+    prov.metrics_split = str(_read_json(folder / "metrics.json").get("eval_split") or "validation")
+    prov.test_metrics = dict((row or {}).get("test_metrics") or {}) or _metrics_of(folder, "test_metrics")
+    return prov
 
 
 def trained_source(search: str | Path, pick: str = "best", output_dir: str | Path = "autopeft_runs",
@@ -484,8 +500,7 @@ def trained_source(search: str | Path, pick: str = "best", output_dir: str | Pat
         api.train(recipe, data_dir=data_dir, output_dir=target, log=log)
         (target / TRAINED_ON_FILE).write_text(json.dumps(inputs, indent=2))
     prov.trained_dir = str(target)
-    prov.metrics = _metrics_of(target)
-    return target, prov
+    return target, _fill_metrics(prov, target, row)
 
 
 # ----- writing ------------------------------------------------------------------------------------
@@ -830,8 +845,13 @@ def model_card(recipe: Recipe, prov: Provenance, fmt: str, max_abs_diff: float |
               + ("Hugging Face peft adapter folder." if fmt == "peft" else
                  "plain transformers model with the PEFT update merged into its weights."), "", "## Score", ""]
     if prov.metrics:
-        lines.append("Validation metrics of these weights: "
+        where = (" (a dev split carved from train, which the search selected on)" if prov.metrics_split == "dev"
+                 else "")
+        lines.append(f"{prov.metrics_split.capitalize()} metrics of these weights{where}: "
                      + ", ".join(f"{k} {v:.4f}" for k, v in prov.metrics.items()) + ".")
+    if prov.test_metrics:
+        lines.append("Test metrics of these weights (the task's validation split, read once after training): "
+                     + ", ".join(f"{k} {v:.4f}" for k, v in prov.test_metrics.items()) + ".")
     if prov.search_score is not None:
         fid = f" at {prov.fidelity:,} training examples" if prov.fidelity else ""
         lines.append(f"Score of the trial in its search: {task.metric} {_fmt_score(prov.search_score)}{fid}.")
@@ -950,7 +970,7 @@ def export_model(source: str | Path, fmt: str = "peft", output: str | Path | Non
         folder = Path(source)
         recipe = load_recipe(folder / "recipe.yaml")
         check_exportable(recipe, fmt, f"{folder} itself, loaded with autopeft.trainer.load_trained")
-        prov = Provenance(trained_dir=str(folder.resolve()), metrics=_metrics_of(folder))
+        prov = _fill_metrics(Provenance(trained_dir=str(folder.resolve())), folder)
     else:
         folder, prov = trained_source(source, pick or "best", output_dir, fmt, data_dir, train, log)
         recipe = load_recipe(folder / "recipe.yaml")

@@ -94,6 +94,30 @@ def run(name: str, seed: int, examples: int, data_dir: str) -> dict:
             "train_time_s": round(result.train_time_s, 1), "wall_s": round(time.time() - t0, 1), "recipe": data}
 
 
+def table(rows: list[dict]) -> str:
+    """Markdown table of the probes in ``rows`` (JSON lines): per probe, dev score per seed, the mean,
+    and the mean paired difference to ``lora8_qv`` (today's first start point) over the seeds both ran."""
+    import statistics
+
+    by: dict[str, dict[int, dict]] = {}
+    for r in rows:
+        by.setdefault(r["probe"], {})[r["seed"]] = r
+    ref = by.get("lora8_qv", {})
+    out = ["| probe | lever | trainable params | examples | dev score per seed (95% interval) | mean | vs LoRA r=8 q/v (paired, same seeds) |",
+           "|---|---|---:|---:|---|---:|---:|"]
+    for name in [n for n in PROBES if n in by]:
+        seeds = by[name]
+        first = next(iter(seeds.values()))
+        per = "; ".join(f"s{s}: {r['dev_score']:.4f} [{r['dev_low']:.4f}, {r['dev_high']:.4f}]" for s, r in sorted(seeds.items()))
+        mean = statistics.fmean(r["dev_score"] for r in seeds.values())
+        common = [s for s in seeds if s in ref]
+        diff = (f"{statistics.fmean(seeds[s]['dev_score'] - ref[s]['dev_score'] for s in common):+.4f} ({len(common)})"
+                if common and name != "lora8_qv" else "")
+        out.append(f"| {name} | {first['lever']} | {first['trainable_params']:,} | {first['examples']:,} | {per} | "
+                   f"{mean:.4f} | {diff} |")
+    return "\n".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data-dir", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "glue"))
@@ -102,7 +126,11 @@ def main() -> None:
     ap.add_argument("--examples", type=int, default=24000, help="training examples per probe (its schedule too)")
     ap.add_argument("--out", default=str(Path(__file__).with_name("gap_probes.jsonl")))
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, all cores)")
+    ap.add_argument("--table", action="store_true", help="print the Markdown table of --out's probes and exit")
     args = ap.parse_args()
+    if args.table:
+        print(table([json.loads(line) for line in Path(args.out).read_text().splitlines() if line.strip()]))
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     for name in args.only or PROBES:

@@ -171,7 +171,7 @@ def test_a_nan_score_fails_the_trial_in_the_worker(monkeypatch):
     reported = []
     monkeypatch.setattr(ray.tune, "report", lambda row: reported.append(dict(row)))
 
-    def fake_run_trial(recipe, data_dir, rungs, report, device, on_step=None):
+    def fake_run_trial(recipe, data_dir, rungs, report, device, on_step=None, keep_dir=None):
         report({"score": 0.7, "examples_seen": 64, "trainable_params": 1, "peak_memory_bytes": 1})
         report({"score": float("nan"), "examples_seen": 128, "trainable_params": 1, "peak_memory_bytes": 1})
         raise AssertionError("not reached: the NaN report stops the trial")

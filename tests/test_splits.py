@@ -12,7 +12,9 @@ import autopeft
 from autopeft.tasks import DevSplit, Split, carve_dev, default_dev_examples
 from autopeft.uncertainty import bootstrap_ci, within_noise
 
-from conftest import TINY_BERT
+#: A tiny BERT that trains: the bundled BERT tokenizer needs the full 30,522-token vocabulary.
+TINY = {"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "intermediate_size": 37, "vocab_size": 30522, "max_position_embeddings": 160}
 
 SPACE = Path(__file__).parent / "data" / "tiny_space.yaml"
 
@@ -96,7 +98,7 @@ def twin_searches(tmp_path_factory):
     out = {}
     for flip in (False, True):
         data = _data_dir(work, glue, flip)
-        out[flip] = autopeft.search(task="sst2", budget="50%", backbone=TINY_BERT, space=str(SPACE), trials=3,
+        out[flip] = autopeft.search(task="sst2", budget="50%", backbone=TINY, space=str(SPACE), trials=3,
                                     data_dir=str(data), tracking_uri=f"sqlite:///{work / f'm{flip}.db'}",
                                     experiment="twins", name=f"s{int(flip)}", output_dir=work / f"runs{int(flip)}",
                                     progress=None)
@@ -178,13 +180,13 @@ def test_the_search_report_shows_dev_and_test_side_by_side(twin_searches, tmp_pa
     assert f"{best['test_score']:.4f} [{best['test_low']:.4f}, {best['test_high']:.4f}]" in page
 
 
-def test_cli_confirm_seeds_and_full_reference_are_reported(twin_searches, tmp_path):
+def test_cli_confirm_seeds_and_full_reference_are_reported(glue_dir, tmp_path):
     """``--confirm-seeds 1 --reference full`` as a user types them (real MiniLM, 64 examples a trial)."""
     from typer.testing import CliRunner
 
     from autopeft.cli import app
 
-    data = twin_searches[1] / "normal"
+    data = _data_dir(tmp_path, glue_dir, flip=False)
     res = CliRunner().invoke(app, ["search", "--task", "sst2", "--budget", "50k", "--space", str(SPACE),
                                    "--trials", "1", "--max-train-examples", "64", "--data-dir", str(data),
                                    "--confirm-seeds", "1", "--reference", "full", "--name", "cr", "--quiet",
@@ -212,3 +214,14 @@ def test_bad_confirm_seeds_and_reference_are_one_line_errors(tmp_path):
     assert res.exit_code == 2 and "unknown --reference 'lora'; valid: full" in res.output
     res = CliRunner().invoke(app, ["search", "--confirm-seeds", "-1", "--output-dir", str(tmp_path)])
     assert res.exit_code == 2
+
+
+def test_a_backbone_no_trial_could_train_is_refused_before_the_search(tmp_path):
+    """A bare config whose vocabulary is smaller than the tokenizer's failed every trial at its first batch."""
+    from autopeft.recipe import RecipeError
+    from conftest import GLUE_DIR, TINY_BERT
+
+    with pytest.raises(RecipeError, match="vocab_size 120 is smaller than the 30,522 tokens"):
+        autopeft.search(task="sst2", budget="50%", backbone=TINY_BERT, space=str(SPACE), trials=1,
+                        data_dir=str(GLUE_DIR), output_dir=tmp_path / "runs", progress=None)
+    assert not (tmp_path / "runs").exists()
