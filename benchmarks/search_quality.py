@@ -74,8 +74,9 @@ times), ``search_quality.md`` (tables and the conclusions computed from them) an
 ``<out>/runs/bench-<task>-<searcher>-s<seed>``, its MLflow runs in ``<out>/mlflow.db``.
 
 Resumable: a run whose record is in the JSON with the same settings is skipped (a baseline also needs
-the same ``C``: rerunning the default search reruns its baselines); ``--fresh`` ignores earlier results;
-``--report-only`` re-renders the Markdown and plots from the JSON.
+the same ``C``: rerunning the default search reruns its baselines), and a search the benchmark was
+killed in continues from its last finished trial (``autopeft.search(resume=True)``); ``--fresh`` ignores
+earlier results; ``--report-only`` re-renders the Markdown and plots from the JSON.
 
     python benchmarks/search_quality.py                         # the defaults: ~3 h on 2 free CPU cores
     python benchmarks/search_quality.py --quick --out /tmp/sq   # smoke test of every step: ~2-3 min
@@ -892,12 +893,14 @@ def save_results(path: Path, data: dict) -> None:
 
 
 class QuietLog:
-    """The searches' ``progress``: appends each line to a log file (echoes it with ``echo``). Plain
-    attributes only, no open file: Ray pickles the search algorithm, which holds the callback."""
+    """The searches' ``progress``: appends each line to a log file (echoes it with ``echo``); a resumed
+    search's lines follow the interrupted attempt's. Plain attributes only, no open file: Ray pickles the
+    search algorithm, which holds the callback."""
 
     def __init__(self, path: str | Path, echo: bool = False) -> None:
         self.path, self.echo = str(path), echo
-        Path(self.path).write_text("")
+        with open(self.path, "a") as f:
+            f.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} ---\n")
 
     def __call__(self, msg: str) -> None:
         with open(self.path, "a") as f:
@@ -1011,10 +1014,27 @@ def run_baseline(task: str, name: str, seed: int, lrs: Sequence[float], compute:
             "recipe": best_recipe.model_dump(mode="json"), "wall_time_s": time.time() - t0}
 
 
+def earlier_attempt(folder: Path, fresh: bool = False) -> str:
+    """What to do with a search folder the benchmark finds before a search: ``"new"`` (none),
+    ``"resume"`` (an interrupted search: ``search.json`` and ``resume.json`` without ``result.json``;
+    its finished trials are kept) or ``"set_aside"`` (a finished search whose record never reached the
+    JSON, one that cannot be resumed, or any with ``fresh``)."""
+    from autopeft.hpo.resume import REQUEST_FILE
+
+    folder = Path(folder)
+    if not folder.exists():
+        return "new"
+    if (not fresh and (folder / "search.json").is_file() and (folder / REQUEST_FILE).is_file()
+            and not (folder / "result.json").is_file()):
+        return "resume"
+    return "set_aside"
+
+
 def run_search(task: str, searcher: str, seed: int, trials: int, examples: int, budget: str, space: str,
-               data_dir: str, out: Path, log: Callable[[str], None]) -> dict:
+               data_dir: str, out: Path, log: Callable[[str], None], fresh: bool = False) -> dict:
     """One ``autopeft.search`` with the given searcher; its record, with the ``best`` pick's test
-    predictions (its kept weights scored again on test: the same score as the front's ``test_score``)."""
+    predictions (its kept weights scored again on test: the same score as the front's ``test_score``).
+    An interrupted search of the same name in ``out/runs`` is resumed, unless ``fresh``."""
     import autopeft
     from autopeft.hpo.final import kept_dir
     from autopeft.recipe import Recipe
@@ -1026,19 +1046,33 @@ def run_search(task: str, searcher: str, seed: int, trials: int, examples: int, 
         ray_up = ray.is_initialized()
     except ImportError:  # pragma: no cover
         ray_up = False
+    from autopeft.hpo.resume import ResumeError
+
     name = f"bench-{task}-{searcher}-s{seed}"
     runs = out / "runs"
-    stale = runs / name
-    if stale.exists():  # an interrupted or failed earlier attempt: keep it aside, start clean
+    folder = runs / name
+
+    def set_aside() -> None:  # a failed or finished-but-unrecorded earlier attempt: keep it, start clean
         k = 1
         while (runs / f"{name}.earlier-{k}").exists():
             k += 1
-        stale.rename(runs / f"{name}.earlier-{k}")
+        folder.rename(runs / f"{name}.earlier-{k}")
+
+    state = earlier_attempt(folder, fresh)
+    resume = state == "resume"
+    if state == "set_aside":
+        set_aside()
+    kwargs = dict(task=task, budget=budget, space=space, trials=trials, time_budget_s=None, data_dir=data_dir, seed=seed,
+                  searcher=searcher, max_train_examples=examples, progress=log, name=name, output_dir=runs,
+                  tracking_uri=f"sqlite:///{out}/mlflow.db", experiment="search-quality")
     t0 = time.time()
-    result = autopeft.search(task=task, budget=budget, space=space, trials=trials, time_budget_s=None,
-                             data_dir=data_dir, seed=seed, searcher=searcher, max_train_examples=examples,
-                             progress=log, name=name, output_dir=runs,
-                             tracking_uri=f"sqlite:///{out}/mlflow.db", experiment="search-quality")
+    try:
+        result = autopeft.search(**kwargs, resume=resume)
+    except ResumeError as exc:  # started with other settings: start again
+        log(f"cannot resume the earlier attempt ({exc}); starting again")
+        set_aside()
+        resume = False
+        result = autopeft.search(**kwargs)
     wall = time.time() - t0
     best = pick_best(result.pareto)
     preds = gold = None
@@ -1057,7 +1091,7 @@ def run_search(task: str, searcher: str, seed: int, trials: int, examples: int, 
                                              "examples_seen")} | {"recipe": best["recipe"]}
     return {"trials": result.trials, "pareto": pareto, "best": best_rec, "best_predictions": preds, "gold": gold,
             "param_limit": result.param_limit, "fidelity": result.fidelity, "wall_time_s": result.wall_time_s,
-            "call_time_s": wall, "included_ray_start": not ray_up, "path": str(result.path),
+            "call_time_s": wall, "included_ray_start": not ray_up, "resumed": resume, "path": str(result.path),
             "mlflow_run_id": result.mlflow_run_id, "search_settings": result.settings or {}}
 
 
@@ -1319,7 +1353,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if kind == "search":
                 log = QuietLog(out / "runs" / f"bench-{task}-{name}-s{seed}.log", echo=a.verbose)
-                rec |= run_search(task, name, seed, a.trials, m[task], a.budget, a.space, data_dir, out, log)
+                rec |= run_search(task, name, seed, a.trials, m[task], a.budget, a.space, data_dir, out, log, a.fresh)
             else:
                 rec |= run_baseline(task, name, seed, config["learning_rates"], config["compute"], a.budget,
                                     config["dev"], data_dir, say)

@@ -228,6 +228,19 @@ def test_memory_reference_over_all_runs_of_a_task():
     assert sq.memory_reference([]) is None
 
 
+def test_earlier_attempt_of_a_search(tmp_path):
+    folder = tmp_path / "bench-cola-tpe-s0"
+    assert sq.earlier_attempt(folder) == "new"
+    folder.mkdir()
+    assert sq.earlier_attempt(folder) == "set_aside"               # nothing to resume from
+    (folder / "search.json").write_text("{}")
+    (folder / "resume.json").write_text("{}")
+    assert sq.earlier_attempt(folder) == "resume"                  # killed mid-search
+    assert sq.earlier_attempt(folder, fresh=True) == "set_aside"
+    (folder / "result.json").write_text("{}")
+    assert sq.earlier_attempt(folder) == "set_aside"               # finished, never recorded
+
+
 def test_parse_per_task_and_quick_presets():
     tasks = ["sst2", "cola", "mrpc"]
     d = {"sst2": 2000, "cola": 7696, "mrpc": 3301}
