@@ -343,7 +343,9 @@ def test_conclusions_when_the_search_wins():
     assert "holds" in ch["vs_baseline"]["text"] and "+0.1000 [+0.0000, +0.2000] over 2 seed(s)" in ch["vs_baseline"]["text"]
     # prefix tuning is over the budget, better on test: reported, not the within-budget check
     assert ch["vs_all_baselines"]["holds"] is False and ch["vs_all_baselines"]["baseline"] == "baseline:prefix_tuning"
-    assert ch["vs_full_ft"]["holds"] is False
+    assert any("300 parameters, 3.0x the budget of 100" in w for w in ch["vs_all_baselines"]["why"])
+    assert "Why: it trains 300 parameters" in ch["vs_all_baselines"]["text"]
+    assert ch["vs_full_ft"]["holds"] is False and "Why:" in ch["vs_full_ft"]["text"]
     assert ch["vs_searchers"][0]["holds"] is True and ch["vs_searchers"][0]["searcher"] == "random"
     # learned: the mean lower bound (0.8 + 0.7) / 2 = 0.75 > majority 0.5
     assert ch["learned"]["holds"] is True and "0.7500" in ch["learned"]["text"]
