@@ -27,6 +27,14 @@ def _summary(recipe: dict | None) -> str:
     return f"{text}; {recipe.get('pooling', 'pooler')} pooling"
 
 
+def _ci(row: dict, key: str, low: str, high: str) -> str:
+    """``0.8761 [0.8543, 0.8968]``; the score alone without an interval; empty without a score."""
+    v, lo, hi = row.get(key), row.get(low), row.get(high)
+    if not isinstance(v, (int, float)):
+        return ""
+    return f"{v:.4f} [{lo:.4f}, {hi:.4f}]" if isinstance(lo, (int, float)) and isinstance(hi, (int, float)) else f"{v:.4f}"
+
+
 def render(folder: Path, title: str, command: str) -> str:
     settings = json.loads((folder / "search.json").read_text())
     result = json.loads((folder / "result.json").read_text())
@@ -43,16 +51,27 @@ def render(folder: Path, title: str, command: str) -> str:
     counts = ", ".join(f"{v} {k}" for k, v in result["counts"].items() if v)
     out.append(f"**Wall time: {result['wall_time_s'] / 60:.1f} min.** Trials and samples: {counts}. "
                f"Hypervolume {result['hypervolume']:.4f}. MLflow parent run `{result['mlflow_run_id']}`.")
-    out += ["", f"## Pareto front ({result['fidelity']:,} training examples; full validation split)", "",
-            "| # | trial | score | trainable params | % | peak memory (MiB) | configuration | lr |",
-            "|---|---|---:|---:|---:|---:|---|---:|"]
+    splits = settings.get("splits")
+    where = (f"dev: {splits['dev']:,} examples carved from train, read by every search decision; test: "
+             f"{splits['test']:,} examples ({splits['test_source']}), read once after the search" if splits
+             else "full validation split")
+    out += ["", f"## Pareto front ({result['fidelity']:,} training examples; {where}; 95% intervals)", "",
+            "| # | trial | dev score | test score | trainable params | % | peak memory (MiB) | configuration | lr |",
+            "|---|---|---:|---:|---:|---:|---:|---|---:|"]
     for i, r in enumerate(front):
         lr = (r.get("recipe") or {}).get("training", {}).get("learning_rate")
-        out.append(f"| {i} | {r['trial_id']} | {r['score']:.4f} | {r['trainable_params']:,} | "
+        out.append(f"| {i} | {r['trial_id']} | {_ci(r, 'score', 'score_low', 'score_high')} | "
+                   f"{_ci(r, 'test_score', 'test_low', 'test_high')} | {r['trainable_params']:,} | "
                    f"{r['trainable_percent']:.3f} | {r['peak_memory_bytes'] / 2**20:.0f} | {_summary(r.get('recipe'))} | "
                    f"{lr:.2g} |")
     if not front:
-        out.append("| | (empty) | | | | | | |")
+        out.append("| | (empty) | | | | | | | |")
+    ref_file = folder / "reference.json"
+    if ref_file.is_file():
+        ref = json.loads(ref_file.read_text())
+        out += ["", f"Reference ({ref['kind']} fine-tuning, {ref['trainable_params']:,} parameters, "
+                f"{ref['examples_seen']:,} examples, same splits): dev {_ci(ref, 'score', 'score_low', 'score_high')}, "
+                f"test {_ci(ref, 'test_score', 'test_low', 'test_high')}."]
     out += ["", "## Every trial and rejected sample, in order", "",
             "| id | configuration | lr | trainable params | status | score per rung (examples: score) |",
             "|---|---|---:|---:|---|---|"]
@@ -60,7 +79,8 @@ def render(folder: Path, title: str, command: str) -> str:
         lr = (t.get("recipe") or {}).get("training", {}).get("learning_rate")
         rungs = ", ".join(f"{row['examples_seen']}: {row['score']:.4f}" for row in t.get("rows", []))
         params = f"{t['trainable_params']:,}" if t.get("trainable_params") is not None else ""
-        status = t["status"] + (f" ({t['error'][:80]})" if t.get("error") else "")
+        status = t["status"] + (f" ({t['error'][:80]})" if t.get("error") else "") + (
+            f" of {t['duplicate_of']}" if t.get("duplicate_of") else "")
         out.append(f"| {t['trial_id']} | {_summary(t.get('recipe'))} | {lr:.2g} | {params} | {status} | {rungs} |"
                    if lr else f"| {t['trial_id']} | {_summary(t.get('recipe'))} | | {params} | {status} | {rungs} |")
     return "\n".join(out) + "\n"
