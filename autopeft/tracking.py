@@ -14,7 +14,8 @@ examples seen), and the tags ``status`` (finished | stopped_early | failed for t
 over_budget | empty | invalid for rejected samples, which were never trained),
 ``pareto`` (true | false), ``trial_id``; a trial interrupted by Ctrl-C / SIGTERM is tagged
 ``status=interrupted`` and ended ``KILLED``, and so is the parent run of an interrupted search.
-On the parent: the search settings as params, the Pareto front as a table artifact (``pareto.json``, also ``pareto.csv``) and a plot, and the best recipe.
+On the parent: the search settings as params, the Pareto front as a table artifact (``pareto.json``,
+also ``pareto.csv``) and a plot, and the best recipe.
 
 In MLflow's UI (3.x) the experiment is tagged as model training (:data:`EXPERIMENT_KIND`), and two
 shared runs views carry the search's columns (score, trainable parameters, status, pareto, ...):

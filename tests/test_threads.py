@@ -71,9 +71,9 @@ def test_autopeft_train_computes_on_cpus_threads(tmp_path):
     cli = "from autopeft.cli import main; main()"
     for cpus in (1, 2):
         out = tmp_path / f"out{cpus}"
-        res = subprocess.run([sys.executable, "-c", cli, "train", "-r", str(tmp_path / "r.yaml"), "--data-dir", str(glue),
-                              "-o", str(out), "--cpus", str(cpus)], env=_env(tmp_path), capture_output=True, text=True,
-                             timeout=300)
+        res = subprocess.run([sys.executable, "-c", cli, "train", "-r", str(tmp_path / "r.yaml"),
+                              "--data-dir", str(glue), "-o", str(out), "--cpus", str(cpus)],
+                             env=_env(tmp_path), capture_output=True, text=True, timeout=300)
         assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
         metrics = json.loads((out / "metrics.json").read_text())
         assert (metrics["threads"], metrics["interop_threads"]) == (cpus, cpus)

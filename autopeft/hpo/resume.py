@@ -175,7 +175,8 @@ def save_checkpoint(folder: str | Path, records: dict, searcher, scheduler, gene
         whether it was written.
     """
     key = str(Path(folder).resolve())
-    done = frozenset(tid for tid, r in records.items() if r.status not in UNFINISHED and not tid.startswith("rejected_"))
+    done = frozenset(tid for tid, r in records.items()
+                     if r.status not in UNFINISHED and not tid.startswith("rejected_"))
     last = _last_saved.get(key)
     path = Path(folder) / CHECKPOINT_FILE
     if (not force and last is not None and last[1] == done and path.exists()

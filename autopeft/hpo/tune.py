@@ -43,8 +43,6 @@ from autopeft.hpo.space import SearchSpace
 from autopeft.progress import PROGRESS_DIR, progress_file
 from autopeft.tracking import cut_value
 
-__all__ = ["SearchInterrupted", "TrialRecord", "TuneSettings", "run_tune"]
-
 @dataclass
 class TrialRecord:
     """Everything the driver knows about one trial."""
