@@ -167,6 +167,10 @@ def search(task: str = "sst2", budget: str | Budget = "0.5%", backbone: str | di
         ResumeError: ``name`` exists without ``resume``; with it, no such search, a finished one, or
             other settings than it was started with (:mod:`autopeft.hpo.resume`).
         RuntimeError: Ray could not start.
+        SearchInterrupted: Ctrl-C (SIGINT) or SIGTERM (a ``KeyboardInterrupt``): the running trials
+            are recorded ``interrupted``, no MLflow run is left ``RUNNING`` (the parent is tagged
+            ``status=interrupted``), no ``result.json`` is written, and :func:`resume` finishes the
+            search (:mod:`autopeft.hpo.interrupt`).
     """
     from autopeft.backbones import load_config
     from autopeft.hpo.pareto import front_hypervolume, pareto_front
@@ -177,6 +181,7 @@ def search(task: str = "sst2", budget: str | Budget = "0.5%", backbone: str | di
     from autopeft.userdata import resolve_task
     from autopeft.tracking import SearchTracker, default_tracking_uri
 
+    from autopeft.hpo.interrupt import raise_on_stop_signals
     from autopeft.hpo.resume import ResumeError, check_same_settings, elapsed_before, open_search_folder, write_request
     from autopeft.liveness import DRIVER_FILE, DriverBeacon
 
@@ -270,6 +275,7 @@ def search(task: str = "sst2", budget: str | Budget = "0.5%", backbone: str | di
         for note in space_notes:
             progress(f"note: {note}")
     beacon = DriverBeacon(out, before_s, started=t0).start()  # driver.json: pid + heartbeat, for `autopeft status`
+    restore_signals = raise_on_stop_signals()  # SIGTERM, as Ctrl-C, ends the search resumable: not killed
     try:
         start_points = list(sp.start_points)
         if one_shot and stored and (out / "one_shot.json").is_file():  # resumed: the proposals made before
@@ -287,7 +293,11 @@ def search(task: str = "sst2", budget: str | Budget = "0.5%", backbone: str | di
                                      storage_path=str(out), device=None, searcher=searcher,
                                      start_points=start_points, resume=bool(stored))
         records = run_tune(sp, base, limit, tune_settings, str(root) if root else None, tracker, progress)
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: resumable, the parent run marked interrupted
+        restore_signals()
+        raise _interrupted(exc, out, tracker, beacon) from None
     except BaseException as exc:
+        restore_signals()
         beacon.stop()
         tracker.fail(f"{type(exc).__name__}: {exc}")
         raise
@@ -318,12 +328,33 @@ def search(task: str = "sst2", budget: str | Budget = "0.5%", backbone: str | di
         (out / "result.json").write_text(json.dumps({"fidelity": top, "param_limit": limit, "hypervolume": hv,
                                                      "mlflow_run_id": tracker.parent_id, "tracking_uri": uri,
                                                      "wall_time_s": wall, "counts": counts}, indent=2))
+    except KeyboardInterrupt as exc:  # while the results were written: no result.json, resumable
+        restore_signals()
+        raise _interrupted(exc, out, tracker, beacon) from None
     except BaseException as exc:
         tracker.fail(f"{type(exc).__name__}: {exc}")
         raise
     finally:
+        restore_signals()
         beacon.stop()
     return result
+
+
+def _interrupted(exc: KeyboardInterrupt, out: Path, tracker, beacon):
+    """The :class:`SearchInterrupted` that :func:`search` raises for a Ctrl-C / SIGTERM ``exc``: the
+    parent run marked interrupted (unless :func:`autopeft.hpo.tune.run_tune` did, with the trials),
+    ``driver.json`` ended, ``result.json`` not written, so ``autopeft resume`` continues the search."""
+    import signal
+
+    from autopeft.hpo.interrupt import SearchInterrupted, signal_name
+
+    stop = exc if isinstance(exc, SearchInterrupted) else SearchInterrupted(signal.SIGINT)
+    stop.folder = out
+    if not stop.recorded:
+        tracker.interrupt(f"{signal_name(stop.signum)}: the search stopped; `autopeft resume` continues")
+        stop.recorded = True
+    beacon.stop()
+    return stop
 
 
 def resume(name: str | Path, output_dir: str | Path = RUNS_DIR, tracking_uri: str | None = None,

@@ -56,7 +56,12 @@ def _run(fn, *args, **kwargs):
         return fn(*args, **kwargs)
     except typer.Exit:
         raise
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:  # Ctrl-C; a search's SearchInterrupted also on SIGTERM: 128 + signal
+        from autopeft.hpo.interrupt import SearchInterrupted
+
+        if isinstance(exc, SearchInterrupted):
+            err.print(str(exc), markup=False, soft_wrap=True)
+            raise typer.Exit(exc.exit_code)
         err.print("interrupted")
         raise typer.Exit(130)
     except _user_errors() as exc:

@@ -13,8 +13,10 @@ Per trial run: the flattened configuration as params, metrics per rung (``step``
 examples seen), and the tags ``status`` (finished | stopped_early | failed for trials;
 over_budget | empty | invalid for rejected samples, and duplicate for samples whose recipe a trial
 already had, tagged ``duplicate_of`` with its id: neither was trained),
-``pareto`` (true | false), ``trial_id``. On the parent: the search settings as params, the Pareto
-front as a table artifact (``pareto.json``, also ``pareto.csv``) and a plot, and the best recipe.
+``pareto`` (true | false), ``trial_id``; a trial interrupted by Ctrl-C / SIGTERM is tagged
+``status=interrupted`` and ended ``KILLED``, and so is the parent run of an interrupted search.
+On the parent: the search settings as params, the Pareto front as a table artifact (``pareto.json``,
+also ``pareto.csv``) and a plot, and the best recipe.
 
 In MLflow's UI (3.x) the experiment is tagged as model training (:data:`EXPERIMENT_KIND`), and two
 shared runs views carry the search's columns (score, trainable parameters, status, pareto, ...):
@@ -30,10 +32,11 @@ from pathlib import Path
 from typing import Any
 
 #: Trial statuses: trained to the top fidelity, stopped at a lower rung by the scheduler, failed
-#: (an exception or a non-finite score), and the samples that never became trials: rejected (over
-#: the budget, without a PEFT component, or not a valid recipe) or a duplicate (the recipe of a
-#: trial already trained or running, answered from it).
-STATUSES = ("finished", "stopped_early", "failed", "over_budget", "empty", "invalid", "duplicate")
+#: (an exception or a non-finite score), interrupted (Ctrl-C / SIGTERM stopped the search while it
+#: ran: ``autopeft resume`` runs it again; its MLflow run ends ``KILLED``), and the samples that never
+#: became trials: rejected (over the budget, without a PEFT component, or not a valid recipe) or a
+#: duplicate (the recipe of a trial already trained or running, answered from it).
+STATUSES = ("finished", "stopped_early", "failed", "interrupted", "over_budget", "empty", "invalid", "duplicate")
 
 
 #: MLflow 3's experiment-kind tag and the kind that makes its UI treat the experiment as model training
@@ -299,7 +302,7 @@ class SearchTracker:
         self.client.set_tag(run_id, "status", status)
         if error:
             self._set_tag(run_id, "error", error)
-        self.client.set_terminated(run_id, "FAILED" if status == "failed" else "FINISHED")
+        self.client.set_terminated(run_id, {"failed": "FAILED", "interrupted": "KILLED"}.get(status, "FINISHED"))
 
     def log_test(self, trial_id: str, row: dict[str, Any]) -> None:
         """After the search: a Pareto point's test score, its 95% interval (``test_low`` /
@@ -347,6 +350,13 @@ class SearchTracker:
                 self.client.log_artifact(self.parent_id, str(f))
         self.client.set_terminated(self.parent_id, "FINISHED")
 
+    def interrupt(self, message: str) -> None:
+        """End the parent run ``KILLED``, tagged ``status=interrupted`` and ``interrupted=<message>``
+        (e.g. the signal): the search stopped on Ctrl-C / SIGTERM and can be resumed, which reopens it."""
+        self._set_tag(self.parent_id, "interrupted", message)
+        self.client.set_tag(self.parent_id, "status", "interrupted")
+        self.client.set_terminated(self.parent_id, "KILLED")
+
     def fail(self, message: str) -> None:
         """End the parent run ``FAILED`` with the ``error`` tag ``message`` (whole as an artifact when long)."""
         self._set_tag(self.parent_id, "error", message)
@@ -369,7 +379,7 @@ class SearchTracker:
         self.parent_id = parent_run_id
         self.experiment_id = self.parent.info.experiment_id
         tags = self.parent.data.tags
-        for key in ("error", "status"):
+        for key in ("error", "status", "interrupted"):
             if key in tags:
                 self.client.delete_tag(parent_run_id, key)
         self.client.set_tag(parent_run_id, "autopeft.resumes", str(int(tags.get("autopeft.resumes", 0)) + 1))

@@ -360,7 +360,8 @@ def _hf_tables(source: str) -> dict[str, Any]:
             dd = datasets.load_dataset(path, config or None)  # another builder (Parquet, JSON): typed already
     except Exception as exc:
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise TaskError(f"cannot load the Hugging Face dataset {name!r}: {msg[:300]}{'…' if len(msg) > 300 else ''}") from None
+        raise TaskError(f"cannot load the Hugging Face dataset {name!r}: "
+                        f"{msg[:300]}{'…' if len(msg) > 300 else ''}") from None
     if not hasattr(dd, "keys"):
         raise TaskError(f"the Hugging Face dataset {name!r} has no named splits")
     splits = list(dd.keys())

@@ -28,8 +28,8 @@ SMALL_BERT = {"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2, "
 
 def _rows(n: int) -> list[tuple[str, str]]:
     """``(text, label)``: every third text an NA word, classes ``None`` / ``positive`` / ``negative``."""
-    return [(NA_WORDS[i % len(NA_WORDS)] if i % 3 == 0 else f"movie {i} was fine", ["None", "positive", "negative"][i % 3])
-            for i in range(n)]
+    return [(NA_WORDS[i % len(NA_WORDS)] if i % 3 == 0 else f"movie {i} was fine",
+             ["None", "positive", "negative"][i % 3]) for i in range(n)]
 
 
 def _write_csv(path, rows, header=("text", "label"), sep=","):

@@ -91,14 +91,31 @@ class NumberedSearchGenerator(_ray_search_generator()):
     Attributes:
         next_number: the number of the next new trial.
         reissue: ids to create again before any new trial.
+        frozen: set when the search is interrupted (:mod:`autopeft.hpo.interrupt`): no new trial is
+            created, and the searcher is not told of trials that end without a result (their worker
+            got the signal too, or they never started), so they stay live in it and a resume
+            creates them again with the same points.
     """
 
     def __init__(self, searcher) -> None:
         super().__init__(searcher)
         self.next_number = 1
         self.reissue: list[str] = []
+        self.frozen = False
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if not self.frozen:
+            super().on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        # Frozen: a trial whose worker the Ctrl-C killed (error) or that never started (no result) is
+        # not told; it is re-run by a resume. One that reached its end or a stop decision is.
+        if not self.frozen or (result is not None and not error):
+            super().on_trial_complete(trial_id, result=result, error=error)
 
     def create_trial_if_possible(self, experiment_spec: dict):
+        if self.frozen:
+            return None
         from ray.tune.experiment.config_parser import _create_trial_from_spec
         from ray.tune.search import Searcher
         from ray.tune.search.variant_generator import _resolve_nested_dict, format_vars

@@ -16,6 +16,9 @@
 * Trial ids are ``trial_0001``, ``trial_0002``, ... in creation order, and every write of
   ``trials.json`` is preceded by a resume checkpoint (:mod:`autopeft.hpo.resume`): a killed search
   continues with ``TuneSettings.resume``, the trial that was running re-run from the start.
+* Ctrl-C / SIGTERM: the running trials are recorded ``interrupted`` (MLflow runs ``KILLED``), the
+  resume checkpoint written, and :class:`SearchInterrupted` raised (:mod:`autopeft.hpo.interrupt`);
+  ``autopeft resume`` finishes the search as if it had not been interrupted.
 * Ray: without ``ray_address`` the search always starts its own local Ray instance
   (``address="local"``), whatever cluster another Ray user left on the machine.
 
@@ -36,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from autopeft.hpo.interrupt import GracefulStop, SearchInterrupted, signal_name
 from autopeft.hpo.space import SearchSpace
 from autopeft.progress import PROGRESS_DIR, progress_file
 from autopeft.tracking import cut_value
@@ -274,6 +278,9 @@ def run_tune(space: SearchSpace, base: dict[str, Any], param_limit: int, setting
     Raises:
         RuntimeError: Ray could not start or reach the cluster.
         SearcherError: unknown searcher, or its library is missing.
+        SearchInterrupted: SIGINT (Ctrl-C) or SIGTERM while the trials ran: the running trials are
+            recorded ``interrupted`` (their MLflow runs and the parent ended ``KILLED``), the resume
+            checkpoint and ``trials.json`` written; ``recorded`` is true (:mod:`autopeft.hpo.interrupt`).
     """
     import optuna
     import ray
@@ -298,6 +305,9 @@ def run_tune(space: SearchSpace, base: dict[str, Any], param_limit: int, setting
 
     records: dict[str, TrialRecord] = {}
     t0 = time.time()
+    # Ctrl-C / SIGTERM while Tune runs: the handler only freezes the generator (no new sample, the
+    # sampler keeps the running trials live); the next step of Tune's loop records the interruption.
+    stop = GracefulStop(on_first=lambda signum: setattr(generator, "frozen", True))
 
     def say(msg: str) -> None:
         if progress:
@@ -336,7 +346,35 @@ def run_tune(space: SearchSpace, base: dict[str, Any], param_limit: int, setting
         records[trial_id] = TrialRecord(trial_id, space.decode(config), verdict.recipe, "running", None,
                                         verdict.trainable_params)
 
+    class _StopTune(Exception):
+        """Raised from the recorder after the interruption is recorded: ends Tune's loop (Tune then
+        stops the trials' actors)."""
+
+    def _record_interruption() -> None:
+        """Every trial still running: ``interrupted``, its MLflow run ``KILLED``; checkpoint and
+        ``trials.json`` written whatever the checkpoint memo says; the parent marked interrupted."""
+        stop.phase = "recording"
+        name = signal_name(stop.signum)
+        cut = [rec for rec in records.values() if rec.status == "running"]
+        for rec in cut:
+            rec.status = "interrupted"
+            rec.error = f"interrupted by {name}: `autopeft resume` runs it again from the start"
+            if tracker and rec.trial_id in tracker.trial_runs:
+                tracker.end_trial(rec.trial_id, "interrupted", rec.error)
+            progress_file(settings.storage_path, rec.trial_id).unlink(missing_ok=True)
+        _save_progress(force=True)
+        if tracker:
+            tracker.interrupt(f"{name}: {len(cut)} running trial(s) interrupted; `autopeft resume` continues")
+        say(f"interrupted by {name}: {', '.join(r.trial_id for r in cut) or 'no trial'} running, recorded "
+            "'interrupted'; the search is saved for `autopeft resume`")
+        stop.phase = "cleanup"
+
     class _Recorder(tune.Callback):
+        def on_step_begin(self, iteration, trials, **info):
+            if stop.requested and stop.phase == "running":
+                _record_interruption()
+                raise _StopTune()
+
         def _record(self, trial) -> TrialRecord:
             rec = records.get(trial.trial_id)
             if rec is None:  # not seen by on_accept (should not happen): rebuild from the config
@@ -345,6 +383,8 @@ def run_tune(space: SearchSpace, base: dict[str, Any], param_limit: int, setting
 
         def on_trial_start(self, iteration, trials, trial, **info):
             rec = self._record(trial)
+            if rec.status == "interrupted":
+                return
             if tracker:
                 tracker.start_trial(trial.trial_id, rec.config, rec.recipe, rec.trainable_params)
             say(f"trial {trial.trial_id} started: {_summary(rec.recipe)} ({rec.trainable_params:,} params)"
@@ -352,6 +392,8 @@ def run_tune(space: SearchSpace, base: dict[str, Any], param_limit: int, setting
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
             rec = self._record(trial)
+            if rec.status == "interrupted":
+                return
             if result.get("node_id") and result["node_id"] != rec.node_id:  # where it runs (cluster)
                 rec.node_id, rec.hostname = result["node_id"], result.get("hostname")
                 if tracker:
@@ -370,6 +412,8 @@ def run_tune(space: SearchSpace, base: dict[str, Any], param_limit: int, setting
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             rec = self._record(trial)
+            if rec.status == "interrupted":  # recorded already; Ray is only stopping it
+                return
             if rec.status == "running":
                 reached = max((r["examples_seen"] for r in rec.rows), default=0)
                 rec.status = "finished" if reached >= fid.max_train_examples else "stopped_early"
@@ -382,6 +426,8 @@ def run_tune(space: SearchSpace, base: dict[str, Any], param_limit: int, setting
 
         def on_trial_error(self, iteration, trials, trial, **info):
             rec = self._record(trial)
+            if rec.status == "interrupted" or (stop.requested and rec.status == "running"):
+                return  # its worker got the Ctrl-C too (the terminal's process group): interrupted, not failed
             rec.status = "failed"
             rec.error = rec.error or _ray_error(trial)
             lost_node = re.search(r"node has died\. Node Id: ([0-9a-f]+)", rec.error)
@@ -395,10 +441,10 @@ def run_tune(space: SearchSpace, base: dict[str, Any], param_limit: int, setting
             progress_file(settings.storage_path, trial.trial_id).unlink(missing_ok=True)
             _save_progress()
 
-    def _save_progress() -> None:
+    def _save_progress(force: bool = False) -> None:
         """Keep ``trials.json`` current, so an interrupted search loses no finished trial."""
         # The resume state first: trials.json never shows a trial that a resume would not know.
-        save_checkpoint(settings.storage_path, records, searcher, scheduler, generator, time.time() - t0)
+        save_checkpoint(settings.storage_path, records, searcher, scheduler, generator, time.time() - t0, force=force)
         path = Path(settings.storage_path) / "trials.json"
         path.write_text(json.dumps([r.as_dict() for r in records.values()], indent=2, default=str))
 
@@ -435,8 +481,20 @@ def run_tune(space: SearchSpace, base: dict[str, Any], param_limit: int, setting
         f"{concurrent} at a time")
     shutil.rmtree(Path(settings.storage_path) / PROGRESS_DIR, ignore_errors=True)  # stale: a killed earlier driver
     watch = getattr(progress, "watch", None)  # a LiveProgress: bars per running trial while Tune runs
-    with watch(settings.storage_path) if watch else contextlib.nullcontext():
-        tuner.fit()
+    with stop:
+        try:
+            with watch(settings.storage_path) if watch else contextlib.nullcontext():
+                tuner.fit()
+        except _StopTune:
+            pass
+        except KeyboardInterrupt:  # a second signal during Ray's clean-up: the search is saved already
+            if stop.phase != "cleanup":
+                raise
+        if stop.requested:
+            if stop.phase == "running":  # the signal came as Tune's loop ended by itself
+                _record_interruption()
+            shutil.rmtree(Path(settings.storage_path) / PROGRESS_DIR, ignore_errors=True)
+            raise SearchInterrupted(stop.signum, Path(settings.storage_path), recorded=True)
     shutil.rmtree(Path(settings.storage_path) / PROGRESS_DIR, ignore_errors=True)  # trials cut by the time budget
     for rec in records.values():  # trials cut by the time budget
         if rec.status == "running":

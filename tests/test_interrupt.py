@@ -1,0 +1,226 @@
+"""Ctrl-C and SIGTERM stop a search resumably (issue 14, case 4; mlflow/mlflow#1832, PR#4200).
+
+Ray Tune's own SIGINT handler ended ``Tuner.fit`` as if the search were done: exit 0, the running
+trial recorded ``stopped_early`` with no rows (as if MO-ASHA had stopped it), its MLflow run left
+``RUNNING``, ``result.json`` written, so ``autopeft resume`` answered "already finished"; SIGTERM
+killed the driver outright. Now, for SIGINT to the process group (a terminal's Ctrl-C) or to the
+driver alone, SIGTERM, and a second Ctrl-C during shut-down: exit 128 + signal (130 for SIGINT), the
+running trial recorded ``interrupted``, no MLflow run left ``RUNNING`` (the trial's ``KILLED``, the
+parent tagged interrupted), no ``result.json``; and ``autopeft resume`` ends with what the search
+run without interruption gives (same seed, one trial at a time).
+
+Same tiny search as tests/test_resume.py, driven through the CLI's error mapping (``cli._run``).
+"""
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from autopeft.cli import app
+from test_resume import RUNNER, _args, _children_view, _comparable, _data, _env, _mlflow, _stop_group
+
+#: ``autopeft search`` as the CLI runs it: the API call inside ``cli._run`` (exit codes, one-line
+#: messages), with the tiny backbone and evaluation size the command line cannot express.
+CLI_RUNNER = """
+import json, sys, typer
+from autopeft.api import search
+from autopeft.cli import _run
+try:
+    _run(search, **json.loads(sys.argv[1]), progress=print)
+except typer.Exit as exc:
+    sys.exit(exc.exit_code)
+"""
+
+
+def _db(args: dict) -> str:
+    return args["tracking_uri"].removeprefix("sqlite:///")
+
+
+def _query(args: dict, sql: str) -> list:
+    try:
+        with sqlite3.connect(f"file:{_db(args)}?mode=ro", uri=True, timeout=1) as con:
+            return con.execute(sql).fetchall()
+    except sqlite3.Error:
+        return []
+
+
+def _scored(args: dict, trial_id: str) -> bool:
+    """``trial_id`` runs and has reported its first rung (a score in MLflow): the interruption lands
+    mid-trial, with MO-ASHA and MLflow holding some of its results."""
+    return bool(_query(args, "SELECT 1 FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid JOIN metrics m "
+                             "ON m.run_uuid = r.run_uuid WHERE r.status = 'RUNNING' AND t.key = 'trial_id' "
+                             f"AND t.value = '{trial_id}' AND m.key = 'score'"))
+
+
+def _interrupt(tmp: Path, glue: Path, name: str, how: str, trial: str, resume: bool = False) -> dict:
+    """Run the search ``name`` (``resume``: continue it with ``autopeft resume``) and stop it as
+    ``how`` says once ``trial`` has scored a rung: ``group`` (SIGINT to the process group),
+    ``alone`` (SIGINT to the driver), ``term`` (SIGTERM to the driver), ``double`` (SIGINT to the
+    group, and again once the shut-down has begun). Returns what the search left behind."""
+    args = _args(tmp, glue, name)
+    log = tmp / f"{name}-{how}.out"
+    cmd = ([sys.executable, "-c", "from autopeft.cli import main; main()", "resume", name, "--output-dir",
+            str(tmp / "runs")] if resume else [sys.executable, "-c", CLI_RUNNER, json.dumps(args)])
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, env=_env(tmp), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    sent = []
+    try:
+        deadline = time.time() + 400
+        while time.time() < deadline and proc.poll() is None and not sent:
+            if _scored(args, trial):
+                sig = signal.SIGTERM if how == "term" else signal.SIGINT
+                (os.killpg if how in ("group", "double") else os.kill)(proc.pid, sig)
+                sent.append(sig)
+            time.sleep(0.1)
+        while how == "double" and proc.poll() is None and len(sent) < 2 and time.time() < deadline:
+            if f"interrupted by SIGINT: {trial} running" in log.read_text():  # recorded; Ray shuts down
+                os.killpg(proc.pid, signal.SIGINT)
+                sent.append(signal.SIGINT)
+            time.sleep(0.05)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=60)
+        _stop_group(proc)
+    folder = tmp / "runs" / name
+    parents, children, _ = _mlflow(args["tracking_uri"], name)
+    from autopeft.hpo.resume import ResumeError, load_checkpoint, open_search_folder
+    from autopeft.status import search_status
+
+    try:
+        resumable = open_search_folder(folder, resume=True) is not None
+    except ResumeError as exc:  # e.g. "already finished"
+        resumable = str(exc)
+    return {"args": args, "folder": folder, "trial": trial, "sent": sent, "returncode": proc.returncode,
+            "output": log.read_text(), "trials": json.loads((folder / "trials.json").read_text()),
+            "finished": (folder / "result.json").exists(), "state": search_status(folder).state,
+            "parents": parents, "children": children, "resumable": resumable, "checkpoint": load_checkpoint(folder),
+            "running_runs": _query(args, "SELECT run_uuid FROM runs WHERE status = 'RUNNING'")}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """One search stopped four times (a Ctrl-C to its process group in trial_0002; then, each time
+    after `autopeft resume`, in trial_0003: SIGINT to the driver alone, SIGTERM, a Ctrl-C and a second
+    one during the shut-down), then resumed to its end; the uninterrupted reference runs beside the
+    first stop."""
+    tmp = tmp_path_factory.mktemp("interrupt")
+    glue = _data(tmp)
+    env = _env(tmp)
+    out: dict = {}
+    with ThreadPoolExecutor(1) as pool:
+        whole = pool.submit(subprocess.run, [sys.executable, "-c", RUNNER, json.dumps(_args(tmp, glue, "whole"))],
+                            env=env, capture_output=True, text=True, timeout=900)
+        out["group"] = _interrupt(tmp, glue, "a", "group", "trial_0002")
+        for how in ("alone", "term", "double"):
+            out[how] = _interrupt(tmp, glue, "a", how, "trial_0003", resume=True)
+        ref = whole.result()
+    assert ref.returncode == 0, ref.stdout[-3000:] + ref.stderr[-3000:]
+    res = subprocess.run([sys.executable, "-c", "from autopeft.cli import main; main()", "resume", "a",
+                          "--output-dir", str(tmp / "runs")], env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    out.update(tmp=tmp, resume_out=res.stdout, whole=tmp / "runs" / "whole",
+               uri_whole=_args(tmp, glue, "whole")["tracking_uri"])
+    return out
+
+
+#: The signal of each stop, in the order they stop search ``a``.
+CASES = {"group": signal.SIGINT, "alone": signal.SIGINT, "term": signal.SIGTERM, "double": signal.SIGINT}
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("how", list(CASES))
+def test_a_stopped_search_exits_with_the_signal_and_one_line(runs, how):
+    r, sig, name = runs[how], CASES[how], "a"
+    assert r["sent"] == [sig] * (2 if how == "double" else 1)
+    assert r["returncode"] == 128 + sig, r["output"][-3000:]  # 130 for SIGINT (was 0), 143 for SIGTERM (was -15)
+    last = r["output"].strip().splitlines()[-1]
+    assert last == (f"interrupted by {sig.name}: search {name} saved; continue it with "
+                    f"`autopeft resume {name} --output-dir {r['folder'].parent}`"), r["output"][-2000:]
+    assert "Traceback" not in r["output"]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("how", list(CASES))
+def test_the_running_trial_is_recorded_interrupted_and_the_search_is_resumable(runs, how):
+    r = runs[how]
+    whole = {t["trial_id"]: t["status"] for t in json.loads((runs["whole"] / "trials.json").read_text())}
+    cut = r["trial"]
+    status = {t["trial_id"]: t["status"] for t in r["trials"] if t["trial_id"].startswith("trial_")}
+    # was: stopped_early with no rows, as if MO-ASHA had stopped it; the trials before it as in the reference
+    assert status == {**{t: whole[t] for t in status if t < cut}, cut: "interrupted"}
+    assert list(status) == [f"trial_{i:04d}" for i in range(1, int(cut[-1]) + 1)]
+    assert next(t for t in r["trials"] if t["trial_id"] == cut)["rows"][0]["examples_seen"] == 64  # mid-trial
+    assert not r["finished"] and r["state"] == "interrupted"  # no result.json; `autopeft status` agrees
+    assert r["resumable"] is True  # was: "search ... already finished"
+    saved = r["checkpoint"]
+    assert saved["records"][cut].status == "interrupted" and saved["generator"]["next_number"] == int(cut[-1]) + 1
+    assert cut in saved["searcher"]["live"]  # its sampler trial still open: re-run with its point
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("how", list(CASES))
+def test_no_mlflow_run_is_left_running(runs, how):
+    r, sig = runs[how], CASES[how]
+    assert r["running_runs"] == []  # was: the interrupted trial's run RUNNING
+    (parent,) = r["parents"]
+    assert (parent.info.status, parent.data.tags["status"]) == ("KILLED", "interrupted")
+    assert parent.data.tags["interrupted"].startswith(sig.name)
+    runs_by_trial = {c.data.tags["trial_id"]: c for c in r["children"]}  # active runs
+    cut = runs_by_trial[r["trial"]]
+    assert (cut.info.status, cut.data.tags["status"]) == ("KILLED", "interrupted")
+    assert all(c.info.status in ("FINISHED", "FAILED") for t, c in runs_by_trial.items() if t != r["trial"])
+
+
+@pytest.mark.integration
+def test_resume_ends_as_the_uninterrupted_search(runs):
+    """Search a, stopped four times and resumed to its end, equals the search never interrupted."""
+    folder = runs["group"]["folder"]
+    whole = json.loads((runs["whole"] / "trials.json").read_text())
+    resumed = json.loads((folder / "trials.json").read_text())
+    assert [t["trial_id"] for t in resumed] == [t["trial_id"] for t in whole]
+    assert _comparable(resumed) == _comparable(whole)
+    front = [[(r["trial_id"], r["score"], r["trainable_params"]) for r in json.loads((f / "pareto.json").read_text())]
+             for f in (folder, runs["whole"])]
+    assert front[0] == front[1] and front[0]
+    assert json.loads((folder / "result.json").read_text())["hypervolume"] == \
+        json.loads((runs["whole"] / "result.json").read_text())["hypervolume"]
+    p_whole, c_whole, client_whole = _mlflow(runs["uri_whole"], "whole")
+    uri = runs["group"]["args"]["tracking_uri"]
+    p_res, c_res, client_res = _mlflow(uri, "a")
+    assert p_res[0].info.run_id == runs["group"]["parents"][0].info.run_id  # one parent run throughout
+    assert (p_res[0].info.status, p_res[0].data.tags["status"]) == ("FINISHED", "finished")
+    assert "interrupted" not in p_res[0].data.tags and p_res[0].data.tags["autopeft.resumes"] == "4"
+    assert p_res[0].data.params == p_whole[0].data.params
+    assert _children_view(c_res, client_res) == _children_view(c_whole, client_whole)  # one run per trial
+    from mlflow.tracking import MlflowClient
+
+    for how in CASES:  # the interrupted runs: KILLED, replaced by the re-runs
+        old = next(c for c in runs[how]["children"] if c.data.tags["trial_id"] == runs[how]["trial"])
+        old = MlflowClient(uri).get_run(old.info.run_id)
+        assert (old.info.status, old.info.lifecycle_stage) == ("KILLED", "deleted")
+
+
+def test_the_cli_maps_an_interrupted_search_to_128_plus_the_signal(monkeypatch, tmp_path):
+    from autopeft import api
+    from autopeft.hpo.interrupt import SearchInterrupted
+
+    for sig, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
+        def stopped(**kw):
+            raise SearchInterrupted(sig, tmp_path / "autopeft_runs" / "s1", recorded=True)
+
+        monkeypatch.setattr(api, "search", stopped)
+        res = CliRunner().invoke(app, ["search", "--name", "s1"])
+        assert res.exit_code == code
+        assert res.output.strip() == (f"interrupted by {sig.name}: search s1 saved; continue it with "
+                                      "`autopeft resume s1`")
