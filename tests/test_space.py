@@ -44,6 +44,10 @@ def test_dim_forms(spec, kind):
     ({"components": {"lora": {"r": {"int": [8, 4]}}}}, "low < high"),
     ({"components": {"lora": {}}, "start_points": [{"lora.rr": 1}]}, "unknown dimensions"),
     ({}, "needs a 'components'"),
+    ({"components": {"adapter": {"reduction_factor": [16, 32]}}, "start_points": [{"adapter.reduction_factor": 4}]},
+     r"start point adapter.reduction_factor=4 is not one of the space's choices \(16, 32\)"),
+    ({"components": {"lora": {}}, "training": {"learning_rate": {"loguniform": [1e-4, 1e-2]}},
+      "start_points": [{"training.learning_rate": 0.5}]}, r"start point training.learning_rate=0.5 is outside"),
 ])
 def test_bad_spaces_are_errors(data, msg):
     with pytest.raises(SearchSpaceError, match=msg):

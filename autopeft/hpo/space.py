@@ -244,6 +244,8 @@ class SearchSpace:
             unknown = set(point) - set(dims)
             if unknown:
                 raise SearchSpaceError(f"start point names unknown dimensions {sorted(unknown)}")
+            for key, value in point.items():  # a value the sampler cannot hold fails here, not mid-search
+                _check_in_dim(key, dims[key], value)
         return space
 
     def for_backbone(self, config: Any) -> tuple["SearchSpace", list[str]]:
@@ -482,6 +484,19 @@ def _fmt(value: Any) -> str:
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]+")
 #: First parts of the space's own flat keys, which a component name must not shadow.
 RESERVED_NAMES = ("one_of", "training", "layer", "gating", "pooling", "quantization")
+
+
+def _check_in_dim(key: str, dim: Dim, value: Any) -> None:
+    """Raise :class:`SearchSpaceError` (one line) when a start point's ``value`` is not one of ``dim``'s
+    choices or outside its range (Optuna would refuse it when the search enqueues the point)."""
+    if dim.kind in ("choice", "fixed"):
+        choices = dim.values if dim.kind == "choice" else [dim.values[0]]
+        if dim.encode(value) not in [dim.encode(c) for c in choices]:
+            raise SearchSpaceError(f"start point {key}={value!r} is not one of the space's choices {choices}")
+    elif dim.kind in ("uniform", "loguniform", "int", "logint"):
+        low, high = dim.values[0], dim.values[1]
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not low <= value <= high:
+            raise SearchSpaceError(f"start point {key}={value!r} is outside the space's range [{low}, {high}]")
 
 
 def _short(name: str, keep: int = 40) -> str:
