@@ -68,26 +68,13 @@ def recipe_of(name: str, seed: int, examples: int) -> tuple[dict, bool]:
 
 
 def run(name: str, seed: int, examples: int, data_dir: str) -> dict:
-    import autopeft.trainer as trainer
-    from autopeft.recipe import build_model, recipe_from_dict
+    from autopeft.recipe import recipe_from_dict
+    from probes_sst2 import run_trial_probe  # experiments/ is on sys.path when run as a script
 
     data, no_dropout = recipe_of(name, seed, examples)
     recipe = recipe_from_dict(data)
-    original = trainer.build_model
-    if no_dropout:  # the frozen backbone's dropout switched off (not a recipe field: a probe only)
-        def build_without_dropout(r, device="cpu"):
-            model = build_model(r, device)
-            for m in model.backbone.modules():
-                if isinstance(m, torch.nn.Dropout):
-                    m.p = 0.0
-            return model
-
-        trainer.build_model = build_without_dropout
     t0 = time.time()
-    try:
-        result, _ = trainer.run_trial(recipe, data_dir)
-    finally:
-        trainer.build_model = original
+    result, _ = run_trial_probe(recipe, data_dir, no_dropout)
     return {"probe": name, "lever": PROBES[name][0], "seed": seed, "examples": examples,
             "trainable_params": result.trainable_params, "dev_score": result.score,
             "dev_low": result.score_low, "dev_high": result.score_high, "dev_examples": result.eval_examples,

@@ -40,17 +40,14 @@ PROBES: dict[str, tuple[list, dict, dict]] = {
 }
 
 
-def run(name: str, data_dir: str) -> str:
+def run_trial_probe(recipe, data_dir: str, no_dropout: bool = False):
+    """:func:`autopeft.trainer.run_trial` of ``recipe``; with ``no_dropout``, the frozen backbone's
+    dropout is switched off (not a recipe field: a probe only)."""
     import autopeft.trainer as trainer
-    from autopeft.recipe import build_model, recipe_from_dict
+    from autopeft.recipe import build_model
 
-    components, over, train_over = PROBES[name]
-    over = dict(over)
-    no_dropout = over.pop("_no_dropout", False)
-    recipe = recipe_from_dict({"task": "sst2", "pooling": "mean", **over, "components": components,
-                               "training": {"learning_rate": 3e-3, "max_train_examples": 8064, "seed": 0, **train_over}})
     original = trainer.build_model
-    if no_dropout:  # the frozen backbone's dropout switched off (not a recipe field: a probe only)
+    if no_dropout:
         def build_without_dropout(r, device="cpu"):
             model = build_model(r, device)
             for m in model.backbone.modules():
@@ -60,9 +57,20 @@ def run(name: str, data_dir: str) -> str:
 
         trainer.build_model = build_without_dropout
     try:
-        result, _ = trainer.run_trial(recipe, data_dir)
+        return trainer.run_trial(recipe, data_dir)
     finally:
         trainer.build_model = original
+
+
+def run(name: str, data_dir: str) -> str:
+    from autopeft.recipe import recipe_from_dict
+
+    components, over, train_over = PROBES[name]
+    over = dict(over)
+    no_dropout = over.pop("_no_dropout", False)
+    recipe = recipe_from_dict({"task": "sst2", "pooling": "mean", **over, "components": components,
+                               "training": {"learning_rate": 3e-3, "max_train_examples": 8064, "seed": 0, **train_over}})
+    result, _ = run_trial_probe(recipe, data_dir, no_dropout)
     return f"{name}: {result.trainable_params:,} params, accuracy {result.score:.4f}, {result.train_time_s:.1f}s training"
 
 
