@@ -218,8 +218,7 @@ def search(task: str = "sst2", budget: str | Budget = "0.5%", backbone: str | di
 
     if reference is not None and reference not in REFERENCES:
         raise SearchSettingsError(f"unknown --reference {reference!r}; valid: {', '.join(REFERENCES)}")
-    splits, dev = _splits(task_obj, root, seed)  # fails fast on a folder without the task
-    base = {"backbone": backbone, "task": task_value, "dev": dev,
+    base = {"backbone": backbone, "task": task_value,
             "training": {"max_train_examples": sp.fidelity.max_train_examples,
                          "schedule_examples": sp.fidelity.max_train_examples, "seed": seed, **(training or {})}}
     bare = recipe_from_dict({**base, "components": []})
@@ -246,6 +245,7 @@ def search(task: str = "sst2", budget: str | Budget = "0.5%", backbone: str | di
     name = name or f"{task_obj.name}-{datetime.now():%Y%m%d-%H%M%S}"
     out = Path(output_dir).resolve() / name
     stored = open_search_folder(out, resume)  # an existing search is never overwritten
+    splits, base["dev"] = _splits(task_obj, root, seed)  # fails fast on a folder without the task
     before_s = elapsed_before(out) if stored else 0.0  # seconds the earlier sessions ran (a resume)
     out.mkdir(parents=True, exist_ok=True)
     settings = {"task": task_value, "budget": str(budget), "param_limit": limit, "backbone": backbone,

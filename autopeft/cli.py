@@ -219,7 +219,7 @@ def _print_front(result) -> None:
                       f"{row['peak_memory_bytes'] / 2**20:.0f}", methods)
     if result.pareto:
         console.print(table)
-    ref = result.reference
+    ref = getattr(result, "reference", None)
     if ref:
         console.print(f"reference: {ref['kind']} fine-tuning ({ref['trainable_params']:,} parameters): dev "
                       f"{_fmt_ci(ref, 'score')}, test {_fmt_ci(ref, 'test')}", markup=False)

@@ -302,9 +302,9 @@ def test_recipe_export_is_unchanged_and_pick_is_for_searches(tmp_path):
 
 
 def test_real_minilm_lora_search_point_exports_to_peft_and_merged(glue_dir, tmp_path):
-    """The done-when check on the real backbone. The default search's best point (a parallel FFN
-    adapter, experiments/runs/default-run-tpe.pareto.json) cannot be held by peft nor merged: one
-    line, exit 2. A LoRA point (the default space's LoRA start point, r=8 on W_q/W_v, with the
+    """The done-when check on the real backbone. The default search's best point (LoRA on the FFN
+    with a mean-pooling head, experiments/runs/default-run-tpe.pareto.json) cannot be held by peft nor
+    merged: one line, exit 2. A LoRA point (the default space's LoRA start point, r=8 on W_q/W_v, with the
     backbone's own pooler head, trained on 256 SST-2 examples) is trained from its search folder,
     exported, and loads with peft and with transformers to autopeft's logits on real sentences."""
     from pathlib import Path
@@ -317,7 +317,7 @@ def test_real_minilm_lora_search_point_exports_to_peft_and_merged(glue_dir, tmp_
     default = tmp_path / "default"
     default.mkdir()
     (default / "pareto.json").write_text(recorded.read_text())
-    for args, msg in ((["--format", "peft"], "peft has no bottleneck adapters"), (["--merge"], "non-linearity")):
+    for args, msg in ((["--format", "peft"], "(pooling: mean)"), (["--merge"], "(pooling: mean)")):
         res = runner.invoke(app, ["export", str(default), "--pick", "best", *args, "-o", str(tmp_path / "x")])
         assert res.exit_code == 2 and msg in res.output and len(res.output.strip().splitlines()) == 1, res.output
 

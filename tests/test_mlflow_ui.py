@@ -131,7 +131,7 @@ def test_pareto_plot_shows_budget_memory_colour_and_rungs(tmp_path, monkeypatch)
     ax, cbar_ax = figs[0].axes
     assert cbar_ax.get_ylabel() == "peak training memory (MiB)"
     labels = [c.get_label() for c in ax.collections]
-    assert labels == ["rung 1: 100 examples", "rung 2: 300 examples", "Pareto front (top rung)"]
+    assert labels == ["rung 1: 100 examples", "rung 2: 300 examples", "Pareto front (top rung), dev"]
     rung1, rung2 = ax.collections[:2]
     assert rung1.get_offsets().tolist() == [[5000, 0.7]] and rung2.get_offsets().tolist() == [[1000, 0.8]]
     assert rung1.get_array().tolist() == [30.0] and rung2.get_array().tolist() == [10.0]  # colour = MiB

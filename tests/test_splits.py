@@ -19,6 +19,16 @@ TINY = {"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2, "num_at
 SPACE = Path(__file__).parent / "data" / "tiny_space.yaml"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _ray_down_after_the_module():
+    """The searches here run in this process: leave no Ray instance to later tests (they check that
+    bad input starts none)."""
+    yield
+    import ray
+
+    ray.shutdown()
+
+
 def _split(n: int, positive: float = 0.3) -> Split:
     labels = (np.arange(n) < round(positive * n)).astype(np.int64)
     return Split([(f"text {i}",) for i in range(n)], labels)

@@ -45,7 +45,7 @@ def test_user_csv_search_export_train_predict_on_minilm(glue_dir, tmp_path, monk
     best = max(front, key=lambda r: r["score"])
     assert metrics["score"] == pytest.approx(best["score"], abs=1e-9)  # the exported recipe retrains to its score
 
-    # the held-out 10% (20 rows), predicted as strings, scores exactly the recorded accuracy
+    # the held-out 10% (20 rows, the test split), predicted as strings, scores exactly the recorded test accuracy
     val = load_split(get_task(settings["task"]), "validation")
     extra = ["a gorgeous , witty , seductive movie .", "dull and lifeless"]
     preds = autopeft.predict(tmp_path / "trained", [t[0] for t in val.texts] + extra)
@@ -54,7 +54,7 @@ def test_user_csv_search_export_train_predict_on_minilm(glue_dir, tmp_path, monk
     original = dict(zip(data.review, data.sentiment))
     assert gold == [original[t[0]] for t in val.texts]  # ids map back to the CSV's strings
     assert len(preds) == 20 and set(preds) <= {"negative", "positive"}
-    assert np.mean([p == g for p, g in zip(preds, gold)]) == pytest.approx(metrics["metrics"]["accuracy"], abs=1e-12)
+    assert np.mean([p == g for p, g in zip(preds, gold)]) == pytest.approx(metrics["test_metrics"]["accuracy"], abs=1e-12)
 
     res = runner.invoke(app, ["predict", "trained", *extra])
     assert res.exit_code == 0, res.output
