@@ -265,3 +265,53 @@ def test_duplicates_of_failed_trials_do_not_hide_that_every_trained_trial_failed
     result = types.SimpleNamespace(trials=trials, pareto=[], param_limit=10_000, fidelity=3000, path=tmp_path,
                                    settings={})
     assert empty_front_advice(result) == f"every trained trial failed (first: ValueError: boom); see {tmp_path / 'trials.json'}"
+
+
+def test_a_checkpoint_keeps_duplicate_records_and_what_the_searcher_knows_of_them(tmp_path):
+    """Through resume.save_checkpoint / restore, as a killed search: the duplicate's record (with its
+    duplicate_of) is kept, and the restored searcher knows which trial holds each recipe."""
+    from ray.tune.experiment import Experiment
+    from ray.tune.search import ConcurrencyLimiter
+
+    from autopeft.hpo.resume import NumberedSearchGenerator, load_checkpoint, restore, save_checkpoint
+    from autopeft.hpo.scheduler import MultiObjectiveASHA
+    from autopeft.hpo.tune import TrialRecord
+
+    sp = _two_recipes()
+    order = [_point(sp, 4, 16), _point(sp, 4, 4), _point(sp, 8, 16), _point(sp, 8, 4)]
+
+    def fresh(records):
+        def on_duplicate(config, verdict):
+            did = f"duplicate_{sum(t.startswith('duplicate_') for t in records) + 1:04d}"
+            records[did] = TrialRecord(did, sp.decode(config), verdict.recipe, "duplicate", None,
+                                       verdict.trainable_params, duplicate_of=verdict.duplicate_of)
+
+        searcher = _searcher(sp, "random", order, on_duplicate=on_duplicate)
+        gen = NumberedSearchGenerator(ConcurrencyLimiter(searcher, max_concurrent=1))
+        gen.add_configurations(Experiment("e", lambda config: None, num_samples=3, config={}))
+        return searcher, gen, MultiObjectiveASHA([100, TOP], reduction_factor=3)
+
+    records: dict = {}
+    searcher, gen, sched = fresh(records)
+    first = gen.next_trial()
+    records[first.trial_id] = TrialRecord(first.trial_id, dict(first.config), status="finished", rows=[_top(0.8, 36_864)])
+    gen.on_trial_complete(first.trial_id, _top(0.8, 36_864))
+    second = gen.next_trial()  # r=4 again (a duplicate), then r=8
+    records[second.trial_id] = TrialRecord(second.trial_id, dict(second.config))
+    assert list(records) == ["trial_0001", "duplicate_0001", "trial_0002"]
+    save_checkpoint(tmp_path, records, searcher, sched, gen, 3.0)
+
+    records2: dict = {}
+    searcher2, gen2, sched2 = fresh(records2)
+    restore(load_checkpoint(tmp_path), records2, searcher2, sched2, gen2)
+    assert records2["duplicate_0001"].duplicate_of == "trial_0001"
+    assert records2["duplicate_0001"].as_dict()["duplicate_of"] == "trial_0001"
+    assert records2["duplicate_0001"].status == "duplicate" and gen2.reissue == ["trial_0002"]
+    again = gen2.next_trial()
+    assert again.trial_id == "trial_0002" and again.config == second.config
+    gen2.on_trial_complete("trial_0002", _top(0.7, 73_728))
+    assert gen2.next_trial() is None  # the last point (r=8) was answered from trial_0002; then exhausted
+    assert list(records2) == ["trial_0001", "duplicate_0001", "trial_0002", "duplicate_0002"]
+    assert records2["duplicate_0002"].duplicate_of == "trial_0002" and searcher2.exhausted
+    assert [t[0] for t in searcher2.told()] == ["COMPLETE"] * 4
+    assert searcher2.told()[1] == searcher2.told()[0] and searcher2.told()[3] == searcher2.told()[2]
