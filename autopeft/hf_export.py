@@ -47,11 +47,16 @@ Two folder formats, beside autopeft's own recipe YAML (:func:`autopeft.api.expor
   label names (``id2label`` / ``label2id``, :func:`label_maps`) for user data; built-in GLUE tasks keep
   transformers' ``LABEL_i``.
 
+  A task head that reads ``mean`` (or, where the backbone's own head reads something else, ``cls``)
+  pooling, which no transformers class has, merges into a folder that ships that head as code
+  (``modeling_autopeft.py``, :func:`write_pooling_code`): load it with ``trust_remote_code=True``;
+  its ``model_type`` is unknown to transformers, so without that flag loading fails rather than
+  running the backbone's own head.
+
 What cannot be exported (one-line :class:`ExportError`, exit 2 from the CLI): bottleneck adapters,
 AdapterFusion, AdapterDrop, MAM, UniPELT, gated components, QLoRA / NF4 bases, mixes of components
-one peft config cannot hold, and a task head that reads ``mean`` (or, where the backbone's own
-head reads something else, ``cls``) pooling - the exported model would run the backbone's own head
-and give other logits. Non-linear components cannot be merged.
+one peft config cannot hold, and a ``mean`` (or non-native ``cls``) pooling head to peft - peft runs the
+backbone's own head and would give other logits (``--merge`` takes it). Non-linear components cannot be merged.
 
 Where the weights come from: exports need *trained* weights. The main path is a folder written by
 ``autopeft train`` (:func:`autopeft.trainer.save_trained`). A search folder keeps no weights, so
@@ -251,7 +256,11 @@ def _gated_methods(recipe: Recipe) -> list[str]:
 
 
 def merge_blocker(recipe: Recipe) -> str | None:
-    """Why ``recipe`` cannot be folded into the backbone's weights (one clause), or ``None``."""
+    """Why ``recipe`` cannot be folded into the backbone's weights (one clause), or ``None``.
+
+    A head input the backbone's own class lacks (``mean``, or ``cls`` under a bare Linear head) does not
+    block a merge: the merged folder ships that head as code (:func:`write_pooling_code`).
+    """
     for c in recipe.components:
         if c.method not in MERGEABLE_METHODS:
             return _WHY_NOT_MERGE.get(c.method, f"{c.method} is not a linear update of the backbone's weights")
@@ -260,7 +269,7 @@ def merge_blocker(recipe: Recipe) -> str | None:
     gated = _gated_methods(recipe)
     if gated:
         return f"gated components ({', '.join(gated)}) depend on the input and cannot be folded into weights"
-    return _pooling_blocker(recipe)
+    return None
 
 
 def check_exportable(recipe: Recipe, fmt: str, autopeft_hint: str) -> None:
@@ -274,8 +283,13 @@ def check_exportable(recipe: Recipe, fmt: str, autopeft_hint: str) -> None:
         why = peft_blocker(recipe)
         if why is None:
             return
-        alt = ("use --merge for a plain transformers model" if merge_blocker(recipe) is None
-               else f"--merge cannot fold it either; keep autopeft's format ({autopeft_hint})")
+        if merge_blocker(recipe) is not None:
+            alt = f"--merge cannot fold it either; keep autopeft's format ({autopeft_hint})"
+        elif _pooling_blocker(recipe) is not None:
+            alt = ("use --merge for a transformers model that ships this head as code "
+                   "(load it with trust_remote_code=True)")
+        else:
+            alt = "use --merge for a plain transformers model"
         raise ExportError(f"peft cannot hold this recipe: {why}; {alt}")
     if fmt == "merged":
         why = merge_blocker(recipe)
@@ -720,7 +734,109 @@ def _write_merged(model, recipe: Recipe, out: Path) -> list[str]:
                 raise ExportError(f"merging {path} gave non-finite weights")
             base.weight.copy_(merged.T if _is_conv1d(base) else merged)  # (d_out, d_in); Conv1D (d_in, d_out)
     backbone.save_pretrained(str(out))
+    if _pooling_blocker(recipe) is not None:
+        return [write_pooling_code(backbone, recipe.pooling, out)]
     return []
+
+
+#: The file in which a merged export ships a head input its backbone's class lacks (``pooling: mean``,
+#: or ``cls`` under a bare Linear head); transformers runs it with ``trust_remote_code=True``.
+POOLING_CODE_FILE = "modeling_autopeft.py"
+#: ``model_type`` prefix of such a folder: transformers knows no such type, so loading it without
+#: ``trust_remote_code=True`` is an error, never the backbone's own head giving other logits.
+POOLED_MODEL_TYPE_PREFIX = "autopeft_pooled_"
+
+_POOLING_CODE = '''"""{model_class}: transformers' {base_class} whose task head reads {what}
+(autopeft's ``pooling: {pooling}``). Written by ``autopeft export --merge``.
+
+The weights are those of a plain {base_class} (same names, same shapes); only the head's input
+differs, so this file and ``trust_remote_code=True`` are needed to get autopeft's logits:
+
+    AutoModelForSequenceClassification.from_pretrained(FOLDER, trust_remote_code=True)
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import {base_class}, {config_base}
+from transformers.modeling_outputs import SequenceClassifierOutput
+
+
+class {config_class}({config_base}):
+    model_type = "{model_type}"
+
+    def __init__(self, autopeft_pooling="{pooling}", **kwargs):
+        super().__init__(**kwargs)
+        self.autopeft_pooling = autopeft_pooling
+
+
+class {model_class}({base_class}):
+    config_class = {config_class}
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, labels=None, **kwargs):
+        """input_ids, attention_mask, token_type_ids: (B, T); labels: (B,). Returns logits (B, num_labels)."""
+        kwargs.pop("return_dict", None)
+        if token_type_ids is not None:
+            kwargs["token_type_ids"] = token_type_ids
+        out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **kwargs)
+        hidden = out.last_hidden_state  # (B, T, d)
+        if self.config.autopeft_pooling == "cls":
+            pooled = hidden[:, 0]  # (B, d)
+        else:  # mean over the real tokens
+            if attention_mask is None:
+                attention_mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)
+            m = attention_mask[..., None].to(hidden.dtype)  # (B, T, 1)
+            pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)  # (B, d)
+        dropout = getattr(self, "dropout", None)
+        head = getattr(self, "classifier", None) or getattr(self, "score")
+        if getattr(self, "pre_classifier", None) is not None:  # DistilBERT
+            pooled = F.relu(self.pre_classifier(pooled))
+        elif self.config.model_type.endswith("deberta-v2") and getattr(self, "pooler", None) is not None:
+            pooled = self.pooler(pooled[:, None, :])
+        if isinstance(head, nn.Linear):  # BERT-style: dropout + Linear on the pooled vector
+            logits = head(dropout(pooled) if isinstance(dropout, nn.Module) else pooled)
+        else:  # RoBERTa/ELECTRA-style heads read features[:, 0, :]
+            logits = head(pooled[:, None, :])
+        loss = None
+        if labels is not None:
+            if logits.shape[-1] == 1:
+                loss = F.mse_loss(logits.squeeze(-1).float(), labels.float())
+            else:
+                loss = F.cross_entropy(logits.float(), labels.long())
+        return SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=out.hidden_states,
+                                        attentions=out.attentions)
+'''
+
+
+def write_pooling_code(backbone: nn.Module, pooling: str, out: Path) -> str:
+    """Make the merged folder ``out`` run autopeft's head input ``pooling`` (``mean`` or ``cls``).
+
+    Writes :data:`POOLING_CODE_FILE` (a subclass of the backbone's ``*ForSequenceClassification`` and of
+    its config class whose forward pools as :meth:`autopeft.model.PeftModel.forward` does, the head
+    modules run in the same order as :meth:`autopeft.model.PeftModel._head`) and points ``config.json``
+    at it: ``model_type`` becomes ``autopeft_pooled_<type>`` (unknown to transformers, so loading without
+    ``trust_remote_code=True`` fails instead of silently running the backbone's own head), ``auto_map``
+    names the two classes, ``autopeft_pooling`` the pooling. The weights are unchanged.
+
+    Returns:
+        A note for the model card.
+    """
+    base_class, config_base = type(backbone).__name__, type(backbone.config).__name__
+    model_type = POOLED_MODEL_TYPE_PREFIX + str(backbone.config.model_type)
+    stem = "AutopeftPooled"
+    names = {"base_class": base_class, "config_base": config_base, "pooling": pooling, "model_type": model_type,
+             "model_class": stem + base_class, "config_class": stem + config_base,
+             "what": "the masked mean of the last hidden states" if pooling == "mean"
+             else "the first token's last hidden state"}
+    (out / POOLING_CODE_FILE).write_text(_POOLING_CODE.format(**names))
+    cfg_path = out / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    module = POOLING_CODE_FILE.removesuffix(".py")
+    cfg.update(model_type=model_type, autopeft_pooling=pooling, architectures=[names["model_class"]],
+               auto_map={"AutoConfig": f"{module}.{names['config_class']}",
+                         "AutoModelForSequenceClassification": f"{module}.{names['model_class']}"})
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    return (f"The head reads {names['what']} (pooling: {pooling}), which {base_class} lacks: it is shipped as code "
+            f"in {POOLING_CODE_FILE}; load with trust_remote_code=True.")
 
 
 def _save_tokenizer(recipe: Recipe, out: Path) -> None:
@@ -809,7 +925,8 @@ def _verify(model, recipe: Recipe, out: Path, fmt: str) -> float:
     ids, mask = probe_inputs(int(config.vocab_size), getattr(config, "pad_token_id", None))
     ours = _autopeft_logits(model, ids, mask)
     if fmt == "merged":
-        loaded = AutoModelForSequenceClassification.from_pretrained(str(out)).eval()
+        remote = (out / POOLING_CODE_FILE).exists()
+        loaded = AutoModelForSequenceClassification.from_pretrained(str(out), trust_remote_code=remote).eval()
         with torch.no_grad():
             theirs = loaded(input_ids=ids, attention_mask=mask).logits
     else:
@@ -896,8 +1013,17 @@ def model_card(recipe: Recipe, prov: Provenance, fmt: str, max_abs_diff: float |
     else:
         if labels:
             lines += ["`config.json` holds the label names (`id2label`, `label2id`): pipelines answer with them.", ""]
-        lines += ["```python", "from transformers import AutoModelForSequenceClassification", "",
-                  "model = AutoModelForSequenceClassification.from_pretrained('THIS_FOLDER').eval()"]
+        remote = _pooling_blocker(recipe) is not None
+        if remote:
+            lines += [f"The task head reads {recipe.pooling} pooling, which the backbone's own class lacks: "
+                      f"`{POOLING_CODE_FILE}` holds it, so pass `trust_remote_code=True` to every loader (without "
+                      "it transformers refuses the folder, or asks). "
+                      "`pipeline('text-classification', model='THIS_FOLDER', trust_remote_code=True)` works too.", ""]
+        lines += ["```python", "from transformers import AutoModelForSequenceClassification, AutoTokenizer", "",
+                  "model = AutoModelForSequenceClassification.from_pretrained('THIS_FOLDER'"
+                  + (", trust_remote_code=True" if remote else "") + ").eval()",
+                  "tokenizer = AutoTokenizer.from_pretrained('THIS_FOLDER'"
+                  + (", trust_remote_code=True" if remote else "") + ")"]
     lines += ["```", "", "## Exactness", ""]
     if max_abs_diff is not None:
         lines.append(f"At export this folder, loaded as above, gave logits within {max_abs_diff:.2e} (max absolute "

@@ -175,13 +175,46 @@ def test_merged_model_loads_with_transformers_and_gives_autopeft_logits(case, tm
     assert "library_name: transformers" in (out / "README.md").read_text()
 
 
+@pytest.mark.parametrize("pooling,backbone", [("mean", None), ("cls", None), ("mean", TINY_ROBERTA),
+                                              ("mean", TINY["distilbert"])])
+def test_merged_model_ships_a_pooling_its_class_lacks_as_code(pooling, backbone, tmp_path):
+    """A head reading the masked mean (or, under BERT's bare Linear head, the first token) merges into a
+    folder whose config points at shipped code: transformers loads it with ``trust_remote_code=True``
+    and gives autopeft's logits; without it, transformers refuses the folder (never the backbone's own
+    head with other logits)."""
+    trained = _trained(tmp_path, [{"method": "lora", "r": 2}], backbone=backbone, pooling=pooling)
+    out = tmp_path / "merged"
+    res = runner.invoke(app, ["export", str(trained), "--merge", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["autopeft_pooling"] == pooling and cfg["model_type"].startswith("autopeft_pooled_")
+    model = AutoModelForSequenceClassification.from_pretrained(str(out), trust_remote_code=True).eval()
+    assert type(model).__name__.startswith("AutopeftPooled")
+    ids, mask = tiny_inputs()
+    with torch.no_grad():
+        theirs = model(input_ids=ids, attention_mask=mask).logits
+        theirs_labels = model(input_ids=ids, attention_mask=mask, labels=torch.tensor([0, 1, 1])).loss
+    ours = load_trained(trained)
+    with torch.no_grad():
+        want = ours(input_ids=ids, attention_mask=mask, labels=torch.tensor([0, 1, 1]))
+    assert (want.logits - theirs).abs().max() < TOL
+    assert abs(float(want.loss) - float(theirs_labels)) < TOL
+    assert "trust_remote_code=True" in (out / "README.md").read_text()
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        AutoModelForSequenceClassification.from_pretrained(str(out), trust_remote_code=False)
+
+
 @pytest.mark.parametrize("components,kw,args,msg", [
     ([{"method": "adapter", "placement": "parallel", "sublayers": ["ffn"]}], {}, ["--format", "peft"],
      "peft cannot hold this recipe: peft has no bottleneck adapters"),
     ([{"method": "adapter", "placement": "parallel", "sublayers": ["ffn"]}], {}, ["--merge"],
      "cannot merge this recipe: a bottleneck adapter has a non-linearity"),
-    ([{"method": "lora"}], {"pooling": "mean"}, ["--format", "peft"], "(pooling: mean)"),
-    ([{"method": "lora"}], {"pooling": "cls"}, ["--merge"], "(pooling: cls)"),
+    ([{"method": "lora"}], {"pooling": "mean"}, ["--format", "peft"],
+     "(pooling: mean), but the backbone's own head, which peft and transformers run, reads its pooler (or "
+     "first/last token); use --merge for a transformers model that ships this head as code (load it with "
+     "trust_remote_code=True)"),
+    ([{"method": "adapter", "placement": "parallel", "sublayers": ["ffn"]}], {"pooling": "mean"}, ["--merge"],
+     "cannot merge this recipe: a bottleneck adapter has a non-linearity"),
     ([{"method": "lora"}], {"gating": True}, ["--format", "peft"], "UniPELT gates (lora gated)"),
     ([{"method": "lora"}, {"method": "p_tuning_v2"}], {}, ["--format", "peft"], "mixes lora + p_tuning_v2"),
     ([{"method": "lora", "target_modules": ["query"]}, {"method": "lora", "target_modules": ["value"]}], {},
@@ -317,9 +350,9 @@ def test_real_minilm_lora_search_point_exports_to_peft_and_merged(glue_dir, tmp_
     default = tmp_path / "default"
     default.mkdir()
     (default / "pareto.json").write_text(recorded.read_text())
-    for args, msg in ((["--format", "peft"], "(pooling: mean)"), (["--merge"], "(pooling: mean)")):
-        res = runner.invoke(app, ["export", str(default), "--pick", "best", *args, "-o", str(tmp_path / "x")])
-        assert res.exit_code == 2 and msg in res.output and len(res.output.strip().splitlines()) == 1, res.output
+    res = runner.invoke(app, ["export", str(default), "--pick", "best", "--format", "peft", "-o", str(tmp_path / "x")])
+    assert res.exit_code == 2 and len(res.output.strip().splitlines()) == 1, res.output
+    assert "(pooling: mean)" in res.output and "use --merge" in res.output, res.output
 
     recipe = Recipe.model_validate({
         "backbone": "minilm-l6", "task": "sst2", "pooling": "pooler",
@@ -346,6 +379,19 @@ def test_real_minilm_lora_search_point_exports_to_peft_and_merged(glue_dir, tmp_
     assert ours.abs().max() > 0.1  # real logits, not a degenerate head
     cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert cfg["base_model_name_or_path"] == "sentence-transformers/all-MiniLM-L6-v2" and cfg["r"] == 8
+
+    # the default best point's kind: LoRA on the FFN, mean pooling -> --merge ships the head as code
+    mean = recipe.model_copy(update={"pooling": "mean", "components": [
+        recipe.components[0].model_copy(update={"r": 4, "target_modules": ["ffn_in", "ffn_out"]})]})
+    folder = _search(tmp_path / "m", mean, score=0.5, trial_id="mean1")
+    res = runner.invoke(app, ["export", str(folder), "--merge", "--data-dir", str(glue_dir),
+                              "-o", str(tmp_path / "merged_mean")])
+    assert res.exit_code == 0 and "trust_remote_code=True" in res.output, res.output
+    ours = _ours(folder / "trained" / "mean1", ids, mask)
+    merged = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "merged_mean"),
+                                                                trust_remote_code=True).eval()
+    with torch.no_grad():
+        assert (merged(input_ids=ids, attention_mask=mask).logits - ours).abs().max() < TOL
 
 
 FAMILY_CASES = [("distilbert", "lora"), ("deberta-v2", "lora"), ("gpt2", "lora"), ("llama", "lora"),
