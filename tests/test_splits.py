@@ -235,3 +235,29 @@ def test_a_backbone_no_trial_could_train_is_refused_before_the_search(tmp_path):
         autopeft.search(task="sst2", budget="50%", backbone=TINY_BERT, space=str(SPACE), trials=1,
                         data_dir=str(GLUE_DIR), output_dir=tmp_path / "runs", progress=None)
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("metric,n", [("mcc", 855), ("f1", 367), ("pearson", 575), ("accuracy", 872)])
+def test_vectorised_intervals_equal_the_metric_resample_by_resample(metric, n):
+    """The closed-form statistics (binary F1 and MCC, Pearson, accuracy) give the interval the scalar
+    metric gives on the same resamples, including degenerate ones (MCC/F1 of one class: 0)."""
+    from scipy.stats import bootstrap
+
+    from autopeft.tasks import METRICS
+    from autopeft.uncertainty import _vectorised, bootstrap_ci
+
+    rng = np.random.default_rng(3)
+    if metric == "pearson":
+        gold = rng.random(n) * 5
+        pred = gold + rng.normal(0, 1.5, n)
+    else:
+        gold = rng.integers(0, 2, n)
+        pred = np.where(rng.random(n) < 0.8, gold, 1 - gold)
+    fn = METRICS[metric]
+    want = bootstrap((pred, gold), lambda p, g: fn(p, g), n_resamples=300, paired=True, vectorized=False,
+                     method="percentile", rng=np.random.default_rng(0)).confidence_interval
+    assert bootstrap_ci(fn, pred, gold, seed=0, n_resamples=300) == pytest.approx((want.low, want.high), abs=1e-12)
+    if metric != "pearson":  # one class predicted: sklearn answers 0 for MCC and F1
+        stat = _vectorised(fn.__name__, np.zeros(n, int), gold)
+        assert float(stat(np.zeros(n, int), gold)) == pytest.approx(fn(np.zeros(n, int), gold), abs=1e-12)
+    assert _vectorised(fn.__name__, pred * 3, gold * 3) is None or metric in ("accuracy", "pearson")
