@@ -755,6 +755,8 @@ def render_markdown(report: dict) -> str:
     for task in st["tasks"]:
         t = summ.get(task)
         if t is None:
+            lines += [f"## {task}", "", "No results yet (the benchmark was interrupted before this task: run the same "
+                      "command again, it continues where it stopped).", ""]
             continue
         sizes = (st.get("splits") or {}).get(task) or {}
         fid = st["max_train_examples"][task]
@@ -1190,13 +1192,16 @@ def build_report(data: dict) -> dict:
     """Summaries, notes and the rendered Markdown from the stored settings and runs."""
     from autopeft.tasks import get_task
 
-    st = data["settings"]
+    st = dict(data["settings"])
     names = {"search": set(st["searchers"]), "baseline": set(st["baselines"])}
     planned = {k: r for k, r in data.get("runs", {}).items()  # runs of this plan only (the JSON may hold more)
                if r.get("task") in st["tasks"] and r.get("seed") in st["seeds"] and r.get("name") in names.get(r.get("kind"), ())}
     runs = list(planned.values())
+    st["total_run_time_s"] = sum(r.get("run_time_s", 0.0) for r in runs)  # also when the run was interrupted
     summary = {}
     for task in st["tasks"]:
+        if not any(r.get("task") == task for r in runs):
+            continue  # not started yet: one line in the report, no empty tables
         t = get_task(task)
         ts = summarize_task(task, runs, st["searchers"], st["baselines"], st["seeds"], score_reference(t.metric, t.num_labels),
                             t.metric, gold=(data.get("test_labels") or {}).get(task),
@@ -1208,7 +1213,7 @@ def build_report(data: dict) -> dict:
         ts["rungs"] = next((x["rungs"] for x in ss if x.get("rungs")), None)
         summary[task] = ts
     notes = list(st.get("notes", []))
-    for task in st["tasks"]:
+    for task in summary:
         if isinstance(summary[task]["param_limit"], list):
             notes.append(f"{task}: runs disagree on the parameter limit: {summary[task]['param_limit']}.")
     errors = [f"{k}: {r.get('error')}" for k, r in planned.items() if r.get("status") != "ok"]
