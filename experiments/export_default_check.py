@@ -19,7 +19,6 @@ Run from the project root: ``python experiments/export_default_check.py [SEARCH]
 """
 
 import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -29,13 +28,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 GLUE = ROOT.parent / "shared" / "data" / "glue"
-
-
-def cli(*args: str) -> subprocess.CompletedProcess:
-    res = subprocess.run([sys.executable, "-m", "autopeft.cli", *args], capture_output=True, text=True)
-    lines = [x for x in (res.stdout + res.stderr).splitlines() if "kernels" not in x and "warn" not in x.lower()]
-    print(f"$ autopeft {' '.join(args)}\n  exit {res.returncode}\n  " + "\n  ".join(lines))
-    return res
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from export_peft_check import cli  # noqa: E402  (the same "$ autopeft ..." echo)
 
 
 def predict(model, tok, texts, max_length: int, batch: int = 64) -> np.ndarray:

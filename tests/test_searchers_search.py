@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 
+from test_resume import SPACE as RESUME_SPACE
 from test_resume import TINY_BERT, _data, _env, _running_trial, _stop_group
 
 pytestmark = pytest.mark.integration
@@ -35,21 +36,9 @@ TRIALS = 3
 SEARCHERS = ["random", "nsga2", "qnehvi"]  # tpe: tests/test_resume.py
 # as tests/test_resume.py (budget 1,500: LoRA r=8, r=4 + adapter and the empty point are rejected),
 # the first start point over the budget: every search has a rejected sample before its first trial
-SPACE = """
-name: searchers-tiny
-fidelity: {max_train_examples: 64, min_train_examples: 16, reduction_factor: 2}
-components:
-  lora: {enabled: [true, false], r: [2, 4, 8], target_modules: [[query, value]]}
-  adapter: {enabled: [false, true], placement: parallel, reduction_factor: [16, 4]}
-gating: false
-training:
-  learning_rate: {loguniform: [1.0e-2, 1.0e-1]}
-  batch_size: 16
-pooling: mean
-start_points:
-  - {lora.enabled: true, lora.r: 8, adapter.enabled: false}
-  - {lora.enabled: true, lora.r: 4, adapter.enabled: false, training.learning_rate: 3.0e-2}
-"""
+SPACE = (RESUME_SPACE.replace("name: resume-tiny", "name: searchers-tiny")
+         .replace("max_train_examples: 256, min_train_examples: 64", "max_train_examples: 64, min_train_examples: 16")
+         .replace("start_points:\n", "start_points:\n  - {lora.enabled: true, lora.r: 8, adapter.enabled: false}\n"))
 # qNEHVI as shipped (GP fit, qLogNEHVI with the constraints) but quicker: its model proposes from the
 # second trial on (2 start-up samples, not max(4, start points + 2)), and its acquisition is optimised
 # with 2 restarts instead of 20, so a proposal takes seconds on 2 CPU cores. Each model proposal
