@@ -44,7 +44,7 @@ def bootstrap_ci(metric: Callable[[np.ndarray, np.ndarray], float], predictions:
     pred, gold = np.asarray(predictions), np.asarray(labels)
     if len(pred) < 2:
         return float("nan"), float("nan")
-    stat = _vectorised(metric.__name__, pred, gold)
+    stat = vectorised_metric(metric.__name__, pred, gold)
     vectorized = stat is not None
     if stat is None:
         def stat(p, g):
@@ -68,7 +68,7 @@ def _binary_counts(p: np.ndarray, g: np.ndarray, axis: int):
             (~p1 & g1).sum(axis).astype(float), (~p1 & ~g1).sum(axis).astype(float))
 
 
-def _vectorised(name: str, pred: np.ndarray, gold: np.ndarray) -> Callable | None:
+def vectorised_metric(name: str, pred: np.ndarray, gold: np.ndarray) -> Callable | None:
     """The metric ``name`` (a :data:`autopeft.tasks.METRICS` function's ``__name__``) as a statistic on
     resamples stacked along the leading axes (``stat(p, g, axis=-1)``, as ``scipy.stats.bootstrap``
     calls a vectorised statistic), or ``None`` when it has no closed form here. Each is the same number

@@ -333,32 +333,18 @@ def bootstrap_mean_ci(values: Sequence[float], n_resamples: int = SEED_RESAMPLES
 
 
 def batched_metric(metric: str, pred: np.ndarray, gold: np.ndarray) -> np.ndarray:
-    """``metric`` on each row of ``(B, n)`` arrays: ``accuracy``, binary ``f1`` and ``mcc`` (positive
-    class 1; 0 where undefined, as scikit-learn returns) and ``pearson`` (``nan`` where a row is
-    constant) vectorised; any other metric of :data:`autopeft.tasks.METRICS` row by row."""
-    pred, gold = np.atleast_2d(pred), np.atleast_2d(gold)
-    if metric == "accuracy":
-        return (pred == gold).mean(1)
-    if metric in ("f1", "mcc"):
-        p, g = pred == 1, gold == 1
-        tp = (p & g).sum(1).astype(float)
-        fp = (p & ~g).sum(1).astype(float)
-        fn = (~p & g).sum(1).astype(float)
-        tn = (~p & ~g).sum(1).astype(float)
-        with np.errstate(all="ignore"):
-            if metric == "f1":
-                out = 2 * tp / (2 * tp + fp + fn)
-            else:
-                out = (tp * tn - fp * fn) / np.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
-        return np.nan_to_num(out, nan=0.0)
-    if metric == "pearson":
-        a = pred - pred.mean(1, keepdims=True)
-        b = gold - gold.mean(1, keepdims=True)
-        with np.errstate(all="ignore"):
-            return (a * b).sum(1) / np.sqrt((a * a).sum(1) * (b * b).sum(1))
+    """``metric`` on each row of ``(B, n)`` arrays: the closed forms of
+    :func:`autopeft.uncertainty.vectorised_metric` (accuracy; binary F1 and MCC, 0 where undefined, as
+    scikit-learn returns; Pearson, ``nan`` where a row is constant) where they apply, any other metric of
+    :data:`autopeft.tasks.METRICS` row by row."""
     from autopeft.tasks import METRICS
+    from autopeft.uncertainty import vectorised_metric
 
+    pred, gold = np.atleast_2d(pred), np.atleast_2d(gold)
     fn_ = METRICS[metric]
+    stat = vectorised_metric(fn_.__name__, pred, gold)
+    if stat is not None:
+        return np.asarray(stat(pred, gold, axis=-1), dtype=float)
     return np.array([fn_(p_, g_) for p_, g_ in zip(pred, gold)], dtype=float)
 
 

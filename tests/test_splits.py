@@ -244,7 +244,7 @@ def test_vectorised_intervals_equal_the_metric_resample_by_resample(metric, n):
     from scipy.stats import bootstrap
 
     from autopeft.tasks import METRICS
-    from autopeft.uncertainty import _vectorised, bootstrap_ci
+    from autopeft.uncertainty import vectorised_metric, bootstrap_ci
 
     rng = np.random.default_rng(3)
     if metric == "pearson":
@@ -258,6 +258,6 @@ def test_vectorised_intervals_equal_the_metric_resample_by_resample(metric, n):
                      method="percentile", rng=np.random.default_rng(0)).confidence_interval
     assert bootstrap_ci(fn, pred, gold, seed=0, n_resamples=300) == pytest.approx((want.low, want.high), abs=1e-12)
     if metric != "pearson":  # one class predicted: sklearn answers 0 for MCC and F1
-        stat = _vectorised(fn.__name__, np.zeros(n, int), gold)
+        stat = vectorised_metric(fn.__name__, np.zeros(n, int), gold)
         assert float(stat(np.zeros(n, int), gold)) == pytest.approx(fn(np.zeros(n, int), gold), abs=1e-12)
-    assert _vectorised(fn.__name__, pred * 3, gold * 3) is None or metric in ("accuracy", "pearson")
+    assert vectorised_metric(fn.__name__, pred * 3, gold * 3) is None or metric in ("accuracy", "pearson")
