@@ -133,6 +133,37 @@ def _children_view(children, client) -> dict:
     return out
 
 
+def _trials(folder: Path) -> list[dict]:
+    """``folder/trials.json``, or ``[]`` while it is missing or half written."""
+    try:
+        return json.loads((folder / "trials.json").read_text())
+    except (OSError, ValueError):
+        return []
+
+
+def _kill_after_first_finished(proc: subprocess.Popen, folder: Path, args: dict, timeout: float) -> list[dict] | None:
+    """SIGKILL the search ``proc`` (writing ``folder``) after its first finished trial, once the next trial is
+    training (its MLflow run exists); returns ``trials.json`` at the kill, ``None`` if the search ended or
+    ``timeout`` seconds passed first (then it is killed anyway). The process is reaped and its Ray stopped."""
+    at_kill = None
+    try:
+        deadline = time.time() + timeout
+        while time.time() < deadline and proc.poll() is None:
+            trials = _trials(folder)
+            done = {t["trial_id"] for t in trials if t["status"] != "running"}
+            if any(t["status"] == "finished" for t in trials) and _running_trial(args, done):
+                os.kill(proc.pid, signal.SIGKILL)
+                at_kill = trials
+                break
+            time.sleep(0.1)
+    finally:
+        if proc.poll() is None and at_kill is None:
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+        _stop_group(proc)
+    return at_kill
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("resume")
@@ -147,26 +178,9 @@ def runs(tmp_path_factory):
     folder = out / "killed"
     proc = subprocess.Popen([sys.executable, "-c", RUNNER, json.dumps(args)], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
-    at_kill = None
     try:
-        deadline = time.time() + 400
-        while time.time() < deadline and proc.poll() is None:
-            try:
-                trials = json.loads((folder / "trials.json").read_text())
-            except (OSError, ValueError):
-                trials = []
-            done = {t["trial_id"] for t in trials if t["status"] != "running"}
-            # after the first finished trial, once the next one is training (its MLflow run exists)
-            if any(t["status"] == "finished" for t in trials) and _running_trial(args, done):
-                os.kill(proc.pid, signal.SIGKILL)
-                at_kill = trials
-                break
-            time.sleep(0.1)
+        at_kill = _kill_after_first_finished(proc, folder, args, timeout=400)
     finally:
-        if proc.poll() is None and at_kill is None:
-            os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=60)
-        _stop_group(proc)
         try:
             ref_out, _ = ref.communicate(timeout=600)
         finally:

@@ -17,18 +17,15 @@
 """
 
 import json
-import os
 import pickle
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from test_resume import SPACE as RESUME_SPACE
-from test_resume import TINY_BERT, _data, _env, _running_trial, _stop_group
+from test_resume import TINY_BERT, _data, _env, _kill_after_first_finished, _trials
 
 pytestmark = pytest.mark.integration
 
@@ -79,13 +76,6 @@ def _args(tmp: Path, glue: Path, name: str, searcher: str) -> dict:
             "training": {"max_eval_examples": 48}, "time_budget_s": 3600}
 
 
-def _trials(folder: Path) -> list[dict]:
-    try:
-        return json.loads((folder / "trials.json").read_text())
-    except (OSError, ValueError):
-        return []
-
-
 @pytest.fixture(scope="module", params=SEARCHERS)
 def searched(request, tmp_path_factory):
     """The search SIGKILLed after its first finished trial (while the next trains), then resumed
@@ -100,22 +90,7 @@ def searched(request, tmp_path_factory):
     with open(tmp / "killed.log", "w") as log:
         proc = subprocess.Popen([sys.executable, "-c", RUNNER, json.dumps(args)], env=env, stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True)
-    at_kill = None
-    try:
-        deadline = time.time() + 900
-        while time.time() < deadline and proc.poll() is None:
-            trials = _trials(out / name)
-            done = {t["trial_id"] for t in trials if t["status"] != "running"}
-            if any(t["status"] == "finished" for t in trials) and _running_trial(args, done):
-                os.kill(proc.pid, signal.SIGKILL)
-                at_kill = trials
-                break
-            time.sleep(0.1)
-    finally:
-        if proc.poll() is None and at_kill is None:
-            os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=60)
-        _stop_group(proc)
+    at_kill = _kill_after_first_finished(proc, out / name, args, timeout=900)
     killed_out = (tmp / "killed.log").read_text()
     assert at_kill is not None, "the search ended before its first trial finished: " + killed_out[-3000:]
     res = subprocess.run([sys.executable, "-c", RESUMER, "resume", name, "--output-dir", str(out)], env=env,
