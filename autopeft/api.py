@@ -22,13 +22,15 @@ from typing import Any, Callable
 
 from autopeft.budget import Budget, parse_budget
 from autopeft.recipe import Recipe, count_recipe, load_recipe, recipe_from_dict
+from autopeft.errors import AutopeftError
+from autopeft._util import is_finite
 
 RUNS_DIR = "autopeft_runs"
 #: Named picks of a Pareto point (:func:`pick_point`); an index or a trial id also picks one.
 PICKS = ("best", "smallest", "leanest", "smallest-within-noise")
 
 
-class SearchSettingsError(ValueError):
+class SearchSettingsError(AutopeftError, ValueError):
     """Search settings that cannot work, caught before anything starts: a ``--name`` that is not a
     plain folder name, resources no trial can get, a budget below the space's smallest configuration,
     a preset (counting-only) backbone."""
@@ -59,7 +61,7 @@ def _check_search_settings(name: str | None, backbone: Any, cpus: float, gpus: f
                                   "could start")
 
 
-class SearchNotFoundError(ValueError):
+class SearchNotFoundError(AutopeftError, ValueError):
     """``export`` was given a search that does not exist or has no results."""
 
 
@@ -307,7 +309,7 @@ def search(task: str = "sst2", budget: str | Budget = "0.5%", backbone: str | di
         candidates = []
         for r in records.values():
             row = r.row_at(top)
-            if row is not None and r.status == "finished" and row["trainable_params"] <= limit and _finite(row.get("score")):
+            if row is not None and r.status == "finished" and row["trainable_params"] <= limit and is_finite(row.get("score")):
                 candidates.append({"trial_id": r.trial_id, **row, "recipe": r.recipe})
         front = [candidates[i] for i in pareto_front(candidates)]
         hv = front_hypervolume(front, limit)  # of the dev scores: what the search optimised
@@ -322,7 +324,7 @@ def search(task: str = "sst2", budget: str | Budget = "0.5%", backbone: str | di
                                          **{f"trials_{k}": v for k, v in counts.items()},
                                          **({"best_score": front[0]["score"]} if front else {}),
                                          **({"best_test_score": front[0]["test_score"]}
-                                            if front and _finite(front[0].get("test_score")) else {})})
+                                            if front and is_finite(front[0].get("test_score")) else {})})
         ref = json.loads((out / "reference.json").read_text()) if reference and (out / "reference.json").is_file() else None
         result = SearchResult(out, trials_out, front, top, limit, hv, tracker.parent_id, wall, settings, ref)
         (out / "result.json").write_text(json.dumps({"fidelity": top, "param_limit": limit, "hypervolume": hv,
@@ -442,12 +444,6 @@ def _finish_front(front: list[dict], out: Path, base: dict[str, Any], data_dir: 
             tracker.log_reference(ref)
 
 
-def _finite(x: Any) -> bool:
-    import math
-
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
 def _write_results(out: Path, trials: list[dict], front: list[dict], metric: str, param_limit: int | None = None,
                    rungs: list[int] | None = None) -> None:
     (out / "trials.json").write_text(json.dumps(trials, indent=2, default=str))
@@ -526,7 +522,7 @@ def _provenance_comment(folder: Path, row: dict) -> str:
     where = f" at {row['examples_seen']:,} training examples" if isinstance(row.get("examples_seen"), int) else ""
     split = "dev" if (row.get("recipe") or {}).get("dev") else "validation"
     test = (f"; test {_fmt_ci(row.get('test_score'), row.get('test_low'), row.get('test_high'))}"
-            if _finite(row.get("test_score")) else "")
+            if is_finite(row.get("test_score")) else "")
     return (f"# exported by autopeft from search {folder.name} (searcher {s.get('searcher', 'unknown')}, "
             f"seed {s.get('seed', 'unknown')}, budget {s.get('budget', 'unknown')})\n"
             f"# trial {row.get('trial_id')}: {split} score "
@@ -536,9 +532,9 @@ def _provenance_comment(folder: Path, row: dict) -> str:
 
 def _fmt_ci(score: Any, low: Any, high: Any) -> str:
     """``0.8761 [0.8541, 0.8968]`` (95% interval), or the score alone without a finite interval."""
-    if not _finite(score):
+    if not is_finite(score):
         return "n/a"
-    return f"{score:.4f} [{low:.4f}, {high:.4f}]" if _finite(low) and _finite(high) else f"{score:.4f}"
+    return f"{score:.4f} [{low:.4f}, {high:.4f}]" if is_finite(low) and is_finite(high) else f"{score:.4f}"
 
 
 def pick_point(search: str | Path, pick: str = "best", output_dir: str | Path = RUNS_DIR) -> tuple[Path, dict]:
@@ -550,7 +546,7 @@ def pick_point(search: str | Path, pick: str = "best", output_dir: str | Path = 
         SearchNotFoundError: no such search or an empty front; ValueError: unknown ``pick``.
     """
     folder = find_search(search, output_dir)
-    front = [r for r in json.loads((folder / "pareto.json").read_text()) if _finite(r.get("score"))]
+    front = [r for r in json.loads((folder / "pareto.json").read_text()) if is_finite(r.get("score"))]
     if not front:
         raise SearchNotFoundError(f"search {folder} has an empty Pareto front (no trial finished within budget)")
     if pick == "best":

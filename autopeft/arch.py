@@ -43,6 +43,8 @@ from typing import Any
 
 from torch import nn
 
+from autopeft.errors import AutopeftError
+
 #: Canonical Linear targets of the BERT family, with the path below ``encoder.layer[i]`` (kept as the
 #: default target list of methods that wrap "every" Linear, e.g. AdaLoRA and QLoRA).
 LINEAR_TARGETS: dict[str, str] = {
@@ -204,7 +206,7 @@ def family_of(config_or_type: Any) -> Family:
     raise ArchitectureError(f"model type {mt!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
 
 
-class ArchitectureError(ValueError):
+class ArchitectureError(AutopeftError, ValueError):
     """The backbone is not of a family autopeft knows how to modify (:data:`FAMILIES`)."""
 
 

@@ -16,6 +16,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from autopeft.errors import AutopeftError
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Search, export and train parameter-efficient fine-tuning (PEFT) configurations.")
 # Logs and CI capture output without a terminal; keep the Pareto table readable there too.
@@ -23,25 +25,8 @@ console = Console(highlight=False, width=None if sys.stdout.isatty() else 140)
 err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 200)
 
 
-class _UserError(Exception):
-    pass
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from autopeft.api import SearchNotFoundError
-    from autopeft.arch import ArchitectureError
-    from autopeft.backbones import BackboneError
-    from autopeft.budget import BudgetError
-    from autopeft.model import CompositionError
-    from autopeft.recipe import RecipeError
-    from autopeft.hpo.space import SearchSpaceError
-    from autopeft.hpo.searchers import SearcherError
-    from autopeft.status import SearchFolderError
-    from autopeft.tasks import TaskError
-    from autopeft.hpo.tune import RayStartError
-
-    return (RayStartError, BudgetError, TaskError, BackboneError, RecipeError, CompositionError, SearchSpaceError,
-            SearchNotFoundError, ArchitectureError, SearcherError, SearchFolderError, _UserError)
+class _UserError(AutopeftError):
+    """Bad command-line input found by the CLI itself (exit 2)."""
 
 
 def _fail(exc: BaseException, code: int) -> None:
@@ -64,11 +49,9 @@ def _run(fn, *args, **kwargs):
             raise typer.Exit(exc.exit_code)
         err.print("interrupted")
         raise typer.Exit(130)
-    except _user_errors() as exc:
-        _fail(exc, 2)
-    except (ValueError, FileNotFoundError) as exc:
-        _fail(exc, 2)
     except Exception as exc:  # noqa: BLE001 - one line, never a traceback
+        if isinstance(exc, (ValueError, FileNotFoundError)) or (isinstance(exc, AutopeftError) and exc.user_error):
+            _fail(exc, 2)
         if os.environ.get("AUTOPEFT_DEBUG"):
             raise
         _fail(RuntimeError(f"{type(exc).__name__}: {exc}"), 1)

@@ -23,6 +23,8 @@ from typing import Any, Callable, Sequence
 from autopeft.methods.adapter import AdapterConfig
 from autopeft.methods.adapter_fusion import AdapterFusionConfig, Stage1Adapter, _default_names, stage1_adapter_config
 from autopeft.recipe import Recipe, RecipeError, check_recipe, load_recipe, recipe_from_dict
+from autopeft._util import read_yaml
+from autopeft.errors import CompositionError
 
 RecipeLike = Recipe | dict | str | Path | None
 
@@ -46,7 +48,6 @@ def load_stage1(folder: str | Path, with_tensors: bool = True) -> Stage1Adapter:
             recipe that is not a fusable single serial adapter (:func:`stage1_adapter_config`).
     """
     from autopeft.backbones import BackboneError, load_config
-    from autopeft.model import CompositionError
     from autopeft.tasks import get_task
     from autopeft.trainer import ADAPTER_FILE
 
@@ -88,12 +89,10 @@ def as_recipe(recipe: RecipeLike, defaults: dict[str, Any] | None = None) -> Rec
     elif isinstance(recipe, dict):
         data = dict(recipe)
     else:
-        import yaml
-
         path = Path(recipe)
         if not path.is_file():
             raise RecipeError(f"recipe file {str(path)!r} does not exist")
-        data = yaml.safe_load(path.read_text()) or {}
+        data = read_yaml(path, RecipeError) or {}
         if not isinstance(data, dict):
             raise RecipeError(f"{path}: a recipe is a mapping")
     return recipe_from_dict({**(defaults or {}), **data})

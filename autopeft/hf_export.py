@@ -90,6 +90,7 @@ from torch import nn
 from autopeft.hpo.final import TRAINED_SUBDIR  # a search keeps its trials' weights there
 from autopeft.recipe import Recipe
 from autopeft.trainer import is_trained_folder  # noqa: F401  (re-exported: its old home)
+from autopeft.errors import AutopeftError
 
 #: Export formats (``recipe`` is :func:`autopeft.api.export`).
 FORMATS = ("recipe", "peft", "merged")
@@ -129,7 +130,7 @@ _WHY_NOT_MERGE = {
 }
 
 
-class ExportError(ValueError):
+class ExportError(AutopeftError, ValueError):
     """The model cannot be exported in the asked format, or the export did not reproduce its logits.
 
     The message is one line: what blocks it and what to use instead.

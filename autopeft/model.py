@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from autopeft.arch import Encoder
+from autopeft.errors import CompositionError  # noqa: F401  (re-exported: its old home)
 
 #: Top-level modules of a ``*ForSequenceClassification`` that form the task head (trainable, outside
 #: the budget): BERT/RoBERTa ``classifier``, decoders' ``score``, DistilBERT's ``pre_classifier``,
@@ -45,10 +46,6 @@ HEAD_MODULE_NAMES = ("classifier", "score", "pre_classifier", "pooler")
 #: ``last``: the last non-padding token (decoders; what their own head reads, so ``pooler`` means the
 #: same there).
 POOLINGS = ("pooler", "cls", "mean", "last")
-
-
-class CompositionError(ValueError):
-    """Two components claim the same slot in an incompatible way, or a component does not fit."""
 
 
 class Gate(nn.Module):

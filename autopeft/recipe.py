@@ -30,9 +30,11 @@ from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationErr
 
 from autopeft.methods.base import MethodConfig, parse_component
 from autopeft.tasks import DevSplit, TaskSpec
+from autopeft._util import read_yaml
+from autopeft.errors import AutopeftError, CompositionError
 
 
-class RecipeError(ValueError):
+class RecipeError(AutopeftError, ValueError):
     """A recipe that cannot be read or validated; the message is one line."""
 
 
@@ -149,11 +151,7 @@ def load_recipe(path: str | Path) -> Recipe:
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe file {str(path)!r} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    recipe = recipe_from_dict(data)
+    recipe = recipe_from_dict(read_yaml(path, RecipeError))
     check_composition(recipe)
     return recipe
 
@@ -165,8 +163,6 @@ def check_composition(recipe: Recipe) -> None:
     Raises:
         RecipeError: the components do not compose; the message names both.
     """
-    from autopeft.model import CompositionError
-
     check_recipe(recipe)
     try:
         build_model(recipe, device="meta")
@@ -286,7 +282,7 @@ def count_recipe(recipe: Recipe):
     Raises:
         RecipeError: the recipe cannot run (:func:`check_recipe`) or its components do not compose.
     """
-    from autopeft.model import CompositionError, count_parameters
+    from autopeft.model import count_parameters
 
     check_recipe(recipe)
     try:

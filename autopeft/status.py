@@ -10,7 +10,6 @@ MLflow or the driver process, so it works from another shell while a search runs
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,13 +17,15 @@ from typing import Any
 
 from autopeft.liveness import driver_alive, read_driver
 from autopeft.progress import read_progress
+from autopeft.errors import AutopeftError
+from autopeft._util import is_finite
 
 #: A search without ``result.json`` nor ``driver.json`` (an older autopeft) whose files changed less
 #: than this many seconds ago is "running".
 STALE_AFTER_S = 600.0
 
 
-class SearchFolderError(ValueError):
+class SearchFolderError(AutopeftError, ValueError):
     """The folder is not a search folder (no ``search.json``), or its files cannot be read."""
 
 
@@ -94,11 +95,6 @@ def _read_json(path: Path, default: Any) -> Any:
     except (OSError, ValueError) as exc:
         raise SearchFolderError(f"cannot read {path}: {exc}") from None
 
-
-def _finite(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
 def search_status(folder: str | Path, now: float | None = None) -> SearchStatus:
     """Read the state of the search in ``folder`` (see :class:`SearchStatus`).
 
@@ -122,7 +118,7 @@ def search_status(folder: str | Path, now: float | None = None) -> SearchStatus:
     best = best_any = None
     for t in trials:
         for row in t.get("rows") or []:
-            if not _finite(row.get("score")):
+            if not is_finite(row.get("score")):
                 continue
             if best_any is None or row["score"] > best_any["score"]:
                 best_any = {"trial_id": t["trial_id"], "score": row["score"], "examples_seen": row.get("examples_seen")}
@@ -137,7 +133,7 @@ def search_status(folder: str | Path, now: float | None = None) -> SearchStatus:
         running.append({"trial_id": tid, "examples_seen": p.get("examples_seen") if p else 0,
                         "top": p.get("top", top) if p else top, "rung": int(p.get("rung", 0)) + 1 if p else None,
                         "rungs": len(p.get("rungs") or rungs) if p else len(rungs), "loss": p.get("loss") if p else None,
-                        "age_s": now - p["updated"] if p and _finite(p.get("updated")) else None})
+                        "age_s": now - p["updated"] if p and is_finite(p.get("updated")) else None})
     started = (folder / "search.json").stat().st_mtime
     driver = read_driver(folder)
     if result is not None:
@@ -179,7 +175,7 @@ def format_status(st: SearchStatus) -> list[str]:
         if r["rung"] is None:
             lines.append(f"running: trial {r['trial_id']} (no progress reported)")
             continue
-        loss = f", loss {r['loss']:.4f}" if _finite(r["loss"]) else ""
+        loss = f", loss {r['loss']:.4f}" if is_finite(r["loss"]) else ""
         age = f", updated {r['age_s']:.0f}s ago" if r["age_s"] is not None else ""
         lines.append(f"running: trial {r['trial_id']} {r['examples_seen']:,}/{r['top']:,} examples, "
                      f"rung {r['rung']}/{r['rungs']}{loss}{age}")

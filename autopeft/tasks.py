@@ -33,10 +33,12 @@ from typing import Any, Callable
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
+from autopeft.errors import AutopeftError
+
 DATA_DIR_ENV = "AUTOPEFT_DATA_DIR"
 
 
-class TaskError(ValueError):
+class TaskError(AutopeftError, ValueError):
     """Unknown task or missing data."""
 
 

@@ -44,6 +44,7 @@ import torch
 
 from autopeft.hpo.space import SearchSpace, _requirements_met
 from autopeft.recipe import Recipe, RecipeError, count_recipe, recipe_from_dict
+from autopeft.errors import CompositionError
 
 #: Validation examples the gates are read on (and the supernet's own evaluation is limited to).
 GATE_EXAMPLES = 256
@@ -214,7 +215,6 @@ def _meta_gates(recipe: Recipe, keys: list[str]) -> dict[str, list[str]]:
 def _supernet(space: SearchSpace, base: dict[str, Any], keys: list[str], examples: int, shared: dict[str, Any],
               say: Callable[[str], None]) -> tuple[list[str], Recipe | None, dict[str, list[str]]]:
     """Add the candidates one by one: drop one that conflicts with those before it, or has no gate."""
-    from autopeft.model import CompositionError
     from autopeft.recipe import check_recipe
 
     accepted: list[str] = []
@@ -308,8 +308,6 @@ def _proposals(space: SearchSpace, base: dict[str, Any], param_limit: int, impor
     """Greedy subsets by importance: add the next component (at the supernet's settings, else shrunk
     along its choice dimensions) when the subset stays within ``param_limit``; every grown subset
     is a proposal (unless it is already a start point of the space)."""
-    from autopeft.model import CompositionError
-
     counted: dict[str, int | None] = {}
 
     def signature(point: dict[str, Any]) -> str:

@@ -52,6 +52,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from autopeft.errors import AutopeftError
+
 #: The driver's resume state, in the search folder.
 CHECKPOINT_FILE = "checkpoint.pkl"
 #: The arguments the search was started with and its MLflow parent run, in the search folder.
@@ -65,7 +67,7 @@ UNFINISHED = ("running", "interrupted")
 _VERSION = 1
 
 
-class ResumeError(ValueError):
+class ResumeError(AutopeftError, ValueError):
     """A search folder that exists without ``--resume``, a missing or finished one with it, or a
     resume whose settings differ from the search's own."""
 

@@ -54,7 +54,6 @@ its sampler. Optuna's NSGA-II sampler holds a ``threading.Lock``, which cannot b
 from __future__ import annotations
 
 import json
-import math
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -63,6 +62,8 @@ import optuna
 from optuna.trial import TrialState
 
 from autopeft.hpo.space import Dim, SearchSpace
+from autopeft.errors import AutopeftError
+from autopeft._util import is_finite
 
 #: Searcher names accepted by ``--searcher``.
 SEARCHERS = ("tpe", "random", "nsga2", "qnehvi")
@@ -98,7 +99,7 @@ class PicklableNSGAIISampler(optuna.samplers.NSGAIISampler):
             setattr(self, k, threading.RLock() if reentrant else threading.Lock())
 
 
-class SearcherError(ValueError):
+class SearcherError(AutopeftError, ValueError):
     """Unknown searcher name, or a searcher whose library is not installed."""
 
 
@@ -302,7 +303,7 @@ class SpaceSearcher(_ray_searcher_base()):
         if trial is None:
             return
         score = (result or {}).get("score")
-        if error or result is None or result.get("status") == "failed" or not _finite(score):
+        if error or result is None or result.get("status") == "failed" or not is_finite(score):
             state, values = TrialState.FAIL, None
         elif int(result.get("examples_seen", 0)) >= self.top:
             state = TrialState.COMPLETE
@@ -382,7 +383,3 @@ def _count_points(distributions: dict[str, Any]) -> int | None:
         else:
             return None
     return n
-
-
-def _finite(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)

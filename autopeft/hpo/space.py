@@ -50,10 +50,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from autopeft.methods.base import get_method
 from autopeft.recipe import Recipe, recipe_from_dict
+from autopeft._util import read_yaml
+from autopeft.errors import AutopeftError
 
 #: Where the shipped search spaces live: ``autopeft/search_spaces/*.yaml``, package data read through
 #: :mod:`importlib.resources`, so an installed wheel finds them too (a Traversable, a Path on disk).
@@ -66,7 +66,7 @@ def shipped_spaces() -> list[str]:
 _KINDS = ("choice", "uniform", "loguniform", "int", "logint")
 
 
-class SearchSpaceError(ValueError):
+class SearchSpaceError(AutopeftError, ValueError):
     """An invalid search-space file."""
 
 
@@ -176,11 +176,7 @@ class SearchSpace:
             path = SPACES_DIR / f"{name_or_path}.yaml"
         if not path.is_file():
             raise SearchSpaceError(f"search space {str(name_or_path)!r} not found; shipped: {', '.join(shipped_spaces())}")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise SearchSpaceError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict(read_yaml(path, SearchSpaceError), source=str(path))
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "") -> "SearchSpace":

@@ -43,6 +43,7 @@ from autopeft.hpo.interrupt import GracefulStop, SearchInterrupted, signal_name
 from autopeft.hpo.space import SearchSpace
 from autopeft.progress import PROGRESS_DIR, progress_file
 from autopeft.tracking import cut_value
+from autopeft.errors import AutopeftError
 
 @dataclass
 class TrialRecord:
@@ -106,8 +107,10 @@ class TuneSettings:
 MAX_ERROR_CHARS = 20_000
 
 
-class NonFiniteScore(FloatingPointError):
+class NonFiniteScore(AutopeftError, FloatingPointError):
     """A rung's score is NaN or infinite (e.g. STS-B's Pearson of constant predictions): the trial fails."""
+
+    user_error = False
 
 
 def _trial_fn(config: dict[str, Any], space: SearchSpace, base: dict[str, Any], rungs: list[int],
@@ -189,12 +192,12 @@ def _has_gpu() -> bool:
     return torch.cuda.is_available()
 
 
-class RayStartError(RuntimeError):
+class RayStartError(AutopeftError, RuntimeError):
     """Ray could not start locally or reach the cluster at ``--ray-address`` (one line, with what to
     check); the CLI exits 2 on it, as on other bad settings."""
 
 
-class ClusterTooSmall(ValueError):
+class ClusterTooSmall(AutopeftError, ValueError):
     """A trial asks for more CPUs or GPUs than the whole Ray cluster has: no trial could ever start."""
 
 

@@ -43,6 +43,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from autopeft.methods.base import MethodConfig, register
+from autopeft.errors import CompositionError
 
 
 class AdapterDropConfig(MethodConfig):
@@ -168,8 +169,6 @@ def apply_adapter_drop(model, cfg: AdapterDropConfig) -> None:
         CompositionError: no adapter host exists yet (put ``adapter``/``adapter_fusion``/... before
             ``adapter_drop``), a second ``adapter_drop``, or ``n``/``max_train_drop`` > L.
     """
-    from autopeft.model import CompositionError
-
     model.claim(("adapter_drop",))
     num_layers = model.encoder.num_layers
     max_train = cfg.n if cfg.max_train_drop is None else cfg.max_train_drop

@@ -52,6 +52,7 @@ from torch import nn
 
 from autopeft.methods.adapter import AdapterConfig, make_adapter
 from autopeft.methods.base import MethodConfig, register
+from autopeft.errors import CompositionError
 
 #: Name of the adapter inside a stage-1 model (``apply_adapter``'s default slot name).
 STAGE1_ADAPTER_NAME = "adapter"
@@ -138,8 +139,6 @@ def stage1_adapter_config(recipe, where: str = "stage-1 recipe") -> AdapterConfi
     Raises:
         CompositionError: any other component, no adapter, a parallel adapter, trained LayerNorms.
     """
-    from autopeft.model import CompositionError
-
     comps = list(recipe.components)
     if len(comps) != 1 or comps[0].method != "adapter":
         got = [c.method for c in comps]
@@ -184,8 +183,6 @@ class Stage1Adapter:
 
 
 def _check_backbone(model, source: Stage1Adapter) -> None:
-    from autopeft.model import CompositionError
-
     src, own = source.backbone_config, model.backbone.config
     if src is None:
         return
@@ -204,8 +201,6 @@ def apply_adapter_fusion(model, cfg: AdapterFusionConfig) -> None:
             its weights do not fit this backbone, ``names`` has the wrong length, ``gated`` is set,
             or no adapter falls in ``layers``/``sublayers``.
     """
-    from autopeft.model import CompositionError
-
     if cfg.gated:
         raise CompositionError("adapter_fusion cannot be gated (the stage-1 adapters keep their own gates)")
     meta = next(model.backbone.parameters()).device.type == "meta"

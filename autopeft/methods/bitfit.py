@@ -26,6 +26,7 @@ from pydantic import Field, field_validator
 
 from autopeft.arch import ALL_TARGETS, canonical_target
 from autopeft.methods.base import MethodConfig, register
+from autopeft.errors import CompositionError
 
 #: Bias groups beyond the Linear targets: the LayerNorm biases of each layer (the family table's
 #: ``attention`` / ``ffn`` sublayer norms).
@@ -91,8 +92,6 @@ def apply_bitfit(model, cfg: BitFitConfig) -> None:
         CompositionError: another component claims one of the biases, or a listed model-level group
             (``embeddings``, ``pooler``) does not exist in this backbone (e.g. RoBERTa has no pooler).
     """
-    from autopeft.model import CompositionError
-
     fam = model.family
     if cfg.biases in BIAS_SUBSETS:
         names = [n for n in LAYER_BIASES if n in fam.linear or n in _LAYERNORM_BIASES]

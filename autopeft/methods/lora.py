@@ -27,6 +27,7 @@ from pydantic import Field
 from torch import nn
 
 from autopeft.methods.base import MethodConfig, TargetModules, register
+from autopeft.errors import AutopeftError
 
 
 class LoraConfig(MethodConfig):
@@ -54,8 +55,10 @@ def check_rank(limits, name: str, r: int, targets) -> None:
                              f"({d_in} x {d_out}) on this backbone: use {name} <= {min(d_in, d_out)}")
 
 
-class MergedAdapterError(RuntimeError):
-    """A merged adapter was asked to train (see the module docstring)."""
+class MergedAdapterError(AutopeftError, RuntimeError):
+    """A merged adapter was asked to train (see the module docstring): a bug in the caller, not bad input."""
+
+    user_error = False
 
 
 class LinearWrapper(nn.Module):
