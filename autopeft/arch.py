@@ -206,6 +206,14 @@ def family_of(config_or_type: Any) -> Family:
     raise ArchitectureError(f"model type {mt!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
 
 
+def is_causal(config: Any) -> bool:
+    """Whether a transformers config is of a decoder-only family (``False`` for an unknown model type)."""
+    try:
+        return bool(family_of(config).causal)
+    except ValueError:
+        return False
+
+
 class ArchitectureError(AutopeftError, ValueError):
     """The backbone is not of a family autopeft knows how to modify (:data:`FAMILIES`)."""
 

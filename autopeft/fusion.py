@@ -113,7 +113,7 @@ def stage1_recipe(base_recipe: RecipeLike, task: str) -> Recipe:
     comps = list(base.components)
     if not comps:
         comps = [AdapterConfig(variant="pfeiffer", placement="serial")]
-    elif len(comps) == 1 and comps[0].method == "adapter" and "placement" not in comps[0].model_fields_set:
+    elif len(comps) == 1 and isinstance(comps[0], AdapterConfig) and "placement" not in comps[0].model_fields_set:
         comps = [comps[0].model_copy(update={"placement": "serial"})]
     data = base.model_dump(mode="json")
     data["task"] = task
@@ -200,9 +200,9 @@ def stage2_recipe(adapters: Sequence[str | Path], task: str, base_recipe: Recipe
     options: dict[str, Any] = {}
     rest = []
     for comp in (base.components if base is not None else []):
-        if comp.method == "adapter_fusion":
+        if isinstance(comp, AdapterFusionConfig):
             options.update(comp.model_dump(exclude={"adapters", "method"}, exclude_unset=True))
-        elif comp.method != "adapter":
+        elif not isinstance(comp, AdapterConfig):
             rest.append(comp.model_dump(mode="json"))
     options.update(fusion_options)
     fusion = AdapterFusionConfig(adapters=[str(f) for f in folders], **options)
@@ -259,12 +259,12 @@ def recipe_after_pruning(model, recipe):
     """
     from autopeft.methods.adapter_fusion import fusion_hosts
 
-    if not any(c.method == "adapter_fusion" for c in recipe.components):
+    if not any(isinstance(c, AdapterFusionConfig) for c in recipe.components):
         return recipe
     present = {n for _, _, host in fusion_hosts(model) for n in host.serial.keys()}
     components, changed = [], False
     for comp in recipe.components:
-        if comp.method == "adapter_fusion":
+        if isinstance(comp, AdapterFusionConfig):
             names = comp.names
             if names is None:  # load_stage1 raises CompositionError for an unreadable folder
                 names = _default_names(load_stage1(f, with_tensors=False).task for f in comp.adapters)

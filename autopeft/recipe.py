@@ -28,7 +28,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator
 
-from autopeft.methods.base import MethodConfig, parse_component
+from autopeft.methods.base import MethodConfig, parse_component, spec_of
 from autopeft.tasks import DevSplit, TaskSpec
 from autopeft._util import read_yaml
 from autopeft.errors import AutopeftError, CompositionError
@@ -261,7 +261,7 @@ def build_model(recipe: Recipe, device: str = "cpu", after_component=None):
 
     task = get_task(recipe.task)
     backbone = load_model(recipe.backbone, task.num_labels, device=device, seed=recipe.training.seed)
-    if recipe.quantization == "nf4" or any(c.method == "qlora" for c in recipe.components):
+    if recipe.quantization == "nf4" or any(spec_of(c).quantized_base for c in recipe.components):
         from autopeft.quantization import quantize_backbone
 
         quantize_backbone(backbone, device=device)

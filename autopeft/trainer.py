@@ -571,9 +571,10 @@ def make_optimizer(model: PeftModel, groups: list[dict], weight_decay: float, de
     Either way, ``optimizer.step()`` raises :class:`autopeft.methods.lora.MergedAdapterError` while a
     LoRA-style wrapper of ``model`` is merged (:func:`autopeft.methods.lora.merged_step_guard`).
     """
+    from autopeft.methods.base import spec_of
     from autopeft.methods.lora import merged_step_guard
 
-    quantised = getattr(model, "quantized", False) or any(c.method == "qlora" for c in model.components)
+    quantised = getattr(model, "quantized", False) or any(spec_of(c).quantized_base for c in model.components)
     if quantised and device.type == "cuda":
         try:
             import bitsandbytes as bnb

@@ -43,13 +43,12 @@ from typing import Any, Callable
 import torch
 
 from autopeft.hpo.space import SearchSpace, _requirements_met
+from autopeft.methods.base import get_method
 from autopeft.recipe import Recipe, RecipeError, count_recipe, recipe_from_dict
 from autopeft.errors import CompositionError
 
 #: Validation examples the gates are read on (and the supernet's own evaluation is limited to).
 GATE_EXAMPLES = 256
-#: Methods never put in the supernet: AdapterFusion needs stage-one adapter folders.
-_SKIP_METHODS = ("adapter_fusion",)
 
 
 @dataclass
@@ -128,8 +127,9 @@ def _candidates(space: SearchSpace, say: Callable[[str], None]) -> list[str]:
     keys, groups_seen = [], set()
     for key in space.methods:
         method = space.component_methods.get(key, key)
-        if method in _SKIP_METHODS:
-            say(f"one-shot: {key} left out ({method} needs stage-one adapter folders)")
+        why_not = get_method(method).why_not_one_shot  # e.g. AdapterFusion needs stage-one adapter folders
+        if why_not:
+            say(f"one-shot: {key} left out ({method} {why_not})")
             continue
         group = space.groups.get(key)
         if group is not None:

@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from autopeft.methods.base import get_method
+from autopeft.methods.base import get_method, spec_of
 from autopeft.recipe import Recipe, recipe_from_dict
 from autopeft._util import read_yaml
 from autopeft.errors import AutopeftError
@@ -193,7 +193,8 @@ class SearchSpace:
                 spec = get_method(method)
             except ValueError as exc:
                 raise SearchSpaceError(str(exc)) from None
-            params.setdefault("enabled", [True, False])
+            for pname, pspec in {**spec.search_defaults, "enabled": [True, False]}.items():
+                params.setdefault(pname, pspec)
             fields = set(spec.config_cls.model_fields) - {"method"}
             for pname, pspec in params.items():
                 if pname != "enabled" and pname not in fields:
@@ -371,7 +372,8 @@ class SearchSpace:
         Counts on the meta device: ``count_recipe(self.to_recipe(point, base))``. Approach: every
         component adds its own modules in its own slots (and its own gates), so a configuration with
         several components has at least the parameters of each of them alone; the minimum is a single
-        component. For each component (``full_finetuning`` aside, it is no PEFT method) the point
+        component. For each component (one whose method is no PEFT method, such as full fine-tuning, aside:
+        ``MethodSpec.is_peft``) the point
         starts with that component alone (other components off, other ``one_of`` groups ``none``) at
         its dimensions' first values; then every dimension of the component and the shared ones
         (``gating``, ``pooling``, ``quantization``, ``layer.<i>``) in turn tries each of its choices
@@ -399,7 +401,7 @@ class SearchSpace:
         def count(values: dict[str, Any]) -> int | None:
             try:
                 recipe = self.to_recipe({k: tunable[k].encode(v) for k, v in values.items()}, base)
-                if not any(c.method != "full_finetuning" for c in recipe.components):
+                if not any(spec_of(c).is_peft for c in recipe.components):
                     return None
                 return count_recipe(recipe).trainable_params
             except RecipeError:
@@ -413,7 +415,7 @@ class SearchSpace:
         shared = [k for k in tunable if k in ("gating", "pooling", "quantization") or k.startswith("layer.")]
         best: tuple[dict[str, Any], int] | None = None
         for key in self.methods:
-            if self.component_methods.get(key, key) == "full_finetuning":
+            if not get_method(self.component_methods.get(key, key)).is_peft:
                 continue
             values = {k: d.default() for k, d in tunable.items()}
             for k in tunable:

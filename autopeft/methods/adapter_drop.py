@@ -161,7 +161,9 @@ class AdapterDropController(nn.Module):
             self.drop(n)
 
 
-@register("adapter_drop", AdapterDropConfig, paper="arXiv:2010.11918")
+@register("adapter_drop", AdapterDropConfig, paper="arXiv:2010.11918",
+          why_not_peft="peft has no bottleneck adapters, so no AdapterDrop",
+          why_not_merge="bottleneck adapters cannot be folded into the backbone's weights")
 def apply_adapter_drop(model, cfg: AdapterDropConfig) -> None:
     """Install the drop controller (``model.extras["adapter_drop"]``) on the adapters built so far.
 

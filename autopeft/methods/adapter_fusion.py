@@ -192,7 +192,9 @@ def _check_backbone(model, source: Stage1Adapter) -> None:
                                    f"vs {getattr(own, key, None)})")
 
 
-@register("adapter_fusion", AdapterFusionConfig, paper="arXiv:2005.00247")
+@register("adapter_fusion", AdapterFusionConfig, paper="arXiv:2005.00247", why_not_peft="peft has no AdapterFusion",
+          why_not_merge="AdapterFusion attends over adapter outputs and cannot be folded into the backbone's weights",
+          why_not_one_shot="needs stage-one adapter folders")
 def apply_adapter_fusion(model, cfg: AdapterFusionConfig) -> None:
     """Load the stage-1 adapters (frozen) and add one trainable fusion layer per fused sublayer.
 

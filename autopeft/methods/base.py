@@ -14,7 +14,7 @@ trainable is what the method costs (see :func:`autopeft.model.count_parameters`)
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict
@@ -151,13 +151,90 @@ class BackboneLimits:
 
 
 @dataclass(frozen=True)
+class PeftTarget:
+    """What the peft export (:mod:`autopeft.hf_export`) hands a method's :attr:`PeftMapping.build`.
+
+    Attributes:
+        model: the trained autopeft ``PeftModel``.
+        recipe: its recipe.
+        wrappers: backbone path -> the model's LoRA-like ``LinearWrapper`` there (peft's ``target_modules``).
+        extras: ``model.extras`` by name (prompt / prefix encoders).
+        bias: ``"all"`` when a bias-only component (BitFit) rides on this config, else ``"none"``.
+        path_of: the path a module of the model's backbone has in the *unmodified* backbone.
+    """
+
+    model: Any
+    recipe: Any
+    wrappers: dict[str, Any]
+    extras: dict[str, Any]
+    bias: str
+    path_of: Callable[[Any], str]
+
+
+@dataclass(frozen=True)
+class PeftMapping:
+    """How a method's trained tensors become one Hugging Face peft adapter.
+
+    Attributes:
+        build: ``build(cfg, target) -> (peft config, fill, notes)``: the peft config for component
+            ``cfg`` (a :class:`PeftTarget` gives the model), ``fill(peft_model)`` copying autopeft's
+            tensors into the model peft builds from it, and notes for the model card. Called only
+            after :attr:`check` and the generic checks passed.
+        check: ``check(cfg, backbone_config) -> reason | None``: why peft cannot hold this component
+            exactly (one clause); ``backbone_config()`` returns the backbone's transformers config
+            (loaded on the first call).
+        bias_only: the method trains biases only; its peft form is ``bias="all"`` on another
+            component's config (BitFit), or its own ``build`` when it is alone.
+        carries_bias: this method's peft config can train every bias too (``bias="all"``), so a
+            ``bias_only`` component may ride on it.
+        label: how the messages name the method (``LoRA``).
+    """
+
+    build: Callable[[Any, PeftTarget], tuple[Any, Callable[[Any], None], list[str]]]
+    check: Callable[[Any, Callable[[], Any]], str | None] | None = None
+    bias_only: bool = False
+    carries_bias: bool = False
+    label: str = ""
+
+
+@dataclass(frozen=True)
 class MethodSpec:
-    """A registered method: its canonical name, config class, injection function and paper."""
+    """A registered method: its canonical name, config class, injection function and paper, and the
+    facts the rest of autopeft asks instead of testing the method's name.
+
+    Attributes:
+        peft: how it exports to Hugging Face peft, or ``None`` (then ``why_not_peft`` says why).
+        why_not_peft: one clause, the reason peft cannot hold it (``None`` ``peft`` only).
+        merges: its whole effect is a linear update of backbone tensors, so it folds into the weights.
+        why_not_merge: one clause, the reason it cannot be merged (``merges`` false only).
+        quantized_base: it needs the backbone's Linear weights quantised (NF4) before it is applied.
+        is_peft: it counts as a PEFT component (full fine-tuning does not: a search point made only of
+            such components is ``empty``, and the smallest-configuration scan skips them).
+        why_not_one_shot: non-empty when the one-shot supernet must leave it out; the clause says why.
+        search_defaults: dimensions (``{parameter: spec}``, as a search-space file writes them) that a
+            search space gets for a component of this method when it does not set them itself.
+    """
 
     name: str
     config_cls: type[MethodConfig]
     apply: Callable[["PeftModel", Any], None]
     paper: str
+    peft: PeftMapping | None = None
+    why_not_peft: str = ""
+    merges: bool = False
+    why_not_merge: str = ""
+    quantized_base: bool = False
+    is_peft: bool = True
+    why_not_one_shot: str = ""
+    search_defaults: dict[str, Any] = field(default_factory=dict)
+
+    def peft_refusal(self) -> str:
+        """Why peft cannot hold this method (its own reason, else a generic clause)."""
+        return self.why_not_peft or f"peft has no counterpart of {self.name}"
+
+    def merge_refusal(self) -> str:
+        """Why this method cannot be merged into the weights (its own reason, else a generic clause)."""
+        return self.why_not_merge or f"{self.name} is not a linear update of the backbone's weights"
 
 
 _REGISTRY: dict[str, MethodSpec] = {}
@@ -169,17 +246,21 @@ CANONICAL_METHODS = (
 )
 
 
-def register(name: str, config_cls: type[MethodConfig], paper: str) -> Callable:
+def register(name: str, config_cls: type[MethodConfig], paper: str, **facts: Any) -> Callable:
     """Decorator that registers ``apply`` as the injection function of method ``name``.
+
+    ``facts`` are the method's other :class:`MethodSpec` fields (``peft``, ``merges``, ...); a method
+    states them here, once, and every other module reads them from :func:`get_method`.
 
     Raises:
         ValueError: ``name`` is already registered.
+        TypeError: an unknown fact.
     """
 
     def deco(apply: Callable) -> Callable:
         if name in _REGISTRY:
             raise ValueError(f"method {name!r} is already registered")
-        _REGISTRY[name] = MethodSpec(name, config_cls, apply, paper)
+        _REGISTRY[name] = MethodSpec(name, config_cls, apply, paper, **facts)
         return apply
 
     return deco
@@ -216,6 +297,11 @@ def parse_component(data: dict[str, Any] | MethodConfig) -> MethodConfig:
         raise ValueError(f"a component needs a 'method' key, got {data!r}")
     spec = get_method(str(data["method"]))
     return spec.config_cls.model_validate(data)
+
+
+def spec_of(component: MethodConfig) -> MethodSpec:
+    """The registered :class:`MethodSpec` of a parsed component."""
+    return get_method(component.method)
 
 
 def _load_builtin() -> None:

@@ -25,7 +25,7 @@ from __future__ import annotations
 from pydantic import Field, field_validator
 
 from autopeft.arch import ALL_TARGETS, canonical_target
-from autopeft.methods.base import MethodConfig, register
+from autopeft.methods.base import MethodConfig, PeftMapping, PeftTarget, register
 from autopeft.errors import CompositionError
 
 #: Bias groups beyond the Linear targets: the LayerNorm biases of each layer (the family table's
@@ -84,7 +84,30 @@ def model_level_biases(model) -> dict[str, list[tuple[str, object]]]:
     return out
 
 
-@register("bitfit", BitFitConfig, paper="arXiv:2106.10199")
+def bitfit_peft(cfg: BitFitConfig, target: PeftTarget) -> tuple:
+    """BitFit alone: ``bias="all"`` riding on a rank-1 peft LoRA of one matrix whose ``B`` is zero (no
+    update). Beside LoRA / AdaLoRA it rides on their config instead (``PeftMapping.bias_only``)."""
+    import peft
+    import torch
+    from torch import nn
+
+    model = target.model
+    first = next(n for n, m in model.backbone.named_modules()
+                 if isinstance(m, nn.Linear) and not model.is_head_parameter(f"backbone.{n}.weight"))
+    pc = peft.LoraConfig(task_type="SEQ_CLS", r=1, lora_alpha=1, target_modules=[target.path_of(
+        model.backbone.get_submodule(first))], bias=target.bias)
+
+    def fill(pm) -> None:
+        from peft.tuners.lora import LoraLayer
+
+        for _, layer in pm.named_modules():
+            if isinstance(layer, LoraLayer):
+                torch.nn.init.zeros_(layer.lora_B["default"].weight)
+    return pc, fill, []
+
+
+@register("bitfit", BitFitConfig, paper="arXiv:2106.10199", merges=True,
+          peft=PeftMapping(bitfit_peft, bias_only=True, label="BitFit"))
 def apply_bitfit(model, cfg: BitFitConfig) -> None:
     """Unfreeze the chosen bias vectors: per-layer groups in the selected layers, model-level ones once.
 
