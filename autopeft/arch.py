@@ -106,7 +106,9 @@ class Family:
             forward runs; the prefix enters through its key/value cache, as in peft).
         causal: decoder-only (last-token pooling; prefixes shift position ids).
         token_type_ids: the model takes token type ids.
-        unsupported: method -> why it cannot run on this family (one line).
+        unsupported: a backbone feature a method may need (``prefix``: attention keys/values a prefix can
+            extend; ``bias``: bias terms) -> why this family lacks it (one line). Which methods need
+            what is the methods' own fact (``MethodSpec.needs``).
     """
 
     name: str
@@ -140,11 +142,12 @@ class Family:
         """Path below a layer of Linear target ``name`` (see :meth:`target`)."""
         return self.linear[self.target(name)]
 
-    def unsupported_methods(self, config: Any = None) -> dict[str, str]:
-        """Methods that cannot run on this family (given ``config``), with the one-line reason."""
+    def missing_features(self, config: Any = None) -> dict[str, str]:
+        """Features methods may need (:attr:`unsupported`'s keys) that this family (given ``config``)
+        lacks, with the one-line reason."""
         out = dict(self.unsupported)
         if config is not None and self.name == "llama" and not _has_biases(config):
-            out["bitfit"] = "no bias terms to train (attention_bias and mlp_bias are false)"
+            out["bias"] = "no bias terms to train (attention_bias and mlp_bias are false)"
         return out
 
 
@@ -176,7 +179,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
            {"attention": Sublayer("attention.output", "output_block", "attention.output.LayerNorm"),
             "ffn": Sublayer("output", "output_block", "output.LayerNorm")},
            attention=None,
-           unsupported={m: _PREFIX_ON_RELATIVE for m in ("prefix_tuning", "p_tuning_v2", "mam", "unipelt")}),
+           unsupported={"prefix": _PREFIX_ON_RELATIVE}),
     Family("gpt2", ("gpt2",), "h",
            {"qkv": "attn.c_attn", "attention_output": "attn.c_proj", "ffn_in": "mlp.c_fc", "ffn_out": "mlp.c_proj"},
            {"attention": Sublayer("attn", "module", "ln_1"), "ffn": Sublayer("mlp", "module", "ln_2")},

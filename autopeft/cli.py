@@ -327,34 +327,25 @@ def export(
     Folders need trained weights: a folder written by autopeft train, or a search point, whose weights the search kept (<search>/trained/<trial id>/; searches from before weights were kept: trained first, deterministic).
     """
     from autopeft import api
+    from autopeft.exporters import EXPORT_FORMATS
 
-    if fmt not in (None, "recipe", "peft", "merged"):
-        _fail(_UserError(f"unknown --format {fmt!r}; valid: recipe, peft, merged"), 2)
-    if merge and fmt == "recipe":
-        _fail(_UserError("--merge writes a model folder, not a recipe: drop --format recipe"), 2)
-    fmt = "merged" if merge else fmt or "recipe"
-    if fmt == "recipe":
-        from autopeft.hf_export import is_trained_folder
-        from autopeft.recipe import load_recipe
-
-        if is_trained_folder(search):  # a trained folder's own recipe
-            recipe = _run(load_recipe, Path(search) / "recipe.yaml")
-            recipe.save(output or Path("best.yaml"))
-        else:
-            recipe = _run(api.export, search, pick=pick or "best", output=output or Path("best.yaml"),
-                          output_dir=output_dir)
+    if fmt is not None and fmt not in EXPORT_FORMATS:
+        _fail(_UserError(f"unknown --format {fmt!r}; valid: {', '.join(EXPORT_FORMATS)}"), 2)
+    if merge and fmt is not None and not EXPORT_FORMATS[fmt].folder:
+        _fail(_UserError(f"--merge writes a model folder, not a {fmt}: drop --format {fmt}"), 2)
+    form = EXPORT_FORMATS["merged" if merge else fmt or "recipe"]
+    if not form.folder:
+        recipe = _run(api.export, search, pick=pick or "best", output=output or Path("best.yaml"),
+                      output_dir=output_dir, fmt=form.name)
         methods = ", ".join(c.method for c in recipe.components) or "head only"
         console.print(f"wrote {output or 'best.yaml'} ({methods}; {recipe.training.max_train_examples:,} training examples)",
                       markup=False)
         return
-    from autopeft.hf_export import export_model
-
-    res = _run(export_model, search, fmt=fmt, output=output, pick=pick, output_dir=output_dir, data_dir=data_dir,
+    res = _run(api.export, search, pick=pick, output=output, output_dir=output_dir, fmt=form.name, data_dir=data_dir,
                train=train, overwrite=overwrite, log=_progress)
     methods = ", ".join(c.method for c in res.recipe.components)
-    kind = "peft adapter folder" if fmt == "peft" else "merged transformers model"
-    console.print(f"wrote {res.path} ({kind}: {methods}; logits within {res.max_abs_diff:.1e} of autopeft's model; "
-                  f"model card README.md)", markup=False)
+    console.print(f"wrote {res.path} ({form.writes}: {methods}; logits within {res.max_abs_diff:.1e} of autopeft's "
+                  f"model; model card README.md)", markup=False)
     for note in res.notes:
         console.print(f"note: {note}", markup=False, soft_wrap=True)
 

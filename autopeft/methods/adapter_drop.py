@@ -105,13 +105,11 @@ class AdapterDropController(nn.Module):
 
     def hosts(self) -> list[tuple[int, nn.Module]]:
         """``(layer, host)`` for every sublayer whose adapter host holds an adapter or a fusion."""
-        from autopeft.model import ADAPTER_HOSTS
-
         out = []
         for layer in range(self._encoder.num_layers):
             for spec in self._encoder.family.sublayers.values():
                 host = self._encoder.get(layer, spec.path)
-                if isinstance(host, ADAPTER_HOSTS) and (len(host.serial) or len(host.parallel) or host.fusion is not None):
+                if getattr(host, "adapter_host", False) and (len(host.serial) or len(host.parallel) or host.fusion is not None):
                     out.append((layer, host))
         return out
 

@@ -8,8 +8,12 @@ A method is a module with
   through that model's composition API (``wrap_linear``, ``add_adapter``, ``add_prefix``, ...),
   leaving exactly the method's new parameters trainable.
 
-Both join through :func:`register`, once. Parameter accounting is generic: what ``apply`` left
-trainable is what the method costs (see :func:`autopeft.model.count_parameters`).
+Both join through :func:`register`, once, with the method's other facts (:class:`MethodSpec`: its
+peft mapping, whether it merges, ...). Parameter accounting is generic: what ``apply`` left trainable
+is what the method costs (see :func:`autopeft.model.count_parameters`).
+
+The built-in methods are registered by the package :mod:`autopeft.methods`, which Python runs before
+this module whenever anything under it is imported, so the registry is complete when it is read.
 """
 
 from __future__ import annotations
@@ -119,7 +123,7 @@ class BackboneLimits:
         head_dim = int(getattr(config, "head_dim", None) or d // heads)
         kv = int(getattr(config, "num_key_value_heads", None) or heads)
         return cls(int(config.num_hidden_layers), d, int(f), heads, None if n is None else int(n), source,
-                   fam, kv, head_dim, model_type, tuple(fam.unsupported_methods(config).items()))
+                   fam, kv, head_dim, model_type, tuple(unsupported_methods(fam.missing_features(config)).items()))
 
     def linear_shape(self, target: str) -> tuple[int, int]:
         """``(d_in, d_out)`` of Linear slot ``target`` on this backbone (GQA keys/values are
@@ -148,6 +152,25 @@ class BackboneLimits:
             ValueError: an index beyond the backbone's layers, or an unknown name.
         """
         return resolve_layers(layers, self.num_layers)
+
+
+@dataclass(frozen=True)
+class TrainedFolder:
+    """A folder written by :func:`autopeft.trainer.save_trained` that a component reads (AdapterFusion's
+    stage-one adapters), as :meth:`autopeft.model.PeftModel.trained_folder` hands it to a method:
+    methods never read files themselves; the edge that builds the model reads them.
+
+    Attributes:
+        path: the folder. recipe: its recipe. task: its task's name. backbone_config: its backbone's
+        transformers config (``None`` when it cannot be loaded). tensors: its saved tensors by name
+        (``None`` when not read, e.g. on the meta device).
+    """
+
+    path: str
+    recipe: Any
+    task: str
+    backbone_config: Any = None
+    tensors: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -211,8 +234,13 @@ class MethodSpec:
         is_peft: it counts as a PEFT component (full fine-tuning does not: a search point made only of
             such components is ``empty``, and the smallest-configuration scan skips them).
         why_not_one_shot: non-empty when the one-shot supernet must leave it out; the clause says why.
+        needs: backbone features it cannot run without (``prefix``, ``bias``; a family lacking one says
+            so in :attr:`autopeft.arch.Family.unsupported`).
         search_defaults: dimensions (``{parameter: spec}``, as a search-space file writes them) that a
             search space gets for a component of this method when it does not set them itself.
+        as_built: ``as_built(model, cfg) -> cfg``: the component as the built ``model`` now holds it
+            (e.g. AdapterFusion after pruning adapters), for saving; return ``cfg`` itself when nothing
+            changed (:func:`autopeft.recipe.recipe_as_built`).
     """
 
     name: str
@@ -226,7 +254,9 @@ class MethodSpec:
     quantized_base: bool = False
     is_peft: bool = True
     why_not_one_shot: str = ""
+    needs: tuple[str, ...] = ()
     search_defaults: dict[str, Any] = field(default_factory=dict)
+    as_built: Callable[[Any, Any], Any] | None = None
 
     def peft_refusal(self) -> str:
         """Why peft cannot hold this method (its own reason, else a generic clause)."""
@@ -272,7 +302,6 @@ def get_method(name: str) -> MethodSpec:
     Raises:
         ValueError: unknown name; the message lists the valid ones.
     """
-    _load_builtin()
     if name not in _REGISTRY:
         raise ValueError(f"unknown method {name!r}; valid: {', '.join(available_methods())}")
     return _REGISTRY[name]
@@ -280,7 +309,6 @@ def get_method(name: str) -> MethodSpec:
 
 def available_methods() -> list[str]:
     """Names of all registered methods, canonical order first."""
-    _load_builtin()
     order = {n: i for i, n in enumerate(CANONICAL_METHODS)}
     return sorted(_REGISTRY, key=lambda n: (order.get(n, 99), n))
 
@@ -299,11 +327,17 @@ def parse_component(data: dict[str, Any] | MethodConfig) -> MethodConfig:
     return spec.config_cls.model_validate(data)
 
 
+def unsupported_methods(missing: dict[str, str]) -> dict[str, str]:
+    """Registered methods that need one of the ``missing`` backbone features (feature -> reason), each
+    with the reason of the first such feature."""
+    out = {}
+    for name in available_methods():
+        why = next((missing[need] for need in get_method(name).needs if need in missing), None)
+        if why:
+            out[name] = why
+    return out
+
+
 def spec_of(component: MethodConfig) -> MethodSpec:
     """The registered :class:`MethodSpec` of a parsed component."""
     return get_method(component.method)
-
-
-def _load_builtin() -> None:
-    # Importing the package registers the built-in methods (each module calls ``register``).
-    import autopeft.methods  # noqa: F401

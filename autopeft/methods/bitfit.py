@@ -69,14 +69,12 @@ def model_level_biases(model) -> dict[str, list[tuple[str, object]]]:
     Group: ``embeddings`` for names starting with ``embeddings`` below the base model (the embedding
     LayerNorm, ELECTRA's ``embeddings_project``), ``pooler`` for the pooler, else the first name part.
     """
-    from autopeft.model import _is_head
-
     backbone = model.backbone
     in_layers = {id(p) for p in model.encoder.layers.parameters()}
     prefix = getattr(backbone, "base_model_prefix", "") + "."
     out: dict[str, list[tuple[str, object]]] = {}
     for name, p in backbone.named_parameters():
-        if not name.endswith("bias") or _is_head(name) or id(p) in in_layers:
+        if not name.endswith("bias") or model.is_head_parameter(f"backbone.{name}") or id(p) in in_layers:
             continue
         rel = name[len(prefix):] if name.startswith(prefix) else name
         group = "pooler" if rel.startswith("pooler") else "embeddings" if rel.startswith("embeddings") else rel.split(".")[0]
@@ -106,7 +104,7 @@ def bitfit_peft(cfg: BitFitConfig, target: PeftTarget) -> tuple:
     return pc, fill, []
 
 
-@register("bitfit", BitFitConfig, paper="arXiv:2106.10199", merges=True,
+@register("bitfit", BitFitConfig, paper="arXiv:2106.10199", merges=True, needs=("bias",),
           peft=PeftMapping(bitfit_peft, bias_only=True, label="BitFit"))
 def apply_bitfit(model, cfg: BitFitConfig) -> None:
     """Unfreeze the chosen bias vectors: per-layer groups in the selected layers, model-level ones once.

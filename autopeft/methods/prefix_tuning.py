@@ -148,7 +148,7 @@ def prefix_peft(cfg, target: PeftTarget) -> tuple:
 PREFIX_PEFT = PeftMapping(prefix_peft, prefix_peft_check, label="prefix tuning")
 
 
-@register("prefix_tuning", PrefixTuningConfig, paper="arXiv:2101.00190", peft=PREFIX_PEFT,
+@register("prefix_tuning", PrefixTuningConfig, paper="arXiv:2101.00190", peft=PREFIX_PEFT, needs=("prefix",),
           why_not_merge=WHY_PREFIX_NOT_MERGED)
 def apply_prefix_tuning(model, cfg: PrefixTuningConfig) -> None:
     """Prefix tuning with the MLP reparametrisation (``prefix_projection: false`` trains the table)."""
