@@ -494,7 +494,10 @@ def export(search: str | Path, pick: str = "best", output: str | Path | None = N
     """
     from autopeft.exporters import get_format
 
-    return get_format(fmt).write(search, pick=pick, output=output, output_dir=output_dir, **options)
+    form = get_format(fmt)
+    if form.trains:  # a search point without kept weights is trained first, as autopeft train does
+        options.setdefault("train_with", lambda *args, **kw: train(*args, **kw))
+    return form.write(search, pick=pick, output=output, output_dir=output_dir, **options)
 
 
 def train(recipe: Recipe | str | Path, data_dir: str | None = None, output_dir: str | Path | None = None,

@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from autopeft.errors import AutopeftError
+from autopeft.hpo.runs import RUNS_DIR
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Search, export and train parameter-efficient fine-tuning (PEFT) configurations.")
@@ -78,7 +79,7 @@ def search(
     tracking_uri: Optional[str] = typer.Option(None, envvar="MLFLOW_TRACKING_URI", help="MLflow URI (default sqlite:///mlflow.db)."),
     experiment: str = typer.Option("autopeft", help="MLflow experiment name."),
     name: Optional[str] = typer.Option(None, help="Search name (default <task>-<timestamp>)."),
-    output_dir: str = typer.Option("autopeft_runs", help="Where search folders go."),
+    output_dir: str = typer.Option(RUNS_DIR, help="Where search folders go."),
     ray_address: Optional[str] = typer.Option(None, help="Existing Ray cluster: host:port of `ray start --head`, auto, or ray://host:10001 "
                                                "(token authentication: see the README's cluster section)."),
     cpus_per_trial: Optional[float] = typer.Option(None, min=0.1, help="CPUs per trial (default: all cores, or cores/GPUs)."),
@@ -121,7 +122,7 @@ def search(
 @app.command("resume")
 def resume_search(
     search: str = typer.Argument(..., help="Name of the interrupted search under --output-dir, or its folder."),
-    output_dir: str = typer.Option("autopeft_runs", help="Where search folders are."),
+    output_dir: str = typer.Option(RUNS_DIR, help="Where search folders are."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output: only the Pareto front (and errors)."),
 ) -> None:
     """Continue an interrupted search with the options it was started with (its resume.json): finished
@@ -142,7 +143,7 @@ def _live_progress():
 @app.command()
 def status(
     search: str = typer.Argument("latest", help="Search folder, search name under --output-dir, or 'latest'."),
-    output_dir: str = typer.Option("autopeft_runs", help="Where search folders are."),
+    output_dir: str = typer.Option(RUNS_DIR, help="Where search folders are."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """State of a running or finished search, from its folder: trials by status, best so far,
@@ -312,7 +313,7 @@ def export(
                                        "an index into the front, or a trial id."),
     output: Optional[Path] = typer.Option(None, "-o", "--output",
                                           help="Recipe file to write (default best.yaml), or the folder for --format peft / --merge."),
-    output_dir: str = typer.Option("autopeft_runs", help="Where search folders are."),
+    output_dir: str = typer.Option(RUNS_DIR, help="Where search folders are."),
     fmt: Optional[str] = typer.Option(None, "--format", help="recipe (default: autopeft's YAML), peft (a Hugging Face "
                                                                  "peft adapter folder) or merged (same as --merge)."),
     merge: bool = typer.Option(False, "--merge", help="Write a plain transformers model with LoRA/AdaLoRA/BitFit merged in."),

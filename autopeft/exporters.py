@@ -32,12 +32,15 @@ class ExportFormat:
         name: ``--format NAME``. writes: what it writes, for messages (``peft adapter folder``).
         write: ``write(source, *, pick, output, output_dir, **options)``; raises a one-line error.
         folder: it writes a folder (``-o DIR`` required), not a file.
+        trains: it needs trained weights, so a search point without kept weights is trained first;
+            the writer takes ``train_with`` (:func:`autopeft.api.export` passes :func:`autopeft.api.train`).
     """
 
     name: str
     writes: str
     write: Callable[..., Any]
     folder: bool = True
+    trains: bool = True
 
 
 def write_recipe(source: str | Path, *, pick: str | None = None, output: str | Path | None = None,
@@ -103,7 +106,7 @@ def _hf(fmt: str) -> Callable[..., Any]:
 
 #: The export formats by name (``recipe`` first: the default).
 EXPORT_FORMATS: dict[str, ExportFormat] = {f.name: f for f in (
-    ExportFormat("recipe", "training recipe", write_recipe, folder=False),
+    ExportFormat("recipe", "training recipe", write_recipe, folder=False, trains=False),
     ExportFormat("peft", "peft adapter folder", _hf("peft")),
     ExportFormat("merged", "merged transformers model", _hf("merged")),
 )}

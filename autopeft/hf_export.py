@@ -89,7 +89,7 @@ from torch import nn
 
 from autopeft.arch import is_causal
 from autopeft.methods.base import PeftTarget, available_methods, get_method
-from autopeft.hpo.runs import TRAINED_SUBDIR, pick_point, settings_of
+from autopeft.hpo.runs import RUNS_DIR, TRAINED_SUBDIR, pick_point, settings_of
 from autopeft.recipe import Recipe
 from autopeft.trainer import is_trained_folder, train_and_save  # is_trained_folder: re-exported, its old home
 from autopeft.errors import ExportError  # noqa: F401  (re-exported: its old home)
@@ -370,7 +370,7 @@ def training_inputs(recipe: Recipe, data_dir: str | Path | None) -> dict[str, An
     files: list[Path] = []
     base_dir: Path | None = None
     if task.spec is not None and task.spec.source is not None:
-        from autopeft.userdata import HF_PREFIX
+        from autopeft.userfiles import HF_PREFIX
 
         src = task.spec.source
         local = Path(src[len(HF_PREFIX):].partition(":")[0] if src.startswith(HF_PREFIX) else src).expanduser()
@@ -433,14 +433,17 @@ def _fill_metrics(prov: Provenance, folder: Path, row: dict | None = None) -> Pr
     return prov
 
 
-def trained_source(search: str | Path, pick: str = "best", output_dir: str | Path = "autopeft_runs",
+def trained_source(search: str | Path, pick: str = "best", output_dir: str | Path = RUNS_DIR,
                    fmt: str = "peft", data_dir: str | None = None, train: bool = True,
-                   log: Callable[[str], None] | None = print) -> tuple[Path, Provenance]:
+                   log: Callable[[str], None] | None = print,
+                   train_with: Callable[..., Any] | None = None) -> tuple[Path, Provenance]:
     """The trained-weights folder of a search point (training it first when needed) and its provenance.
 
     Checks that the point can be exported as ``fmt`` *before* training. The weights go to
     ``<search>/trained/<trial id>/`` (autopeft's format, :func:`autopeft.trainer.save_trained`) and are
     reused when that folder already holds the same recipe. ``data_dir`` defaults to the search's own.
+    ``train_with(recipe, data_dir=, output_dir=, log=)`` trains it (default
+    :func:`autopeft.trainer.train_and_save`; :func:`autopeft.api.export` passes :func:`autopeft.api.train`).
 
     Raises:
         SearchNotFoundError, ValueError: no such search / point; ExportError: not exportable as
@@ -474,7 +477,7 @@ def trained_source(search: str | Path, pick: str = "best", output_dir: str | Pat
             log(f"search folders keep no weights: training trial {tid}'s recipe "
                 f"({recipe.training.max_train_examples:,} examples, seed {recipe.training.seed}; search score "
                 f"{_fmt_score(row.get('score'))}) into {target}")
-        train_and_save(recipe, data_dir=data_dir, output_dir=target, log=log)
+        (train_with or train_and_save)(recipe, data_dir=data_dir, output_dir=target, log=log)
         (target / TRAINED_ON_FILE).write_text(json.dumps(inputs, indent=2))
     prov.trained_dir = str(target)
     return target, _fill_metrics(prov, target, row)
@@ -961,8 +964,9 @@ class _quiet_transformers:
 
 
 def export_model(source: str | Path, fmt: str = "peft", output: str | Path | None = None, pick: str | None = None,
-                 output_dir: str | Path = "autopeft_runs", data_dir: str | None = None, train: bool = True,
-                 overwrite: bool = False, log: Callable[[str], None] | None = print) -> ExportResult:
+                 output_dir: str | Path = RUNS_DIR, data_dir: str | None = None, train: bool = True,
+                 overwrite: bool = False, log: Callable[[str], None] | None = print,
+                 train_with: Callable[..., Any] | None = None) -> ExportResult:
     """Export a trained model, or a search point, as a peft adapter folder or a merged transformers model.
 
     Args:
@@ -974,6 +978,7 @@ def export_model(source: str | Path, fmt: str = "peft", output: str | Path | Non
         data_dir: GLUE folder for training a search point (default: the search's own).
         train: allow training a search point that has no trained weights yet.
         log: progress lines (``None``: silent).
+        train_with: how a search point is trained (see :func:`trained_source`).
 
     Returns:
         :class:`ExportResult` with the measured logit difference.
@@ -1002,7 +1007,7 @@ def export_model(source: str | Path, fmt: str = "peft", output: str | Path | Non
         check_exportable(recipe, fmt, f"{folder} itself, loaded with autopeft.trainer.load_trained")
         prov = _fill_metrics(Provenance(trained_dir=str(folder.resolve())), folder)
     else:
-        folder, prov = trained_source(source, pick or "best", output_dir, fmt, data_dir, train, log)
+        folder, prov = trained_source(source, pick or "best", output_dir, fmt, data_dir, train, log, train_with)
         recipe = load_recipe(folder / "recipe.yaml")
     model = load_trained(folder)
     partial = out.with_name(f".{out.name}.partial-{os.getpid()}")

@@ -263,10 +263,10 @@ def _search(tmp_path, recipe, score=0.8123, trial_id="abc123"):
 
 
 def test_search_point_is_trained_first_then_exported_with_its_provenance(tmp_path, monkeypatch):
-    """From a search: the point's recipe is trained (here a stand-in for the training step that saves a model
+    """From a search: the point's recipe is trained (here a stand-in for api.train that saves a model
     with moved weights) into <search>/trained/<trial>, with the search's data folder; a second export
     reuses those weights; the card names the search, searcher, seed, trial and score."""
-    from autopeft import hf_export
+    from autopeft import api
 
     recipe = tiny_recipe([{"method": "lora", "r": 2}])
     folder = _search(tmp_path, recipe)
@@ -281,7 +281,7 @@ def test_search_point_is_trained_first_then_exported_with_its_provenance(tmp_pat
                     p.add_(0.2)
         save_trained(model, r, None, output_dir)
 
-    monkeypatch.setattr(hf_export, "train_and_save", fake_train)
+    monkeypatch.setattr(api, "train", fake_train)
     monkeypatch.delenv("AUTOPEFT_DATA_DIR", raising=False)
     res = runner.invoke(app, ["export", "mysearch", "--output-dir", str(tmp_path / "runs"), "--format", "peft",
                               "-o", str(tmp_path / "peft")])
@@ -301,11 +301,11 @@ def test_search_point_is_trained_first_then_exported_with_its_provenance(tmp_pat
 
 
 def test_search_point_that_cannot_be_exported_fails_before_training(tmp_path, monkeypatch):
-    from autopeft import hf_export
+    from autopeft import api
 
     recipe = tiny_recipe([{"method": "adapter", "placement": "parallel", "sublayers": ["ffn"]}])
     folder = _search(tmp_path, recipe)
-    monkeypatch.setattr(hf_export, "train_and_save", lambda *a, **k: pytest.fail("trained a point that cannot be exported"))
+    monkeypatch.setattr(api, "train", lambda *a, **k: pytest.fail("trained a point that cannot be exported"))
     res = runner.invoke(app, ["export", str(folder), "--format", "peft", "-o", str(tmp_path / "o")])
     assert res.exit_code == 2 and "peft has no bottleneck adapters" in res.output
     assert "autopeft train --recipe best.yaml" in res.output and not (folder / "trained").exists()
