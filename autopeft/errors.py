@@ -7,8 +7,10 @@ had before (``RecipeError`` is still a ``ValueError``, ``RayStartError`` a ``Run
 failed trial (``user_error = False``) take the generic path (one line, exit 1).
 
 Where each class lives: with the module that raises it (``autopeft.recipe.RecipeError``,
-``autopeft.tasks.TaskError``, ...); :class:`CompositionError` lives here because both the methods
-and the composition raise it.
+``autopeft.budget.BudgetError``, ...); those that modules of two layers raise live here
+(:class:`CompositionError`: the methods and the composition; :class:`TaskError`: the task table and
+the user-data reader; :class:`ExportError`: the export registry and the exporter), re-exported from
+their old homes.
 """
 
 from __future__ import annotations
@@ -33,3 +35,7 @@ class ExportError(AutopeftError, ValueError):
 
     The message is one line: what blocks it and what to use instead.
     """
+
+
+class TaskError(AutopeftError, ValueError):
+    """Unknown task or missing data."""
