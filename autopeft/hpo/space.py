@@ -1,6 +1,6 @@
 """Search spaces as data: a YAML file of dimensions over method choice and hyperparameters.
 
-Format (``autopeft/search_spaces/default.yaml`` is the reference)::
+Format (``search_spaces/default.yaml`` is the reference)::
 
     name: default
     fidelity: {max_train_examples: 24000, min_train_examples: 2688, reduction_factor: 3}
@@ -55,14 +55,28 @@ from autopeft.recipe import Recipe, recipe_from_dict
 from autopeft._util import read_yaml
 from autopeft.errors import AutopeftError
 
-#: Where the shipped search spaces live: ``autopeft/search_spaces/*.yaml``, package data read through
-#: :mod:`importlib.resources`, so an installed wheel finds them too (a Traversable, a Path on disk).
-SPACES_DIR = importlib.resources.files("autopeft") / "search_spaces"
+
+def _spaces_dir():
+    """The shipped search spaces: ``search_spaces/`` at the top of the repository, installed inside the
+    package as ``autopeft/search_spaces/`` (pyproject.toml maps it). Installed: that package data, read
+    through :mod:`importlib.resources` (a Traversable, a Path on disk); in a source checkout (or an
+    editable install, which maps the folder but leaves the package folder without it): the repository's
+    own folder."""
+    packaged = importlib.resources.files("autopeft") / "search_spaces"
+    if packaged.is_dir():
+        return packaged
+    return Path(__file__).resolve().parents[2] / "search_spaces"
+
+
+#: Where the shipped search spaces live (:func:`_spaces_dir`).
+SPACES_DIR = _spaces_dir()
 
 
 def shipped_spaces() -> list[str]:
-    """Names of the search spaces shipped in the package (``default``, ``full``, ...), sorted."""
+    """Names of the search spaces shipped with autopeft (``default``, ``full``, ...), sorted."""
     return sorted(p.name[:-len(".yaml")] for p in SPACES_DIR.iterdir() if p.name.endswith(".yaml"))
+
+
 _KINDS = ("choice", "uniform", "loguniform", "int", "logint")
 
 
