@@ -68,8 +68,6 @@ TARGET_ALIASES: dict[str, str] = {
     "q_lin": "query", "k_lin": "key", "v_lin": "value", "out_lin": "attention_output",
     "lin1": "ffn_in", "lin2": "ffn_out", "c_attn": "qkv", "c_fc": "ffn_in",
 }
-#: The two residual sublayers where adapters attach (BERT family paths).
-SUBLAYERS: dict[str, str] = {"attention": "attention.output", "ffn": "output"}
 
 
 @dataclass(frozen=True)
