@@ -5,8 +5,7 @@ Public API (see :mod:`autopeft.api`): :func:`search`, :func:`export`, :func:`tra
 recipes: :class:`Recipe`, :func:`load_recipe`, :func:`build_model`.
 """
 
-__version__ = "0.1.0"
-
+from autopeft._version import __version__  # noqa: F401
 from autopeft.api import count, export, predict, resume, search, train  # noqa: E402,F401
 from autopeft.recipe import Recipe, build_model, load_recipe, recipe_from_dict  # noqa: E402,F401
 

@@ -22,13 +22,17 @@ from typing import Any, Callable
 
 from autopeft.budget import Budget, parse_budget
 from autopeft.recipe import Recipe, count_recipe, load_recipe, recipe_from_dict
+from autopeft.errors import AutopeftError
+from autopeft._util import is_finite
+# The run folder's owner; re-exported here, their old home.
+from autopeft.hpo.runs import (  # noqa: F401
+    BEST_RECIPE_FILE, PARETO_CSV, PARETO_FILE, PARETO_PLOT, PICKS, REFERENCE_FILE, RESULT_FILE, RUNS_DIR, SEARCH_FILE,
+    TRIALS_FILE, SearchNotFoundError, find_search, pick_point,
+)
 
-RUNS_DIR = "autopeft_runs"
-#: Named picks of a Pareto point (:func:`pick_point`); an index or a trial id also picks one.
-PICKS = ("best", "smallest", "leanest", "smallest-within-noise")
 
 
-class SearchSettingsError(ValueError):
+class SearchSettingsError(AutopeftError, ValueError):
     """Search settings that cannot work, caught before anything starts: a ``--name`` that is not a
     plain folder name, resources no trial can get, a budget below the space's smallest configuration,
     a preset (counting-only) backbone."""
@@ -57,10 +61,6 @@ def _check_search_settings(name: str | None, backbone: Any, cpus: float, gpus: f
     if gpus > have_gpus:
         raise SearchSettingsError(f"--gpus-per-trial {gpus:g} exceeds this machine's {have_gpus} GPUs: no trial "
                                   "could start")
-
-
-class SearchNotFoundError(ValueError):
-    """``export`` was given a search that does not exist or has no results."""
 
 
 @dataclass
@@ -259,7 +259,7 @@ def search(task: str = "sst2", budget: str | Budget = "0.5%", backbone: str | di
                 "data_dir": str(root) if root else None, "training": base["training"]}
     if stored:
         check_same_settings(out, settings)
-    (out / "search.json").write_text(json.dumps(settings, indent=2, default=str))
+    (out / SEARCH_FILE).write_text(json.dumps(settings, indent=2, default=str))
     (out / DRIVER_FILE).unlink(missing_ok=True)  # a killed session's; this one's is written below
     uri = tracking_uri or (stored["mlflow"]["tracking_uri"] if stored else None) or default_tracking_uri()
     tracker = SearchTracker(uri, experiment, name, settings,
@@ -307,7 +307,7 @@ def search(task: str = "sst2", budget: str | Budget = "0.5%", backbone: str | di
         candidates = []
         for r in records.values():
             row = r.row_at(top)
-            if row is not None and r.status == "finished" and row["trainable_params"] <= limit and _finite(row.get("score")):
+            if row is not None and r.status == "finished" and row["trainable_params"] <= limit and is_finite(row.get("score")):
                 candidates.append({"trial_id": r.trial_id, **row, "recipe": r.recipe})
         front = [candidates[i] for i in pareto_front(candidates)]
         hv = front_hypervolume(front, limit)  # of the dev scores: what the search optimised
@@ -322,10 +322,10 @@ def search(task: str = "sst2", budget: str | Budget = "0.5%", backbone: str | di
                                          **{f"trials_{k}": v for k, v in counts.items()},
                                          **({"best_score": front[0]["score"]} if front else {}),
                                          **({"best_test_score": front[0]["test_score"]}
-                                            if front and _finite(front[0].get("test_score")) else {})})
-        ref = json.loads((out / "reference.json").read_text()) if reference and (out / "reference.json").is_file() else None
+                                            if front and is_finite(front[0].get("test_score")) else {})})
+        ref = json.loads((out / REFERENCE_FILE).read_text()) if reference and (out / REFERENCE_FILE).is_file() else None
         result = SearchResult(out, trials_out, front, top, limit, hv, tracker.parent_id, wall, settings, ref)
-        (out / "result.json").write_text(json.dumps({"fidelity": top, "param_limit": limit, "hypervolume": hv,
+        (out / RESULT_FILE).write_text(json.dumps({"fidelity": top, "param_limit": limit, "hypervolume": hv,
                                                      "mlflow_run_id": tracker.parent_id, "tracking_uri": uri,
                                                      "wall_time_s": wall, "counts": counts}, indent=2))
     except KeyboardInterrupt as exc:  # while the results were written: no result.json, resumable
@@ -437,33 +437,27 @@ def _finish_front(front: list[dict], out: Path, base: dict[str, Any], data_dir: 
             tracker.log_test(row["trial_id"], row)
     if reference:
         ref = train_reference(reference, base, data_dir, log=progress)
-        (out / "reference.json").write_text(json.dumps(ref, indent=2, default=str))
+        (out / REFERENCE_FILE).write_text(json.dumps(ref, indent=2, default=str))
         if tracker:
             tracker.log_reference(ref)
 
 
-def _finite(x: Any) -> bool:
-    import math
-
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
 def _write_results(out: Path, trials: list[dict], front: list[dict], metric: str, param_limit: int | None = None,
                    rungs: list[int] | None = None) -> None:
-    (out / "trials.json").write_text(json.dumps(trials, indent=2, default=str))
-    (out / "pareto.json").write_text(json.dumps(front, indent=2, default=str))
+    (out / TRIALS_FILE).write_text(json.dumps(trials, indent=2, default=str))
+    (out / PARETO_FILE).write_text(json.dumps(front, indent=2, default=str))
     cols = ["trial_id", "score", "score_low", "score_high", "test_score", "test_low", "test_high",
             "trainable_params", "trainable_percent", "peak_memory_bytes", "examples_seen", "train_time_s", "methods"]
-    with open(out / "pareto.csv", "w", newline="") as f:
+    with open(out / PARETO_CSV, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(cols)
         for row in front:
             methods = "+".join(c["method"] for c in (row.get("recipe") or {}).get("components", [])) or "head-only"
             w.writerow([row.get(c) if c != "methods" else methods for c in cols])
     if front:
-        Recipe.model_validate(front[0]["recipe"]).save(out / "best_recipe.yaml")
-        ref = json.loads((out / "reference.json").read_text()) if (out / "reference.json").is_file() else None
-        _plot(out / "pareto.png", trials, front, metric, param_limit, rungs, ref)
+        Recipe.model_validate(front[0]["recipe"]).save(out / BEST_RECIPE_FILE)
+        ref = json.loads((out / REFERENCE_FILE).read_text()) if (out / REFERENCE_FILE).is_file() else None
+        _plot(out / PARETO_PLOT, trials, front, metric, param_limit, rungs, ref)
 
 
 def _plot(path: Path, trials: list[dict], front: list[dict], metric: str, param_limit: int | None = None,
@@ -473,107 +467,37 @@ def _plot(path: Path, trials: list[dict], front: list[dict], metric: str, param_
     pareto_plot(path, trials, front, metric, param_limit, rungs, reference)
 
 
-def find_search(search: str | Path, output_dir: str | Path = RUNS_DIR) -> Path:
-    """Resolve a search folder from a path, a search name under ``output_dir``, or ``latest``.
-
-    Raises:
-        SearchNotFoundError: no such search, or it has no ``pareto.json``.
-    """
-    p = Path(search)
-    if str(search) == "latest":
-        runs = sorted(Path(output_dir).glob("*/pareto.json"), key=lambda f: f.stat().st_mtime)
-        if not runs:
-            raise SearchNotFoundError(f"no finished search under {output_dir}")
-        return runs[-1].parent
-    for cand in (p, Path(output_dir) / p):
-        if (cand / "pareto.json").is_file():
-            return cand
-    raise SearchNotFoundError(f"no finished search {str(search)!r} (looked for {p}/pareto.json and "
-                              f"{Path(output_dir) / p}/pareto.json)")
-
-
 def export(search: str | Path, pick: str = "best", output: str | Path | None = None,
-           output_dir: str | Path = RUNS_DIR) -> Recipe:
-    """Turn one point of a search's Pareto front into a training recipe.
+           output_dir: str | Path = RUNS_DIR, fmt: str = "recipe", **options: Any):
+    """Export one point of a search, or a trained output, in format ``fmt``: the one export entry.
 
     Args:
-        search: search folder, name, or ``latest``.
+        search: search folder, name under ``output_dir``, or ``latest``; for ``peft`` / ``merged`` (and
+            ``recipe``) also a folder written by :func:`train`.
         pick: ``best`` (highest dev score), ``smallest`` (fewest trainable parameters), ``leanest``
             (least memory), ``smallest-within-noise`` (fewest trainable parameters among the points whose
             dev score is at least the lower end of the best point's 95% interval,
             :func:`autopeft.uncertainty.within_noise`), a 0-based index into the front (best score
             first), or a trial id. Every pick reads dev scores only, never test.
-        output: write the recipe YAML there too.
+        output: ``recipe``: write the recipe YAML there too; ``peft`` / ``merged``: the folder to write.
+        fmt: a name of :data:`autopeft.exporters.EXPORT_FORMATS`: ``recipe`` (autopeft's training recipe),
+            ``peft`` (a Hugging Face peft adapter folder) or ``merged`` (a plain transformers model).
+        options: the format's own (``peft`` / ``merged``: ``data_dir``, ``train``, ``overwrite``, ``log``;
+            :func:`autopeft.hf_export.export_model`).
+
+    Returns:
+        ``recipe``: the :class:`Recipe`; ``peft`` / ``merged``: :class:`autopeft.hf_export.ExportResult`.
 
     Raises:
-        SearchNotFoundError: no such search or an empty front; ValueError: unknown ``pick``.
-
-    For a Hugging Face peft adapter folder or a merged transformers model instead of a recipe, see
-    :func:`autopeft.hf_export.export_model` (``autopeft export ... --format peft`` / ``--merge``).
+        SearchNotFoundError: no such search or an empty front; ValueError: unknown ``pick``;
+        ExportError: an unknown ``fmt`` (one line), or a model the format cannot hold.
     """
-    folder, row = pick_point(search, pick, output_dir)
-    recipe = Recipe.model_validate(row["recipe"])
-    if output:
-        recipe.save(output)
-        Path(output).write_text(_provenance_comment(folder, row) + Path(output).read_text())
-    return recipe
+    from autopeft.exporters import get_format
 
-
-def _provenance_comment(folder: Path, row: dict) -> str:
-    """YAML comment lines naming the search (name, searcher, seed), the trial and its score: the
-    recipe file's model card."""
-    s = json.loads((folder / "search.json").read_text()) if (folder / "search.json").is_file() else {}
-    where = f" at {row['examples_seen']:,} training examples" if isinstance(row.get("examples_seen"), int) else ""
-    split = "dev" if (row.get("recipe") or {}).get("dev") else "validation"
-    test = (f"; test {_fmt_ci(row.get('test_score'), row.get('test_low'), row.get('test_high'))}"
-            if _finite(row.get("test_score")) else "")
-    return (f"# exported by autopeft from search {folder.name} (searcher {s.get('searcher', 'unknown')}, "
-            f"seed {s.get('seed', 'unknown')}, budget {s.get('budget', 'unknown')})\n"
-            f"# trial {row.get('trial_id')}: {split} score "
-            f"{_fmt_ci(row.get('score'), row.get('score_low'), row.get('score_high'))}{test}{where}, "
-            f"{row.get('trainable_params', 0):,} trainable parameters without the head\n")
-
-
-def _fmt_ci(score: Any, low: Any, high: Any) -> str:
-    """``0.8761 [0.8541, 0.8968]`` (95% interval), or the score alone without a finite interval."""
-    if not _finite(score):
-        return "n/a"
-    return f"{score:.4f} [{low:.4f}, {high:.4f}]" if _finite(low) and _finite(high) else f"{score:.4f}"
-
-
-def pick_point(search: str | Path, pick: str = "best", output_dir: str | Path = RUNS_DIR) -> tuple[Path, dict]:
-    """``(search folder, Pareto row)`` of one point of a search (``pick`` as in :func:`export`).
-
-    The row is as in ``pareto.json``: ``trial_id``, ``score``, ``trainable_params``, ``recipe``, ...
-
-    Raises:
-        SearchNotFoundError: no such search or an empty front; ValueError: unknown ``pick``.
-    """
-    folder = find_search(search, output_dir)
-    front = [r for r in json.loads((folder / "pareto.json").read_text()) if _finite(r.get("score"))]
-    if not front:
-        raise SearchNotFoundError(f"search {folder} has an empty Pareto front (no trial finished within budget)")
-    if pick == "best":
-        row = max(front, key=lambda r: (r["score"], -r["trainable_params"]))
-    elif pick == "smallest":
-        row = min(front, key=lambda r: (r["trainable_params"], -r["score"]))
-    elif pick == "leanest":
-        row = min(front, key=lambda r: (r["peak_memory_bytes"], -r["score"]))
-    elif pick == "smallest-within-noise":
-        from autopeft.uncertainty import within_noise
-
-        row = min(within_noise(front), key=lambda r: (r["trainable_params"], -r["score"]))
-    elif pick.isdigit():
-        if int(pick) >= len(front):
-            raise ValueError(f"pick {pick} is out of range: the front has {len(front)} point{'s' if len(front) != 1 else ''} (0-{len(front) - 1})")
-        row = front[int(pick)]
-    else:
-        matches = [r for r in front if r["trial_id"] == pick]
-        if not matches:
-            ids = ", ".join(r["trial_id"] for r in front)
-            raise ValueError(f"unknown pick {pick!r}; use {', '.join(PICKS)}, an index, or a trial id ({ids})")
-        row = matches[0]
-    return folder, row
+    form = get_format(fmt)
+    if form.trains:  # a search point without kept weights is trained first, as autopeft train does
+        options.setdefault("train_with", lambda *args, **kw: train(*args, **kw))
+    return form.write(search, pick=pick, output=output, output_dir=output_dir, **options)
 
 
 def train(recipe: Recipe | str | Path, data_dir: str | None = None, output_dir: str | Path | None = None,
@@ -594,22 +518,9 @@ def train(recipe: Recipe | str | Path, data_dir: str | None = None, output_dir: 
     Raises:
         RecipeError, TaskError, BackboneError, CompositionError: bad input.
     """
-    from autopeft.trainer import run_trial, save_trained
+    from autopeft.trainer import train_and_save
 
-    from autopeft.recipe import check_recipe
-
-    from autopeft.threads import limit_threads, threads_for
-
-    if cpus is not None and cpus < 1:
-        raise ValueError(f"cpus must be at least 1, got {cpus}")
-    if not isinstance(recipe, Recipe):
-        recipe = load_recipe(recipe)
-    check_recipe(recipe, for_training=True)  # limits of the backbone/task/training: one line, before any data
-    limit_threads(threads_for(cpus))
-    result, model = run_trial(recipe, data_dir, device=device, log=log, test=True)
-    if output_dir is not None:
-        save_trained(model, recipe, result, output_dir)
-    return result
+    return train_and_save(recipe, data_dir, output_dir, device=device, log=log, cpus=cpus)
 
 
 def count(recipe: Recipe | str | Path | dict):

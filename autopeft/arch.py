@@ -43,6 +43,8 @@ from typing import Any
 
 from torch import nn
 
+from autopeft.errors import AutopeftError
+
 #: Canonical Linear targets of the BERT family, with the path below ``encoder.layer[i]`` (kept as the
 #: default target list of methods that wrap "every" Linear, e.g. AdaLoRA and QLoRA).
 LINEAR_TARGETS: dict[str, str] = {
@@ -66,8 +68,6 @@ TARGET_ALIASES: dict[str, str] = {
     "q_lin": "query", "k_lin": "key", "v_lin": "value", "out_lin": "attention_output",
     "lin1": "ffn_in", "lin2": "ffn_out", "c_attn": "qkv", "c_fc": "ffn_in",
 }
-#: The two residual sublayers where adapters attach (BERT family paths).
-SUBLAYERS: dict[str, str] = {"attention": "attention.output", "ffn": "output"}
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,9 @@ class Family:
             forward runs; the prefix enters through its key/value cache, as in peft).
         causal: decoder-only (last-token pooling; prefixes shift position ids).
         token_type_ids: the model takes token type ids.
-        unsupported: method -> why it cannot run on this family (one line).
+        unsupported: a backbone feature a method may need (``prefix``: attention keys/values a prefix can
+            extend; ``bias``: bias terms) -> why this family lacks it (one line). Which methods need
+            what is the methods' own fact (``MethodSpec.needs``).
     """
 
     name: str
@@ -138,11 +140,12 @@ class Family:
         """Path below a layer of Linear target ``name`` (see :meth:`target`)."""
         return self.linear[self.target(name)]
 
-    def unsupported_methods(self, config: Any = None) -> dict[str, str]:
-        """Methods that cannot run on this family (given ``config``), with the one-line reason."""
+    def missing_features(self, config: Any = None) -> dict[str, str]:
+        """Features methods may need (:attr:`unsupported`'s keys) that this family (given ``config``)
+        lacks, with the one-line reason."""
         out = dict(self.unsupported)
         if config is not None and self.name == "llama" and not _has_biases(config):
-            out["bitfit"] = "no bias terms to train (attention_bias and mlp_bias are false)"
+            out["bias"] = "no bias terms to train (attention_bias and mlp_bias are false)"
         return out
 
 
@@ -174,7 +177,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
            {"attention": Sublayer("attention.output", "output_block", "attention.output.LayerNorm"),
             "ffn": Sublayer("output", "output_block", "output.LayerNorm")},
            attention=None,
-           unsupported={m: _PREFIX_ON_RELATIVE for m in ("prefix_tuning", "p_tuning_v2", "mam", "unipelt")}),
+           unsupported={"prefix": _PREFIX_ON_RELATIVE}),
     Family("gpt2", ("gpt2",), "h",
            {"qkv": "attn.c_attn", "attention_output": "attn.c_proj", "ffn_in": "mlp.c_fc", "ffn_out": "mlp.c_proj"},
            {"attention": Sublayer("attn", "module", "ln_1"), "ffn": Sublayer("mlp", "module", "ln_2")},
@@ -204,7 +207,15 @@ def family_of(config_or_type: Any) -> Family:
     raise ArchitectureError(f"model type {mt!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
 
 
-class ArchitectureError(ValueError):
+def is_causal(config: Any) -> bool:
+    """Whether a transformers config is of a decoder-only family (``False`` for an unknown model type)."""
+    try:
+        return bool(family_of(config).causal)
+    except ValueError:
+        return False
+
+
+class ArchitectureError(AutopeftError, ValueError):
     """The backbone is not of a family autopeft knows how to modify (:data:`FAMILIES`)."""
 
 

@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from autopeft.errors import AutopeftError
+
 MINILM = "minilm-l6"
 
 #: Sizes of well-known models, for bare configs: ``{"model_type": "roberta", "preset": "roberta-base"}``.
@@ -60,7 +62,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-class BackboneError(ValueError):
+class BackboneError(AutopeftError, ValueError):
     """The backbone cannot be found or built."""
 
 

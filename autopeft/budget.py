@@ -8,10 +8,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from autopeft.errors import AutopeftError
+
 _SUFFIX = {"": 1, "k": 1_000, "m": 1_000_000, "b": 1_000_000_000}
 
 
-class BudgetError(ValueError):
+class BudgetError(AutopeftError, ValueError):
     """A budget string that is not a positive percentage, fraction or parameter count."""
 
 

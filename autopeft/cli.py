@@ -16,6 +16,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from autopeft.errors import AutopeftError
+from autopeft.hpo.runs import RUNS_DIR
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Search, export and train parameter-efficient fine-tuning (PEFT) configurations.")
 # Logs and CI capture output without a terminal; keep the Pareto table readable there too.
@@ -23,25 +26,8 @@ console = Console(highlight=False, width=None if sys.stdout.isatty() else 140)
 err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 200)
 
 
-class _UserError(Exception):
-    pass
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from autopeft.api import SearchNotFoundError
-    from autopeft.arch import ArchitectureError
-    from autopeft.backbones import BackboneError
-    from autopeft.budget import BudgetError
-    from autopeft.model import CompositionError
-    from autopeft.recipe import RecipeError
-    from autopeft.hpo.space import SearchSpaceError
-    from autopeft.hpo.searchers import SearcherError
-    from autopeft.status import SearchFolderError
-    from autopeft.tasks import TaskError
-    from autopeft.hpo.tune import RayStartError
-
-    return (RayStartError, BudgetError, TaskError, BackboneError, RecipeError, CompositionError, SearchSpaceError,
-            SearchNotFoundError, ArchitectureError, SearcherError, SearchFolderError, _UserError)
+class _UserError(AutopeftError):
+    """Bad command-line input found by the CLI itself (exit 2)."""
 
 
 def _fail(exc: BaseException, code: int) -> None:
@@ -64,11 +50,9 @@ def _run(fn, *args, **kwargs):
             raise typer.Exit(exc.exit_code)
         err.print("interrupted")
         raise typer.Exit(130)
-    except _user_errors() as exc:
-        _fail(exc, 2)
-    except (ValueError, FileNotFoundError) as exc:
-        _fail(exc, 2)
     except Exception as exc:  # noqa: BLE001 - one line, never a traceback
+        if isinstance(exc, (ValueError, FileNotFoundError)) or (isinstance(exc, AutopeftError) and exc.user_error):
+            _fail(exc, 2)
         if os.environ.get("AUTOPEFT_DEBUG"):
             raise
         _fail(RuntimeError(f"{type(exc).__name__}: {exc}"), 1)
@@ -95,7 +79,7 @@ def search(
     tracking_uri: Optional[str] = typer.Option(None, envvar="MLFLOW_TRACKING_URI", help="MLflow URI (default sqlite:///mlflow.db)."),
     experiment: str = typer.Option("autopeft", help="MLflow experiment name."),
     name: Optional[str] = typer.Option(None, help="Search name (default <task>-<timestamp>)."),
-    output_dir: str = typer.Option("autopeft_runs", help="Where search folders go."),
+    output_dir: str = typer.Option(RUNS_DIR, help="Where search folders go."),
     ray_address: Optional[str] = typer.Option(None, help="Existing Ray cluster: host:port of `ray start --head`, auto, or ray://host:10001 "
                                                "(token authentication: see the README's cluster section)."),
     cpus_per_trial: Optional[float] = typer.Option(None, min=0.1, help="CPUs per trial (default: all cores, or cores/GPUs)."),
@@ -138,7 +122,7 @@ def search(
 @app.command("resume")
 def resume_search(
     search: str = typer.Argument(..., help="Name of the interrupted search under --output-dir, or its folder."),
-    output_dir: str = typer.Option("autopeft_runs", help="Where search folders are."),
+    output_dir: str = typer.Option(RUNS_DIR, help="Where search folders are."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output: only the Pareto front (and errors)."),
 ) -> None:
     """Continue an interrupted search with the options it was started with (its resume.json): finished
@@ -159,7 +143,7 @@ def _live_progress():
 @app.command()
 def status(
     search: str = typer.Argument("latest", help="Search folder, search name under --output-dir, or 'latest'."),
-    output_dir: str = typer.Option("autopeft_runs", help="Where search folders are."),
+    output_dir: str = typer.Option(RUNS_DIR, help="Where search folders are."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """State of a running or finished search, from its folder: trials by status, best so far,
@@ -329,7 +313,7 @@ def export(
                                        "an index into the front, or a trial id."),
     output: Optional[Path] = typer.Option(None, "-o", "--output",
                                           help="Recipe file to write (default best.yaml), or the folder for --format peft / --merge."),
-    output_dir: str = typer.Option("autopeft_runs", help="Where search folders are."),
+    output_dir: str = typer.Option(RUNS_DIR, help="Where search folders are."),
     fmt: Optional[str] = typer.Option(None, "--format", help="recipe (default: autopeft's YAML), peft (a Hugging Face "
                                                                  "peft adapter folder) or merged (same as --merge)."),
     merge: bool = typer.Option(False, "--merge", help="Write a plain transformers model with LoRA/AdaLoRA/BitFit merged in."),
@@ -344,34 +328,25 @@ def export(
     Folders need trained weights: a folder written by autopeft train, or a search point, whose weights the search kept (<search>/trained/<trial id>/; searches from before weights were kept: trained first, deterministic).
     """
     from autopeft import api
+    from autopeft.exporters import EXPORT_FORMATS
 
-    if fmt not in (None, "recipe", "peft", "merged"):
-        _fail(_UserError(f"unknown --format {fmt!r}; valid: recipe, peft, merged"), 2)
-    if merge and fmt == "recipe":
-        _fail(_UserError("--merge writes a model folder, not a recipe: drop --format recipe"), 2)
-    fmt = "merged" if merge else fmt or "recipe"
-    if fmt == "recipe":
-        from autopeft.hf_export import is_trained_folder
-        from autopeft.recipe import load_recipe
-
-        if is_trained_folder(search):  # a trained folder's own recipe
-            recipe = _run(load_recipe, Path(search) / "recipe.yaml")
-            recipe.save(output or Path("best.yaml"))
-        else:
-            recipe = _run(api.export, search, pick=pick or "best", output=output or Path("best.yaml"),
-                          output_dir=output_dir)
+    if fmt is not None and fmt not in EXPORT_FORMATS:
+        _fail(_UserError(f"unknown --format {fmt!r}; valid: {', '.join(EXPORT_FORMATS)}"), 2)
+    if merge and fmt is not None and not EXPORT_FORMATS[fmt].folder:
+        _fail(_UserError(f"--merge writes a model folder, not a {fmt}: drop --format {fmt}"), 2)
+    form = EXPORT_FORMATS["merged" if merge else fmt or "recipe"]
+    if not form.folder:
+        recipe = _run(api.export, search, pick=pick or "best", output=output or Path("best.yaml"),
+                      output_dir=output_dir, fmt=form.name)
         methods = ", ".join(c.method for c in recipe.components) or "head only"
         console.print(f"wrote {output or 'best.yaml'} ({methods}; {recipe.training.max_train_examples:,} training examples)",
                       markup=False)
         return
-    from autopeft.hf_export import export_model
-
-    res = _run(export_model, search, fmt=fmt, output=output, pick=pick, output_dir=output_dir, data_dir=data_dir,
+    res = _run(api.export, search, pick=pick, output=output, output_dir=output_dir, fmt=form.name, data_dir=data_dir,
                train=train, overwrite=overwrite, log=_progress)
     methods = ", ".join(c.method for c in res.recipe.components)
-    kind = "peft adapter folder" if fmt == "peft" else "merged transformers model"
-    console.print(f"wrote {res.path} ({kind}: {methods}; logits within {res.max_abs_diff:.1e} of autopeft's model; "
-                  f"model card README.md)", markup=False)
+    console.print(f"wrote {res.path} ({form.writes}: {methods}; logits within {res.max_abs_diff:.1e} of autopeft's "
+                  f"model; model card README.md)", markup=False)
     for note in res.notes:
         console.print(f"note: {note}", markup=False, soft_wrap=True)
 

@@ -21,8 +21,12 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from autopeft.methods.adapter import AdapterConfig
-from autopeft.methods.adapter_fusion import AdapterFusionConfig, Stage1Adapter, _default_names, stage1_adapter_config
-from autopeft.recipe import Recipe, RecipeError, check_recipe, load_recipe, recipe_from_dict
+from autopeft.methods.adapter_fusion import AdapterFusionConfig, Stage1Adapter, stage1_adapter_config, stage1_of
+from autopeft.recipe import (
+    Recipe, RecipeError, check_recipe, load_recipe, read_trained_folder, recipe_as_built, recipe_from_dict,
+)
+from autopeft._util import read_yaml
+from autopeft.errors import CompositionError
 
 RecipeLike = Recipe | dict | str | Path | None
 
@@ -45,32 +49,11 @@ def load_stage1(folder: str | Path, with_tensors: bool = True) -> Stage1Adapter:
         CompositionError: no ``recipe.yaml`` / adapter file there, a recipe that does not load, or a
             recipe that is not a fusable single serial adapter (:func:`stage1_adapter_config`).
     """
-    from autopeft.backbones import BackboneError, load_config
-    from autopeft.model import CompositionError
-    from autopeft.tasks import get_task
-    from autopeft.trainer import ADAPTER_FILE
-
-    path = Path(folder).expanduser()
-    if not (path / "recipe.yaml").is_file() or not (path / ADAPTER_FILE).is_file():
-        raise CompositionError(f"adapter_fusion: {str(path)!r} is not a stage-1 folder "
-                               f"(needs recipe.yaml and {ADAPTER_FILE} from save_trained)")
     try:
-        recipe = load_recipe(path / "recipe.yaml")
-    except RecipeError as exc:
+        read = read_trained_folder(folder, with_tensors=with_tensors, kind="stage-1 folder")
+    except CompositionError as exc:
         raise CompositionError(f"adapter_fusion: {exc}") from None
-    acfg = stage1_adapter_config(recipe, where=str(path))
-    acfg = acfg.model_copy(update={"gated": recipe.gating if acfg.gated is None else acfg.gated})
-    task = get_task(recipe.task)
-    try:
-        config = load_config(recipe.backbone, task.num_labels)
-    except (BackboneError, OSError, ValueError):  # cannot tell: the tensor shapes are still checked
-        config = None
-    tensors = None
-    if with_tensors:
-        from safetensors.torch import load_file
-
-        tensors = load_file(str(path / ADAPTER_FILE))
-    return Stage1Adapter(str(path), task.name, acfg, config, tensors)
+    return stage1_of(read)
 
 
 def as_recipe(recipe: RecipeLike, defaults: dict[str, Any] | None = None) -> Recipe:
@@ -88,12 +71,10 @@ def as_recipe(recipe: RecipeLike, defaults: dict[str, Any] | None = None) -> Rec
     elif isinstance(recipe, dict):
         data = dict(recipe)
     else:
-        import yaml
-
         path = Path(recipe)
         if not path.is_file():
             raise RecipeError(f"recipe file {str(path)!r} does not exist")
-        data = yaml.safe_load(path.read_text()) or {}
+        data = read_yaml(path, RecipeError) or {}
         if not isinstance(data, dict):
             raise RecipeError(f"{path}: a recipe is a mapping")
     return recipe_from_dict({**(defaults or {}), **data})
@@ -114,7 +95,7 @@ def stage1_recipe(base_recipe: RecipeLike, task: str) -> Recipe:
     comps = list(base.components)
     if not comps:
         comps = [AdapterConfig(variant="pfeiffer", placement="serial")]
-    elif len(comps) == 1 and comps[0].method == "adapter" and "placement" not in comps[0].model_fields_set:
+    elif len(comps) == 1 and isinstance(comps[0], AdapterConfig) and "placement" not in comps[0].model_fields_set:
         comps = [comps[0].model_copy(update={"placement": "serial"})]
     data = base.model_dump(mode="json")
     data["task"] = task
@@ -201,9 +182,9 @@ def stage2_recipe(adapters: Sequence[str | Path], task: str, base_recipe: Recipe
     options: dict[str, Any] = {}
     rest = []
     for comp in (base.components if base is not None else []):
-        if comp.method == "adapter_fusion":
+        if isinstance(comp, AdapterFusionConfig):
             options.update(comp.model_dump(exclude={"adapters", "method"}, exclude_unset=True))
-        elif comp.method != "adapter":
+        elif not isinstance(comp, AdapterConfig):
             rest.append(comp.model_dump(mode="json"))
     options.update(fusion_options)
     fusion = AdapterFusionConfig(adapters=[str(f) for f in folders], **options)
@@ -249,33 +230,11 @@ def train_fusion(adapters: Sequence[str | Path], task: str, out_dir: str | Path,
 
 def recipe_after_pruning(model, recipe):
     """``recipe`` as ``model`` now stands: each ``adapter_fusion`` component lists only the stage-1
-    adapters still fused in ``model`` (after :func:`prune_fusion_adapters`), with their slot names.
-
-    The fusion's Q/K/V do not depend on the number of adapters, so the saved fusion weights fit the
-    pruned recipe (:func:`autopeft.trainer.save_trained` writes it; ``load_trained`` rebuilds the
-    pruned model). Returns ``recipe`` itself when nothing was pruned.
+    adapters still fused in ``model`` (after :func:`prune_fusion_adapters`), with their slot names
+    (:func:`autopeft.recipe.recipe_as_built`; :func:`autopeft.trainer.save_trained` writes it).
+    Returns ``recipe`` itself when nothing was pruned.
 
     Raises:
         CompositionError: a stage-1 folder of the recipe can no longer be read.
     """
-    from autopeft.methods.adapter_fusion import fusion_hosts
-
-    if not any(c.method == "adapter_fusion" for c in recipe.components):
-        return recipe
-    present = {n for _, _, host in fusion_hosts(model) for n in host.serial.keys()}
-    components, changed = [], False
-    for comp in recipe.components:
-        if comp.method == "adapter_fusion":
-            names = comp.names
-            if names is None:  # load_stage1 raises CompositionError for an unreadable folder
-                names = _default_names(load_stage1(f, with_tensors=False).task for f in comp.adapters)
-            kept = [(f, n) for f, n in zip(comp.adapters, names) if n in present]
-            if kept and len(kept) < len(comp.adapters):
-                comp = comp.model_copy(update={"adapters": [f for f, _ in kept], "names": [n for _, n in kept]})
-                changed = True
-        components.append(comp)
-    if not changed:
-        return recipe
-    data = recipe.model_dump(mode="json")
-    data["components"] = [c.model_dump(mode="json") for c in components]
-    return recipe_from_dict(data)
+    return recipe_as_built(model, recipe)

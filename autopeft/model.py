@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from autopeft.arch import Encoder
+from autopeft.errors import CompositionError  # noqa: F401  (re-exported: its old home)
 
 #: Top-level modules of a ``*ForSequenceClassification`` that form the task head (trainable, outside
 #: the budget): BERT/RoBERTa ``classifier``, decoders' ``score``, DistilBERT's ``pre_classifier``,
@@ -45,10 +46,6 @@ HEAD_MODULE_NAMES = ("classifier", "score", "pre_classifier", "pooler")
 #: ``last``: the last non-padding token (decoders; what their own head reads, so ``pooler`` means the
 #: same there).
 POOLINGS = ("pooler", "cls", "mean", "last")
-
-
-class CompositionError(ValueError):
-    """Two components claim the same slot in an incompatible way, or a component does not fit."""
 
 
 class Gate(nn.Module):
@@ -144,6 +141,10 @@ class _AdapterHost(nn.Module):
     Serial adapters: Houlsby et al. 2019, arXiv:1902.00751, fig. 2; parallel: He et al. 2022,
     arXiv:2110.04366, eq. 8.
     """
+
+    #: Methods recognise an adapter host by this flag (``getattr(module, "adapter_host", False)``), so
+    #: they need not import this module.
+    adapter_host = True
 
     def __init__(self, base: nn.Module) -> None:
         super().__init__()
@@ -342,6 +343,10 @@ class PeftModel(nn.Module):
         pooling: one of :data:`POOLINGS`; the head's parameters are the same for all three (the
             classifier stays trainable and outside the budget).
 
+        read_folder: ``read_folder(path, with_tensors, kind) -> TrainedFolder``: how the model reads a
+            trained folder a component names (AdapterFusion's stage-one adapters); handed in by the edge
+            that builds it (:func:`autopeft.recipe.build_model` passes :func:`autopeft.recipe.read_trained_folder`).
+
     Raises:
         CompositionError: unknown ``pooling``.
 
@@ -350,8 +355,10 @@ class PeftModel(nn.Module):
             change (the denominator of ``trainable_percent``).
     """
 
-    def __init__(self, backbone: nn.Module, gating: bool = False, pooling: str = "pooler") -> None:
+    def __init__(self, backbone: nn.Module, gating: bool = False, pooling: str = "pooler",
+                 read_folder: Callable[[str, bool, str], Any] | None = None) -> None:
         super().__init__()
+        self._read_folder = read_folder
         if pooling not in POOLINGS:
             raise CompositionError(f"unknown pooling {pooling!r}; valid: {', '.join(POOLINGS)}")
         self.pooling = pooling
@@ -544,17 +551,18 @@ class PeftModel(nn.Module):
         self.attention(layer).add_source(source, gate)
         self._prefix_tokens = max(self._prefix_tokens, int(num_tokens))
 
-    def load_stage1(self, folder: str, with_tensors: bool = True):
-        """A stage-1 adapter folder for AdapterFusion, as an
-        :class:`autopeft.methods.adapter_fusion.Stage1Adapter` (read by :func:`autopeft.fusion.load_stage1`;
-        methods never read files or recipes themselves).
+    def trained_folder(self, folder: str, with_tensors: bool = True, kind: str = "trained folder"):
+        """A trained folder a component names (AdapterFusion's stage-one adapters), as an
+        :class:`autopeft.methods.base.TrainedFolder`, read by the reader this model was built with;
+        methods never read files or recipes themselves. ``kind`` names the folder in messages.
 
         Raises:
-            CompositionError: the folder is missing, is not a stage-1 folder, or its recipe is unfit.
+            CompositionError: no reader was handed in, the folder is not a trained folder, or its
+                recipe does not load.
         """
-        from autopeft.fusion import load_stage1
-
-        return load_stage1(folder, with_tensors=with_tensors)
+        if self._read_folder is None:
+            raise CompositionError(f"{folder}: this model cannot read {kind}s (build it with autopeft.recipe.build_model)")
+        return self._read_folder(folder, with_tensors, kind)
 
     def add_input_prompt(self, module: nn.Module, position: int = 0) -> None:
         """Insert ``module(B)`` -> (B, P, d) virtual token embeddings after ``position`` input tokens."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from autopeft._util import is_finite
+
 #: One marker per rung, lowest first (the top rung is the last one used).
 RUNG_MARKERS = ("v", "s", "D", "o", "^", "P", "X")
 
@@ -41,7 +43,7 @@ def pareto_plot(path: str | Path, trials: list[dict[str, Any]], front: list[dict
     points = []
     for t in trials:
         row = (t.get("rows") or [None])[-1]
-        if not row or not all(_finite(row.get(k)) for k in ("trainable_params", "score", "peak_memory_bytes")):
+        if not row or not all(is_finite(row.get(k)) for k in ("trainable_params", "score", "peak_memory_bytes")):
             continue
         points.append((row["trainable_params"], row["score"], row["peak_memory_bytes"] / 2**20,
                        int(row.get("examples_seen") or 0)))
@@ -62,12 +64,12 @@ def pareto_plot(path: str | Path, trials: list[dict[str, Any]], front: list[dict
         ax.scatter([r["trainable_params"] for r in front], [r["score"] for r in front], s=140, facecolors="none",
                    edgecolors="black", linewidths=1.2, label="Pareto front (top rung), dev")
         _error_bars(ax, front, "score", "score_low", "score_high", "black", None)
-        tested = [r for r in front if _finite(r.get("test_score"))]
+        tested = [r for r in front if is_finite(r.get("test_score"))]
         if tested:
             ax.scatter([r["trainable_params"] for r in tested], [r["test_score"] for r in tested], marker="x",
                        color="tab:red", s=50, label="same points, test (95% interval)")
             _error_bars(ax, tested, "test_score", "test_low", "test_high", "tab:red", None)
-    if reference and _finite(reference.get("test_score")):
+    if reference and is_finite(reference.get("test_score")):
         ax.axhline(reference["test_score"], color="tab:gray", linestyle=":", linewidth=1.2,
                    label=f"{reference.get('kind', 'reference')} fine-tuning, test {reference['test_score']:.4f}")
     if param_limit is not None and math.isfinite(param_limit):
@@ -82,15 +84,9 @@ def pareto_plot(path: str | Path, trials: list[dict[str, Any]], front: list[dict
 
 def _error_bars(ax, rows: list[dict], key: str, low: str, high: str, color: str, label: str | None) -> None:
     """Vertical 95% interval bars ``[row[low], row[high]]`` around ``row[key]`` (rows without one: none)."""
-    rows = [r for r in rows if _finite(r.get(low)) and _finite(r.get(high)) and _finite(r.get(key))]
+    rows = [r for r in rows if is_finite(r.get(low)) and is_finite(r.get(high)) and is_finite(r.get(key))]
     if not rows:
         return
     ax.errorbar([r["trainable_params"] for r in rows], [r[key] for r in rows],
                 yerr=[[r[key] - r[low] for r in rows], [r[high] - r[key] for r in rows]], fmt="none",
                 ecolor=color, elinewidth=1, capsize=3, label=label)
-
-
-def _finite(x: Any) -> bool:
-    import math
-
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)

@@ -28,11 +28,17 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator
 
-from autopeft.methods.base import MethodConfig, parse_component
+from autopeft.methods.base import MethodConfig, parse_component, spec_of
 from autopeft.tasks import DevSplit, TaskSpec
+from autopeft._util import read_yaml
+from autopeft.errors import AutopeftError, CompositionError
 
 
-class RecipeError(ValueError):
+#: The weights file of a trained folder (beside its ``recipe.yaml``; :func:`autopeft.trainer.save_trained`).
+ADAPTER_FILE = "adapter_model.safetensors"
+
+
+class RecipeError(AutopeftError, ValueError):
     """A recipe that cannot be read or validated; the message is one line."""
 
 
@@ -149,11 +155,7 @@ def load_recipe(path: str | Path) -> Recipe:
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe file {str(path)!r} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    recipe = recipe_from_dict(data)
+    recipe = recipe_from_dict(read_yaml(path, RecipeError))
     check_composition(recipe)
     return recipe
 
@@ -165,8 +167,6 @@ def check_composition(recipe: Recipe) -> None:
     Raises:
         RecipeError: the components do not compose; the message names both.
     """
-    from autopeft.model import CompositionError
-
     check_recipe(recipe)
     try:
         build_model(recipe, device="meta")
@@ -265,19 +265,75 @@ def build_model(recipe: Recipe, device: str = "cpu", after_component=None):
 
     task = get_task(recipe.task)
     backbone = load_model(recipe.backbone, task.num_labels, device=device, seed=recipe.training.seed)
-    if recipe.quantization == "nf4" or any(c.method == "qlora" for c in recipe.components):
+    if recipe.quantization == "nf4" or any(spec_of(c).quantized_base for c in recipe.components):
         from autopeft.quantization import quantize_backbone
 
         quantize_backbone(backbone, device=device)
     import torch
 
     torch.manual_seed(recipe.training.seed)
-    model = PeftModel(backbone, gating=recipe.gating, pooling=recipe.pooling)
+    model = PeftModel(backbone, gating=recipe.gating, pooling=recipe.pooling, read_folder=read_trained_folder)
     for i, component in enumerate(recipe.components):
         model.add_component(component)
         if after_component is not None:
             after_component(i, model)
     return model.eval()
+
+
+def read_trained_folder(folder: str | Path, with_tensors: bool = True, kind: str = "trained folder"):
+    """Read a folder written by :func:`autopeft.trainer.save_trained` as an
+    :class:`autopeft.methods.base.TrainedFolder`: its recipe, task, backbone config (``None`` if it
+    cannot be loaded) and, with ``with_tensors``, its saved tensors. The reader
+    :func:`build_model` hands the model, so that methods never read files (``kind`` names the
+    folder in messages, e.g. ``stage-1 folder``).
+
+    Raises:
+        CompositionError: no ``recipe.yaml`` / weights file there, or a recipe that does not load.
+    """
+    from autopeft.backbones import BackboneError, load_config
+    from autopeft.methods.base import TrainedFolder
+    from autopeft.tasks import get_task
+
+    path = Path(folder).expanduser()
+    if not (path / "recipe.yaml").is_file() or not (path / ADAPTER_FILE).is_file():
+        raise CompositionError(f"{str(path)!r} is not a {kind} (needs recipe.yaml and {ADAPTER_FILE} from save_trained)")
+    try:
+        recipe = load_recipe(path / "recipe.yaml")
+    except RecipeError as exc:
+        raise CompositionError(str(exc)) from None
+    task = get_task(recipe.task)
+    try:
+        config = load_config(recipe.backbone, task.num_labels)
+    except (BackboneError, OSError, ValueError):  # cannot tell: the tensor shapes are still checked
+        config = None
+    tensors = None
+    if with_tensors:
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(path / ADAPTER_FILE))
+    return TrainedFolder(str(path), recipe, task.name, config, tensors)
+
+
+def recipe_as_built(model, recipe: Recipe) -> Recipe:
+    """``recipe`` as ``model`` now stands: each component through its method's ``as_built`` hook
+    (:class:`autopeft.methods.base.MethodSpec`; e.g. AdapterFusion lists only the adapters still fused
+    after pruning). Returns ``recipe`` itself when nothing changed; :func:`autopeft.trainer.save_trained`
+    writes what it returns.
+
+    Raises:
+        CompositionError: as the hooks raise (e.g. a stage-1 folder that can no longer be read).
+    """
+    components, changed = [], False
+    for comp in recipe.components:
+        hook = spec_of(comp).as_built
+        new = hook(model, comp) if hook is not None else comp
+        changed = changed or new is not comp
+        components.append(new)
+    if not changed:
+        return recipe
+    data = recipe.model_dump(mode="json")
+    data["components"] = [c.model_dump(mode="json") for c in components]
+    return recipe_from_dict(data)
 
 
 def count_recipe(recipe: Recipe):
@@ -286,7 +342,7 @@ def count_recipe(recipe: Recipe):
     Raises:
         RecipeError: the recipe cannot run (:func:`check_recipe`) or its components do not compose.
     """
-    from autopeft.model import CompositionError, count_parameters
+    from autopeft.model import count_parameters
 
     check_recipe(recipe)
     try:

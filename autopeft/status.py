@@ -9,23 +9,21 @@ MLflow or the driver process, so it works from another shell while a search runs
 
 from __future__ import annotations
 
-import json
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from autopeft.liveness import driver_alive, read_driver
-from autopeft.progress import read_progress
+from autopeft.progress import PROGRESS_DIR, read_progress
+from autopeft.hpo.runs import (  # noqa: F401  (SearchFolderError: re-exported, its old home)
+    RESULT_FILE, RUNS_DIR, SEARCH_FILE, TRIALS_FILE, SearchFolderError, find_search, read_json,
+)
+from autopeft._util import is_finite
 
 #: A search without ``result.json`` nor ``driver.json`` (an older autopeft) whose files changed less
 #: than this many seconds ago is "running".
 STALE_AFTER_S = 600.0
-
-
-class SearchFolderError(ValueError):
-    """The folder is not a search folder (no ``search.json``), or its files cannot be read."""
 
 
 @dataclass
@@ -67,36 +65,14 @@ class SearchStatus:
                 "best": self.best, "best_any_rung": self.best_any_rung, "running": self.running}
 
 
-def find_search_folder(search: str | Path, output_dir: str | Path = "autopeft_runs") -> Path:
+def find_search_folder(search: str | Path, output_dir: str | Path = RUNS_DIR) -> Path:
     """A search folder from a path, a name under ``output_dir``, or ``latest`` (newest ``search.json``),
-    finished or not.
+    finished or not (:func:`autopeft.hpo.runs.find_search`).
 
     Raises:
         SearchFolderError: nothing matches.
     """
-    if str(search) == "latest":
-        found = sorted(Path(output_dir).glob("*/search.json"), key=lambda f: f.stat().st_mtime)
-        if not found:
-            raise SearchFolderError(f"no search under {output_dir}")
-        return found[-1].parent
-    for cand in (Path(search), Path(output_dir) / str(search)):
-        if (cand / "search.json").is_file():
-            return cand
-    raise SearchFolderError(f"no search {str(search)!r} (looked for {Path(search)}/search.json and "
-                            f"{Path(output_dir) / str(search)}/search.json)")
-
-
-def _read_json(path: Path, default: Any) -> Any:
-    if not path.is_file():
-        return default
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise SearchFolderError(f"cannot read {path}: {exc}") from None
-
-
-def _finite(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    return find_search(search, output_dir, finished=False)
 
 
 def search_status(folder: str | Path, now: float | None = None) -> SearchStatus:
@@ -107,11 +83,11 @@ def search_status(folder: str | Path, now: float | None = None) -> SearchStatus:
     """
     folder = Path(folder)
     now = time.time() if now is None else now
-    if not (folder / "search.json").is_file():
+    if not (folder / SEARCH_FILE).is_file():
         raise SearchFolderError(f"{folder} is not a search folder (no search.json)")
-    settings = _read_json(folder / "search.json", {})
-    trials = _read_json(folder / "trials.json", [])
-    result = _read_json(folder / "result.json", None)
+    settings = read_json(folder / SEARCH_FILE, {})
+    trials = read_json(folder / TRIALS_FILE, [])
+    result = read_json(folder / RESULT_FILE, None)
     progress = read_progress(folder)
     counts: dict[str, int] = {}
     for t in trials:
@@ -122,7 +98,7 @@ def search_status(folder: str | Path, now: float | None = None) -> SearchStatus:
     best = best_any = None
     for t in trials:
         for row in t.get("rows") or []:
-            if not _finite(row.get("score")):
+            if not is_finite(row.get("score")):
                 continue
             if best_any is None or row["score"] > best_any["score"]:
                 best_any = {"trial_id": t["trial_id"], "score": row["score"], "examples_seen": row.get("examples_seen")}
@@ -137,8 +113,8 @@ def search_status(folder: str | Path, now: float | None = None) -> SearchStatus:
         running.append({"trial_id": tid, "examples_seen": p.get("examples_seen") if p else 0,
                         "top": p.get("top", top) if p else top, "rung": int(p.get("rung", 0)) + 1 if p else None,
                         "rungs": len(p.get("rungs") or rungs) if p else len(rungs), "loss": p.get("loss") if p else None,
-                        "age_s": now - p["updated"] if p and _finite(p.get("updated")) else None})
-    started = (folder / "search.json").stat().st_mtime
+                        "age_s": now - p["updated"] if p and is_finite(p.get("updated")) else None})
+    started = (folder / SEARCH_FILE).stat().st_mtime
     driver = read_driver(folder)
     if result is not None:
         state, elapsed = "finished", float(result.get("wall_time_s", 0.0))
@@ -148,7 +124,7 @@ def search_status(folder: str | Path, now: float | None = None) -> SearchStatus:
         until = now if state == "running" else (driver.get("ended") or driver.get("heartbeat") or now)
         elapsed = float(driver.get("elapsed_before_s") or 0.0) + max(0.0, until - float(driver.get("started", until)))
     else:
-        files = [folder / "trials.json", folder / "search.json", *(folder / "progress").glob("*.json")]
+        files = [folder / TRIALS_FILE, folder / SEARCH_FILE, *(folder / PROGRESS_DIR).glob("*.json")]
         last = max((f.stat().st_mtime for f in files if f.is_file()), default=started)
         state = "running" if now - last < STALE_AFTER_S else "stopped"
         elapsed = (now if state == "running" else last) - started
@@ -179,7 +155,7 @@ def format_status(st: SearchStatus) -> list[str]:
         if r["rung"] is None:
             lines.append(f"running: trial {r['trial_id']} (no progress reported)")
             continue
-        loss = f", loss {r['loss']:.4f}" if _finite(r["loss"]) else ""
+        loss = f", loss {r['loss']:.4f}" if is_finite(r["loss"]) else ""
         age = f", updated {r['age_s']:.0f}s ago" if r["age_s"] is not None else ""
         lines.append(f"running: trial {r['trial_id']} {r['examples_seen']:,}/{r['top']:,} examples, "
                      f"rung {r['rung']}/{r['rungs']}{loss}{age}")

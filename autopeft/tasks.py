@@ -24,7 +24,6 @@ in [-1, 1]); the first metric listed is the one the search maximises.
 from __future__ import annotations
 
 import csv
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,11 +32,13 @@ from typing import Any, Callable
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
+# TaskError, Split and cell_texts live below this module (autopeft.userfiles reads user data with them);
+# re-exported here, their old home.
+from autopeft.errors import TaskError  # noqa: F401
+from autopeft.splits import Split, cell_texts  # noqa: F401
+from autopeft.userfiles import load_user_split
+
 DATA_DIR_ENV = "AUTOPEFT_DATA_DIR"
-
-
-class TaskError(ValueError):
-    """Unknown task or missing data."""
 
 
 def _accuracy(pred, gold):
@@ -338,17 +339,6 @@ def _ordered(metrics: dict[str, Callable], first: str | None, task: str) -> dict
     return {first: metrics[first]} | {k: v for k, v in metrics.items() if k != first}
 
 
-@dataclass
-class Split:
-    """One split: ``texts[i]`` is a tuple of 1 or 2 strings; ``labels[i]`` an int or float."""
-
-    texts: list[tuple[str, ...]]
-    labels: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-
 def resolve_data_dir(data_dir: str | Path | None) -> Path | None:
     """The local GLUE folder: the argument, else ``$AUTOPEFT_DATA_DIR``, else ``None`` (use the hub).
 
@@ -366,15 +356,13 @@ def resolve_data_dir(data_dir: str | Path | None) -> Path | None:
 
 def load_split(task: Task, split: str, data_dir: str | Path | None = None) -> Split:
     """Load ``split`` (train/validation/test) of ``task`` from the local folder or the hub; user data
-    (a spec with a ``source``) from its files or dataset (:func:`autopeft.userdata.load_user_split`,
+    (a spec with a ``source``) from its files or dataset (:func:`autopeft.userfiles.load_user_split`,
     which ignores ``data_dir``).
 
     Raises:
         TaskError: the local folder lacks the file, the hub cannot be reached, or user data is bad.
     """
     if task.spec is not None and task.spec.source is not None:
-        from autopeft.userdata import load_user_split
-
         return load_user_split(task, split)
     root = resolve_data_dir(data_dir)
     if root is None:
@@ -391,16 +379,6 @@ def load_split(task: Task, split: str, data_dir: str | Path | None = None) -> Sp
         raise TaskError(f"no {split} data for {task.name} in {root} (looked for {base.parent.name}/{tsv.name} or "
                         f"{base.parent.name}/{parquet.name})")
     return _to_split(task, df)
-
-
-def cell_texts(series) -> list[str]:
-    """The cells of a data column as texts: a missing cell (``None``, NaN, ``pd.NA``: an empty cell of
-    the file) is ``""``, every other cell ``str(value)``, whatever it says (``"None"`` and ``"NA"``
-    are words, not missing values)."""
-    import pandas as pd
-
-    return ["" if v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v)) else str(v)
-            for v in series.tolist()]
 
 
 def _to_split(task: Task, df) -> Split:

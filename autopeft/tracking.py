@@ -344,7 +344,9 @@ class SearchTracker:
         if "best_score" in metrics:  # the parent's row in the score column: the best point of the front
             self.client.log_metric(self.parent_id, "score", float(metrics["best_score"]))
         self.client.set_tag(self.parent_id, "status", "finished")
-        for name in ("pareto.json", "pareto.csv", "pareto.png", "best_recipe.yaml", "trials.json", "reference.json"):
+        from autopeft.hpo.runs import ARTIFACT_FILES
+
+        for name in ARTIFACT_FILES:
             f = artifacts_dir / name
             if f.exists():
                 self.client.log_artifact(self.parent_id, str(f))

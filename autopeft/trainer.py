@@ -26,10 +26,8 @@ import numpy as np
 import torch
 
 from autopeft.model import PeftModel, count_parameters
-from autopeft.recipe import Recipe, build_model
+from autopeft.recipe import ADAPTER_FILE, Recipe, build_model, recipe_as_built
 from autopeft.tasks import Split, Task, get_task, load_split
-
-ADAPTER_FILE = "adapter_model.safetensors"
 
 
 @dataclass
@@ -564,6 +562,30 @@ def run_trial(recipe: Recipe, data_dir: str | Path | None = None, rungs: list[in
     return result, model
 
 
+def train_and_save(recipe: Recipe | str | Path, data_dir: str | Path | None = None,
+                   output_dir: str | Path | None = None, device: str | None = None,
+                   log: Callable[[str], None] | None = print, cpus: int | None = None) -> TrialResult:
+    """:func:`autopeft.api.train` (which see): check the recipe, train it on ``cpus`` threads, score it
+    (dev and test for a search's recipe), save the weights to ``output_dir`` when given.
+
+    Raises:
+        ValueError: ``cpus`` below 1. RecipeError, TaskError, BackboneError, CompositionError: bad input.
+    """
+    from autopeft.recipe import check_recipe, load_recipe
+    from autopeft.threads import limit_threads, threads_for
+
+    if cpus is not None and cpus < 1:
+        raise ValueError(f"cpus must be at least 1, got {cpus}")
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe)
+    check_recipe(recipe, for_training=True)  # limits of the backbone/task/training: one line, before any data
+    limit_threads(threads_for(cpus))
+    result, model = run_trial(recipe, data_dir, device=device, log=log, test=True)
+    if output_dir is not None:
+        save_trained(model, recipe, result, output_dir)
+    return result
+
+
 def make_optimizer(model: PeftModel, groups: list[dict], weight_decay: float, device: torch.device,
                    log: Callable[[str], None] | None = None) -> torch.optim.Optimizer:
     """AdamW; a paged 32-bit AdamW (bitsandbytes) for NF4-quantised models on CUDA (QLoRA, arXiv:2305.14314 §3).
@@ -571,9 +593,10 @@ def make_optimizer(model: PeftModel, groups: list[dict], weight_decay: float, de
     Either way, ``optimizer.step()`` raises :class:`autopeft.methods.lora.MergedAdapterError` while a
     LoRA-style wrapper of ``model`` is merged (:func:`autopeft.methods.lora.merged_step_guard`).
     """
+    from autopeft.methods.base import spec_of
     from autopeft.methods.lora import merged_step_guard
 
-    quantised = getattr(model, "quantized", False) or any(c.method == "qlora" for c in model.components)
+    quantised = getattr(model, "quantized", False) or any(spec_of(c).quantized_base for c in model.components)
     if quantised and device.type == "cuda":
         try:
             import bitsandbytes as bnb
@@ -615,13 +638,11 @@ def save_trained(model: PeftModel, recipe: Recipe, result: TrialResult | None, o
     """
     from safetensors.torch import save_file
 
-    from autopeft.fusion import recipe_after_pruning
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.adapter_state_dict().items()}
     save_file(tensors, str(out / ADAPTER_FILE))
-    recipe = recipe_after_pruning(model, recipe)
+    recipe = recipe_as_built(model, recipe)
     recipe.save(out / "recipe.yaml")
     if result is not None:
         (out / "metrics.json").write_text(json.dumps(result.as_dict(), indent=2))

@@ -109,6 +109,7 @@ if str(PROJECT_ROOT) not in sys.path:  # run as a script from anywhere
 
 from autopeft.hpo.final import FULL_FT_LEARNING_RATE  # noqa: E402
 from autopeft.hpo.pareto import hypervolume  # noqa: E402
+from autopeft._util import is_finite
 
 DEFAULT_DATA_DIR = PROJECT_ROOT.parent / "shared" / "data" / "glue"
 DEFAULT_OUT = PROJECT_ROOT / "experiments"
@@ -183,11 +184,6 @@ def task_score_reference(task: str) -> float:
     t = get_task(task)
     return score_reference(t.metric, t.num_labels)
 
-
-def _finite(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
 def top_fidelity_rows(trials: Iterable[dict], fidelity: int, param_limit: int) -> list[dict]:
     """The within-budget rows at the top fidelity, as ``autopeft.search`` builds its front: one per trial
     with status ``finished``, a row at exactly ``fidelity`` examples, ``trainable_params <= param_limit``
@@ -197,9 +193,9 @@ def top_fidelity_rows(trials: Iterable[dict], fidelity: int, param_limit: int) -
         if t.get("status") != "finished":
             continue
         for r in t.get("rows") or []:
-            if (r.get("examples_seen") == fidelity and _finite(r.get("score"))
-                    and _finite(r.get("trainable_params")) and r["trainable_params"] <= param_limit
-                    and _finite(r.get("peak_memory_bytes"))):
+            if (r.get("examples_seen") == fidelity and is_finite(r.get("score"))
+                    and is_finite(r.get("trainable_params")) and r["trainable_params"] <= param_limit
+                    and is_finite(r.get("peak_memory_bytes"))):
                 out.append({**r, "trial_id": t.get("trial_id")})
                 break
     return out
@@ -243,7 +239,7 @@ def expected_max(scores: Sequence[float], n_max: int | None = None) -> list[dict
     Returns:
         ``[{"n", "mean", "std"}, ...]``; empty for no finite score.
     """
-    v = np.sort(np.array([float(s) for s in scores if _finite(s)]))
+    v = np.sort(np.array([float(s) for s in scores if is_finite(s)]))
     N = len(v)
     if N == 0:
         return []
@@ -276,7 +272,7 @@ def fixed_hypervolume(rows: Sequence[dict], param_limit: int, mem_ref: float, sc
     """Hypervolume of ``rows`` against the fixed reference ``(-score_ref, 1, 1)`` in the normalised space
     of :func:`normalised_points` (``score_key``: which score, e.g. ``test_score``). Rows without a finite
     score, or at or beyond the reference in any objective, add nothing."""
-    rows = [r for r in rows if _finite(r.get(score_key))]
+    rows = [r for r in rows if is_finite(r.get(score_key))]
     if not rows:
         return 0.0
     return float(hypervolume(normalised_points(rows, param_limit, mem_ref, score_key), [-score_ref, 1.0, 1.0]))
@@ -308,7 +304,7 @@ def curve_band(curves: Sequence[Sequence[Sequence[float]]]) -> dict[str, list[fl
 
 def mean_std(values: Iterable[float | None]) -> dict[str, float | int | None]:
     """``{"n", "mean", "std"}`` of the finite values; sample standard deviation (ddof 1), 0 for one value."""
-    v = [float(x) for x in values if _finite(x)]
+    v = [float(x) for x in values if is_finite(x)]
     if not v:
         return {"n": 0, "mean": None, "std": None}
     return {"n": len(v), "mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0}
@@ -320,7 +316,7 @@ def bootstrap_mean_ci(values: Sequence[float], n_resamples: int = SEED_RESAMPLES
     values resampled with replacement ``n_resamples`` times (seeded). ``low``/``high`` are ``None`` for
     fewer than two values. With ``k`` values there are only ``C(2k-1, k)`` distinct resamples (10 for 3):
     the interval is crude, bounded by the smallest and largest value."""
-    v = np.array([float(x) for x in values if _finite(x)])
+    v = np.array([float(x) for x in values if is_finite(x)])
     if len(v) == 0:
         return {"n": 0, "mean": None, "low": None, "high": None}
     if len(v) < 2:
@@ -386,22 +382,22 @@ def memory_reference(runs: Iterable[dict]) -> float | None:
             continue
         if run.get("kind") == "search":
             for t in run.get("trials") or []:
-                peaks += [r["peak_memory_bytes"] for r in t.get("rows") or [] if _finite(r.get("peak_memory_bytes"))]
+                peaks += [r["peak_memory_bytes"] for r in t.get("rows") or [] if is_finite(r.get("peak_memory_bytes"))]
         else:
-            peaks += [s["peak_memory_bytes"] for s in run.get("sweep") or [] if _finite(s.get("peak_memory_bytes"))]
+            peaks += [s["peak_memory_bytes"] for s in run.get("sweep") or [] if is_finite(s.get("peak_memory_bytes"))]
     return 1.1 * max(peaks) if peaks else None
 
 
 def pick_best(rows: Sequence[dict]) -> dict | None:
     """The search's ``best`` pick (as ``autopeft export --pick best``): the highest dev ``score``,
     fewer trainable parameters on a tie; ``None`` for no row with a finite score."""
-    rows = [r for r in rows if _finite(r.get("score"))]
+    rows = [r for r in rows if is_finite(r.get("score"))]
     return max(rows, key=lambda r: (r["score"], -r["trainable_params"])) if rows else None
 
 
 def pick_on_dev(sweep: Sequence[dict]) -> int | None:
     """Index of the sweep run with the highest dev ``score`` (the first on a tie); ``None`` if none is finite."""
-    finite = [i for i, s in enumerate(sweep) if _finite(s.get("score"))]
+    finite = [i for i, s in enumerate(sweep) if is_finite(s.get("score"))]
     return max(finite, key=lambda i: (sweep[i]["score"], -i)) if finite else None
 
 
@@ -474,7 +470,7 @@ def compare(a: dict, b: dict, metric: str, gold: Sequence[float] | None, key: st
     ``key == "test_score"``, with predictions and ``gold``: :func:`paired_bootstrap_examples`), and
     ``wins`` (seeds where ``a >= b``) of ``n``."""
     seeds = sorted(s for s in set(a["per_seed"]) & set(b["per_seed"])
-                   if _finite(a["per_seed"][s].get(key)) and _finite(b["per_seed"][s].get(key)))
+                   if is_finite(a["per_seed"][s].get(key)) and is_finite(b["per_seed"][s].get(key)))
     diffs = {s: a["per_seed"][s][key] - b["per_seed"][s][key] for s in seeds}
     out: dict[str, Any] = {"diffs": diffs, "seeds": bootstrap_mean_ci(list(diffs.values()), seed=seed),
                            "wins": sum(d >= 0 for d in diffs.values()), "n": len(diffs), "examples": None}
@@ -550,7 +546,7 @@ def _fmt_ci(ci: dict | None, digits: int = 4) -> str:
     if not ci or ci.get("mean") is None:
         return "—"
     s = f"{ci['mean']:+.{digits}f}"
-    if ci.get("low") is not None and ci.get("high") is not None and _finite(ci["low"]) and _finite(ci["high"]):
+    if ci.get("low") is not None and ci.get("high") is not None and is_finite(ci["low"]) and is_finite(ci["high"]):
         s += f" [{ci['low']:+.{digits}f}, {ci['high']:+.{digits}f}]"
     return s
 
@@ -1078,7 +1074,7 @@ def run_search(task: str, searcher: str, seed: int, trials: int, examples: int, 
         scored = predict_test(load_trained(kept_dir(result.path, best["trial_id"])), Recipe.model_validate(best["recipe"]),
                               data_dir)
         preds, gold = scored["predictions"], scored["gold"]
-        if _finite(best.get("test_score")) and not math.isclose(scored["score"], best["test_score"], abs_tol=1e-6):
+        if is_finite(best.get("test_score")) and not math.isclose(scored["score"], best["test_score"], abs_tol=1e-6):
             log(f"note: the pick's test score re-scored {scored['score']:.6f}, the search reported {best['test_score']:.6f}")
     pareto = [{k: v for k, v in r.items() if k != "recipe"} | {"methods": [c.get("method") for c in r["recipe"]["components"]]}
               for r in result.pareto]
@@ -1380,7 +1376,7 @@ def main(argv: list[str] | None = None) -> int:
             b = rec["best"]
             say(f"  done in {rec['run_time_s']:.0f} s: {len(rec['trials'])} trials, front of {len(rec['pareto'])}, "
                 f"{search_compute(rec['trials']):,} examples spent; best pick "
-                + (f"dev {b['score']:.4f}, test {b['test_score']:.4f}" if b and _finite(b.get("test_score")) else "none"))
+                + (f"dev {b['score']:.4f}, test {b['test_score']:.4f}" if b and is_finite(b.get("test_score")) else "none"))
         else:
             p = rec["sweep"][rec["picked"]] if rec["picked"] is not None else None
             say(f"  done in {rec['run_time_s']:.0f} s: picked lr {p['learning_rate']:g} (dev {p['score']:.4f}), test "

@@ -1,6 +1,7 @@
 """Install as users install (issue 9, deliverable 7): what a wheel needs to work away from the source tree.
 
-* the shipped search spaces are package data, found through ``importlib.resources``;
+* the shipped search spaces (``search_spaces/`` at the top of the repository) are package data of a
+  built wheel, found through ``importlib.resources``;
 * every library the package imports is a declared dependency (scikit-learn once was not);
 * an offline ``--backbone org/name`` fails at once with one line: when the hub does not answer a TCP
   connection within ``HUB_CONNECT_TIMEOUT_S``, transformers is asked for the local cache only
@@ -9,9 +10,10 @@
 """
 
 import ast
-import fnmatch
 import importlib.metadata
+import os
 import re
+import shutil
 import socket
 import sys
 import tomllib
@@ -32,16 +34,62 @@ def _dist_name(requirement: str) -> str:
     return re.sub(r"[-_.]+", "-", re.match(r"[A-Za-z0-9_.\-]+", requirement).group(0)).lower()
 
 
-def test_shipped_search_spaces_are_package_data():
+def test_shipped_search_spaces_are_read_from_the_top_level_folder_in_a_checkout():
     from autopeft.hpo.space import SPACES_DIR, SearchSpace, shipped_spaces
 
-    package = Path(autopeft.__file__).parent
-    assert Path(str(SPACES_DIR)) == package / "search_spaces"  # inside the package, not the source tree
-    files = sorted(p.name for p in (package / "search_spaces").glob("*"))
-    patterns = PYPROJECT["tool"]["setuptools"]["package-data"]["autopeft"]
-    assert files and all(any(fnmatch.fnmatch(f"search_spaces/{f}", p) for p in patterns) for f in files)
+    if (Path(autopeft.__file__).parent / "search_spaces").is_dir():
+        pytest.skip("autopeft is installed from a wheel here: the wheel test below covers it")
+    assert Path(str(SPACES_DIR)) == ROOT / "search_spaces"  # the design card's top-level folder
     assert shipped_spaces() == ["autopeft_paper", "default", "full"]
     assert SearchSpace.load("default").name == "default"
+
+
+def test_the_package_list_holds_every_package():
+    """pyproject.toml lists the packages (to map search_spaces/ into the package); a new subpackage
+    left out of the list would be missing from the wheel."""
+    listed = set(PYPROJECT["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "autopeft").rglob("__init__.py")}
+    assert found | {"autopeft.search_spaces"} == listed
+    assert PYPROJECT["tool"]["setuptools"]["package-dir"] == {"autopeft.search_spaces": "search_spaces"}
+
+
+def test_a_built_wheel_ships_the_search_spaces_inside_the_package(tmp_path):
+    """Build the wheel from the project's files (no network: ``--no-build-isolation``), unpack it as an
+    installation would, and import autopeft from there, in another folder: the spaces are package data."""
+    import subprocess
+    import zipfile
+
+    src = tmp_path / "src"
+    for name in ("pyproject.toml", "README.md"):
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        (src / name).write_bytes((ROOT / name).read_bytes())
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for folder in ("autopeft", "search_spaces"):
+        shutil.copytree(ROOT / folder, src / folder, ignore=ignore)
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation",
+                            "-q", "-w", str(tmp_path / "dist")], capture_output=True, text=True, timeout=300)
+    if built.returncode != 0 and "No module named" in built.stderr:
+        pytest.skip(f"cannot build a wheel here: {built.stderr.strip().splitlines()[-1]}")
+    assert built.returncode == 0, built.stderr
+    wheel = next((tmp_path / "dist").glob("autopeft-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    spaces = sorted(n for n in names if n.startswith("autopeft/search_spaces/"))
+    assert spaces == [f"autopeft/search_spaces/{s}.yaml" for s in ("autopeft_paper", "default", "full")]
+    assert not any(n.startswith("search_spaces/") for n in names)
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    code = ("import autopeft; from autopeft.hpo.space import SPACES_DIR, SearchSpace, shipped_spaces; "
+            "print(autopeft.__file__); print(SPACES_DIR); print(shipped_spaces()); print(SearchSpace.load('full').name)")
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    run = subprocess.run([sys.executable, "-c", code], cwd=elsewhere, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr
+    where, spaces_dir, shipped, full = run.stdout.strip().splitlines()[-4:]
+    assert Path(where).parent == site / "autopeft"  # the unpacked wheel, not the source tree
+    assert Path(spaces_dir) == site / "autopeft" / "search_spaces"
+    assert shipped == "['autopeft_paper', 'default', 'full']" and full == "full"
 
 
 def test_every_imported_library_is_a_declared_dependency():

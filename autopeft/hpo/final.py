@@ -22,8 +22,8 @@ import statistics
 from pathlib import Path
 from typing import Any, Callable
 
-#: Folder of a search that keeps its trials' trained weights (one sub-folder per trial id).
-TRAINED_SUBDIR = "trained"
+from autopeft.hpo.runs import TRAINED_SUBDIR  # noqa: F401  (its old home)
+
 #: ``--reference`` kinds.
 REFERENCES = ("full",)
 #: Learning rate of the full fine-tuning reference (BERT's fine-tuning range, Devlin et al.

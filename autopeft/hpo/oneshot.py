@@ -43,12 +43,12 @@ from typing import Any, Callable
 import torch
 
 from autopeft.hpo.space import SearchSpace, _requirements_met
+from autopeft.methods.base import get_method
 from autopeft.recipe import Recipe, RecipeError, count_recipe, recipe_from_dict
+from autopeft.errors import CompositionError
 
 #: Validation examples the gates are read on (and the supernet's own evaluation is limited to).
 GATE_EXAMPLES = 256
-#: Methods never put in the supernet: AdapterFusion needs stage-one adapter folders.
-_SKIP_METHODS = ("adapter_fusion",)
 
 
 @dataclass
@@ -127,8 +127,9 @@ def _candidates(space: SearchSpace, say: Callable[[str], None]) -> list[str]:
     keys, groups_seen = [], set()
     for key in space.methods:
         method = space.component_methods.get(key, key)
-        if method in _SKIP_METHODS:
-            say(f"one-shot: {key} left out ({method} needs stage-one adapter folders)")
+        why_not = get_method(method).why_not_one_shot  # e.g. AdapterFusion needs stage-one adapter folders
+        if why_not:
+            say(f"one-shot: {key} left out ({method} {why_not})")
             continue
         group = space.groups.get(key)
         if group is not None:
@@ -214,7 +215,6 @@ def _meta_gates(recipe: Recipe, keys: list[str]) -> dict[str, list[str]]:
 def _supernet(space: SearchSpace, base: dict[str, Any], keys: list[str], examples: int, shared: dict[str, Any],
               say: Callable[[str], None]) -> tuple[list[str], Recipe | None, dict[str, list[str]]]:
     """Add the candidates one by one: drop one that conflicts with those before it, or has no gate."""
-    from autopeft.model import CompositionError
     from autopeft.recipe import check_recipe
 
     accepted: list[str] = []
@@ -308,8 +308,6 @@ def _proposals(space: SearchSpace, base: dict[str, Any], param_limit: int, impor
     """Greedy subsets by importance: add the next component (at the supernet's settings, else shrunk
     along its choice dimensions) when the subset stays within ``param_limit``; every grown subset
     is a proposal (unless it is already a start point of the space)."""
-    from autopeft.model import CompositionError
-
     counted: dict[str, int | None] = {}
 
     def signature(point: dict[str, Any]) -> str:

@@ -52,10 +52,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-#: The driver's resume state, in the search folder.
-CHECKPOINT_FILE = "checkpoint.pkl"
-#: The arguments the search was started with and its MLflow parent run, in the search folder.
-REQUEST_FILE = "resume.json"
+from autopeft.errors import AutopeftError
+# The run folder's file names (the driver's resume state; the arguments and MLflow parent run).
+from autopeft.hpo.runs import CHECKPOINT_FILE, REQUEST_FILE, RESULT_FILE, SEARCH_FILE
+
 #: Settings (``search.json`` keys) that may differ on resume: where and how wide trials run.
 MAY_CHANGE_ON_RESUME = ("cpus_per_trial", "gpus_per_trial", "ray_address")
 #: Record statuses of trials that did not end: ``running`` (the driver was killed) and ``interrupted``
@@ -65,7 +65,7 @@ UNFINISHED = ("running", "interrupted")
 _VERSION = 1
 
 
-class ResumeError(ValueError):
+class ResumeError(AutopeftError, ValueError):
     """A search folder that exists without ``--resume``, a missing or finished one with it, or a
     resume whose settings differ from the search's own."""
 
@@ -340,10 +340,10 @@ def open_search_folder(out: Path, resume: bool) -> dict[str, Any] | None:
             raise ResumeError(f"search {out.name!r} already exists in {out.parent}: add --resume to continue it, "
                               "or pick another --name")
         return None
-    if not (out / "search.json").is_file():
+    if not (out / SEARCH_FILE).is_file():
         raise ResumeError(f"no search {out.name!r} to resume in {out.parent}")
-    if (out / "result.json").is_file():
-        raise ResumeError(f"search {out.name!r} already finished (see {out / 'result.json'}); nothing to resume")
+    if (out / RESULT_FILE).is_file():
+        raise ResumeError(f"search {out.name!r} already finished (see {out / RESULT_FILE}); nothing to resume")
     if not (out / REQUEST_FILE).is_file():
         raise ResumeError(f"search {out.name!r} has no {REQUEST_FILE} (started by an autopeft without resume); "
                           "it cannot be resumed")
@@ -369,7 +369,7 @@ def check_same_settings(out: Path, settings: dict[str, Any]) -> None:
     Raises:
         ResumeError: the first setting that differs, with both values.
     """
-    stored = json.loads((Path(out) / "search.json").read_text())
+    stored = json.loads((Path(out) / SEARCH_FILE).read_text())
     now = json.loads(json.dumps(settings, default=str))
     for key in sorted(set(stored) | set(now)):
         if key in MAY_CHANGE_ON_RESUME or stored.get(key) == now.get(key):

@@ -54,7 +54,6 @@ its sampler. Optuna's NSGA-II sampler holds a ``threading.Lock``, which cannot b
 from __future__ import annotations
 
 import json
-import math
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -63,9 +62,9 @@ import optuna
 from optuna.trial import TrialState
 
 from autopeft.hpo.space import Dim, SearchSpace
+from autopeft.errors import AutopeftError
+from autopeft._util import is_finite
 
-#: Searcher names accepted by ``--searcher``.
-SEARCHERS = ("tpe", "random", "nsga2", "qnehvi")
 #: Consecutive samples that were rejected or duplicates after which the searcher gives up (the
 #: space is nearly all infeasible, or every configuration the sampler still proposes was tried).
 MAX_CONSECUTIVE_REJECTS = 500
@@ -98,7 +97,7 @@ class PicklableNSGAIISampler(optuna.samplers.NSGAIISampler):
             setattr(self, k, threading.RLock() if reentrant else threading.Lock())
 
 
-class SearcherError(ValueError):
+class SearcherError(AutopeftError, ValueError):
     """Unknown searcher name, or a searcher whose library is not installed."""
 
 
@@ -110,21 +109,32 @@ def make_sampler(name: str, seed: int, n_startup_trials: int = 6):
     Raises:
         SearcherError: unknown name, or ``qnehvi`` without BoTorch / optuna-integration.
     """
-    if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=n_startup_trials, multivariate=True)
-    if name == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    if name == "nsga2":
-        return PicklableNSGAIISampler(seed=seed, population_size=max(4, n_startup_trials))
-    if name == "qnehvi":
-        try:
-            from optuna_integration import BoTorchSampler
-            from optuna_integration.botorch import qnehvi_candidates_func
-        except ImportError:
-            raise SearcherError("searcher 'qnehvi' needs BoTorch: pip install 'autopeft[botorch]' "
-                                "(botorch and optuna-integration)") from None
-        return BoTorchSampler(candidates_func=qnehvi_candidates_func, n_startup_trials=n_startup_trials, seed=seed)
-    raise SearcherError(f"unknown searcher {name!r}; valid: {', '.join(SEARCHERS)}")
+    if name not in SAMPLERS:
+        raise SearcherError(f"unknown searcher {name!r}; valid: {', '.join(SEARCHERS)}")
+    return SAMPLERS[name](seed, n_startup_trials)
+
+
+def _qnehvi(seed: int, n_startup_trials: int):
+    """qNEHVI through BoTorch (the AutoPEFT paper's multi-objective Bayesian optimisation)."""
+    try:
+        from optuna_integration import BoTorchSampler
+        from optuna_integration.botorch import qnehvi_candidates_func
+    except ImportError:
+        raise SearcherError("searcher 'qnehvi' needs BoTorch: pip install 'autopeft[botorch]' "
+                            "(botorch and optuna-integration)") from None
+    return BoTorchSampler(candidates_func=qnehvi_candidates_func, n_startup_trials=n_startup_trials, seed=seed)
+
+
+#: The searchers: ``--searcher`` name -> ``factory(seed, n_startup_trials)`` of its seeded, picklable
+#: Optuna sampler. A new searcher is one entry here (and its factory).
+SAMPLERS: dict[str, Callable[[int, int], Any]] = {
+    "tpe": lambda seed, n: optuna.samplers.TPESampler(seed=seed, n_startup_trials=n, multivariate=True),
+    "random": lambda seed, n: optuna.samplers.RandomSampler(seed=seed),
+    "nsga2": lambda seed, n: PicklableNSGAIISampler(seed=seed, population_size=max(4, n)),
+    "qnehvi": _qnehvi,
+}
+#: Searcher names accepted by ``--searcher``.
+SEARCHERS = tuple(SAMPLERS)
 
 
 def optuna_distribution(dim: Dim):
@@ -302,7 +312,7 @@ class SpaceSearcher(_ray_searcher_base()):
         if trial is None:
             return
         score = (result or {}).get("score")
-        if error or result is None or result.get("status") == "failed" or not _finite(score):
+        if error or result is None or result.get("status") == "failed" or not is_finite(score):
             state, values = TrialState.FAIL, None
         elif int(result.get("examples_seen", 0)) >= self.top:
             state = TrialState.COMPLETE
@@ -382,7 +392,3 @@ def _count_points(distributions: dict[str, Any]) -> int | None:
         else:
             return None
     return n
-
-
-def _finite(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)

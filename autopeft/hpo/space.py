@@ -1,6 +1,6 @@
 """Search spaces as data: a YAML file of dimensions over method choice and hyperparameters.
 
-Format (``autopeft/search_spaces/default.yaml`` is the reference)::
+Format (``search_spaces/default.yaml`` is the reference)::
 
     name: default
     fidelity: {max_train_examples: 24000, min_train_examples: 2688, reduction_factor: 3}
@@ -50,23 +50,37 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from autopeft.methods.base import get_method
+from autopeft.methods.base import get_method, spec_of
 from autopeft.recipe import Recipe, recipe_from_dict
+from autopeft._util import read_yaml
+from autopeft.errors import AutopeftError
 
-#: Where the shipped search spaces live: ``autopeft/search_spaces/*.yaml``, package data read through
-#: :mod:`importlib.resources`, so an installed wheel finds them too (a Traversable, a Path on disk).
-SPACES_DIR = importlib.resources.files("autopeft") / "search_spaces"
+
+def _spaces_dir():
+    """The shipped search spaces: ``search_spaces/`` at the top of the repository, installed inside the
+    package as ``autopeft/search_spaces/`` (pyproject.toml maps it). Installed: that package data, read
+    through :mod:`importlib.resources` (a Traversable, a Path on disk); in a source checkout (or an
+    editable install, which maps the folder but leaves the package folder without it): the repository's
+    own folder."""
+    packaged = importlib.resources.files("autopeft") / "search_spaces"
+    if packaged.is_dir():
+        return packaged
+    return Path(__file__).resolve().parents[2] / "search_spaces"
+
+
+#: Where the shipped search spaces live (:func:`_spaces_dir`).
+SPACES_DIR = _spaces_dir()
 
 
 def shipped_spaces() -> list[str]:
-    """Names of the search spaces shipped in the package (``default``, ``full``, ...), sorted."""
+    """Names of the search spaces shipped with autopeft (``default``, ``full``, ...), sorted."""
     return sorted(p.name[:-len(".yaml")] for p in SPACES_DIR.iterdir() if p.name.endswith(".yaml"))
+
+
 _KINDS = ("choice", "uniform", "loguniform", "int", "logint")
 
 
-class SearchSpaceError(ValueError):
+class SearchSpaceError(AutopeftError, ValueError):
     """An invalid search-space file."""
 
 
@@ -176,11 +190,7 @@ class SearchSpace:
             path = SPACES_DIR / f"{name_or_path}.yaml"
         if not path.is_file():
             raise SearchSpaceError(f"search space {str(name_or_path)!r} not found; shipped: {', '.join(shipped_spaces())}")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise SearchSpaceError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict(read_yaml(path, SearchSpaceError), source=str(path))
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "") -> "SearchSpace":
@@ -197,7 +207,8 @@ class SearchSpace:
                 spec = get_method(method)
             except ValueError as exc:
                 raise SearchSpaceError(str(exc)) from None
-            params.setdefault("enabled", [True, False])
+            for pname, pspec in {**spec.search_defaults, "enabled": [True, False]}.items():
+                params.setdefault(pname, pspec)
             fields = set(spec.config_cls.model_fields) - {"method"}
             for pname, pspec in params.items():
                 if pname != "enabled" and pname not in fields:
@@ -252,7 +263,7 @@ class SearchSpace:
         """This space without what cannot run on the backbone of ``config`` (a transformers config).
 
         Components whose method the backbone's family does not support
-        (:meth:`autopeft.arch.Family.unsupported_methods`, e.g. prefixes on DeBERTa's relative
+        (:func:`autopeft.methods.base.unsupported_methods`, e.g. prefixes on DeBERTa's relative
         attention, BitFit on bias-free Llama) are dropped, with their dimensions, from ``one_of``
         choices and from start points that turn them on; ``cls`` pooling is dropped on decoder
         families (their first token sees only itself). Returns the new space and one note per drop
@@ -375,7 +386,8 @@ class SearchSpace:
         Counts on the meta device: ``count_recipe(self.to_recipe(point, base))``. Approach: every
         component adds its own modules in its own slots (and its own gates), so a configuration with
         several components has at least the parameters of each of them alone; the minimum is a single
-        component. For each component (``full_finetuning`` aside, it is no PEFT method) the point
+        component. For each component (one whose method is no PEFT method, such as full fine-tuning, aside:
+        ``MethodSpec.is_peft``) the point
         starts with that component alone (other components off, other ``one_of`` groups ``none``) at
         its dimensions' first values; then every dimension of the component and the shared ones
         (``gating``, ``pooling``, ``quantization``, ``layer.<i>``) in turn tries each of its choices
@@ -403,7 +415,7 @@ class SearchSpace:
         def count(values: dict[str, Any]) -> int | None:
             try:
                 recipe = self.to_recipe({k: tunable[k].encode(v) for k, v in values.items()}, base)
-                if not any(c.method != "full_finetuning" for c in recipe.components):
+                if not any(spec_of(c).is_peft for c in recipe.components):
                     return None
                 return count_recipe(recipe).trainable_params
             except RecipeError:
@@ -417,7 +429,7 @@ class SearchSpace:
         shared = [k for k in tunable if k in ("gating", "pooling", "quantization") or k.startswith("layer.")]
         best: tuple[dict[str, Any], int] | None = None
         for key in self.methods:
-            if self.component_methods.get(key, key) == "full_finetuning":
+            if not get_method(self.component_methods.get(key, key)).is_peft:
                 continue
             values = {k: d.default() for k, d in tunable.items()}
             for k in tunable:

@@ -40,9 +40,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from autopeft.hpo.interrupt import GracefulStop, SearchInterrupted, signal_name
+from autopeft.hpo.runs import TRIALS_FILE
 from autopeft.hpo.space import SearchSpace
 from autopeft.progress import PROGRESS_DIR, progress_file
 from autopeft.tracking import cut_value
+from autopeft.errors import AutopeftError
 
 @dataclass
 class TrialRecord:
@@ -106,8 +108,10 @@ class TuneSettings:
 MAX_ERROR_CHARS = 20_000
 
 
-class NonFiniteScore(FloatingPointError):
+class NonFiniteScore(AutopeftError, FloatingPointError):
     """A rung's score is NaN or infinite (e.g. STS-B's Pearson of constant predictions): the trial fails."""
+
+    user_error = False
 
 
 def _trial_fn(config: dict[str, Any], space: SearchSpace, base: dict[str, Any], rungs: list[int],
@@ -189,12 +193,12 @@ def _has_gpu() -> bool:
     return torch.cuda.is_available()
 
 
-class RayStartError(RuntimeError):
+class RayStartError(AutopeftError, RuntimeError):
     """Ray could not start locally or reach the cluster at ``--ray-address`` (one line, with what to
     check); the CLI exits 2 on it, as on other bad settings."""
 
 
-class ClusterTooSmall(ValueError):
+class ClusterTooSmall(AutopeftError, ValueError):
     """A trial asks for more CPUs or GPUs than the whole Ray cluster has: no trial could ever start."""
 
 
@@ -445,7 +449,7 @@ def run_tune(space: SearchSpace, base: dict[str, Any], param_limit: int, setting
         """Keep ``trials.json`` current, so an interrupted search loses no finished trial."""
         # The resume state first: trials.json never shows a trial that a resume would not know.
         save_checkpoint(settings.storage_path, records, searcher, scheduler, generator, time.time() - t0, force=force)
-        path = Path(settings.storage_path) / "trials.json"
+        path = Path(settings.storage_path) / TRIALS_FILE
         path.write_text(json.dumps([r.as_dict() for r in records.values()], indent=2, default=str))
 
     searcher = SpaceSearcher(space, base, param_limit, sampler, fid.max_train_examples, start_points,

@@ -57,7 +57,7 @@ from pydantic import AliasChoices, Field, model_validator
 from torch import nn
 
 from autopeft.arch import LINEAR_TARGETS
-from autopeft.methods.base import MethodConfig, TargetModules, register
+from autopeft.methods.base import MethodConfig, PeftMapping, PeftTarget, TargetModules, register
 from autopeft.methods.lora import LinearWrapper, MergedAdapterError, check_rank
 
 
@@ -321,7 +321,35 @@ class RankAllocator:
         return self.cfg.orth_reg_weight * torch.stack([m.orthogonality() for m in self.modules]).sum() / (2 * len(self.modules))
 
 
-@register("adalora", AdaLoraConfig, paper="arXiv:2303.10512")
+def adalora_peft(cfg: AdaLoraConfig, target: PeftTarget) -> tuple:
+    """peft's ``AdaLoraConfig``; ``lora_E`` scaled by ``(r + 1e-5) / r``: peft divides by ``ranknum + 1e-5``
+    where autopeft divides by ``r``."""
+    import peft
+
+    tr = target.recipe.training
+    total = cfg.total_step or math.ceil((tr.schedule_examples or tr.max_train_examples) / tr.batch_size)
+    pc = peft.AdaLoraConfig(task_type="SEQ_CLS", init_r=cfg.init_r, target_r=cfg.target_r, tinit=cfg.tinit,
+                            tfinal=cfg.tfinal, deltaT=cfg.deltaT, beta1=cfg.beta1, beta2=cfg.beta2,
+                            orth_reg_weight=cfg.orth_reg_weight, lora_alpha=cfg.lora_alpha,
+                            lora_dropout=cfg.lora_dropout, total_step=total, target_modules=sorted(target.wrappers),
+                            bias=target.bias)
+
+    def fill(pm) -> None:
+        from peft.tuners.adalora import AdaLoraLayer
+
+        for name, layer in pm.named_modules():
+            if isinstance(layer, AdaLoraLayer):
+                ours = target.wrappers[name.removeprefix("base_model.model.")]
+                # peft scales by alpha / (ranknum + 1e-5) with ranknum = r (float32); autopeft by alpha / r
+                ranknum = layer.ranknum["default"].detach().float()
+                layer.lora_A["default"].copy_(ours.lora_A)
+                layer.lora_B["default"].copy_(ours.lora_B)
+                layer.lora_E["default"].copy_(ours.lora_E * ((ranknum + 1e-5) / ours.r))
+    return pc, fill, []
+
+
+@register("adalora", AdaLoraConfig, paper="arXiv:2303.10512", merges=True,
+          peft=PeftMapping(adalora_peft, carries_bias=True, label="AdaLoRA"))
 def apply_adalora(model, cfg: AdaLoraConfig) -> None:
     """Wrap every ``target_modules`` Linear of every selected layer in an :class:`SVDLinear` and
     register the orthogonality regulariser and the rank-allocation step hook on ``model``.

@@ -112,7 +112,9 @@ def make_adapter(model, cfg: AdapterConfig, placement: str, layer: int, gate_key
                              residual=placement == "serial", gate=model.layer_gate(cfg, layer, gate_key))
 
 
-@register("adapter", AdapterConfig, paper="arXiv:1902.00751")
+@register("adapter", AdapterConfig, paper="arXiv:1902.00751",
+          why_not_peft="peft has no bottleneck adapters (Houlsby / Pfeiffer, serial or parallel)",
+          why_not_merge="a bottleneck adapter has a non-linearity and cannot be folded into the backbone's weights")
 def apply_adapter(model, cfg: AdapterConfig, name: str = "adapter") -> None:
     """Attach one adapter per selected layer and sublayer; unfreeze LayerNorms for Houlsby."""
     train_ln = cfg.variant == "houlsby" if cfg.train_layernorm is None else cfg.train_layernorm

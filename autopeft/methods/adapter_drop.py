@@ -43,6 +43,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from autopeft.methods.base import MethodConfig, register
+from autopeft.errors import CompositionError
 
 
 class AdapterDropConfig(MethodConfig):
@@ -104,13 +105,11 @@ class AdapterDropController(nn.Module):
 
     def hosts(self) -> list[tuple[int, nn.Module]]:
         """``(layer, host)`` for every sublayer whose adapter host holds an adapter or a fusion."""
-        from autopeft.model import ADAPTER_HOSTS
-
         out = []
         for layer in range(self._encoder.num_layers):
             for spec in self._encoder.family.sublayers.values():
                 host = self._encoder.get(layer, spec.path)
-                if isinstance(host, ADAPTER_HOSTS) and (len(host.serial) or len(host.parallel) or host.fusion is not None):
+                if getattr(host, "adapter_host", False) and (len(host.serial) or len(host.parallel) or host.fusion is not None):
                     out.append((layer, host))
         return out
 
@@ -160,7 +159,9 @@ class AdapterDropController(nn.Module):
             self.drop(n)
 
 
-@register("adapter_drop", AdapterDropConfig, paper="arXiv:2010.11918")
+@register("adapter_drop", AdapterDropConfig, paper="arXiv:2010.11918",
+          why_not_peft="peft has no bottleneck adapters, so no AdapterDrop",
+          why_not_merge="bottleneck adapters cannot be folded into the backbone's weights")
 def apply_adapter_drop(model, cfg: AdapterDropConfig) -> None:
     """Install the drop controller (``model.extras["adapter_drop"]``) on the adapters built so far.
 
@@ -168,8 +169,6 @@ def apply_adapter_drop(model, cfg: AdapterDropConfig) -> None:
         CompositionError: no adapter host exists yet (put ``adapter``/``adapter_fusion``/... before
             ``adapter_drop``), a second ``adapter_drop``, or ``n``/``max_train_drop`` > L.
     """
-    from autopeft.model import CompositionError
-
     model.claim(("adapter_drop",))
     num_layers = model.encoder.num_layers
     max_train = cfg.n if cfg.max_train_drop is None else cfg.max_train_drop

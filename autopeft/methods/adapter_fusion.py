@@ -51,7 +51,8 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from autopeft.methods.adapter import AdapterConfig, make_adapter
-from autopeft.methods.base import MethodConfig, register
+from autopeft.methods.base import MethodConfig, TrainedFolder, register
+from autopeft.errors import CompositionError
 
 #: Name of the adapter inside a stage-1 model (``apply_adapter``'s default slot name).
 STAGE1_ADAPTER_NAME = "adapter"
@@ -138,8 +139,6 @@ def stage1_adapter_config(recipe, where: str = "stage-1 recipe") -> AdapterConfi
     Raises:
         CompositionError: any other component, no adapter, a parallel adapter, trained LayerNorms.
     """
-    from autopeft.model import CompositionError
-
     comps = list(recipe.components)
     if len(comps) != 1 or comps[0].method != "adapter":
         got = [c.method for c in comps]
@@ -166,8 +165,8 @@ def _default_names(tasks: Iterable[str]) -> list[str]:
 
 @dataclass
 class Stage1Adapter:
-    """A stage-1 adapter as the fusion needs it, loaded by :func:`autopeft.fusion.load_stage1`
-    (reached through :meth:`autopeft.model.PeftModel.load_stage1`, so this module never reads files).
+    """A stage-1 adapter as the fusion needs it (:func:`stage1_of` a folder the model read through
+    :meth:`autopeft.model.PeftModel.trained_folder`, so this module never reads files).
 
     Attributes:
         path: the folder. task: the stage-1 task (default slot name). config: its adapter component,
@@ -183,9 +182,53 @@ class Stage1Adapter:
     tensors: dict[str, torch.Tensor] | None = None
 
 
-def _check_backbone(model, source: Stage1Adapter) -> None:
-    from autopeft.model import CompositionError
+def stage1_of(folder: TrainedFolder) -> Stage1Adapter:
+    """The stage-1 adapter of a trained folder: its adapter component (``gated`` resolved from the
+    stage-1 recipe's ``gating``, so the adapter is rebuilt exactly as stage 1 trained it), its task,
+    its backbone's config and tensors.
 
+    Raises:
+        CompositionError: the folder's recipe is not a fusable single serial adapter (:func:`stage1_adapter_config`).
+    """
+    acfg = stage1_adapter_config(folder.recipe, where=folder.path)
+    acfg = acfg.model_copy(update={"gated": folder.recipe.gating if acfg.gated is None else acfg.gated})
+    return Stage1Adapter(folder.path, folder.task, acfg, folder.backbone_config, folder.tensors)
+
+
+def load_stage1(model, folder: str, with_tensors: bool = True) -> Stage1Adapter:
+    """The stage-1 adapter in ``folder``, read through ``model``'s folder reader.
+
+    Raises:
+        CompositionError: not a stage-1 folder, a recipe that does not load, or one that is not fusable.
+    """
+    try:
+        read = model.trained_folder(folder, with_tensors=with_tensors, kind="stage-1 folder")
+    except CompositionError as exc:
+        raise CompositionError(f"adapter_fusion: {exc}") from None
+    return stage1_of(read)
+
+
+def fusion_as_built(model, cfg: AdapterFusionConfig) -> AdapterFusionConfig:
+    """``cfg`` listing only the stage-1 adapters still fused in ``model`` (after
+    :func:`prune_fusion_adapters`), with their slot names; ``cfg`` itself when nothing was pruned.
+
+    The fusion's Q/K/V do not depend on the number of adapters, so the saved fusion weights fit the
+    pruned recipe (``load_trained`` rebuilds the pruned model).
+
+    Raises:
+        CompositionError: a stage-1 folder of the recipe can no longer be read (default names need its task).
+    """
+    present = {n for _, _, host in fusion_hosts(model) for n in host.serial.keys()}
+    names = cfg.names
+    if names is None:
+        names = _default_names(load_stage1(model, f, with_tensors=False).task for f in cfg.adapters)
+    kept = [(f, n) for f, n in zip(cfg.adapters, names) if n in present]
+    if kept and len(kept) < len(cfg.adapters):
+        return cfg.model_copy(update={"adapters": [f for f, _ in kept], "names": [n for _, n in kept]})
+    return cfg
+
+
+def _check_backbone(model, source: Stage1Adapter) -> None:
     src, own = source.backbone_config, model.backbone.config
     if src is None:
         return
@@ -195,7 +238,9 @@ def _check_backbone(model, source: Stage1Adapter) -> None:
                                    f"vs {getattr(own, key, None)})")
 
 
-@register("adapter_fusion", AdapterFusionConfig, paper="arXiv:2005.00247")
+@register("adapter_fusion", AdapterFusionConfig, paper="arXiv:2005.00247", why_not_peft="peft has no AdapterFusion",
+          why_not_merge="AdapterFusion attends over adapter outputs and cannot be folded into the backbone's weights",
+          why_not_one_shot="needs stage-one adapter folders", as_built=fusion_as_built)
 def apply_adapter_fusion(model, cfg: AdapterFusionConfig) -> None:
     """Load the stage-1 adapters (frozen) and add one trainable fusion layer per fused sublayer.
 
@@ -204,12 +249,10 @@ def apply_adapter_fusion(model, cfg: AdapterFusionConfig) -> None:
             its weights do not fit this backbone, ``names`` has the wrong length, ``gated`` is set,
             or no adapter falls in ``layers``/``sublayers``.
     """
-    from autopeft.model import CompositionError
-
     if cfg.gated:
         raise CompositionError("adapter_fusion cannot be gated (the stage-1 adapters keep their own gates)")
     meta = next(model.backbone.parameters()).device.type == "meta"
-    sources = [model.load_stage1(folder, with_tensors=not meta) for folder in cfg.adapters]
+    sources = [load_stage1(model, folder, with_tensors=not meta) for folder in cfg.adapters]
     names = cfg.names or _default_names(s.task for s in sources)
     if len(names) != len(sources):
         raise CompositionError(f"adapter_fusion: {len(names)} names for {len(sources)} adapters")
@@ -275,13 +318,11 @@ def apply_adapter_fusion(model, cfg: AdapterFusionConfig) -> None:
 
 def fusion_hosts(model) -> list[tuple[int, str, nn.Module]]:
     """``(layer, sublayer, host)`` of every sublayer whose adapter host has a fusion layer."""
-    from autopeft.model import ADAPTER_HOSTS
-
     out = []
     for layer in range(model.encoder.num_layers):
         for which in model.family.sublayers:
             host = model.encoder.get(layer, model.sublayer_path(which))
-            if isinstance(host, ADAPTER_HOSTS) and host.fusion is not None:
+            if getattr(host, "adapter_host", False) and host.fusion is not None:
                 out.append((layer, which, host))
     return out
 

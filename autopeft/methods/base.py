@@ -8,13 +8,17 @@ A method is a module with
   through that model's composition API (``wrap_linear``, ``add_adapter``, ``add_prefix``, ...),
   leaving exactly the method's new parameters trainable.
 
-Both join through :func:`register`, once. Parameter accounting is generic: what ``apply`` left
-trainable is what the method costs (see :func:`autopeft.model.count_parameters`).
+Both join through :func:`register`, once, with the method's other facts (:class:`MethodSpec`: its
+peft mapping, whether it merges, ...). Parameter accounting is generic: what ``apply`` left trainable
+is what the method costs (see :func:`autopeft.model.count_parameters`).
+
+The built-in methods are registered by the package :mod:`autopeft.methods`, which Python runs before
+this module whenever anything under it is imported, so the registry is complete when it is read.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict
@@ -119,7 +123,7 @@ class BackboneLimits:
         head_dim = int(getattr(config, "head_dim", None) or d // heads)
         kv = int(getattr(config, "num_key_value_heads", None) or heads)
         return cls(int(config.num_hidden_layers), d, int(f), heads, None if n is None else int(n), source,
-                   fam, kv, head_dim, model_type, tuple(fam.unsupported_methods(config).items()))
+                   fam, kv, head_dim, model_type, tuple(unsupported_methods(fam.missing_features(config)).items()))
 
     def linear_shape(self, target: str) -> tuple[int, int]:
         """``(d_in, d_out)`` of Linear slot ``target`` on this backbone (GQA keys/values are
@@ -151,13 +155,116 @@ class BackboneLimits:
 
 
 @dataclass(frozen=True)
+class TrainedFolder:
+    """A folder written by :func:`autopeft.trainer.save_trained` that a component reads (AdapterFusion's
+    stage-one adapters), as :meth:`autopeft.model.PeftModel.trained_folder` hands it to a method:
+    methods never read files themselves; the edge that builds the model reads them.
+
+    Attributes:
+        path: the folder. recipe: its recipe. task: its task's name. backbone_config: its backbone's
+        transformers config (``None`` when it cannot be loaded). tensors: its saved tensors by name
+        (``None`` when not read, e.g. on the meta device).
+    """
+
+    path: str
+    recipe: Any
+    task: str
+    backbone_config: Any = None
+    tensors: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class PeftTarget:
+    """What the peft export (:mod:`autopeft.hf_export`) hands a method's :attr:`PeftMapping.build`.
+
+    Attributes:
+        model: the trained autopeft ``PeftModel``.
+        recipe: its recipe.
+        wrappers: backbone path -> the model's LoRA-like ``LinearWrapper`` there (peft's ``target_modules``).
+        extras: ``model.extras`` by name (prompt / prefix encoders).
+        bias: ``"all"`` when a bias-only component (BitFit) rides on this config, else ``"none"``.
+        path_of: the path a module of the model's backbone has in the *unmodified* backbone.
+    """
+
+    model: Any
+    recipe: Any
+    wrappers: dict[str, Any]
+    extras: dict[str, Any]
+    bias: str
+    path_of: Callable[[Any], str]
+
+
+@dataclass(frozen=True)
+class PeftMapping:
+    """How a method's trained tensors become one Hugging Face peft adapter.
+
+    Attributes:
+        build: ``build(cfg, target) -> (peft config, fill, notes)``: the peft config for component
+            ``cfg`` (a :class:`PeftTarget` gives the model), ``fill(peft_model)`` copying autopeft's
+            tensors into the model peft builds from it, and notes for the model card. Called only
+            after :attr:`check` and the generic checks passed.
+        check: ``check(cfg, backbone_config) -> reason | None``: why peft cannot hold this component
+            exactly (one clause); ``backbone_config()`` returns the backbone's transformers config
+            (loaded on the first call).
+        bias_only: the method trains biases only; its peft form is ``bias="all"`` on another
+            component's config (BitFit), or its own ``build`` when it is alone.
+        carries_bias: this method's peft config can train every bias too (``bias="all"``), so a
+            ``bias_only`` component may ride on it.
+        label: how the messages name the method (``LoRA``).
+    """
+
+    build: Callable[[Any, PeftTarget], tuple[Any, Callable[[Any], None], list[str]]]
+    check: Callable[[Any, Callable[[], Any]], str | None] | None = None
+    bias_only: bool = False
+    carries_bias: bool = False
+    label: str = ""
+
+
+@dataclass(frozen=True)
 class MethodSpec:
-    """A registered method: its canonical name, config class, injection function and paper."""
+    """A registered method: its canonical name, config class, injection function and paper, and the
+    facts the rest of autopeft asks instead of testing the method's name.
+
+    Attributes:
+        peft: how it exports to Hugging Face peft, or ``None`` (then ``why_not_peft`` says why).
+        why_not_peft: one clause, the reason peft cannot hold it (``None`` ``peft`` only).
+        merges: its whole effect is a linear update of backbone tensors, so it folds into the weights.
+        why_not_merge: one clause, the reason it cannot be merged (``merges`` false only).
+        quantized_base: it needs the backbone's Linear weights quantised (NF4) before it is applied.
+        is_peft: it counts as a PEFT component (full fine-tuning does not: a search point made only of
+            such components is ``empty``, and the smallest-configuration scan skips them).
+        why_not_one_shot: non-empty when the one-shot supernet must leave it out; the clause says why.
+        needs: backbone features it cannot run without (``prefix``, ``bias``; a family lacking one says
+            so in :attr:`autopeft.arch.Family.unsupported`).
+        search_defaults: dimensions (``{parameter: spec}``, as a search-space file writes them) that a
+            search space gets for a component of this method when it does not set them itself.
+        as_built: ``as_built(model, cfg) -> cfg``: the component as the built ``model`` now holds it
+            (e.g. AdapterFusion after pruning adapters), for saving; return ``cfg`` itself when nothing
+            changed (:func:`autopeft.recipe.recipe_as_built`).
+    """
 
     name: str
     config_cls: type[MethodConfig]
     apply: Callable[["PeftModel", Any], None]
     paper: str
+    peft: PeftMapping | None = None
+    why_not_peft: str = ""
+    merges: bool = False
+    why_not_merge: str = ""
+    quantized_base: bool = False
+    is_peft: bool = True
+    why_not_one_shot: str = ""
+    needs: tuple[str, ...] = ()
+    search_defaults: dict[str, Any] = field(default_factory=dict)
+    as_built: Callable[[Any, Any], Any] | None = None
+
+    def peft_refusal(self) -> str:
+        """Why peft cannot hold this method (its own reason, else a generic clause)."""
+        return self.why_not_peft or f"peft has no counterpart of {self.name}"
+
+    def merge_refusal(self) -> str:
+        """Why this method cannot be merged into the weights (its own reason, else a generic clause)."""
+        return self.why_not_merge or f"{self.name} is not a linear update of the backbone's weights"
 
 
 _REGISTRY: dict[str, MethodSpec] = {}
@@ -169,17 +276,21 @@ CANONICAL_METHODS = (
 )
 
 
-def register(name: str, config_cls: type[MethodConfig], paper: str) -> Callable:
+def register(name: str, config_cls: type[MethodConfig], paper: str, **facts: Any) -> Callable:
     """Decorator that registers ``apply`` as the injection function of method ``name``.
+
+    ``facts`` are the method's other :class:`MethodSpec` fields (``peft``, ``merges``, ...); a method
+    states them here, once, and every other module reads them from :func:`get_method`.
 
     Raises:
         ValueError: ``name`` is already registered.
+        TypeError: an unknown fact.
     """
 
     def deco(apply: Callable) -> Callable:
         if name in _REGISTRY:
             raise ValueError(f"method {name!r} is already registered")
-        _REGISTRY[name] = MethodSpec(name, config_cls, apply, paper)
+        _REGISTRY[name] = MethodSpec(name, config_cls, apply, paper, **facts)
         return apply
 
     return deco
@@ -191,7 +302,6 @@ def get_method(name: str) -> MethodSpec:
     Raises:
         ValueError: unknown name; the message lists the valid ones.
     """
-    _load_builtin()
     if name not in _REGISTRY:
         raise ValueError(f"unknown method {name!r}; valid: {', '.join(available_methods())}")
     return _REGISTRY[name]
@@ -199,7 +309,6 @@ def get_method(name: str) -> MethodSpec:
 
 def available_methods() -> list[str]:
     """Names of all registered methods, canonical order first."""
-    _load_builtin()
     order = {n: i for i, n in enumerate(CANONICAL_METHODS)}
     return sorted(_REGISTRY, key=lambda n: (order.get(n, 99), n))
 
@@ -218,6 +327,17 @@ def parse_component(data: dict[str, Any] | MethodConfig) -> MethodConfig:
     return spec.config_cls.model_validate(data)
 
 
-def _load_builtin() -> None:
-    # Importing the package registers the built-in methods (each module calls ``register``).
-    import autopeft.methods  # noqa: F401
+def unsupported_methods(missing: dict[str, str]) -> dict[str, str]:
+    """Registered methods that need one of the ``missing`` backbone features (feature -> reason), each
+    with the reason of the first such feature."""
+    out = {}
+    for name in available_methods():
+        why = next((missing[need] for need in get_method(name).needs if need in missing), None)
+        if why:
+            out[name] = why
+    return out
+
+
+def spec_of(component: MethodConfig) -> MethodSpec:
+    """The registered :class:`MethodSpec` of a parsed component."""
+    return get_method(component.method)

@@ -25,7 +25,8 @@ from __future__ import annotations
 from pydantic import Field, field_validator
 
 from autopeft.arch import ALL_TARGETS, canonical_target
-from autopeft.methods.base import MethodConfig, register
+from autopeft.methods.base import MethodConfig, PeftMapping, PeftTarget, register
+from autopeft.errors import CompositionError
 
 #: Bias groups beyond the Linear targets: the LayerNorm biases of each layer (the family table's
 #: ``attention`` / ``ffn`` sublayer norms).
@@ -68,14 +69,12 @@ def model_level_biases(model) -> dict[str, list[tuple[str, object]]]:
     Group: ``embeddings`` for names starting with ``embeddings`` below the base model (the embedding
     LayerNorm, ELECTRA's ``embeddings_project``), ``pooler`` for the pooler, else the first name part.
     """
-    from autopeft.model import _is_head
-
     backbone = model.backbone
     in_layers = {id(p) for p in model.encoder.layers.parameters()}
     prefix = getattr(backbone, "base_model_prefix", "") + "."
     out: dict[str, list[tuple[str, object]]] = {}
     for name, p in backbone.named_parameters():
-        if not name.endswith("bias") or _is_head(name) or id(p) in in_layers:
+        if not name.endswith("bias") or model.is_head_parameter(f"backbone.{name}") or id(p) in in_layers:
             continue
         rel = name[len(prefix):] if name.startswith(prefix) else name
         group = "pooler" if rel.startswith("pooler") else "embeddings" if rel.startswith("embeddings") else rel.split(".")[0]
@@ -83,7 +82,30 @@ def model_level_biases(model) -> dict[str, list[tuple[str, object]]]:
     return out
 
 
-@register("bitfit", BitFitConfig, paper="arXiv:2106.10199")
+def bitfit_peft(cfg: BitFitConfig, target: PeftTarget) -> tuple:
+    """BitFit alone: ``bias="all"`` riding on a rank-1 peft LoRA of one matrix whose ``B`` is zero (no
+    update). Beside LoRA / AdaLoRA it rides on their config instead (``PeftMapping.bias_only``)."""
+    import peft
+    import torch
+    from torch import nn
+
+    model = target.model
+    first = next(n for n, m in model.backbone.named_modules()
+                 if isinstance(m, nn.Linear) and not model.is_head_parameter(f"backbone.{n}.weight"))
+    pc = peft.LoraConfig(task_type="SEQ_CLS", r=1, lora_alpha=1, target_modules=[target.path_of(
+        model.backbone.get_submodule(first))], bias=target.bias)
+
+    def fill(pm) -> None:
+        from peft.tuners.lora import LoraLayer
+
+        for _, layer in pm.named_modules():
+            if isinstance(layer, LoraLayer):
+                torch.nn.init.zeros_(layer.lora_B["default"].weight)
+    return pc, fill, []
+
+
+@register("bitfit", BitFitConfig, paper="arXiv:2106.10199", merges=True, needs=("bias",),
+          peft=PeftMapping(bitfit_peft, bias_only=True, label="BitFit"))
 def apply_bitfit(model, cfg: BitFitConfig) -> None:
     """Unfreeze the chosen bias vectors: per-layer groups in the selected layers, model-level ones once.
 
@@ -91,8 +113,6 @@ def apply_bitfit(model, cfg: BitFitConfig) -> None:
         CompositionError: another component claims one of the biases, or a listed model-level group
             (``embeddings``, ``pooler``) does not exist in this backbone (e.g. RoBERTa has no pooler).
     """
-    from autopeft.model import CompositionError
-
     fam = model.family
     if cfg.biases in BIAS_SUBSETS:
         names = [n for n in LAYER_BIASES if n in fam.linear or n in _LAYERNORM_BIASES]

@@ -16,7 +16,8 @@ class FullFineTuningConfig(MethodConfig):
     method: str = "full_finetuning"
 
 
-@register("full_finetuning", FullFineTuningConfig, paper="arXiv:1810.04805")
+@register("full_finetuning", FullFineTuningConfig, paper="arXiv:1810.04805", merges=True, is_peft=False,
+          why_not_peft="full fine-tuning changes the backbone's weights, not an adapter")
 def apply_full_finetuning(model, cfg: FullFineTuningConfig) -> None:
     """Unfreeze the whole backbone."""
     for layer in range(model.encoder.num_layers):

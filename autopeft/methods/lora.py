@@ -26,7 +26,8 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from autopeft.methods.base import MethodConfig, TargetModules, register
+from autopeft.methods.base import MethodConfig, PeftMapping, PeftTarget, TargetModules, register
+from autopeft.errors import AutopeftError
 
 
 class LoraConfig(MethodConfig):
@@ -54,8 +55,10 @@ def check_rank(limits, name: str, r: int, targets) -> None:
                              f"({d_in} x {d_out}) on this backbone: use {name} <= {min(d_in, d_out)}")
 
 
-class MergedAdapterError(RuntimeError):
-    """A merged adapter was asked to train (see the module docstring)."""
+class MergedAdapterError(AutopeftError, RuntimeError):
+    """A merged adapter was asked to train (see the module docstring): a bug in the caller, not bad input."""
+
+    user_error = False
 
 
 class LinearWrapper(nn.Module):
@@ -168,7 +171,26 @@ class LoraLinear(LinearWrapper):
         return out + delta.to(out.dtype)
 
 
-@register("lora", LoraConfig, paper="arXiv:2106.09685")
+def lora_peft(cfg: LoraConfig, target: PeftTarget) -> tuple:
+    """peft's ``LoraConfig`` over the wrapped modules' full paths; ``A`` and ``B`` copied as they are."""
+    import peft
+
+    pc = peft.LoraConfig(task_type="SEQ_CLS", r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                         target_modules=sorted(target.wrappers), bias=target.bias)
+
+    def fill(pm) -> None:
+        from peft.tuners.lora import LoraLayer
+
+        for name, layer in pm.named_modules():
+            if isinstance(layer, LoraLayer):
+                ours = target.wrappers.get(name.removeprefix("base_model.model."))
+                layer.lora_A["default"].weight.copy_(ours.lora_A.weight)
+                layer.lora_B["default"].weight.copy_(ours.lora_B.weight)
+    return pc, fill, []
+
+
+@register("lora", LoraConfig, paper="arXiv:2106.09685", merges=True,
+          peft=PeftMapping(lora_peft, carries_bias=True, label="LoRA"))
 def apply_lora(model, cfg: LoraConfig) -> None:
     """Wrap every ``target_modules`` Linear of every selected layer in a :class:`LoraLinear`."""
     for layer in model.layers_of(cfg):

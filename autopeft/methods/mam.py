@@ -74,7 +74,9 @@ class MAMConfig(MethodConfig):
             part.check_fit(limits, recipe)
 
 
-@register("mam", MAMConfig, paper="arXiv:2110.04366")
+@register("mam", MAMConfig, paper="arXiv:2110.04366", needs=("prefix",),
+          why_not_peft="MAM is a prefix plus a parallel adapter; peft has no bottleneck adapters",
+          why_not_merge="MAM's prefix and adapter cannot be folded into the backbone's weights")
 def apply_mam(model, cfg: MAMConfig) -> None:
     """Prefix tuning in every selected layer's attention, a scaled parallel adapter on its FFN.
 

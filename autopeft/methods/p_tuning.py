@@ -36,13 +36,14 @@ backbone's ``max_position_embeddings``.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Callable, Literal
 
 import torch
 from pydantic import Field, field_validator, model_validator
 from torch import nn
 
-from autopeft.methods.base import MethodConfig, register
+from autopeft.arch import is_causal
+from autopeft.methods.base import MethodConfig, PeftMapping, PeftTarget, register
 
 _DEFAULT_LAYERS = 2
 
@@ -147,7 +148,35 @@ class PromptEncoder(nn.Module):
         return self.prompts().unsqueeze(0).expand(batch_size, -1, -1)  # (B, P, d)
 
 
-@register("p_tuning", PTuningConfig, paper="arXiv:2103.10385")
+def p_tuning_peft_check(cfg: PTuningConfig, backbone_config: Callable[[], Any]) -> str | None:
+    """Why peft's ``PromptEncoderConfig`` cannot hold ``cfg`` exactly, or ``None``."""
+    if is_causal(backbone_config()):
+        return ("p_tuning on a decoder-only backbone: peft feeds the prompt as inputs_embeds, and transformers then "
+                "cannot find the last real token of a padded sequence")
+    if cfg.position != 0:
+        return f"p_tuning inserts its prompt after {cfg.position} tokens, peft prepends it (position 0)"
+    return None
+
+
+def p_tuning_peft(cfg: PTuningConfig, target: PeftTarget) -> tuple:
+    """peft's ``PromptEncoderConfig`` (the prompt at position 0, as peft prepends it); the encoder copied."""
+    import peft
+
+    enc = next(m for m in target.extras.values() if isinstance(m, PromptEncoder))
+    d = target.model.encoder.hidden_size
+    kind = cfg.encoder_reparameterization_type
+    pc = peft.PromptEncoderConfig(task_type="SEQ_CLS", num_virtual_tokens=cfg.num_virtual_tokens,
+                                  encoder_hidden_size=cfg.hidden_size(d), encoder_reparameterization_type=kind.upper(),
+                                  encoder_num_layers=cfg.encoder_num_layers, encoder_dropout=cfg.encoder_dropout)
+
+    def fill(pm) -> None:
+        pm.prompt_encoder["default"].load_state_dict(enc.state_dict())
+    return pc, fill, []
+
+
+@register("p_tuning", PTuningConfig, paper="arXiv:2103.10385",
+          peft=PeftMapping(p_tuning_peft, p_tuning_peft_check, label="P-Tuning"),
+          why_not_merge="an input prompt lengthens the sequence, no weight to fold it into")
 def apply_p_tuning(model, cfg: PTuningConfig) -> None:
     """Add a :class:`PromptEncoder` whose output is inserted after ``cfg.position`` input tokens.
 

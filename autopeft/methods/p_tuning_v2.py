@@ -35,7 +35,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from autopeft.methods.base import MethodConfig, register
-from autopeft.methods.prefix_tuning import attach_prefixes
+from autopeft.methods.prefix_tuning import PREFIX_PEFT, WHY_PREFIX_NOT_MERGED, attach_prefixes
 
 
 class PTuningV2Config(MethodConfig):
@@ -47,7 +47,8 @@ class PTuningV2Config(MethodConfig):
     prefix_dropout: float = Field(0.1, ge=0, lt=1, description="dropout on the prompt table during training")
 
 
-@register("p_tuning_v2", PTuningV2Config, paper="arXiv:2110.07602")
+@register("p_tuning_v2", PTuningV2Config, paper="arXiv:2110.07602", peft=PREFIX_PEFT, needs=("prefix",),
+          why_not_merge=WHY_PREFIX_NOT_MERGED)
 def apply_p_tuning_v2(model, cfg: PTuningV2Config) -> None:
     """Prepend a trained (P, d) key and value prompt in every selected layer's self-attention.
 

@@ -12,11 +12,13 @@ Layout as in Hugging Face peft's ``PrefixEncoder``: ``Embedding(P, d)`` -> ``Lin
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import torch
 from pydantic import Field
 from torch import nn
 
-from autopeft.methods.base import MethodConfig, register
+from autopeft.methods.base import MethodConfig, PeftMapping, PeftTarget, register
 
 
 class PrefixTuningConfig(MethodConfig):
@@ -104,7 +106,50 @@ def attach_prefixes(model, cfg, projection: bool, name: str) -> PrefixEncoder:
     return enc
 
 
-@register("prefix_tuning", PrefixTuningConfig, paper="arXiv:2101.00190")
+#: Model types whose transformers attention takes no key/value cache: peft cannot give them prefixes.
+NO_CACHE_MODEL_TYPES = ("distilbert",)
+#: Why prefixes cannot be merged into the backbone's weights.
+WHY_PREFIX_NOT_MERGED = "prefixes add attention keys/values, no weight to fold them into"
+
+
+def prefix_peft_check(cfg, backbone_config: Callable[[], Any]) -> str | None:
+    """Why peft's prefix tuning cannot hold prefix component ``cfg`` exactly, or ``None``."""
+    model_type = str(getattr(backbone_config(), "model_type", ""))
+    if model_type in NO_CACHE_MODEL_TYPES:
+        return (f"{cfg.method} on {model_type}: its transformers attention takes no key/value cache, so peft "
+                "cannot feed it prefixes")
+    if cfg.layers != "all":
+        return f"{cfg.method} on layers {cfg.layers}: peft's prefix tuning puts a prefix in every layer"
+    return None
+
+
+def prefix_peft(cfg, target: PeftTarget) -> tuple:
+    """peft's ``PrefixTuningConfig(prefix_projection=False)`` holding the prefix table; a prefix MLP is
+    folded into its table first (Li & Liang, sec. 4.3), as peft itself saves it."""
+    import peft
+
+    enc = next(m for m in target.extras.values() if isinstance(m, PrefixEncoder))
+    pc = peft.PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=cfg.num_virtual_tokens,
+                                 prefix_projection=False)
+
+    def fill(pm) -> None:
+        pm.prompt_encoder["default"].embedding.weight.copy_(enc.table())
+    positions = "" if target.model.family.causal else " and `position_ids=arange(T)`"
+    notes = ["peft 0.21's PeftModel.forward refuses prefix tuning with transformers 5 (it looks for a "
+             "`past_key_values` argument, renamed `cache`); run the base model with "
+             f"`cache=model.get_prompt(B)`, an attention mask extended by the prefix length{positions} "
+             "(autopeft.hf_export.peft_logits) to get autopeft's logits."]
+    if enc.projection:
+        notes.append("The prefix MLP is folded into its table (Li & Liang 2021, sec. 4.3), as peft saves it.")
+    return pc, fill, notes
+
+
+#: The peft form of prefix tuning and P-Tuning v2.
+PREFIX_PEFT = PeftMapping(prefix_peft, prefix_peft_check, label="prefix tuning")
+
+
+@register("prefix_tuning", PrefixTuningConfig, paper="arXiv:2101.00190", peft=PREFIX_PEFT, needs=("prefix",),
+          why_not_merge=WHY_PREFIX_NOT_MERGED)
 def apply_prefix_tuning(model, cfg: PrefixTuningConfig) -> None:
     """Prefix tuning with the MLP reparametrisation (``prefix_projection: false`` trains the table)."""
     attach_prefixes(model, cfg, cfg.prefix_projection, f"prefix_tuning_{len(model.components)}")

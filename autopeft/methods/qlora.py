@@ -56,7 +56,10 @@ class QLoraLinear(LoraLinear):
         super()._check_mergeable()
 
 
-@register("qlora", QLoraConfig, paper="arXiv:2305.14314")
+@register("qlora", QLoraConfig, paper="arXiv:2305.14314", quantized_base=True,
+          why_not_peft=("QLoRA's LoRA sits on autopeft's own 4-bit NF4 base weights; on peft's base the logits "
+                        "would differ"),
+          why_not_merge="QLoRA's base weights are 4-bit NF4; dequantise before merging")
 def apply_qlora(model, cfg: QLoraConfig) -> None:
     """Quantise the backbone if :func:`autopeft.recipe.build_model` has not, set the 4-bit compute
     dtype, and wrap every ``target_modules`` Linear of every selected layer in a :class:`QLoraLinear`.

@@ -58,7 +58,9 @@ class UniPELTConfig(MethodConfig):
             part.check_fit(limits, recipe)
 
 
-@register("unipelt", UniPELTConfig, paper="arXiv:2110.07577")
+@register("unipelt", UniPELTConfig, paper="arXiv:2110.07577", needs=("prefix",),
+          why_not_peft="UniPELT's gated LoRA + prefix + adapter mix has no peft counterpart",
+          why_not_merge="UniPELT's gates depend on the input and cannot be folded into the backbone's weights")
 def apply_unipelt(model, cfg: UniPELTConfig) -> None:
     """Apply the enabled sub-methods, each with one gate per layer (``G_P``, ``G_L``, ``G_A``)."""
     appliers = {"prefix_tuning": apply_prefix_tuning, "lora": apply_lora, "adapter": apply_adapter}
