@@ -413,7 +413,10 @@ def test_resumed_wall_time_counts_the_sessions_before_the_kill(runs):
     assert before >= 2 and round(driver["elapsed_before_s"]) == before  # the first trial had finished
     session = driver["ended"] - driver["started"]  # the resumed search() call, start to end
     assert 1.0 < session <= runs["resume_s"]
-    assert wall == pytest.approx(driver["elapsed_before_s"] + session, abs=0.5)  # not the session alone
+    # not the session alone (that would be off by elapsed_before_s, at least 2 s); the tolerance is half
+    # of that, so that under load the MLflow and file writes between the wall clock's reading and the
+    # heartbeat's end (0.6-0.7 s measured on a loaded machine) do not fail it
+    assert wall == pytest.approx(driver["elapsed_before_s"] + session, abs=driver["elapsed_before_s"] / 2)
 
 
 def test_elapsed_before_is_the_checkpoint_clock(tmp_path):
