@@ -32,6 +32,10 @@ from torch import nn
 
 from autopeft.backbones.arch import Encoder
 from autopeft.errors import CompositionError  # noqa: F401  (re-exported: its old home)
+# The gates, adapter hosts and prefix attention have modules of their own; their names stay here too.
+from autopeft.composition.adapter_hosts import ADAPTER_HOSTS, SublayerModule, SublayerOutput, _AdapterHost  # noqa: F401
+from autopeft.composition.gates import Gate, GateHandle, LayerGates  # noqa: F401
+from autopeft.composition.prefix import PrefixAttention, _PrefixCache  # noqa: F401
 
 #: Top-level modules of a ``*ForSequenceClassification`` that form the task head (trainable, outside
 #: the budget): BERT/RoBERTa ``classifier``, decoders' ``score``, DistilBERT's ``pre_classifier``,
@@ -46,284 +50,6 @@ HEAD_MODULE_NAMES = ("classifier", "score", "pre_classifier", "pooler")
 #: ``last``: the last non-padding token (decoders; what their own head reads, so ``pooler`` means the
 #: same there).
 POOLINGS = ("pooler", "cls", "mean", "last")
-
-
-class Gate(nn.Module):
-    """UniPELT gate: ``G = mean_t sigmoid(W_G x_t + b)``, one scalar per example.
-
-    Source: Mao et al., "UniPELT", arXiv:2110.07577, eq. (1)-(3); the mean over the sequence
-    follows the authors' code and AdapterHub. Shapes: ``x`` (B, T, d) -> (B, 1, 1), where ``x`` is
-    the input hidden state of the gate's transformer layer (gates live in :class:`LayerGates`).
-    The last value (batch mean) is kept in ``last_value`` so users can see what the gate chose.
-    """
-
-    def __init__(self, hidden_size: int) -> None:
-        super().__init__()
-        self.proj = nn.Linear(hidden_size, 1)
-        self.last_value: float | None = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        g = torch.sigmoid(self.proj(x)).mean(dim=1, keepdim=True)  # (B, 1, 1)
-        self.last_value = float(g.detach().mean())
-        return g
-
-
-class LayerGates(nn.Module):
-    """The UniPELT gates of one transformer layer: one :class:`Gate` per gated component.
-
-    Mao et al., arXiv:2110.07577, section 3.2 and eq. (1)-(3): each sub-method ``m`` of a layer gets
-    one gate ``G_m = sigmoid(W_m x)`` (``G_P``, ``G_L``, ``G_A``), where ``x`` (B, T, d) is the
-    layer's input hidden state. Installed as ``encoder.layer[i].peft_gates`` by
-    :meth:`PeftModel.layer_gate`; a forward pre-hook on the layer records ``x``, and each gate is
-    evaluated at most once per layer forward (:meth:`value`), so a component that wraps several
-    matrices of the layer (LoRA on W_q and W_v, Houlsby's two adapters) scales all of them by the
-    same (B, 1, 1) value. Holds no tensor between forward passes.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.gates = nn.ModuleDict()
-        self._input: torch.Tensor | None = None
-        self._values: dict[str, torch.Tensor] = {}
-
-    def capture(self, layer: nn.Module, args: tuple, kwargs: dict) -> None:
-        """Forward pre-hook of the layer: remember its input hidden states (B, T, d)."""
-        self._input = args[0] if args else kwargs.get("hidden_states")
-        self._values = {}
-
-    def release(self, layer: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        """Forward hook of the layer: drop the remembered input and gate values."""
-        self._input = None
-        self._values = {}
-
-    def value(self, key: str) -> torch.Tensor:
-        """Gate ``key`` on the current layer input: (B, 1, 1).
-
-        Raises:
-            RuntimeError: called outside the forward pass of this gate's layer.
-        """
-        if key not in self._values:
-            if self._input is None:
-                raise RuntimeError(f"gate {key!r} read outside the forward pass of its transformer layer")
-            self._values[key] = self.gates[key](self._input)
-        return self._values[key]
-
-
-class GateHandle:
-    """What a gated module holds: ``handle(x)`` -> its component's gate value (B, 1, 1) for this layer.
-
-    The argument is ignored: every gate reads the layer's input (see :class:`LayerGates`). Not an
-    ``nn.Module``, so the shared :class:`Gate` is registered (and counted, and saved) once, in the
-    layer's ``peft_gates``.
-    """
-
-    def __init__(self, host: LayerGates, key: str) -> None:
-        self.host, self.key = host, key
-
-    @property
-    def module(self) -> Gate:
-        """The shared :class:`Gate`."""
-        return self.host.gates[self.key]
-
-    def __call__(self, x: torch.Tensor | None = None) -> torch.Tensor:
-        return self.host.value(self.key)
-
-    def __repr__(self) -> str:
-        return f"GateHandle({self.key!r})"
-
-
-class _AdapterHost(nn.Module):
-    """What every adapter host holds and does: ``serial`` and ``parallel`` adapters, an optional
-    ``fusion`` over the serial ones, and the ``active`` switch of AdapterDrop.
-
-    :meth:`adapt` maps a sublayer output ``h`` (B, T, d), given the sublayer's input ``x`` (B, T, d),
-    to ``serial_k(...serial_1(h + sum_j parallel_j(x)))`` (or ``fusion(h + ..., x, serial)``).
-    Serial adapters: Houlsby et al. 2019, arXiv:1902.00751, fig. 2; parallel: He et al. 2022,
-    arXiv:2110.04366, eq. 8.
-    """
-
-    #: Methods recognise an adapter host by this flag (``getattr(module, "adapter_host", False)``), so
-    #: they need not import this module.
-    adapter_host = True
-
-    def __init__(self, base: nn.Module) -> None:
-        super().__init__()
-        self.base = base
-        self.serial = nn.ModuleDict()
-        self.parallel = nn.ModuleDict()
-        self.fusion: nn.Module | None = None
-        self.active = True  # AdapterDrop switches whole slots off
-
-    def adapt(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        if not self.active:
-            return h
-        for adapter in self.parallel.values():
-            h = h + adapter(x)
-        if self.fusion is not None:
-            return self.fusion(h, x, list(self.serial.values()))
-        for adapter in self.serial.values():
-            h = adapter(h)
-        return h
-
-
-class SublayerOutput(_AdapterHost):
-    """Replaces a BERT ``*Output`` block (``LN(dropout(dense(h)) + x)``) to host adapters.
-
-    ``out = LN(serial_k(...serial_1(dropout(dense(h)) + sum_j parallel_j(x))) + x)`` where ``h`` is
-    the sublayer's inner activation (B, T, d_in) and ``x`` its residual input (B, T, d).
-    Serial adapters transform the running output (Houlsby et al. 2019, arXiv:1902.00751, fig. 2);
-    parallel adapters read ``x`` and add to the output (He et al. 2022, arXiv:2110.04366, eq. 8).
-    An optional ``fusion`` module replaces the serial chain by attention over several adapters.
-    """
-
-    def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
-        h = self.adapt(self.base.dropout(self.base.dense(hidden_states)), input_tensor)
-        return self.base.LayerNorm(h + input_tensor)
-
-
-class SublayerModule(_AdapterHost):
-    """Hosts adapters on a sublayer module whose residual add happens outside it (DistilBERT, GPT-2,
-    Llama-family blocks): ``out = serial_k(...serial_1(f(x) + sum_j parallel_j(x)))``.
-
-    ``f`` is the wrapped attention or FFN module, ``x`` (B, T, d) its input (after the pre-norm in
-    pre-LN models), ``f(x)`` (B, T, d) its output (the first element when ``f`` returns a tuple, which
-    is passed on with the rest unchanged). Serial adapters transform the sublayer output before the
-    residual (Houlsby et al. 2019, arXiv:1902.00751, fig. 2); parallel adapters read the sublayer's
-    input and add to its output (He et al. 2022, arXiv:2110.04366, eq. 8). Same attributes as
-    :class:`SublayerOutput` (``serial``, ``parallel``, ``fusion``, ``active``).
-    """
-
-    def forward(self, *args: Any, **kwargs: Any):
-        x = args[0] if args else kwargs["hidden_states"]
-        out = self.base(*args, **kwargs)
-        if isinstance(out, tuple):
-            return (self.adapt(out[0], x), *out[1:])
-        return self.adapt(out, x)
-
-
-ADAPTER_HOSTS = (SublayerOutput, SublayerModule)
-
-
-class PrefixAttention(nn.Module):
-    """Self-attention with learned key/value vectors prepended (Li & Liang 2021, arXiv:2101.00190).
-
-    ``head_i = Attn(x W_q, [P_k; x W_k], [P_v; x W_v])`` (He et al. 2022, arXiv:2110.04366, eq. 5).
-    Wraps the backbone's own attention module and pads the attention mask so every query sees every
-    prefix slot. Two styles (:attr:`autopeft.backbones.arch.Family.prefix_style`):
-
-    * ``recompute`` (BERT family, DistilBERT): recomputes the attention from the module's own
-      query/key/value Linears (``qkv_names``; possibly LoRA-wrapped), attention kernel and, where the
-      module holds it, output projection ``out_proj``;
-    * ``cache`` (GPT-2, Llama, Mistral, Qwen2): runs the module's own forward (rotary embeddings,
-      grouped-query heads) and hands the prefix in as its key/value cache, as peft's prefix tuning
-      does through ``past_key_values``: keys are not rotated, real tokens see every prefix slot.
-
-    Shapes: ``hidden_states`` (B, T, d); each source returns ``(P_k, P_v)`` of (B, kv_heads, P, head_dim).
-    """
-
-    def __init__(self, base: nn.Module, style: str = "recompute", qkv_names: tuple[str, str, str] = ("query", "key", "value"),
-                 out_proj: str | None = None) -> None:
-        super().__init__()
-        self.base = base
-        self.style, self.qkv_names, self.out_proj = style, tuple(qkv_names), out_proj
-        self._sources: list[tuple[Callable[[int], tuple[torch.Tensor, torch.Tensor]], GateHandle | None]] = []
-
-    def add_source(self, source: Callable[[int], tuple[torch.Tensor, torch.Tensor]], gate: GateHandle | None) -> None:
-        """Prepend ``source(B) -> (P_k, P_v)``, scaled by ``gate`` (a layer gate, see :class:`LayerGates`) if given."""
-        self._sources.append((source, gate))
-
-    def _prefixes(self, hidden_states: torch.Tensor, dtype: torch.dtype) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        keys, values = [], []
-        for source, gate in self._sources:
-            pk, pv = source(hidden_states.shape[0])  # (B, H_kv, P, hd) each
-            if gate is not None:
-                g = gate(hidden_states)[:, :, :, None]  # (B, 1, 1, 1)
-                pk, pv = pk * g, pv * g
-            keys.append(pk.to(dtype))
-            values.append(pv.to(dtype))
-        return keys, values
-
-    @staticmethod
-    def _pad_mask(attention_mask: torch.Tensor | None, n_prefix: int, t: int, dtype: torch.dtype,
-                  device: torch.device, causal: bool) -> torch.Tensor | None:
-        """The attention mask with ``n_prefix`` always-visible key columns in front: (B|1, 1, T, P+T).
-
-        A missing mask means "no padding" (with causal masking for decoders left to the kernel); as
-        the kernel cannot infer causality once keys outnumber queries, an explicit additive mask is
-        built then."""
-        if attention_mask is not None:
-            fill = True if attention_mask.dtype == torch.bool else 0.0
-            return F.pad(attention_mask, (n_prefix, 0), value=fill)
-        if not causal:
-            return None
-        mask = torch.full((t, n_prefix + t), torch.finfo(dtype).min, dtype=dtype, device=device)
-        mask[:, :n_prefix] = 0.0
-        mask[:, n_prefix:] = torch.triu(mask[:, n_prefix:], diagonal=1)
-        return mask[None, None]
-
-    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any):
-        if self.style == "cache":
-            return self._forward_cache(hidden_states, *args, **kwargs)
-        return self._forward_recompute(hidden_states, *args, **kwargs)
-
-    def _forward_cache(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any):
-        keys, values = self._prefixes(hidden_states, hidden_states.dtype)
-        if not keys:
-            return self.base(hidden_states, *args, **kwargs)
-        n_prefix = sum(x.shape[2] for x in keys)
-        mask = kwargs.get("attention_mask")
-        kwargs["attention_mask"] = self._pad_mask(mask, n_prefix, hidden_states.shape[1], hidden_states.dtype,
-                                                  hidden_states.device, causal=True)
-        kwargs.pop("past_key_values", None)
-        kwargs["cache"] = _PrefixCache(torch.cat(keys, dim=2), torch.cat(values, dim=2))
-        kwargs.pop("use_cache", None)
-        return self.base(hidden_states, *args, **kwargs)
-
-    def _forward_recompute(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                           *args: Any, **kwargs: Any):
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-        from transformers.models.bert.modeling_bert import eager_attention_forward
-
-        b = self.base
-        bsz, t = hidden_states.shape[:2]
-        shape = (bsz, t, -1, b.attention_head_size)
-        qn, kn, vn = self.qkv_names
-        q = getattr(b, qn)(hidden_states).view(shape).transpose(1, 2)  # (B, H, T, hd)
-        k = getattr(b, kn)(hidden_states).view(shape).transpose(1, 2)
-        v = getattr(b, vn)(hidden_states).view(shape).transpose(1, 2)
-        keys, values = self._prefixes(hidden_states, k.dtype)
-        n_prefix = sum(x.shape[2] for x in keys)
-        if n_prefix:
-            k = torch.cat(keys + [k], dim=2)
-            v = torch.cat(values + [v], dim=2)
-            attention_mask = self._pad_mask(attention_mask, n_prefix, t, k.dtype, k.device, causal=False)
-        interface = ALL_ATTENTION_FUNCTIONS.get_interface(b.config._attn_implementation, eager_attention_forward)
-        kwargs.pop("cache", None)
-        kwargs.pop("past_key_values", None)
-        out, weights = interface(
-            b, q, k, v, attention_mask,
-            dropout=0.0 if not self.training else b.dropout.p, scaling=b.scaling, **kwargs,
-        )
-        out = out.reshape(bsz, t, -1).contiguous()
-        if self.out_proj is not None:
-            out = getattr(b, self.out_proj)(out)
-        return out, weights
-
-
-class _PrefixCache:
-    """A stand-in for a transformers ``Cache`` holding one layer's prefix: ``update(k, v, ...)``
-    returns ``([P_k; k], [P_v; v])`` along the sequence axis (dim 2), as a cache of P past tokens
-    would. Shapes: ``P_k``, ``P_v`` (B, kv_heads, P, head_dim)."""
-
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        self.keys, self.values = keys, values
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
-        return (torch.cat([self.keys.to(key_states.dtype), key_states], dim=2),
-                torch.cat([self.values.to(value_states.dtype), value_states], dim=2))
-
-    def get_seq_length(self, *args: Any) -> int:
-        return int(self.keys.shape[2])
 
 
 @dataclass
@@ -678,7 +404,7 @@ class PeftModel(nn.Module):
         """State of the method modules that is not a trainable parameter, by ``state_dict`` name.
 
         Every persistent buffer and every ``get_extra_state`` entry of a module defined in
-        ``autopeft.methods`` or ``autopeft.composition.model`` (never the backbone's own buffers): e.g. AdaLoRA's
+        ``autopeft.methods`` or ``autopeft.composition`` (never the backbone's own buffers): e.g. AdaLoRA's
         ``rank_mask`` and allocator step, AdapterDrop's inference ``n``. Together with
         :meth:`trainable_state_dict` this is everything that defines a trained adapter
         (:meth:`adapter_state_dict`).
@@ -686,7 +412,7 @@ class PeftModel(nn.Module):
         out: dict[str, Any] = {}
         for prefix, module in self.named_modules():
             cls = type(module)
-            if not (cls.__module__ == "autopeft.composition.model" or cls.__module__.startswith("autopeft.methods.")):
+            if not cls.__module__.startswith(("autopeft.composition.", "autopeft.methods.")):
                 continue
             dot = f"{prefix}." if prefix else ""
             for name, buf in module._buffers.items():

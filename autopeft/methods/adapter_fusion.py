@@ -96,7 +96,7 @@ class AdapterFusionConfig(MethodConfig):
 class AdapterFusionLayer(nn.Module):
     """The fusion ``Psi_l`` of one sublayer (Pfeiffer et al., arXiv:2005.00247, eq. 3-6).
 
-    Called by :class:`autopeft.composition.model.SublayerOutput` as ``fusion(h, x, adapters)``.
+    Called by :class:`autopeft.composition.adapter_hosts.SublayerOutput` as ``fusion(h, x, adapters)``.
 
     Shapes: ``h`` (B, T, d) sublayer output before the adapters (the query); ``x`` (B, T, d) the
     sublayer's residual input (unused); ``adapters``: N modules (B, T, d) -> (B, T, d).

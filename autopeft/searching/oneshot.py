@@ -194,7 +194,7 @@ def _meta_gates(recipe: Recipe, keys: list[str]) -> dict[str, list[str]]:
     Raises:
         CompositionError: two components claim the same slot.
     """
-    from autopeft.composition.model import Gate
+    from autopeft.composition.gates import Gate
     from autopeft.composition.recipe import build_model
 
     owner: dict[int, str] = {}
@@ -242,7 +242,7 @@ def _supernet(space: SearchSpace, base: dict[str, Any], keys: list[str], example
 def _read_importance(model, recipe: Recipe, gates: dict[str, list[str]], data_dir: str | None) -> dict[str, float]:
     """Mean gate value per component over the first batches of the eval split (dev in a search), in eval mode."""
     from autopeft.backbones import load_tokenizer
-    from autopeft.composition.model import Gate
+    from autopeft.composition.gates import Gate
     from autopeft.training.trainer import Batches, trial_splits
 
     modules = {n: m for n, m in model.named_modules() if isinstance(m, Gate)}
