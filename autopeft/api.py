@@ -117,6 +117,10 @@ def search(task: str = "sst2", budget: str | Budget = "0.5%", backbone: str | di
            reference: str | None = None) -> SearchResult:
     """Search PEFT configurations for ``task`` under ``budget``; returns the Pareto front.
 
+    (Its body stays one sequence, longer than most: the checks in the order they fail, then the
+    folder, MLflow run and heartbeat that two ``try`` blocks must end whatever happens; the steps that
+    stand alone are the ``_search_space`` ... ``_front_of`` helpers below it.)
+
     Args:
         task: a built-in task name (GLUE, ``mnli``/``mnli-mm``, ``qqp``, ``superglue-boolq``/``-cb``/``-rte``),
             a CSV / TSV / JSON Lines / Parquet file or folder, ``hf:<dataset id>[:<config>]``, or a
@@ -173,11 +177,9 @@ def search(task: str = "sst2", budget: str | Budget = "0.5%", backbone: str | di
             search (:mod:`autopeft.searching.interrupt`).
     """
     from autopeft.backbones import load_config
-    from autopeft.searching.pareto import front_hypervolume, pareto_front
-    from autopeft.searching.space import SearchSpace
-    from autopeft.searching.searchers import SEARCHERS, SearcherError, make_sampler
+    from autopeft.searching.pareto import front_hypervolume
     from autopeft.searching.tune import TuneSettings, run_tune
-    from autopeft.data.tasks import get_task, load_split, resolve_data_dir
+    from autopeft.data.tasks import get_task, resolve_data_dir
     from autopeft.data.userdata import resolve_task
     from autopeft.searching.tracking import SearchTracker, default_tracking_uri
 
@@ -191,51 +193,18 @@ def search(task: str = "sst2", budget: str | Budget = "0.5%", backbone: str | di
     task_value = resolve_task(task, text_columns, label_column, metric, seed)  # bad data fails here, first
     task_obj = get_task(task_value)
     config = load_config(backbone, task_obj.num_labels)  # fails fast on an unknown backbone
-    sp, space_notes = SearchSpace.load(space).for_backbone(config)  # drops methods the backbone cannot run
-    if searcher not in SEARCHERS:
-        raise SearcherError(f"unknown searcher {searcher!r}; valid: {', '.join(SEARCHERS)}")
-    if searcher == "qnehvi":
-        make_sampler(searcher, seed)  # fails fast when BoTorch is missing
-    if max_train_examples is not None:
-        from dataclasses import replace
-
-        from autopeft.searching.space import SearchSpaceError
-
-        if max_train_examples < 1:
-            raise SearchSpaceError(f"max_train_examples must be positive, got {max_train_examples}")
-        rf = sp.fidelity.reduction_factor
-        sp.fidelity = replace(sp.fidelity, max_train_examples=max_train_examples,
-                              min_train_examples=max(1, round(max_train_examples / rf**2)))
-    if sp.num_layers and sp.num_layers != config.num_hidden_layers:
-        from autopeft.searching.space import SearchSpaceError
-
-        raise SearchSpaceError(f"search space {sp.name!r} has per_layer num_layers={sp.num_layers}, but the backbone "
-                               f"has {config.num_hidden_layers} layers")
+    sp, space_notes = _search_space(space, config, searcher, seed, max_train_examples)
     root = resolve_data_dir(data_dir)
-    if confirm_seeds < 0:
-        raise SearchSettingsError(f"--confirm-seeds must be 0 or more, got {confirm_seeds}")
-    from autopeft.searching.final import REFERENCES
-
-    if reference is not None and reference not in REFERENCES:
-        raise SearchSettingsError(f"unknown --reference {reference!r}; valid: {', '.join(REFERENCES)}")
+    _check_after_search_options(confirm_seeds, reference)
     base = {"backbone": backbone, "task": task_value,
             "training": {"max_train_examples": sp.fidelity.max_train_examples,
                          "schedule_examples": sp.fidelity.max_train_examples, "seed": seed, **(training or {})}}
-    bare = recipe_from_dict({**base, "components": []})
-    backbone_params = count_recipe(bare).backbone_params
-    if not (isinstance(backbone, dict) and "preset" in backbone):  # presets: refused below, with their own line
-        from autopeft.composition.recipe import check_recipe
-
-        check_recipe(bare, for_training=True)  # what no trial could train (a bare config's vocabulary): one line
+    backbone_params = _checked_backbone_params(base, backbone)
     limit = budget.limit(backbone_params)
     cpus, gpus = default_resources()
     cpus, gpus = cpus_per_trial or cpus, gpus if gpus_per_trial is None else gpus_per_trial
     _check_search_settings(name, backbone, cpus, gpus, ray_address)
-    point, smallest = sp.smallest_point(base)
-    if smallest > limit:
-        raise SearchSettingsError(f"budget {budget} = {limit:,} trainable parameters is below the smallest configuration "
-                                  f"of space {sp.name!r} on this backbone ({sp.describe_point(point)}: {smallest:,}): "
-                                  f"raise --budget to at least {smallest:,}")
+    _check_budget_fits(sp, base, budget, limit)
     if trials is None:  # on CPU the 26-minute cap, not the count, usually ends the search
         trials = 32 if gpus else 30
     if time_budget_s is None and not gpus:
@@ -267,27 +236,11 @@ def search(task: str = "sst2", budget: str | Budget = "0.5%", backbone: str | di
     if not stored:
         write_request(out, request, uri, experiment, tracker.parent_id)
     if progress:
-        progress(f"search {name}: {task_obj.name}, budget {budget} = {limit:,} trainable parameters "
-                 f"of {backbone_params:,}; MLflow {uri} run {tracker.parent_id}")
-        progress(f"splits: train {splits['train']:,} / dev {splits['dev']:,} (carved from train, seed {seed}, "
-                 f"{'stratified' if task_obj.num_labels > 1 else 'random'}; every search decision reads it) / "
-                 f"test {splits['test']:,} ({splits['test_source']}; read once, after the search)")
-        for note in space_notes:
-            progress(f"note: {note}")
+        _announce(progress, settings, name, task_obj, budget, uri, tracker.parent_id, space_notes)
     beacon = DriverBeacon(out, before_s, started=t0).start()  # driver.json: pid + heartbeat, for `autopeft status`
     restore_signals = raise_on_stop_signals()  # SIGTERM, as Ctrl-C, ends the search resumable: not killed
     try:
-        start_points = list(sp.start_points)
-        if one_shot and stored and (out / "one_shot.json").is_file():  # resumed: the proposals made before
-            start_points += json.loads((out / "one_shot.json").read_text())["proposals"]
-        elif one_shot:
-            from autopeft.searching.oneshot import propose
-
-            shot = propose(sp, base, limit, str(root) if root else None, log=progress)
-            (out / "one_shot.json").write_text(json.dumps({"importance": shot.importance, "proposals": shot.proposals,
-                                                            "examples": shot.examples,
-                                                            "wall_time_s": shot.wall_time_s}, indent=2, default=str))
-            start_points += shot.proposals
+        start_points = _start_points(sp, one_shot, bool(stored), out, base, limit, root, progress)
         tune_settings = TuneSettings(num_samples=trials, time_budget_s=time_budget_s, cpus_per_trial=cpus,
                                      gpus_per_trial=gpus, ray_address=ray_address, seed=seed,
                                      storage_path=str(out), device=None, searcher=searcher,
@@ -304,12 +257,7 @@ def search(task: str = "sst2", budget: str | Budget = "0.5%", backbone: str | di
     try:  # the results: a failure here still ends the parent run and the heartbeat
         trials_out = [r.as_dict() for r in records.values()]
         top = sp.fidelity.max_train_examples
-        candidates = []
-        for r in records.values():
-            row = r.row_at(top)
-            if row is not None and r.status == "finished" and row["trainable_params"] <= limit and is_finite(row.get("score")):
-                candidates.append({"trial_id": r.trial_id, **row, "recipe": r.recipe})
-        front = [candidates[i] for i in pareto_front(candidates)]
+        front = _front_of(records, top, limit)
         hv = front_hypervolume(front, limit)  # of the dev scores: what the search optimised
         _finish_front(front, out, base, str(root) if root else None, confirm_seeds, reference, tracker, progress)
         _write_results(out, trials_out, front, task_obj.metric, limit, settings["rungs"])
@@ -338,6 +286,113 @@ def search(task: str = "sst2", budget: str | Budget = "0.5%", backbone: str | di
         restore_signals()
         beacon.stop()
     return result
+
+
+def _search_space(space: str, config, searcher: str, seed: int, max_train_examples: int | None):
+    """``(space, notes)``: the search space for this backbone (without the methods it cannot run; the
+    notes say which), its top fidelity ``max_train_examples`` when given; checks the searcher.
+
+    Raises:
+        SearchSpaceError, SearcherError: one line.
+    """
+    from autopeft.searching.searchers import SEARCHERS, SearcherError, make_sampler
+    from autopeft.searching.space import SearchSpace
+
+    sp, space_notes = SearchSpace.load(space).for_backbone(config)  # drops methods the backbone cannot run
+    if searcher not in SEARCHERS:
+        raise SearcherError(f"unknown searcher {searcher!r}; valid: {', '.join(SEARCHERS)}")
+    if searcher == "qnehvi":
+        make_sampler(searcher, seed)  # fails fast when BoTorch is missing
+    if max_train_examples is not None:
+        from dataclasses import replace
+
+        from autopeft.searching.space import SearchSpaceError
+
+        if max_train_examples < 1:
+            raise SearchSpaceError(f"max_train_examples must be positive, got {max_train_examples}")
+        rf = sp.fidelity.reduction_factor
+        sp.fidelity = replace(sp.fidelity, max_train_examples=max_train_examples,
+                              min_train_examples=max(1, round(max_train_examples / rf**2)))
+    if sp.num_layers and sp.num_layers != config.num_hidden_layers:
+        from autopeft.searching.space import SearchSpaceError
+
+        raise SearchSpaceError(f"search space {sp.name!r} has per_layer num_layers={sp.num_layers}, but the backbone "
+                               f"has {config.num_hidden_layers} layers")
+    return sp, space_notes
+
+
+def _check_after_search_options(confirm_seeds: int, reference: str | None) -> None:
+    """Raise :class:`SearchSettingsError` for a negative ``--confirm-seeds`` or an unknown ``--reference``."""
+    if confirm_seeds < 0:
+        raise SearchSettingsError(f"--confirm-seeds must be 0 or more, got {confirm_seeds}")
+    from autopeft.searching.final import REFERENCES
+
+    if reference is not None and reference not in REFERENCES:
+        raise SearchSettingsError(f"unknown --reference {reference!r}; valid: {', '.join(REFERENCES)}")
+
+
+def _checked_backbone_params(base: dict[str, Any], backbone: Any) -> int:
+    """The backbone's parameters (counted on the meta device), after checking that a trial could train
+    it (a preset is refused by :func:`_check_search_settings`, with its own line)."""
+    bare = recipe_from_dict({**base, "components": []})
+    backbone_params = count_recipe(bare).backbone_params
+    if not (isinstance(backbone, dict) and "preset" in backbone):  # presets: refused below, with their own line
+        from autopeft.composition.recipe import check_recipe
+
+        check_recipe(bare, for_training=True)  # what no trial could train (a bare config's vocabulary): one line
+    return backbone_params
+
+
+def _check_budget_fits(sp, base: dict[str, Any], budget: Budget, limit: int) -> None:
+    """Raise :class:`SearchSettingsError` when the space's smallest configuration exceeds the budget."""
+    point, smallest = sp.smallest_point(base)
+    if smallest > limit:
+        raise SearchSettingsError(f"budget {budget} = {limit:,} trainable parameters is below the smallest configuration "
+                                  f"of space {sp.name!r} on this backbone ({sp.describe_point(point)}: {smallest:,}): "
+                                  f"raise --budget to at least {smallest:,}")
+
+
+def _announce(progress: Callable[[str], None], settings: dict[str, Any], name: str, task_obj, budget: Budget,
+              uri: str, parent_id: str | None, space_notes: list[str]) -> None:
+    """The search's first lines: its budget, MLflow run, splits and the space's notes."""
+    splits, seed = settings["splits"], settings["seed"]
+    progress(f"search {name}: {task_obj.name}, budget {budget} = {settings['param_limit']:,} trainable parameters "
+             f"of {settings['backbone_params']:,}; MLflow {uri} run {parent_id}")
+    progress(f"splits: train {splits['train']:,} / dev {splits['dev']:,} (carved from train, seed {seed}, "
+             f"{'stratified' if task_obj.num_labels > 1 else 'random'}; every search decision reads it) / "
+             f"test {splits['test']:,} ({splits['test_source']}; read once, after the search)")
+    for note in space_notes:
+        progress(f"note: {note}")
+
+
+def _start_points(sp, one_shot: bool, resumed: bool, out: Path, base: dict[str, Any], limit: int,
+                  root: Path | None, progress: Callable[[str], None] | None) -> list[dict[str, Any]]:
+    """The space's start points, plus with ``one_shot`` the one-shot proposals (made now, written to
+    ``one_shot.json``; a resumed search reads the ones it made before)."""
+    start_points = list(sp.start_points)
+    if one_shot and resumed and (out / "one_shot.json").is_file():  # resumed: the proposals made before
+        start_points += json.loads((out / "one_shot.json").read_text())["proposals"]
+    elif one_shot:
+        from autopeft.searching.oneshot import propose
+
+        shot = propose(sp, base, limit, str(root) if root else None, log=progress)
+        (out / "one_shot.json").write_text(json.dumps({"importance": shot.importance, "proposals": shot.proposals,
+                                                        "examples": shot.examples,
+                                                        "wall_time_s": shot.wall_time_s}, indent=2, default=str))
+        start_points += shot.proposals
+    return start_points
+
+
+def _front_of(records: dict, top: int, limit: int) -> list[dict[str, Any]]:
+    """The Pareto front of the finished trials' rows at the top fidelity ``top`` within ``limit``."""
+    from autopeft.searching.pareto import pareto_front
+
+    candidates = []
+    for r in records.values():
+        row = r.row_at(top)
+        if row is not None and r.status == "finished" and row["trainable_params"] <= limit and is_finite(row.get("score")):
+            candidates.append({"trial_id": r.trial_id, **row, "recipe": r.recipe})
+    return [candidates[i] for i in pareto_front(candidates)]
 
 
 def _interrupted(exc: KeyboardInterrupt, out: Path, tracker, beacon):
