@@ -279,6 +279,10 @@ def run_tune(space: SearchSpace, base: dict[str, Any], param_limit: int, setting
     also has a ``watch(search_dir)`` context manager (:class:`autopeft.searching.progress.LiveProgress`), Ray
     Tune runs inside it, which draws a live bar per running trial from the trials' progress files.
 
+    Long on purpose: the driver's callbacks (rejected and duplicate samples, Tune's trial events, the
+    interruption) are closures over one mutable state (the records, searcher, scheduler, generator,
+    clock and stop flag) that they update together; split apart they would pass all of it around.
+
     Raises:
         RuntimeError: Ray could not start or reach the cluster.
         SearcherError: unknown searcher, or its library is missing.
@@ -287,7 +291,6 @@ def run_tune(space: SearchSpace, base: dict[str, Any], param_limit: int, setting
             checkpoint and ``trials.json`` written; ``recorded`` is true (:mod:`autopeft.searching.interrupt`).
     """
     import optuna
-    import ray
     from ray import tune
     from ray.tune.logger import JsonLoggerCallback
     from ray.tune.search import ConcurrencyLimiter
@@ -454,10 +457,7 @@ def run_tune(space: SearchSpace, base: dict[str, Any], param_limit: int, setting
 
     searcher = SpaceSearcher(space, base, param_limit, sampler, fid.max_train_examples, start_points,
                              on_reject=on_reject, on_accept=on_accept, on_duplicate=on_duplicate)
-    total = ray.cluster_resources()
-    per_trial = settings.gpus_per_trial if settings.gpus_per_trial else settings.cpus_per_trial
-    available = total.get("GPU", 0) if settings.gpus_per_trial else total.get("CPU", 1)
-    concurrent = max(1, int(available // max(per_trial, 1e-9)))
+    concurrent = _concurrent_trials(settings)
     scheduler = MultiObjectiveASHA(rungs, reduction_factor=fid.reduction_factor)
     generator = NumberedSearchGenerator(ConcurrencyLimiter(searcher, max_concurrent=concurrent))
     time_budget_s = settings.time_budget_s
@@ -507,6 +507,16 @@ def run_tune(space: SearchSpace, base: dict[str, Any], param_limit: int, setting
         say(f"the searcher stopped: {searcher.stop_reason}")
     _save_progress()
     return records
+
+
+def _concurrent_trials(settings: TuneSettings) -> int:
+    """How many trials the cluster (Ray, started) runs at once: its GPUs (or CPUs) over a trial's."""
+    import ray
+
+    total = ray.cluster_resources()
+    per_trial = settings.gpus_per_trial if settings.gpus_per_trial else settings.cpus_per_trial
+    available = total.get("GPU", 0) if settings.gpus_per_trial else total.get("CPU", 1)
+    return max(1, int(available // max(per_trial, 1e-9)))
 
 
 _ROW_KEYS = {"score", "score_low", "score_high", "eval_split", "eval_examples", "trainable_params", "head_params",
