@@ -442,6 +442,10 @@ def run_trial(recipe: Recipe, data_dir: str | Path | None = None, rungs: list[in
               test: bool = False) -> tuple[TrialResult, PeftModel]:
     """Train and evaluate one recipe.
 
+    The loop over rungs stays in one piece (the setup and the result's parts are helpers): each step
+    and each rung's score, save and report read and advance the same counters (examples seen, steps,
+    training time).
+
     Args:
         recipe: the trial.
         data_dir: local GLUE folder (else ``$AUTOPEFT_DATA_DIR``, else the hub).
@@ -479,21 +483,7 @@ def run_trial(recipe: Recipe, data_dir: str | Path | None = None, rungs: list[in
     train_b = Batches(train_split, tokenizer, tr.max_seq_length, dev)
     val_b = Batches(val_split, tokenizer, tr.max_seq_length, dev)
 
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    head = [p for n, p in trainable if model.is_head_parameter(n)]
-    rest = [p for n, p in trainable if not model.is_head_parameter(n)]
-    groups = [{"params": rest, "lr": tr.learning_rate}, {"params": head, "lr": tr.head_learning_rate or tr.learning_rate}]
-    optimizer = make_optimizer(model, [g for g in groups if g["params"]], tr.weight_decay, dev, log)
-    schedule_steps = math.ceil((tr.schedule_examples or tr.max_train_examples) / tr.batch_size)
-    warmup = int(tr.warmup_ratio * schedule_steps)
-    model.total_steps = schedule_steps  # horizon for methods with a training-time schedule (AdaLoRA's budget)
-
-    def lr_lambda(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / max(1, warmup)
-        return max(0.0, (schedule_steps - step) / max(1, schedule_steps - warmup))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+    optimizer, scheduler = _optimizer_and_schedule(model, tr, dev, log)
     if tr.group_by_length:
         order = length_grouped_order(train_b.lengths, tr.max_train_examples, tr.batch_size, tr.seed)
     else:
@@ -534,13 +524,8 @@ def run_trial(recipe: Recipe, data_dir: str | Path | None = None, rungs: list[in
         train_time += time.perf_counter() - t0
         scored = score_split(model, task, val_b, tr.eval_batch_size, tr.max_eval_examples, seed=tr.seed)
         peak = peak_memory_bytes(model, optimizer, meter, dev)
-        result = TrialResult(
-            score=scored.score, metrics=scored.metrics, trainable_params=counts.trainable_params,
-            head_params=counts.head_params, backbone_params=counts.backbone_params,
-            trainable_percent=counts.trainable_percent, peak_memory_bytes=peak, examples_seen=seen,
-            steps=step, train_time_s=train_time, wall_time_s=time.perf_counter() - t_start, history=history,
-            score_low=scored.low, score_high=scored.high, eval_split=eval_name, eval_examples=scored.examples,
-            threads=torch.get_num_threads(), interop_threads=torch.get_num_interop_threads())
+        result = _rung_result(scored, counts, peak, seen, step, train_time, time.perf_counter() - t_start, history,
+                              eval_name)
         row = {k: v for k, v in result.as_dict().items()
                if k not in ("metrics", "history") and not k.startswith("test_")} | scored.metrics
         history.append(row)
@@ -553,13 +538,53 @@ def run_trial(recipe: Recipe, data_dir: str | Path | None = None, rungs: list[in
             report(row)
     assert result is not None
     if test and recipe.dev is not None:
-        t = score_test(model, recipe, data_dir, str(dev), tokenizer)
-        result.test_score, result.test_low, result.test_high = t.score, t.low, t.high
-        result.test_metrics, result.test_examples = t.metrics, t.examples
-        if log:
-            log(f"test {task.metric}={t.score:.4f} [{t.low:.4f}, {t.high:.4f}] on {t.examples:,} examples "
-                "(the task's validation split, read once, after training)")
+        _add_test_score(result, model, recipe, data_dir, dev, tokenizer, task.metric, log)
     return result, model
+
+
+def _optimizer_and_schedule(model: PeftModel, tr, dev: torch.device, log: Callable[[str], None] | None):
+    """``(optimizer, scheduler)`` of a trial: the trainable parameters in two groups (the method's at
+    ``learning_rate``, the head's at ``head_learning_rate``; :func:`make_optimizer`) and a linear warm-up
+    then linear decay over ``schedule_examples``; sets ``model.total_steps`` to that horizon (methods
+    with a training-time schedule read it: AdaLoRA's budget)."""
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    head = [p for n, p in trainable if model.is_head_parameter(n)]
+    rest = [p for n, p in trainable if not model.is_head_parameter(n)]
+    groups = [{"params": rest, "lr": tr.learning_rate}, {"params": head, "lr": tr.head_learning_rate or tr.learning_rate}]
+    optimizer = make_optimizer(model, [g for g in groups if g["params"]], tr.weight_decay, dev, log)
+    schedule_steps = math.ceil((tr.schedule_examples or tr.max_train_examples) / tr.batch_size)
+    warmup = int(tr.warmup_ratio * schedule_steps)
+    model.total_steps = schedule_steps  # horizon for methods with a training-time schedule (AdaLoRA's budget)
+
+    def lr_lambda(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        return max(0.0, (schedule_steps - step) / max(1, schedule_steps - warmup))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+
+
+def _rung_result(scored, counts, peak: int, seen: int, step: int, train_time: float, wall_time: float,
+                 history: list[dict], eval_name: str) -> TrialResult:
+    """The :class:`TrialResult` of a rung: its dev score, the parameter counts, peak memory and times."""
+    return TrialResult(
+        score=scored.score, metrics=scored.metrics, trainable_params=counts.trainable_params,
+        head_params=counts.head_params, backbone_params=counts.backbone_params,
+        trainable_percent=counts.trainable_percent, peak_memory_bytes=peak, examples_seen=seen,
+        steps=step, train_time_s=train_time, wall_time_s=wall_time, history=history,
+        score_low=scored.low, score_high=scored.high, eval_split=eval_name, eval_examples=scored.examples,
+        threads=torch.get_num_threads(), interop_threads=torch.get_num_interop_threads())
+
+
+def _add_test_score(result: TrialResult, model: PeftModel, recipe: Recipe, data_dir: str | Path | None,
+                    dev: torch.device, tokenizer, metric: str, log: Callable[[str], None] | None) -> None:
+    """Score the trained model once on the untouched test split, into ``result``'s ``test_*`` fields."""
+    t = score_test(model, recipe, data_dir, str(dev), tokenizer)
+    result.test_score, result.test_low, result.test_high = t.score, t.low, t.high
+    result.test_metrics, result.test_examples = t.metrics, t.examples
+    if log:
+        log(f"test {metric}={t.score:.4f} [{t.low:.4f}, {t.high:.4f}] on {t.examples:,} examples "
+            "(the task's validation split, read once, after training)")
 
 
 def train_and_save(recipe: Recipe | str | Path, data_dir: str | Path | None = None,
