@@ -103,6 +103,24 @@ def resolve_task(task: str | dict | TaskSpec, text_columns: Sequence[str] | str 
     tables = read_tables(source)
     train, val = tables["train"], tables.get("validation")
     where = {"train": tables["__where__train"], "validation": tables.get("__where__validation")}
+    cols, label = _checked_columns(train, val, text_columns, label_column, where)
+    kind, train_labels, labels = _train_labels(train, label, where["train"])
+    if val is not None:
+        _check_validation_labels(val, label, kind, labels, where)
+    held = None
+    if val is None:
+        held = HeldOut(fraction=HELD_OUT_FRACTION, seed=seed, stratified=labels is not None)
+        ids = None if labels is None else np.array([labels.index(v) for v in train_labels])
+        _held_out_indices(len(train), ids, held, where["train"])
+    spec = TaskSpec(name=_display_name(source), source=source, text_columns=list(cols), label_column=label,
+                    labels=labels, regression=labels is None, metric=metric, held_out=held)
+    get_task(spec)  # checks the metric
+    return _dump(spec)
+
+
+def _checked_columns(train, val, text_columns: Sequence[str] | None, label_column: str | None,
+                     where: dict[str, str | None]) -> tuple[list[str], str]:
+    """``(text columns, label column)`` of user data, each present in every split, no split empty."""
     cols = _pick_text_columns(train, text_columns, where["train"])
     label = label_column or DEFAULT_LABEL_COLUMN
     if label_column is None and label not in train.columns:
@@ -115,37 +133,38 @@ def resolve_task(task: str | dict | TaskSpec, text_columns: Sequence[str] | str 
             _need_column(df, c, flag, where[split])
         if len(df) == 0:
             raise TaskError(f"the {split} split ({where[split]}) is empty")
-    kind, train_labels = _clean_labels(train[label], label, where["train"])
+    return cols, label
+
+
+def _train_labels(train, label: str, where: str):
+    """``(kind, labels of the rows, classes)`` of the train split; ``classes`` is ``None`` for
+    regression (float labels). At least two classes, or two distinct values."""
+    kind, train_labels = _clean_labels(train[label], label, where)
     if kind == "float":
         if len(np.unique(train_labels)) < 2:
-            raise TaskError(f"every label in column {label!r} of {where['train']} is {train_labels[0]}: "
+            raise TaskError(f"every label in column {label!r} of {where} is {train_labels[0]}: "
                             "regression needs at least two values")
         labels = None
     else:
         labels = sorted(set(train_labels))
         if len(labels) < 2:
-            raise TaskError(f"column {label!r} of {where['train']} has a single class ({labels[0]!r}): "
+            raise TaskError(f"column {label!r} of {where} has a single class ({labels[0]!r}): "
                             "classification needs at least two")
-    if val is not None:
-        vkind, val_labels = _clean_labels(val[label], label, where["validation"])
-        if labels is not None:
-            known = set(labels)
-            unseen = sorted({_as_kind(v, kind) for v in val_labels} - known, key=str)
-            if unseen:
-                raise TaskError(f"validation labels {unseen[:5]} ({where['validation']}) do not occur in train "
-                                f"({where['train']}: {labels[:10]})")
-        elif vkind != "float" and not np.issubdtype(np.asarray(val_labels).dtype, np.number):
-            raise TaskError(f"validation labels of {where['validation']} are not numbers, but train's are "
-                            "(a regression task)")
-    held = None
-    if val is None:
-        held = HeldOut(fraction=HELD_OUT_FRACTION, seed=seed, stratified=labels is not None)
-        ids = None if labels is None else np.array([labels.index(v) for v in train_labels])
-        _held_out_indices(len(train), ids, held, where["train"])
-    spec = TaskSpec(name=_display_name(source), source=source, text_columns=list(cols), label_column=label,
-                    labels=labels, regression=labels is None, metric=metric, held_out=held)
-    get_task(spec)  # checks the metric
-    return _dump(spec)
+    return kind, train_labels, labels
+
+
+def _check_validation_labels(val, label: str, kind: str, labels: list | None, where: dict[str, str | None]) -> None:
+    """The validation split's labels: classes that train has, or numbers for a regression task."""
+    vkind, val_labels = _clean_labels(val[label], label, where["validation"])
+    if labels is not None:
+        known = set(labels)
+        unseen = sorted({_as_kind(v, kind) for v in val_labels} - known, key=str)
+        if unseen:
+            raise TaskError(f"validation labels {unseen[:5]} ({where['validation']}) do not occur in train "
+                            f"({where['train']}: {labels[:10]})")
+    elif vkind != "float" and not np.issubdtype(np.asarray(val_labels).dtype, np.number):
+        raise TaskError(f"validation labels of {where['validation']} are not numbers, but train's are "
+                        "(a regression task)")
 
 
 def check_spec_data(spec: TaskSpec) -> None:
