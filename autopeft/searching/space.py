@@ -48,7 +48,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from autopeft.methods.base import get_method, spec_of
 from autopeft.composition.recipe import Recipe, recipe_from_dict
@@ -421,47 +421,41 @@ class SearchSpace:
             except RecipeError:
                 return None
 
-        def candidates(dim: Dim) -> tuple:
-            if dim.kind in ("int", "logint"):
-                return (int(dim.values[0]), int(dim.values[1]))
-            return dim.values  # choices, or the bounds of a uniform range
-
         shared = [k for k in tunable if k in ("gating", "pooling", "quantization") or k.startswith("layer.")]
         best: tuple[dict[str, Any], int] | None = None
         for key in self.methods:
             if not get_method(self.component_methods.get(key, key)).is_peft:
                 continue
-            values = {k: d.default() for k, d in tunable.items()}
-            for k in tunable:
-                if k.endswith(".enabled"):
-                    values[k] = False
-                elif k.startswith("one_of."):
-                    values[k] = "none"
-            group = self.groups.get(key)
-            if group:
-                values[f"one_of.{group}"] = key
-            elif f"{key}.enabled" in tunable:
-                values[f"{key}.enabled"] = True
-            elif not self.dims[f"{key}.enabled"].values[0]:
+            values = self._component_alone(key, tunable)
+            if values is None:
                 continue  # fixed off: never in a configuration of this space
             own = [k for k in tunable if k.startswith(key + ".") and not k.endswith(".enabled")]
-            current = count(values)
-            improved = True
-            while improved:
-                improved = False
-                for k in own + shared:
-                    for v in candidates(tunable[k]):
-                        if v == values[k]:
-                            continue
-                        n = count({**values, k: v})
-                        if n is not None and (current is None or n < current):
-                            values, current, improved = {**values, k: v}, n, True
+            values, current = _descend(values, own + shared, tunable, count)
             if current is not None and (best is None or current < best[1]):
                 best = ({k: tunable[k].encode(v) for k, v in values.items()}, current)
         if best is None:
             raise SearchSpaceError(f"search space {self.name!r} has no configuration with a PEFT component that is a "
                                    "valid recipe for this backbone and task")
         return best
+
+    def _component_alone(self, key: str, tunable: dict[str, Dim]) -> dict[str, Any] | None:
+        """The (decoded) values of a point with component ``key`` alone: every dimension at its first
+        value, the other components off, other ``one_of`` groups ``none``; ``None`` when the space
+        fixes ``key`` off."""
+        values = {k: d.default() for k, d in tunable.items()}
+        for k in tunable:
+            if k.endswith(".enabled"):
+                values[k] = False
+            elif k.startswith("one_of."):
+                values[k] = "none"
+        group = self.groups.get(key)
+        if group:
+            values[f"one_of.{group}"] = key
+        elif f"{key}.enabled" in tunable:
+            values[f"{key}.enabled"] = True
+        elif not self.dims[f"{key}.enabled"].values[0]:
+            return None
+        return values
 
     def describe_point(self, point: dict[str, Any]) -> str:
         """A short summary of a point: its components with their sampled values, e.g.
@@ -546,3 +540,27 @@ def _requirements_met(method: str, present: set[str]) -> bool:
     """A method with ``requires_any`` (e.g. AdapterDrop) needs one of those methods in the recipe."""
     needs = getattr(get_method(method).config_cls, "requires_any", ())
     return not needs or bool(set(needs) & present)
+
+
+def _descend(values: dict[str, Any], keys: list[str], tunable: dict[str, Dim],
+             count: Callable[[dict[str, Any]], int | None]) -> tuple[dict[str, Any], int | None]:
+    """Per-dimension descent (:meth:`SearchSpace.smallest_point`): each of ``keys`` in turn tries each of
+    its choices (a range: both bounds), keeping any that lowers ``count(values)``, until none does;
+    returns the values and their count (``None``: no valid recipe among them)."""
+    def candidates(dim: Dim) -> tuple:
+        if dim.kind in ("int", "logint"):
+            return (int(dim.values[0]), int(dim.values[1]))
+        return dim.values  # choices, or the bounds of a uniform range
+
+    current = count(values)
+    improved = True
+    while improved:
+        improved = False
+        for k in keys:
+            for v in candidates(tunable[k]):
+                if v == values[k]:
+                    continue
+                n = count({**values, k: v})
+                if n is not None and (current is None or n < current):
+                    values, current, improved = {**values, k: v}, n, True
+    return values, current
