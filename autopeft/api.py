@@ -20,12 +20,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
 
-from autopeft.budget import Budget, parse_budget
-from autopeft.recipe import Recipe, count_recipe, load_recipe, recipe_from_dict
+from autopeft.searching.budget import Budget, parse_budget
+from autopeft.composition.recipe import Recipe, count_recipe, load_recipe, recipe_from_dict
 from autopeft.errors import AutopeftError
 from autopeft._util import is_finite
 # The run folder's owner; re-exported here, their old home.
-from autopeft.hpo.runs import (  # noqa: F401
+from autopeft.searching.runs import (  # noqa: F401
     BEST_RECIPE_FILE, PARETO_CSV, PARETO_FILE, PARETO_PLOT, PICKS, REFERENCE_FILE, RESULT_FILE, RUNS_DIR, SEARCH_FILE,
     TRIALS_FILE, SearchNotFoundError, find_search, pick_point,
 )
@@ -50,7 +50,7 @@ def _check_search_settings(name: str | None, backbone: Any, cpus: float, gpus: f
     if isinstance(backbone, dict) and "preset" in backbone:
         raise SearchSettingsError(f"backbone preset {backbone['preset']!r} describes sizes for counting only (random "
                                   "weights): search with a Hugging Face id, a local folder or minilm-l6")
-    if ray_address:  # a cluster's resources are checked once connected (autopeft.hpo.tune.run_tune)
+    if ray_address:  # a cluster's resources are checked once connected (autopeft.searching.tune.run_tune)
         return
     import torch
 
@@ -77,7 +77,7 @@ class SearchResult:
         mlflow_run_id: the parent run.
         wall_time_s: seconds the search ran, all its sessions together: after a resume, this
             session's time plus the earlier sessions' running time by the resume checkpoint's clock
-            (:func:`autopeft.hpo.resume.elapsed_before`; a killed session's time after its last
+            (:func:`autopeft.searching.resume.elapsed_before`; a killed session's time after its last
             checkpoint is not counted). Also ``result.json``'s ``wall_time_s``.
     """
 
@@ -90,7 +90,7 @@ class SearchResult:
     mlflow_run_id: str | None
     wall_time_s: float
     settings: dict[str, Any] = field(default_factory=dict)
-    #: The ``--reference`` run (:func:`autopeft.hpo.final.train_reference`), else ``None``.
+    #: The ``--reference`` run (:func:`autopeft.searching.final.train_reference`), else ``None``.
     reference: dict[str, Any] | None = None
 
 
@@ -117,10 +117,14 @@ def search(task: str = "sst2", budget: str | Budget = "0.5%", backbone: str | di
            reference: str | None = None) -> SearchResult:
     """Search PEFT configurations for ``task`` under ``budget``; returns the Pareto front.
 
+    (Its body stays one sequence, longer than most: the checks in the order they fail, then the
+    folder, MLflow run and heartbeat that two ``try`` blocks must end whatever happens; the steps that
+    stand alone are the ``_search_space`` ... ``_front_of`` helpers below it.)
+
     Args:
         task: a built-in task name (GLUE, ``mnli``/``mnli-mm``, ``qqp``, ``superglue-boolq``/``-cb``/``-rte``),
             a CSV / TSV / JSON Lines / Parquet file or folder, ``hf:<dataset id>[:<config>]``, or a
-            task spec mapping (see :mod:`autopeft.userdata`).
+            task spec mapping (see :mod:`autopeft.data.userdata`).
         budget: ``"0.5%"``, ``"0.005"``, ``"120k"`` or a :class:`Budget` (trainable parameters without head).
         backbone: ``minilm-l6``, a Hugging Face id/path, or a bare config mapping.
         space: a shipped search space name or a YAML path.
@@ -136,26 +140,26 @@ def search(task: str = "sst2", budget: str | Budget = "0.5%", backbone: str | di
         training: overrides of the trials' training settings (e.g. ``{"batch_size": 16}``).
         max_train_examples: top fidelity (training examples) instead of the space's; the first rung
             scales with it (``max / reduction_factor^2``). Small values make quick, rough searches.
-        searcher: ``tpe`` (default), ``random``, ``nsga2`` or ``qnehvi`` (see :mod:`autopeft.hpo.searchers`).
+        searcher: ``tpe`` (default), ``random``, ``nsga2`` or ``qnehvi`` (see :mod:`autopeft.searching.searchers`).
         one_shot: before the trials, train one gated model holding every component of the space and
-            add its best within-budget subsets as start points (:mod:`autopeft.hpo.oneshot`).
+            add its best within-budget subsets as start points (:mod:`autopeft.searching.oneshot`).
         progress: receives one-line progress messages (``None``: silent).
         confirm_seeds: after the search, retrain each Pareto point with this many more training seeds
             and report the mean and standard deviation of its test scores
-            (:func:`autopeft.hpo.final.confirm_seeds`).
+            (:func:`autopeft.searching.final.confirm_seeds`).
         reference: ``"full"``: after the search, train full fine-tuning at the top fidelity on the same
-            splits and report its dev and test scores beside the front (:func:`autopeft.hpo.final.train_reference`).
+            splits and report its dev and test scores beside the front (:func:`autopeft.searching.final.train_reference`).
 
     Splits: trials train on train less a seeded, stratified **dev** split
-    (:func:`autopeft.tasks.default_dev_examples` rows) and are scored on dev; every search decision
+    (:func:`autopeft.data.tasks.default_dev_examples` rows) and are scored on dev; every search decision
     reads dev only. The task's validation split is the **test** split (user data without one: its
     seeded held-out part), read once after the search, for the front's kept models
-    (:mod:`autopeft.hpo.final`). The sizes are in ``search.json`` (``splits``) and on the MLflow parent run.
+    (:mod:`autopeft.searching.final`). The sizes are in ``search.json`` (``splits``) and on the MLflow parent run.
         resume: continue the interrupted search ``name`` in ``output_dir`` (the same options, except
             resources; or use :func:`resume`): finished trials are kept with their ids and scores, the
             trial that was running is re-run from the start under its id, the sampler and scheduler
             go on from their saved state, and MLflow keeps the same parent run
-            (:mod:`autopeft.hpo.resume`). Without it, an existing ``name`` is an error, never overwritten.
+            (:mod:`autopeft.searching.resume`). Without it, an existing ``name`` is an error, never overwritten.
         text_columns / label_column: the text column(s) (``"a,b"`` or a list) and the label column
             of user data (defaults ``text`` or ``sentence``, and ``label``).
         metric: the metric to maximise (default: the task's first; user data: ``accuracy`` for
@@ -165,25 +169,23 @@ def search(task: str = "sst2", budget: str | Budget = "0.5%", backbone: str | di
         BudgetError, TaskError, BackboneError, SearchSpaceError, SearcherError: bad input, before
             anything starts.
         ResumeError: ``name`` exists without ``resume``; with it, no such search, a finished one, or
-            other settings than it was started with (:mod:`autopeft.hpo.resume`).
+            other settings than it was started with (:mod:`autopeft.searching.resume`).
         RuntimeError: Ray could not start.
         SearchInterrupted: Ctrl-C (SIGINT) or SIGTERM (a ``KeyboardInterrupt``): the running trials
             are recorded ``interrupted``, no MLflow run is left ``RUNNING`` (the parent is tagged
             ``status=interrupted``), no ``result.json`` is written, and :func:`resume` finishes the
-            search (:mod:`autopeft.hpo.interrupt`).
+            search (:mod:`autopeft.searching.interrupt`).
     """
     from autopeft.backbones import load_config
-    from autopeft.hpo.pareto import front_hypervolume, pareto_front
-    from autopeft.hpo.space import SearchSpace
-    from autopeft.hpo.searchers import SEARCHERS, SearcherError, make_sampler
-    from autopeft.hpo.tune import TuneSettings, run_tune
-    from autopeft.tasks import get_task, load_split, resolve_data_dir
-    from autopeft.userdata import resolve_task
-    from autopeft.tracking import SearchTracker, default_tracking_uri
+    from autopeft.searching.pareto import front_hypervolume
+    from autopeft.searching.tune import TuneSettings, run_tune
+    from autopeft.data.tasks import get_task, resolve_data_dir
+    from autopeft.data.userdata import resolve_task
+    from autopeft.searching.tracking import SearchTracker, default_tracking_uri
 
-    from autopeft.hpo.interrupt import raise_on_stop_signals
-    from autopeft.hpo.resume import ResumeError, check_same_settings, elapsed_before, open_search_folder, write_request
-    from autopeft.liveness import DRIVER_FILE, DriverBeacon
+    from autopeft.searching.interrupt import raise_on_stop_signals
+    from autopeft.searching.resume import ResumeError, check_same_settings, elapsed_before, open_search_folder, write_request
+    from autopeft.searching.liveness import DRIVER_FILE, DriverBeacon
 
     request = _search_request(locals())  # the arguments as given, for `autopeft resume`
     t0 = time.time()
@@ -191,51 +193,18 @@ def search(task: str = "sst2", budget: str | Budget = "0.5%", backbone: str | di
     task_value = resolve_task(task, text_columns, label_column, metric, seed)  # bad data fails here, first
     task_obj = get_task(task_value)
     config = load_config(backbone, task_obj.num_labels)  # fails fast on an unknown backbone
-    sp, space_notes = SearchSpace.load(space).for_backbone(config)  # drops methods the backbone cannot run
-    if searcher not in SEARCHERS:
-        raise SearcherError(f"unknown searcher {searcher!r}; valid: {', '.join(SEARCHERS)}")
-    if searcher == "qnehvi":
-        make_sampler(searcher, seed)  # fails fast when BoTorch is missing
-    if max_train_examples is not None:
-        from dataclasses import replace
-
-        from autopeft.hpo.space import SearchSpaceError
-
-        if max_train_examples < 1:
-            raise SearchSpaceError(f"max_train_examples must be positive, got {max_train_examples}")
-        rf = sp.fidelity.reduction_factor
-        sp.fidelity = replace(sp.fidelity, max_train_examples=max_train_examples,
-                              min_train_examples=max(1, round(max_train_examples / rf**2)))
-    if sp.num_layers and sp.num_layers != config.num_hidden_layers:
-        from autopeft.hpo.space import SearchSpaceError
-
-        raise SearchSpaceError(f"search space {sp.name!r} has per_layer num_layers={sp.num_layers}, but the backbone "
-                               f"has {config.num_hidden_layers} layers")
+    sp, space_notes = _search_space(space, config, searcher, seed, max_train_examples)
     root = resolve_data_dir(data_dir)
-    if confirm_seeds < 0:
-        raise SearchSettingsError(f"--confirm-seeds must be 0 or more, got {confirm_seeds}")
-    from autopeft.hpo.final import REFERENCES
-
-    if reference is not None and reference not in REFERENCES:
-        raise SearchSettingsError(f"unknown --reference {reference!r}; valid: {', '.join(REFERENCES)}")
+    _check_after_search_options(confirm_seeds, reference)
     base = {"backbone": backbone, "task": task_value,
             "training": {"max_train_examples": sp.fidelity.max_train_examples,
                          "schedule_examples": sp.fidelity.max_train_examples, "seed": seed, **(training or {})}}
-    bare = recipe_from_dict({**base, "components": []})
-    backbone_params = count_recipe(bare).backbone_params
-    if not (isinstance(backbone, dict) and "preset" in backbone):  # presets: refused below, with their own line
-        from autopeft.recipe import check_recipe
-
-        check_recipe(bare, for_training=True)  # what no trial could train (a bare config's vocabulary): one line
+    backbone_params = _checked_backbone_params(base, backbone)
     limit = budget.limit(backbone_params)
     cpus, gpus = default_resources()
     cpus, gpus = cpus_per_trial or cpus, gpus if gpus_per_trial is None else gpus_per_trial
     _check_search_settings(name, backbone, cpus, gpus, ray_address)
-    point, smallest = sp.smallest_point(base)
-    if smallest > limit:
-        raise SearchSettingsError(f"budget {budget} = {limit:,} trainable parameters is below the smallest configuration "
-                                  f"of space {sp.name!r} on this backbone ({sp.describe_point(point)}: {smallest:,}): "
-                                  f"raise --budget to at least {smallest:,}")
+    _check_budget_fits(sp, base, budget, limit)
     if trials is None:  # on CPU the 26-minute cap, not the count, usually ends the search
         trials = 32 if gpus else 30
     if time_budget_s is None and not gpus:
@@ -267,27 +236,11 @@ def search(task: str = "sst2", budget: str | Budget = "0.5%", backbone: str | di
     if not stored:
         write_request(out, request, uri, experiment, tracker.parent_id)
     if progress:
-        progress(f"search {name}: {task_obj.name}, budget {budget} = {limit:,} trainable parameters "
-                 f"of {backbone_params:,}; MLflow {uri} run {tracker.parent_id}")
-        progress(f"splits: train {splits['train']:,} / dev {splits['dev']:,} (carved from train, seed {seed}, "
-                 f"{'stratified' if task_obj.num_labels > 1 else 'random'}; every search decision reads it) / "
-                 f"test {splits['test']:,} ({splits['test_source']}; read once, after the search)")
-        for note in space_notes:
-            progress(f"note: {note}")
+        _announce(progress, settings, name, task_obj, budget, uri, tracker.parent_id, space_notes)
     beacon = DriverBeacon(out, before_s, started=t0).start()  # driver.json: pid + heartbeat, for `autopeft status`
     restore_signals = raise_on_stop_signals()  # SIGTERM, as Ctrl-C, ends the search resumable: not killed
     try:
-        start_points = list(sp.start_points)
-        if one_shot and stored and (out / "one_shot.json").is_file():  # resumed: the proposals made before
-            start_points += json.loads((out / "one_shot.json").read_text())["proposals"]
-        elif one_shot:
-            from autopeft.hpo.oneshot import propose
-
-            shot = propose(sp, base, limit, str(root) if root else None, log=progress)
-            (out / "one_shot.json").write_text(json.dumps({"importance": shot.importance, "proposals": shot.proposals,
-                                                            "examples": shot.examples,
-                                                            "wall_time_s": shot.wall_time_s}, indent=2, default=str))
-            start_points += shot.proposals
+        start_points = _start_points(sp, one_shot, bool(stored), out, base, limit, root, progress)
         tune_settings = TuneSettings(num_samples=trials, time_budget_s=time_budget_s, cpus_per_trial=cpus,
                                      gpus_per_trial=gpus, ray_address=ray_address, seed=seed,
                                      storage_path=str(out), device=None, searcher=searcher,
@@ -304,17 +257,12 @@ def search(task: str = "sst2", budget: str | Budget = "0.5%", backbone: str | di
     try:  # the results: a failure here still ends the parent run and the heartbeat
         trials_out = [r.as_dict() for r in records.values()]
         top = sp.fidelity.max_train_examples
-        candidates = []
-        for r in records.values():
-            row = r.row_at(top)
-            if row is not None and r.status == "finished" and row["trainable_params"] <= limit and is_finite(row.get("score")):
-                candidates.append({"trial_id": r.trial_id, **row, "recipe": r.recipe})
-        front = [candidates[i] for i in pareto_front(candidates)]
+        front = _front_of(records, top, limit)
         hv = front_hypervolume(front, limit)  # of the dev scores: what the search optimised
         _finish_front(front, out, base, str(root) if root else None, confirm_seeds, reference, tracker, progress)
         _write_results(out, trials_out, front, task_obj.metric, limit, settings["rungs"])
         pareto_ids = {row["trial_id"] for row in front}
-        from autopeft.tracking import STATUSES
+        from autopeft.searching.tracking import STATUSES
 
         counts = {s: sum(1 for r in records.values() if r.status == s) for s in STATUSES}
         wall = before_s + time.time() - t0  # the whole search's running time, earlier sessions included
@@ -340,13 +288,120 @@ def search(task: str = "sst2", budget: str | Budget = "0.5%", backbone: str | di
     return result
 
 
+def _search_space(space: str, config, searcher: str, seed: int, max_train_examples: int | None):
+    """``(space, notes)``: the search space for this backbone (without the methods it cannot run; the
+    notes say which), its top fidelity ``max_train_examples`` when given; checks the searcher.
+
+    Raises:
+        SearchSpaceError, SearcherError: one line.
+    """
+    from autopeft.searching.searchers import SEARCHERS, SearcherError, make_sampler
+    from autopeft.searching.space import SearchSpace
+
+    sp, space_notes = SearchSpace.load(space).for_backbone(config)  # drops methods the backbone cannot run
+    if searcher not in SEARCHERS:
+        raise SearcherError(f"unknown searcher {searcher!r}; valid: {', '.join(SEARCHERS)}")
+    if searcher == "qnehvi":
+        make_sampler(searcher, seed)  # fails fast when BoTorch is missing
+    if max_train_examples is not None:
+        from dataclasses import replace
+
+        from autopeft.searching.space import SearchSpaceError
+
+        if max_train_examples < 1:
+            raise SearchSpaceError(f"max_train_examples must be positive, got {max_train_examples}")
+        rf = sp.fidelity.reduction_factor
+        sp.fidelity = replace(sp.fidelity, max_train_examples=max_train_examples,
+                              min_train_examples=max(1, round(max_train_examples / rf**2)))
+    if sp.num_layers and sp.num_layers != config.num_hidden_layers:
+        from autopeft.searching.space import SearchSpaceError
+
+        raise SearchSpaceError(f"search space {sp.name!r} has per_layer num_layers={sp.num_layers}, but the backbone "
+                               f"has {config.num_hidden_layers} layers")
+    return sp, space_notes
+
+
+def _check_after_search_options(confirm_seeds: int, reference: str | None) -> None:
+    """Raise :class:`SearchSettingsError` for a negative ``--confirm-seeds`` or an unknown ``--reference``."""
+    if confirm_seeds < 0:
+        raise SearchSettingsError(f"--confirm-seeds must be 0 or more, got {confirm_seeds}")
+    from autopeft.searching.final import REFERENCES
+
+    if reference is not None and reference not in REFERENCES:
+        raise SearchSettingsError(f"unknown --reference {reference!r}; valid: {', '.join(REFERENCES)}")
+
+
+def _checked_backbone_params(base: dict[str, Any], backbone: Any) -> int:
+    """The backbone's parameters (counted on the meta device), after checking that a trial could train
+    it (a preset is refused by :func:`_check_search_settings`, with its own line)."""
+    bare = recipe_from_dict({**base, "components": []})
+    backbone_params = count_recipe(bare).backbone_params
+    if not (isinstance(backbone, dict) and "preset" in backbone):  # presets: refused below, with their own line
+        from autopeft.composition.recipe import check_recipe
+
+        check_recipe(bare, for_training=True)  # what no trial could train (a bare config's vocabulary): one line
+    return backbone_params
+
+
+def _check_budget_fits(sp, base: dict[str, Any], budget: Budget, limit: int) -> None:
+    """Raise :class:`SearchSettingsError` when the space's smallest configuration exceeds the budget."""
+    point, smallest = sp.smallest_point(base)
+    if smallest > limit:
+        raise SearchSettingsError(f"budget {budget} = {limit:,} trainable parameters is below the smallest configuration "
+                                  f"of space {sp.name!r} on this backbone ({sp.describe_point(point)}: {smallest:,}): "
+                                  f"raise --budget to at least {smallest:,}")
+
+
+def _announce(progress: Callable[[str], None], settings: dict[str, Any], name: str, task_obj, budget: Budget,
+              uri: str, parent_id: str | None, space_notes: list[str]) -> None:
+    """The search's first lines: its budget, MLflow run, splits and the space's notes."""
+    splits, seed = settings["splits"], settings["seed"]
+    progress(f"search {name}: {task_obj.name}, budget {budget} = {settings['param_limit']:,} trainable parameters "
+             f"of {settings['backbone_params']:,}; MLflow {uri} run {parent_id}")
+    progress(f"splits: train {splits['train']:,} / dev {splits['dev']:,} (carved from train, seed {seed}, "
+             f"{'stratified' if task_obj.num_labels > 1 else 'random'}; every search decision reads it) / "
+             f"test {splits['test']:,} ({splits['test_source']}; read once, after the search)")
+    for note in space_notes:
+        progress(f"note: {note}")
+
+
+def _start_points(sp, one_shot: bool, resumed: bool, out: Path, base: dict[str, Any], limit: int,
+                  root: Path | None, progress: Callable[[str], None] | None) -> list[dict[str, Any]]:
+    """The space's start points, plus with ``one_shot`` the one-shot proposals (made now, written to
+    ``one_shot.json``; a resumed search reads the ones it made before)."""
+    start_points = list(sp.start_points)
+    if one_shot and resumed and (out / "one_shot.json").is_file():  # resumed: the proposals made before
+        start_points += json.loads((out / "one_shot.json").read_text())["proposals"]
+    elif one_shot:
+        from autopeft.searching.oneshot import propose
+
+        shot = propose(sp, base, limit, str(root) if root else None, log=progress)
+        (out / "one_shot.json").write_text(json.dumps({"importance": shot.importance, "proposals": shot.proposals,
+                                                        "examples": shot.examples,
+                                                        "wall_time_s": shot.wall_time_s}, indent=2, default=str))
+        start_points += shot.proposals
+    return start_points
+
+
+def _front_of(records: dict, top: int, limit: int) -> list[dict[str, Any]]:
+    """The Pareto front of the finished trials' rows at the top fidelity ``top`` within ``limit``."""
+    from autopeft.searching.pareto import pareto_front
+
+    candidates = []
+    for r in records.values():
+        row = r.row_at(top)
+        if row is not None and r.status == "finished" and row["trainable_params"] <= limit and is_finite(row.get("score")):
+            candidates.append({"trial_id": r.trial_id, **row, "recipe": r.recipe})
+    return [candidates[i] for i in pareto_front(candidates)]
+
+
 def _interrupted(exc: KeyboardInterrupt, out: Path, tracker, beacon):
     """The :class:`SearchInterrupted` that :func:`search` raises for a Ctrl-C / SIGTERM ``exc``: the
-    parent run marked interrupted (unless :func:`autopeft.hpo.tune.run_tune` did, with the trials),
+    parent run marked interrupted (unless :func:`autopeft.searching.tune.run_tune` did, with the trials),
     ``driver.json`` ended, ``result.json`` not written, so ``autopeft resume`` continues the search."""
     import signal
 
-    from autopeft.hpo.interrupt import SearchInterrupted, signal_name
+    from autopeft.searching.interrupt import SearchInterrupted, signal_name
 
     stop = exc if isinstance(exc, SearchInterrupted) else SearchInterrupted(signal.SIGINT)
     stop.folder = out
@@ -373,7 +428,7 @@ def resume(name: str | Path, output_dir: str | Path = RUNS_DIR, tracking_uri: st
     Raises:
         ResumeError: no such search, one that cannot be resumed, or one that already finished.
     """
-    from autopeft.hpo.resume import REQUEST_FILE, ResumeError, open_search_folder
+    from autopeft.searching.resume import REQUEST_FILE, ResumeError, open_search_folder
 
     folder = Path(name)
     if not (folder / REQUEST_FILE).is_file():
@@ -405,9 +460,9 @@ def _search_request(args: dict[str, Any]) -> dict[str, Any]:
 
 def _splits(task_obj, root: Path | None, seed: int) -> tuple[dict[str, Any], dict[str, Any]]:
     """``(sizes, dev)``: the split sizes a search prints and records (``train``, ``dev``, ``test``,
-    ``test_source``, ``dev_seed``) and the recipe's ``dev`` mapping (:class:`autopeft.tasks.DevSplit`).
+    ``test_source``, ``dev_seed``) and the recipe's ``dev`` mapping (:class:`autopeft.data.tasks.DevSplit`).
     Reads train and the test split's length only (never its labels' values)."""
-    from autopeft.tasks import DevSplit, default_dev_examples, load_split
+    from autopeft.data.tasks import DevSplit, default_dev_examples, load_split
 
     n_train = len(load_split(task_obj, "train", root))
     n_test = len(load_split(task_obj, "validation", root))
@@ -426,9 +481,9 @@ def _splits(task_obj, root: Path | None, seed: int) -> tuple[dict[str, Any], dic
 def _finish_front(front: list[dict], out: Path, base: dict[str, Any], data_dir: str | None, confirm: int,
                   reference: str | None, tracker, progress: Callable[[str], None] | None) -> None:
     """After the search: the front's kept models scored once on test, ``--confirm-seeds`` and
-    ``--reference`` (:mod:`autopeft.hpo.final`); MLflow gets the test scores on the trials' runs and
+    ``--reference`` (:mod:`autopeft.searching.final`); MLflow gets the test scores on the trials' runs and
     the reference on the parent; ``reference.json`` in the search folder."""
-    from autopeft.hpo.final import confirm_seeds, score_front_on_test, train_reference
+    from autopeft.searching.final import confirm_seeds, score_front_on_test, train_reference
 
     score_front_on_test(front, out, data_dir, log=progress)
     confirm_seeds(front, confirm, data_dir, log=progress)
@@ -462,7 +517,7 @@ def _write_results(out: Path, trials: list[dict], front: list[dict], metric: str
 
 def _plot(path: Path, trials: list[dict], front: list[dict], metric: str, param_limit: int | None = None,
           rungs: list[int] | None = None, reference: dict | None = None) -> None:
-    from autopeft.plots import pareto_plot
+    from autopeft.searching.plots import pareto_plot
 
     pareto_plot(path, trials, front, metric, param_limit, rungs, reference)
 
@@ -477,22 +532,22 @@ def export(search: str | Path, pick: str = "best", output: str | Path | None = N
         pick: ``best`` (highest dev score), ``smallest`` (fewest trainable parameters), ``leanest``
             (least memory), ``smallest-within-noise`` (fewest trainable parameters among the points whose
             dev score is at least the lower end of the best point's 95% interval,
-            :func:`autopeft.uncertainty.within_noise`), a 0-based index into the front (best score
+            :func:`autopeft.data.uncertainty.within_noise`), a 0-based index into the front (best score
             first), or a trial id. Every pick reads dev scores only, never test.
         output: ``recipe``: write the recipe YAML there too; ``peft`` / ``merged``: the folder to write.
-        fmt: a name of :data:`autopeft.exporters.EXPORT_FORMATS`: ``recipe`` (autopeft's training recipe),
+        fmt: a name of :data:`autopeft.exporting.exporters.EXPORT_FORMATS`: ``recipe`` (autopeft's training recipe),
             ``peft`` (a Hugging Face peft adapter folder) or ``merged`` (a plain transformers model).
         options: the format's own (``peft`` / ``merged``: ``data_dir``, ``train``, ``overwrite``, ``log``;
-            :func:`autopeft.hf_export.export_model`).
+            :func:`autopeft.exporting.hf_export.export_model`).
 
     Returns:
-        ``recipe``: the :class:`Recipe`; ``peft`` / ``merged``: :class:`autopeft.hf_export.ExportResult`.
+        ``recipe``: the :class:`Recipe`; ``peft`` / ``merged``: :class:`autopeft.exporting.hf_export.ExportResult`.
 
     Raises:
         SearchNotFoundError: no such search or an empty front; ValueError: unknown ``pick``;
         ExportError: an unknown ``fmt`` (one line), or a model the format cannot hold.
     """
-    from autopeft.exporters import get_format
+    from autopeft.exporting.exporters import get_format
 
     form = get_format(fmt)
     if form.trains:  # a search point without kept weights is trained first, as autopeft train does
@@ -510,15 +565,15 @@ def train(recipe: Recipe | str | Path, data_dir: str | None = None, output_dir: 
     validation split.
 
     ``cpus``: compute on this many CPU threads (PyTorch intra-op and inter-op, OpenMP/MKL;
-    :func:`autopeft.threads.limit_threads`); default: every CPU this process may use.
+    :func:`autopeft.backbones.threads.limit_threads`); default: every CPU this process may use.
 
     Returns:
-        :class:`autopeft.trainer.TrialResult`.
+        :class:`autopeft.training.trainer.TrialResult`.
 
     Raises:
         RecipeError, TaskError, BackboneError, CompositionError: bad input.
     """
-    from autopeft.trainer import train_and_save
+    from autopeft.training.trainer import train_and_save
 
     return train_and_save(recipe, data_dir, output_dir, device=device, log=log, cpus=cpus)
 
@@ -552,8 +607,8 @@ def predict(trained: str | Path, texts, device: str | None = None, batch_size: i
         ValueError: a text of the wrong arity (a pair for a single-text task, or the reverse).
     """
     from autopeft.backbones import load_tokenizer
-    from autopeft.tasks import Split, get_task
-    from autopeft.trainer import Batches, load_trained, pick_device, predict_ids
+    from autopeft.data.tasks import Split, get_task
+    from autopeft.training.trainer import Batches, load_trained, pick_device, predict_ids
 
     folder = Path(trained)
     if not (folder / "recipe.yaml").is_file():

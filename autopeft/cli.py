@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from autopeft.errors import AutopeftError
-from autopeft.hpo.runs import RUNS_DIR
+from autopeft.searching.runs import RUNS_DIR
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Search, export and train parameter-efficient fine-tuning (PEFT) configurations.")
@@ -43,7 +43,7 @@ def _run(fn, *args, **kwargs):
     except typer.Exit:
         raise
     except KeyboardInterrupt as exc:  # Ctrl-C; a search's SearchInterrupted also on SIGTERM: 128 + signal
-        from autopeft.hpo.interrupt import SearchInterrupted
+        from autopeft.searching.interrupt import SearchInterrupted
 
         if isinstance(exc, SearchInterrupted):
             err.print(str(exc), markup=False, soft_wrap=True)
@@ -100,7 +100,7 @@ def search(
     """Search method choice and hyperparameters under a parameter budget; print the Pareto front.
     On a terminal, a live bar per running trial shows its examples seen, rung, loss and ETA."""
     from autopeft import api
-    from autopeft.budget import parse_budget
+    from autopeft.searching.budget import parse_budget
 
     b = _run(parse_budget, budget)
     for opt, value in (("--trials", trials), ("--max-train-examples", max_train_examples), ("--batch-size", batch_size)):
@@ -135,7 +135,7 @@ def resume_search(
 
 def _live_progress():
     """Lines plus live per-trial bars on a terminal; lines only in logs and CI (no redraws there)."""
-    from autopeft.progress import LiveProgress
+    from autopeft.searching.progress import LiveProgress
 
     return LiveProgress(console) if console.is_terminal else _progress
 
@@ -171,7 +171,7 @@ def _parse_duration(text: str) -> float:
 
 
 def _print_front(result) -> None:
-    from autopeft.tasks import get_task
+    from autopeft.data.tasks import get_task
 
     metric = get_task(result.settings["task"]).metric
     splits = result.settings.get("splits") or {}
@@ -231,7 +231,7 @@ def _fmt_ci(row: dict, key: str) -> str:
     return f"{value:.4f}"
 
 
-#: Statuses of samples that were rejected before training (see :data:`autopeft.tracking.STATUSES`).
+#: Statuses of samples that were rejected before training (see :data:`autopeft.searching.tracking.STATUSES`).
 _REJECTED = ("over_budget", "empty", "invalid")
 
 
@@ -240,7 +240,7 @@ def empty_front_advice(result, smallest: tuple[str, int] | None = None) -> str:
 
     * every sample rejected, some over the budget (``result.param_limit``): the budget is the cause;
       names the smallest configuration of the space and its count (``smallest``, else computed with
-      :meth:`autopeft.hpo.space.SearchSpace.smallest_point` from ``result.settings``);
+      :meth:`autopeft.searching.space.SearchSpace.smallest_point` from ``result.settings``);
     * every sample rejected otherwise (invalid recipes, no PEFT component), or every trained trial
       failed: says so, with the first reason;
     * no trial at all: the time budget ran out first;
@@ -291,7 +291,7 @@ def empty_front_advice(result, smallest: tuple[str, int] | None = None) -> str:
 def _smallest_configuration(result) -> tuple[str, int] | None:
     """``(summary, trainable_params)`` of the smallest configuration of the search's space, or ``None``
     when it cannot be computed (the space file or the backbone is gone)."""
-    from autopeft.hpo.space import SearchSpace
+    from autopeft.searching.space import SearchSpace
 
     s = result.settings or {}
     try:
@@ -328,7 +328,7 @@ def export(
     Folders need trained weights: a folder written by autopeft train, or a search point, whose weights the search kept (<search>/trained/<trial id>/; searches from before weights were kept: trained first, deterministic).
     """
     from autopeft import api
-    from autopeft.exporters import EXPORT_FORMATS
+    from autopeft.exporting.exporters import EXPORT_FORMATS
 
     if fmt is not None and fmt not in EXPORT_FORMATS:
         _fail(_UserError(f"unknown --format {fmt!r}; valid: {', '.join(EXPORT_FORMATS)}"), 2)
@@ -362,8 +362,8 @@ def train(
     """Train a recipe, report its scores, and save the trained PEFT weights. A recipe from a search (with
     dev) reports its dev score, as the search scored it, and its test score, read once after training."""
     from autopeft import api
-    from autopeft.recipe import load_recipe
-    from autopeft.tasks import get_task
+    from autopeft.composition.recipe import load_recipe
+    from autopeft.data.tasks import get_task
 
     if cpus is not None and cpus < 1:
         _fail(_UserError(f"--cpus must be at least 1, got {cpus}"), 2)
@@ -396,9 +396,9 @@ def predict(
 ) -> None:
     """Predict labels with a trained output: one per line, as the labels of the training data."""
     from autopeft import api
-    from autopeft.recipe import load_recipe
-    from autopeft.tasks import get_task
-    from autopeft.userdata import read_texts
+    from autopeft.composition.recipe import load_recipe
+    from autopeft.data.tasks import get_task
+    from autopeft.data.userdata import read_texts
 
     if bool(texts) == (input_file is not None):
         _fail(_UserError("give either texts or --input FILE"), 2)
@@ -457,8 +457,8 @@ def fusion_stage1(
     device: Optional[str] = typer.Option(None, help="cpu, cuda, ..."),
 ) -> None:
     """Stage 1: train and save one adapter per source task."""
-    from autopeft.fusion import train_adapters
-    from autopeft.tasks import get_task
+    from autopeft.training.fusion import train_adapters
+    from autopeft.data.tasks import get_task
 
     for t in tasks:
         _run(get_task, t)
@@ -476,8 +476,8 @@ def fusion_stage2(
     device: Optional[str] = typer.Option(None, help="cpu, cuda, ..."),
 ) -> None:
     """Stage 2: freeze the stage-1 adapters and train fusion attention over them on the target task."""
-    from autopeft.fusion import train_fusion
-    from autopeft.tasks import get_task
+    from autopeft.training.fusion import train_fusion
+    from autopeft.data.tasks import get_task
 
     _run(get_task, task)
     result, out = _run(train_fusion, adapters, task, output_dir, data_dir, base_recipe=recipe, device=device, log=_progress)
@@ -503,7 +503,7 @@ def ui(
 ) -> None:
     """Open the MLflow UI on the search store (``mlflow ui --backend-store-uri ...``); prints the
     addresses of the searches' runs views. SIGTERM / Ctrl-C stop the server and all its workers."""
-    from autopeft.tracking import default_tracking_uri
+    from autopeft.searching.tracking import default_tracking_uri
     from autopeft.ui import serve, server_command, view_urls
 
     uri = tracking_uri or default_tracking_uri()

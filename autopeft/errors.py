@@ -6,8 +6,8 @@ had before (``RecipeError`` is still a ``ValueError``, ``RayStartError`` a ``Run
 (``user_error``, the default) prints one ``error:`` line and exits 2; the few that mean a bug or a
 failed trial (``user_error = False``) take the generic path (one line, exit 1).
 
-Where each class lives: with the module that raises it (``autopeft.recipe.RecipeError``,
-``autopeft.budget.BudgetError``, ...); those that modules of two layers raise live here
+Where each class lives: with the module that raises it (``autopeft.composition.recipe.RecipeError``,
+``autopeft.searching.budget.BudgetError``, ...); those that modules of two layers raise live here
 (:class:`CompositionError`: the methods and the composition; :class:`TaskError`: the task table and
 the user-data reader; :class:`ExportError`: the export registry and the exporter), re-exported from
 their old homes.

@@ -2,8 +2,8 @@
 
 A search folder (``autopeft_runs/<name>/``) holds ``search.json`` (settings, written first),
 ``trials.json`` (every trial, rewritten as trials end), ``result.json`` (written last),
-``driver.json`` (the driver's pid, host and heartbeat, :mod:`autopeft.liveness`) and, while
-trials train, ``progress/<trial id>.json`` (:mod:`autopeft.progress`). Nothing here needs Ray,
+``driver.json`` (the driver's pid, host and heartbeat, :mod:`autopeft.searching.liveness`) and, while
+trials train, ``progress/<trial id>.json`` (:mod:`autopeft.searching.progress`). Nothing here needs Ray,
 MLflow or the driver process, so it works from another shell while a search runs.
 """
 
@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from autopeft.liveness import driver_alive, read_driver
-from autopeft.progress import PROGRESS_DIR, read_progress
-from autopeft.hpo.runs import (  # noqa: F401  (SearchFolderError: re-exported, its old home)
+from autopeft.searching.liveness import driver_alive, read_driver
+from autopeft.searching.progress import PROGRESS_DIR, read_progress
+from autopeft.searching.runs import (  # noqa: F401  (SearchFolderError: re-exported, its old home)
     RESULT_FILE, RUNS_DIR, SEARCH_FILE, TRIALS_FILE, SearchFolderError, find_search, read_json,
 )
 from autopeft._util import is_finite
@@ -33,7 +33,7 @@ class SearchStatus:
     Attributes:
         path: the folder.
         state: ``finished`` (``result.json`` exists); else, from ``driver.json``, ``running`` (the
-            driver is alive, :func:`autopeft.liveness.driver_alive`) or ``interrupted`` (it is gone:
+            driver is alive, :func:`autopeft.searching.liveness.driver_alive`) or ``interrupted`` (it is gone:
             killed, or it raised; ``autopeft resume`` continues it). A folder without
             ``driver.json`` (an older autopeft): ``running`` when a file changed within
             :data:`STALE_AFTER_S`, else ``stopped``.
@@ -67,7 +67,7 @@ class SearchStatus:
 
 def find_search_folder(search: str | Path, output_dir: str | Path = RUNS_DIR) -> Path:
     """A search folder from a path, a name under ``output_dir``, or ``latest`` (newest ``search.json``),
-    finished or not (:func:`autopeft.hpo.runs.find_search`).
+    finished or not (:func:`autopeft.searching.runs.find_search`).
 
     Raises:
         SearchFolderError: nothing matches.

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from autopeft.tracking import RUNS_VIEW_KEY, SHARED_VIEW_TAG_PREFIX, TRIALS_VIEW_PREFIX, runs_view_url
+from autopeft.searching.tracking import RUNS_VIEW_KEY, SHARED_VIEW_TAG_PREFIX, TRIALS_VIEW_PREFIX, runs_view_url
 
 
 def server_command(tracking_uri: str, host: str, port: int, workers: int = 1) -> list[str]:
@@ -28,7 +28,7 @@ def server_command(tracking_uri: str, host: str, port: int, workers: int = 1) ->
 
 def view_urls(tracking_uri: str, base_url: str) -> list[tuple[str, str]]:
     """``(what, address)`` of the autopeft views in the store: per experiment written by a search,
-    its runs view and the trials view of its newest search (:mod:`autopeft.tracking`). Empty when
+    its runs view and the trials view of its newest search (:mod:`autopeft.searching.tracking`). Empty when
     the store has no search or cannot be read."""
     try:
         from mlflow.tracking import MlflowClient

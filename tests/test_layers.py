@@ -13,24 +13,22 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1] / "autopeft"
 
 #: Layer of each module (the longest matching prefix wins), lowest first; ARCHITECTURE.md draws them.
+#: Layers 1-6 are folders; the modules directly in ``autopeft/`` are the foundation and the surfaces.
 LAYERS = {
-    # 0 foundation: imports nothing from autopeft
-    "autopeft._util": 0, "autopeft._version": 0, "autopeft.errors": 0,
+    # 0 foundation: imports nothing from autopeft (_aliases: the old import paths, by name only)
+    "autopeft._util": 0, "autopeft._version": 0, "autopeft.errors": 0, "autopeft._aliases": 0,
     # 1 backbones (family tables, loading, quantisation, resources) and data (tasks, user data)
-    "autopeft.arch": 1, "autopeft.backbones": 1, "autopeft.quantization": 1, "autopeft.memory": 1,
-    "autopeft.threads": 1, "autopeft.splits": 1, "autopeft.userfiles": 1, "autopeft.tasks": 1,
-    "autopeft.userdata": 1, "autopeft.uncertainty": 1,
+    "autopeft.backbones": 1, "autopeft.data": 1,
     # 2 methods
     "autopeft.methods": 2,
-    # 3 composition
-    "autopeft.model": 3, "autopeft.recipe": 3,
-    # 4 training
-    "autopeft.trainer": 4, "autopeft.fusion": 4,
-    # 5 search (and its run folder, progress, MLflow)
-    "autopeft.hpo": 5, "autopeft.tracking": 5, "autopeft.progress": 5, "autopeft.liveness": 5,
-    "autopeft.budget": 5, "autopeft.plots": 5,
-    # 6 export
-    "autopeft.hf_export": 6, "autopeft.exporters": 6,
+    # 3 composition (recipe, model)
+    "autopeft.composition": 3,
+    # 4 training (trainer, fusion)
+    "autopeft.training": 4,
+    # 5 search (space, searchers, tune, ..., the run folder, progress, MLflow)
+    "autopeft.searching": 5,
+    # 6 export (format registry, peft / merged folders)
+    "autopeft.exporting": 6,
     # 7 surfaces
     "autopeft.api": 7, "autopeft.cli": 7, "autopeft.ui": 7, "autopeft.status": 7, "autopeft": 7,
 }
@@ -138,16 +136,30 @@ def test_the_imports_form_no_circle():
 
 def test_the_checks_catch_an_upward_import_and_a_circle(tmp_path):
     pkg = tmp_path / "autopeft"
-    (pkg / "methods").mkdir(parents=True)
+    for folder in ("methods", "composition", "training"):
+        (pkg / folder).mkdir(parents=True)
+        (pkg / folder / "__init__.py").write_text("")
     (pkg / "__init__.py").write_text("")
-    (pkg / "methods" / "__init__.py").write_text("")
-    (pkg / "methods" / "lora.py").write_text("def f():\n    from autopeft.model import PeftModel\n")
-    (pkg / "model.py").write_text("from autopeft.methods.lora import f\n")
-    (pkg / "trainer.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import autopeft.api\n")
+    (pkg / "methods" / "lora.py").write_text("def f():\n    from autopeft.composition.model import PeftModel\n")
+    (pkg / "composition" / "model.py").write_text("from autopeft.methods.lora import f\n")
+    (pkg / "training" / "trainer.py").write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import autopeft.api\n")
     graph = import_graph(pkg)
-    assert graph["autopeft.methods.lora"] == {"autopeft.model"} and graph["autopeft.trainer"] == set()
-    assert upward_imports(graph) == ["autopeft.methods.lora (methods) imports autopeft.model (composition)"]
-    assert circles(graph) == [["autopeft.methods.lora", "autopeft.model"]]
+    assert graph["autopeft.methods.lora"] == {"autopeft.composition.model"}
+    assert graph["autopeft.training.trainer"] == set()
+    assert upward_imports(graph) == [
+        "autopeft.methods.lora (methods) imports autopeft.composition.model (composition)"]
+    assert circles(graph) == [["autopeft.composition.model", "autopeft.methods.lora"]]
+
+
+def test_the_folders_are_the_layers():
+    """Layers 1-6 are one folder each (whatever module a folder gets, it has the folder's layer); only
+    the foundation and the surfaces sit directly in ``autopeft/``."""
+    assert all(len(k.split(".")) == 2 and (ROOT / k.split(".")[1] / "__init__.py").is_file()
+               for k, layer in LAYERS.items() if 1 <= layer <= 6)
+    top = sorted(m for m in import_graph() if m.count(".") == 1 and not (ROOT / m.split(".")[1]).is_dir())
+    assert [m for m in top if layer_of(m) not in (0, 7)] == []
+    assert [m for m in top if m not in LAYERS and m != "autopeft.__main__"] == []
 
 
 # ----- no method name is tested outside autopeft/methods/ ------------------------------------------

@@ -94,7 +94,7 @@ class AdapterDropController(nn.Module):
 
     def __init__(self, encoder, n: int, mode: str, max_train_drop: int, seed: int) -> None:
         super().__init__()
-        self._encoder = encoder  # autopeft.arch.Encoder (a dataclass, not a submodule)
+        self._encoder = encoder  # autopeft.backbones.arch.Encoder (a dataclass, not a submodule)
         self.n = n
         self.mode = mode
         self.max_train_drop = max_train_drop

@@ -4,8 +4,8 @@ Source: Pfeiffer et al., "AdapterFusion: Non-Destructive Task Composition for Tr
 arXiv:2005.00247, section 3.2, eq. (3)-(6). Two stages:
 
 1. *knowledge extraction*: one Pfeiffer adapter per source task, each trained on its own (ordinary
-   ``adapter`` recipes, ``placement: serial``; see :func:`autopeft.fusion.train_adapters`) and saved
-   with :func:`autopeft.trainer.save_trained`;
+   ``adapter`` recipes, ``placement: serial``; see :func:`autopeft.training.fusion.train_adapters`) and saved
+   with :func:`autopeft.training.trainer.save_trained`;
 2. *knowledge composition* (this method): the recipe lists the stage-1 folders in ``adapters``; their
    adapter weights are loaded, frozen, into the serial slot of the same sublayers (the FFN for the
    Pfeiffer placement), and every such sublayer gets a fusion layer ``Psi_l`` with ``Q_l, K_l, V_l``
@@ -64,7 +64,7 @@ class AdapterFusionConfig(MethodConfig):
     """AdapterFusion (stage 2) hyperparameters.
 
     Attributes:
-        adapters: folders written by :func:`autopeft.trainer.save_trained` for stage-1 ``adapter``
+        adapters: folders written by :func:`autopeft.training.trainer.save_trained` for stage-1 ``adapter``
             recipes (absolute paths, or relative to the working directory).
         names: slot names of the loaded adapters (default: each stage-1 recipe's task, made unique).
         sublayers: restrict fusion to these sublayers (default: wherever the stage-1 adapters sit).
@@ -96,7 +96,7 @@ class AdapterFusionConfig(MethodConfig):
 class AdapterFusionLayer(nn.Module):
     """The fusion ``Psi_l`` of one sublayer (Pfeiffer et al., arXiv:2005.00247, eq. 3-6).
 
-    Called by :class:`autopeft.model.SublayerOutput` as ``fusion(h, x, adapters)``.
+    Called by :class:`autopeft.composition.adapter_hosts.SublayerOutput` as ``fusion(h, x, adapters)``.
 
     Shapes: ``h`` (B, T, d) sublayer output before the adapters (the query); ``x`` (B, T, d) the
     sublayer's residual input (unused); ``adapters``: N modules (B, T, d) -> (B, T, d).
@@ -166,7 +166,7 @@ def _default_names(tasks: Iterable[str]) -> list[str]:
 @dataclass
 class Stage1Adapter:
     """A stage-1 adapter as the fusion needs it (:func:`stage1_of` a folder the model read through
-    :meth:`autopeft.model.PeftModel.trained_folder`, so this module never reads files).
+    :meth:`autopeft.composition.model.PeftModel.trained_folder`, so this module never reads files).
 
     Attributes:
         path: the folder. task: the stage-1 task (default slot name). config: its adapter component,

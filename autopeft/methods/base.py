@@ -4,13 +4,13 @@ A method is a module with
 
 * a config class (``MethodConfig`` subclass, pydantic) whose ``method`` field is the canonical
   recipe name and whose other fields are its hyperparameters with documented defaults;
-* an ``apply(model, config)`` function that injects the method into an :class:`autopeft.model.PeftModel`
+* an ``apply(model, config)`` function that injects the method into an :class:`autopeft.composition.model.PeftModel`
   through that model's composition API (``wrap_linear``, ``add_adapter``, ``add_prefix``, ...),
   leaving exactly the method's new parameters trainable.
 
 Both join through :func:`register`, once, with the method's other facts (:class:`MethodSpec`: its
 peft mapping, whether it merges, ...). Parameter accounting is generic: what ``apply`` left trainable
-is what the method costs (see :func:`autopeft.model.count_parameters`).
+is what the method costs (see :func:`autopeft.composition.model.count_parameters`).
 
 The built-in methods are registered by the package :mod:`autopeft.methods`, which Python runs before
 this module whenever anything under it is imported, so the registry is complete when it is read.
@@ -24,13 +24,13 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar
 from pydantic import AfterValidator, BaseModel, ConfigDict
 from typing_extensions import Annotated
 
-from autopeft.arch import canonical_target, canonical_targets, resolve_layers
+from autopeft.backbones.arch import canonical_target, canonical_targets, resolve_layers
 
 #: A ``target_modules`` field: canonical Linear target names (aliases such as ``q`` accepted).
 TargetModules = Annotated[list[str], AfterValidator(canonical_targets)]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from autopeft.model import PeftModel
+    from autopeft.composition.model import PeftModel
 
 
 class MethodConfig(BaseModel):
@@ -52,7 +52,7 @@ class MethodConfig(BaseModel):
     def input_tokens(self) -> int:
         """Virtual tokens this component inserts into the input sequence. They take position ids,
         so ``training.max_seq_length`` plus all of them must fit the backbone's positions (checked by
-        :func:`autopeft.recipe.check_recipe`). Prefixes (prefix tuning, P-Tuning v2, MAM, UniPELT)
+        :func:`autopeft.composition.recipe.check_recipe`). Prefixes (prefix tuning, P-Tuning v2, MAM, UniPELT)
         only extend the attention keys and values and take none."""
         return 0
 
@@ -61,7 +61,7 @@ class MethodConfig(BaseModel):
         ``limits`` with ``recipe``'s task and training settings.
 
         The one hook for constraints that depend on the backbone, the task or the training length:
-        :func:`autopeft.recipe.check_recipe` calls it for every component before anything is built,
+        :func:`autopeft.composition.recipe.check_recipe` calls it for every component before anything is built,
         so ``load_recipe``, ``check_composition`` and ``count_recipe`` (hence every point a search
         samples) reject such recipes at load. Overrides call ``super().check_fit`` (which checks
         ``layers`` against the backbone's depth and the method against the backbone's family).
@@ -101,12 +101,12 @@ class BackboneLimits:
 
     @classmethod
     def of(cls, config: Any) -> "BackboneLimits":
-        """Limits of a transformers ``PretrainedConfig`` of a known family (:data:`autopeft.arch.FAMILIES`).
+        """Limits of a transformers ``PretrainedConfig`` of a known family (:data:`autopeft.backbones.arch.FAMILIES`).
 
         Raises:
             ArchitectureError: the model type is in no family.
         """
-        from autopeft.arch import family_of
+        from autopeft.backbones.arch import family_of
 
         model_type = getattr(config, "model_type", "")
         fam = family_of(config)
@@ -146,7 +146,7 @@ class BackboneLimits:
             raise ValueError(f"{method} is not supported on {self.model_type or self.family.name} backbones: {why}")
 
     def resolve_layers(self, layers: list[int] | str | None) -> list[int]:
-        """``layers`` as sorted indices (as :meth:`autopeft.arch.Encoder.resolve_layers`).
+        """``layers`` as sorted indices (as :meth:`autopeft.backbones.arch.Encoder.resolve_layers`).
 
         Raises:
             ValueError: an index beyond the backbone's layers, or an unknown name.
@@ -156,8 +156,8 @@ class BackboneLimits:
 
 @dataclass(frozen=True)
 class TrainedFolder:
-    """A folder written by :func:`autopeft.trainer.save_trained` that a component reads (AdapterFusion's
-    stage-one adapters), as :meth:`autopeft.model.PeftModel.trained_folder` hands it to a method:
+    """A folder written by :func:`autopeft.training.trainer.save_trained` that a component reads (AdapterFusion's
+    stage-one adapters), as :meth:`autopeft.composition.model.PeftModel.trained_folder` hands it to a method:
     methods never read files themselves; the edge that builds the model reads them.
 
     Attributes:
@@ -175,7 +175,7 @@ class TrainedFolder:
 
 @dataclass(frozen=True)
 class PeftTarget:
-    """What the peft export (:mod:`autopeft.hf_export`) hands a method's :attr:`PeftMapping.build`.
+    """What the peft export (:mod:`autopeft.exporting.hf_export`) hands a method's :attr:`PeftMapping.build`.
 
     Attributes:
         model: the trained autopeft ``PeftModel``.
@@ -235,12 +235,12 @@ class MethodSpec:
             such components is ``empty``, and the smallest-configuration scan skips them).
         why_not_one_shot: non-empty when the one-shot supernet must leave it out; the clause says why.
         needs: backbone features it cannot run without (``prefix``, ``bias``; a family lacking one says
-            so in :attr:`autopeft.arch.Family.unsupported`).
+            so in :attr:`autopeft.backbones.arch.Family.unsupported`).
         search_defaults: dimensions (``{parameter: spec}``, as a search-space file writes them) that a
             search space gets for a component of this method when it does not set them itself.
         as_built: ``as_built(model, cfg) -> cfg``: the component as the built ``model`` now holds it
             (e.g. AdapterFusion after pruning adapters), for saving; return ``cfg`` itself when nothing
-            changed (:func:`autopeft.recipe.recipe_as_built`).
+            changed (:func:`autopeft.composition.recipe.recipe_as_built`).
     """
 
     name: str

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from pydantic import Field, field_validator
 
-from autopeft.arch import ALL_TARGETS, canonical_target
+from autopeft.backbones.arch import ALL_TARGETS, canonical_target
 from autopeft.methods.base import MethodConfig, PeftMapping, PeftTarget, register
 from autopeft.errors import CompositionError
 

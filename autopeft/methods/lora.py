@@ -9,13 +9,13 @@ Merged weights are for inference only. A merged wrapper (LoRA, QLoRA, UniPELT's 
 :class:`LinearWrapper`) refuses to train: a forward pass in training mode with gradients enabled
 raises :class:`MergedAdapterError` (the LoRA branch is folded into the frozen base weight, so nothing
 would be trained), and so does an optimiser step on an optimiser from
-:func:`autopeft.trainer.make_optimizer` (:func:`merged_step_guard`; a step would move ``A``/``B``
+:func:`autopeft.training.trainer.make_optimizer` (:func:`merged_step_guard`; a step would move ``A``/``B``
 away from what was merged, and the next unmerge would subtract the wrong update). Call
 :func:`unmerge_lora` before training again.
 
 Trainable parameters per wrapped Linear: ``r * (d_in + d_out)``; gated, + ``d + 1`` per selected
 layer: one gate per layer shared by the layer's wrapped Linears, read from the layer's input
-(:meth:`autopeft.model.PeftModel.layer_gate`; UniPELT, arXiv:2110.07577, eq. 1-3).
+(:meth:`autopeft.composition.model.PeftModel.layer_gate`; UniPELT, arXiv:2110.07577, eq. 1-3).
 """
 
 from __future__ import annotations

@@ -42,7 +42,7 @@ import torch
 from pydantic import Field, field_validator, model_validator
 from torch import nn
 
-from autopeft.arch import is_causal
+from autopeft.backbones.arch import is_causal
 from autopeft.methods.base import MethodConfig, PeftMapping, PeftTarget, register
 
 _DEFAULT_LAYERS = 2
@@ -92,7 +92,7 @@ class PTuningConfig(MethodConfig):
     def check_fit(self, limits, recipe) -> None:
         """``position`` must lie inside the input (below ``training.max_seq_length``); the length
         limit ``max_seq_length + P <= positions`` is checked over all components by
-        :func:`autopeft.recipe.check_recipe`."""
+        :func:`autopeft.composition.recipe.check_recipe`."""
         super().check_fit(limits, recipe)
         t = recipe.training.max_seq_length
         if self.position >= t:

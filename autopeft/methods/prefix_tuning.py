@@ -68,7 +68,7 @@ class PrefixEncoder(nn.Module):
         self.projection = False
 
     def adapt_to_saved(self, prefix: str, tensors: dict[str, torch.Tensor]) -> None:
-        """Called by :func:`autopeft.trainer.load_trained` before loading ``tensors``: if they hold the
+        """Called by :func:`autopeft.training.trainer.load_trained` before loading ``tensors``: if they hold the
         table of an encoder saved after :meth:`freeze_to_table` (``<prefix>embedding.weight`` of shape
         (P, L * 2 * d), no MLP), freeze this one to a table too, so the saved tensors fit."""
         table = tensors.get(prefix + "embedding.weight")
@@ -138,7 +138,7 @@ def prefix_peft(cfg, target: PeftTarget) -> tuple:
     notes = ["peft 0.21's PeftModel.forward refuses prefix tuning with transformers 5 (it looks for a "
              "`past_key_values` argument, renamed `cache`); run the base model with "
              f"`cache=model.get_prompt(B)`, an attention mask extended by the prefix length{positions} "
-             "(autopeft.hf_export.peft_logits) to get autopeft's logits."]
+             "(autopeft.exporting.hf_export.peft_logits) to get autopeft's logits."]
     if enc.projection:
         notes.append("The prefix MLP is folded into its table (Li & Liang 2021, sec. 4.3), as peft saves it.")
     return pc, fill, notes

@@ -9,13 +9,13 @@ blocks). ``L1 L2`` is LoRA (Hu et al., arXiv:2106.09685, eq. 3) with ``L1 = A^T`
 and the matmul use ``compute_dtype`` (bfloat16 in the paper). Gradients flow through the frozen
 4-bit layers to every LoRA weight (section 3, "QLoRA").
 
-What is quantised (:func:`autopeft.quantization.quantize_backbone`, called by
-:func:`autopeft.recipe.build_model` before the components are applied): every Linear of the
+What is quantised (:func:`autopeft.backbones.quantization.quantize_backbone`, called by
+:func:`autopeft.composition.recipe.build_model` before the components are applied): every Linear of the
 encoder and the pooler. Embeddings, LayerNorms and the task head stay in full precision. On the meta
 device (parameter counting) nothing is quantised, so counts equal plain LoRA's with the same
 ``r``/``target_modules``/``layers``: ``r * (d_in + d_out)`` per wrapped Linear.
 
-The paper's paged optimiser (section 3) is used by :func:`autopeft.trainer.make_optimizer` on CUDA.
+The paper's paged optimiser (section 3) is used by :func:`autopeft.training.trainer.make_optimizer` on CUDA.
 Defaults follow the paper's finding that LoRA must sit on every linear layer of the transformer
 blocks to match 16-bit fine-tuning (section 4): all six Linear slots.
 """
@@ -26,7 +26,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from autopeft.arch import LINEAR_TARGETS
+from autopeft.backbones.arch import LINEAR_TARGETS
 from autopeft.methods.base import register
 from autopeft.methods.lora import LoraConfig, LoraLinear
 
@@ -48,7 +48,7 @@ class QLoraLinear(LoraLinear):
     """
 
     def _check_mergeable(self) -> None:
-        from autopeft.quantization import is_quantized
+        from autopeft.backbones.quantization import is_quantized
 
         if is_quantized(self.base_layer):
             raise RuntimeError("cannot merge LoRA into a 4-bit NF4 base layer (it would need re-quantisation); "
@@ -61,14 +61,14 @@ class QLoraLinear(LoraLinear):
                         "would differ"),
           why_not_merge="QLoRA's base weights are 4-bit NF4; dequantise before merging")
 def apply_qlora(model, cfg: QLoraConfig) -> None:
-    """Quantise the backbone if :func:`autopeft.recipe.build_model` has not, set the 4-bit compute
+    """Quantise the backbone if :func:`autopeft.composition.recipe.build_model` has not, set the 4-bit compute
     dtype, and wrap every ``target_modules`` Linear of every selected layer in a :class:`QLoraLinear`.
 
     Raises:
         CompositionError: another component already holds one of the Linear slots.
         ImportError: bitsandbytes is missing (real, non-meta backbones only).
     """
-    from autopeft.quantization import MARKER, quantize_backbone, set_compute_dtype
+    from autopeft.backbones.quantization import MARKER, quantize_backbone, set_compute_dtype
 
     device = next(model.backbone.parameters()).device
     if device.type != "meta":

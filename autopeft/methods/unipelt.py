@@ -2,7 +2,7 @@
 
 Source: Mao et al., "UniPELT: A Unified Framework for Parameter-Efficient Language Model Tuning",
 arXiv:2110.07577, section 3 and eq. (1)-(3): ``G_P``, ``G_L``, ``G_A = sigmoid(W x)`` scale the
-prefix vectors, the LoRA update and the adapter output respectively (see :class:`autopeft.model.Gate`).
+prefix vectors, the LoRA update and the adapter output respectively (see :class:`autopeft.composition.gates.Gate`).
 Each selected layer holds exactly these three gates (``encoder.layer[i].peft_gates``), each reading
 the layer's input hidden states ``x`` (B, T, d); ``G_L`` is shared by every LoRA-wrapped projection
 of the layer (W_q and W_v by default). Gate parameters: ``3 L (d + 1)`` for ``L`` selected layers.

@@ -1,0 +1,151 @@
+"""After the search: the front's kept models scored once on the untouched test split, more seeds, a reference.
+
+Every search decision (rung promotion, the sampler, the front, the pick) reads the **dev** split, carved
+from train (:class:`autopeft.data.tasks.DevSplit`). Only when the search has ended does the driver read the
+**test** split (the task's validation split; user data without one: its held-out part):
+
+* :func:`score_front_on_test` loads each Pareto point's trained weights, kept by its trial under
+  ``<search>/trained/<trial id>/`` (:func:`autopeft.training.trainer.run_trial`'s ``keep_dir``), and scores
+  them once on test, with a 95% bootstrap interval (:mod:`autopeft.data.uncertainty`). No retraining: the
+  model scored is the model the search trained, and the one ``autopeft export`` exports.
+* :func:`confirm_seeds` (``--confirm-seeds K``) retrains each front point with K more training seeds
+  at the top fidelity (the dev split unchanged) and reports mean and standard deviation of the test
+  scores over the K + 1 seeds: the spread a seed change alone causes.
+* :func:`train_reference` (``--reference full``) trains full fine-tuning of the same backbone at the
+  same fidelity, on the same train/dev split, and scores it on test: the bar the front is read against.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from pathlib import Path
+from typing import Any, Callable
+
+from autopeft.searching.runs import TRAINED_SUBDIR  # noqa: F401  (its old home)
+
+#: ``--reference`` kinds.
+REFERENCES = ("full",)
+#: Learning rate of the full fine-tuning reference (BERT's fine-tuning range, Devlin et al.
+#: arXiv:1810.04805 sec. A.3; on MiniLM-L6 SST-2 it reached 89.2% after 33,696 examples).
+FULL_FT_LEARNING_RATE = 5e-5
+
+
+def kept_dir(search_dir: str | Path, trial_id: str) -> Path:
+    """Where trial ``trial_id`` of a search keeps its trained weights."""
+    return Path(search_dir) / TRAINED_SUBDIR / trial_id
+
+
+def _test_fields(scored) -> dict[str, Any]:
+    return {"test_score": scored.score, "test_low": scored.low, "test_high": scored.high,
+            "test_metrics": scored.metrics, "test_examples": scored.examples}
+
+
+def score_front_on_test(front: list[dict], search_dir: str | Path, data_dir: str | None,
+                        log: Callable[[str], None] | None = None) -> list[dict]:
+    """Add ``test_score``, ``test_low``/``test_high`` (95% interval), ``test_metrics`` and
+    ``test_examples`` to each Pareto row, scoring its kept model once on the test split.
+
+    A row whose trial kept no weights (a cluster node without shared storage) gets ``test_score``
+    ``None`` and a ``test_note``; nothing is retrained.
+
+    Returns:
+        ``front``, the same list, its rows updated.
+    """
+    from autopeft.composition.recipe import Recipe
+    from autopeft.training.trainer import is_trained_folder, load_trained, score_test
+
+    for row in front:
+        folder = kept_dir(search_dir, row["trial_id"])
+        if not is_trained_folder(folder):
+            row.update(test_score=None, test_note=f"no kept weights in {folder}")
+            continue
+        recipe = Recipe.model_validate(row["recipe"])
+        model = load_trained(folder)
+        row.update(_test_fields(score_test(model, recipe, data_dir)))
+        if log:
+            log(f"test: {row['trial_id']} {row['test_score']:.4f} [{row['test_low']:.4f}, {row['test_high']:.4f}] "
+                f"(dev {row['score']:.4f})")
+    return front
+
+
+def confirm_seeds(front: list[dict], k: int, data_dir: str | None, device: str | None = None,
+                  log: Callable[[str], None] | None = None) -> list[dict]:
+    """Retrain each front point with ``k`` more training seeds (the recipe's seed + 1 ... + k) at its
+    fidelity and add ``confirm``: ``{"seeds", "dev_scores", "test_scores", "test_mean", "test_std",
+    "dev_mean", "dev_std"}`` over the original seed and the ``k`` new ones (std: sample standard
+    deviation, ``nan`` for one seed). The dev split stays the search's.
+
+    Raises:
+        ValueError: ``k`` < 0.
+    """
+    from autopeft.composition.recipe import Recipe
+    from autopeft.training.trainer import run_trial
+
+    if k < 0:
+        raise ValueError(f"confirm seeds must be >= 0, got {k}")
+    if k == 0:
+        return front
+    for row in front:
+        recipe = Recipe.model_validate(row["recipe"])
+        seeds, dev, test = [recipe.training.seed], [row["score"]], [row.get("test_score")]
+        for j in range(1, k + 1):
+            seed = recipe.training.seed + j
+            again = recipe.model_copy(update={"training": recipe.training.model_copy(update={"seed": seed})})
+            result, _ = run_trial(again, data_dir, device=device, test=True)
+            seeds.append(seed)
+            dev.append(result.score)
+            test.append(result.test_score)
+            if log:
+                log(f"confirm: {row['trial_id']} seed {seed}: dev {result.score:.4f}, test {result.test_score:.4f}")
+        finite = [x for x in test if isinstance(x, (int, float)) and math.isfinite(x)]
+        row["confirm"] = {"seeds": seeds, "dev_scores": dev, "test_scores": test,
+                          "dev_mean": statistics.fmean(dev), "dev_std": _std(dev),
+                          "test_mean": statistics.fmean(finite) if finite else None,
+                          "test_std": _std(finite) if finite else None}
+    return front
+
+
+def _std(xs: list[float]) -> float:
+    return statistics.stdev(xs) if len(xs) > 1 else float("nan")
+
+
+def reference_recipe(kind: str, base: dict[str, Any]) -> dict[str, Any]:
+    """The recipe mapping of a ``--reference`` run: ``full`` = full fine-tuning of the search's backbone,
+    mean pooling, lr :data:`FULL_FT_LEARNING_RATE`, the search's task, dev split, fidelity and seed.
+
+    Raises:
+        ValueError: unknown ``kind``.
+    """
+    if kind not in REFERENCES:
+        raise ValueError(f"unknown reference {kind!r}; valid: {', '.join(REFERENCES)}")
+    training = {**base.get("training", {}), "learning_rate": FULL_FT_LEARNING_RATE}
+    training.pop("head_learning_rate", None)
+    return {**{k: v for k, v in base.items() if k != "training"}, "components": [{"method": "full_finetuning"}],
+            "pooling": "mean", "training": training}
+
+
+def train_reference(kind: str, base: dict[str, Any], data_dir: str | None, device: str | None = None,
+                    log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Train the ``--reference`` run (:func:`reference_recipe`) and score it on dev and, once, on test.
+
+    Returns:
+        ``{"kind", "recipe", "score", "score_low", "score_high", "test_score", "test_low", "test_high",
+        "test_metrics", "trainable_params", "examples_seen", "train_time_s"}``.
+    """
+    from autopeft.composition.recipe import recipe_from_dict
+    from autopeft.training.trainer import run_trial
+
+    recipe = recipe_from_dict(reference_recipe(kind, base))
+    if log:
+        log(f"reference: training {kind} fine-tuning at {recipe.training.max_train_examples:,} examples")
+    result, _ = run_trial(recipe, data_dir, device=device, test=True)
+    out = {"kind": kind, "recipe": recipe.model_dump(mode="json"), "score": result.score,
+           "score_low": result.score_low, "score_high": result.score_high, "test_score": result.test_score,
+           "test_low": result.test_low, "test_high": result.test_high, "test_metrics": result.test_metrics,
+           "trainable_params": result.trainable_params, "examples_seen": result.examples_seen,
+           "train_time_s": result.train_time_s}
+    if log:
+        log(f"reference {kind}: dev {result.score:.4f}, test {result.test_score:.4f} "
+            f"[{result.test_low:.4f}, {result.test_high:.4f}]")
+    return out

@@ -1,0 +1,149 @@
+"""The search-run folder, ``autopeft_runs/<search>/``: its file names, finding a search, picking a point.
+
+This module is the one owner of the folder's layout; every other module takes its file names from
+here. What each file holds:
+
+==========================  =====================================================================
+``search.json``             the settings a search started with (:data:`SEARCH_FILE`; marks a search)
+``trials.json``             every trial and rejected sample, kept current while the search runs
+``pareto.json`` / ``.csv``  the front at the top fidelity (:data:`PARETO_FILE`; marks a finished one)
+``result.json``             summary: fidelity, parameter limit, hypervolume (:data:`RESULT_FILE`)
+``reference.json``          the ``--reference`` run, when asked for
+``best_recipe.yaml``        the front's best point as a recipe; ``pareto.png`` its plot
+``resume.json``             arguments and MLflow parent run for ``autopeft resume``
+``checkpoint.pkl``          the searcher's and scheduler's state (:mod:`autopeft.searching.resume`)
+``trained/<trial id>/``     the kept weights of each top-fidelity trial (:data:`TRAINED_SUBDIR`)
+``progress/``, ``driver.json``  live progress and the driver's heartbeat (``autopeft status``)
+==========================  =====================================================================
+
+A search is named by its folder, by a name under ``output_dir`` (``autopeft_runs``), or by
+``latest`` (:func:`find_search`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from autopeft._util import is_finite
+from autopeft.errors import AutopeftError
+
+#: Default parent folder of the search folders.
+RUNS_DIR = "autopeft_runs"
+SEARCH_FILE = "search.json"
+TRIALS_FILE = "trials.json"
+PARETO_FILE = "pareto.json"
+PARETO_CSV = "pareto.csv"
+PARETO_PLOT = "pareto.png"
+RESULT_FILE = "result.json"
+REFERENCE_FILE = "reference.json"
+BEST_RECIPE_FILE = "best_recipe.yaml"
+REQUEST_FILE = "resume.json"
+CHECKPOINT_FILE = "checkpoint.pkl"
+#: Folder of a search that keeps its trials' trained weights (one sub-folder per trial id).
+TRAINED_SUBDIR = "trained"
+#: What a finished search logs to MLflow as artifacts, in this order.
+ARTIFACT_FILES = (PARETO_FILE, PARETO_CSV, PARETO_PLOT, BEST_RECIPE_FILE, TRIALS_FILE, REFERENCE_FILE)
+
+#: Named picks of a Pareto point (:func:`pick_point`); an index or a trial id also picks one.
+PICKS = ("best", "smallest", "leanest", "smallest-within-noise")
+
+
+class SearchNotFoundError(AutopeftError, ValueError):
+    """``export`` was given a search that does not exist or has no results."""
+
+
+class SearchFolderError(AutopeftError, ValueError):
+    """The folder is not a search folder (no ``search.json``), or its files cannot be read."""
+
+
+def find_search(search: str | Path, output_dir: str | Path = RUNS_DIR, finished: bool = True) -> Path:
+    """A search folder from a path, a search name under ``output_dir``, or ``latest`` (the newest).
+
+    Args:
+        finished: look for a finished search (its ``pareto.json``); else any search (its ``search.json``),
+            running or not.
+
+    Raises:
+        SearchNotFoundError: ``finished`` and no such finished search.
+        SearchFolderError: not ``finished`` and no such search.
+    """
+    marker = PARETO_FILE if finished else SEARCH_FILE
+    error = SearchNotFoundError if finished else SearchFolderError
+    kind = "finished search" if finished else "search"
+    p = Path(search)
+    if str(search) == "latest":
+        runs = sorted(Path(output_dir).glob(f"*/{marker}"), key=lambda f: f.stat().st_mtime)
+        if not runs:
+            raise error(f"no {kind} under {output_dir}")
+        return runs[-1].parent
+    for cand in (p, Path(output_dir) / p):
+        if (cand / marker).is_file():
+            return cand
+    raise error(f"no {kind} {str(search)!r} (looked for {p}/{marker} and {Path(output_dir) / p}/{marker})")
+
+
+def read_json(path: Path, default: Any = None) -> Any:
+    """The JSON in ``path``, or ``default`` when there is no such file.
+
+    Raises:
+        SearchFolderError: the file exists but cannot be read or is not JSON.
+    """
+    if not path.is_file():
+        return default
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise SearchFolderError(f"cannot read {path}: {exc}") from None
+
+
+def settings_of(folder: Path) -> dict[str, Any]:
+    """The settings a search started with (its ``search.json``), for messages and model cards: ``{}``
+    when there is none or it cannot be read."""
+    try:
+        return read_json(Path(folder) / SEARCH_FILE, {}) or {}
+    except SearchFolderError:
+        return {}
+
+
+def pick_point(search: str | Path, pick: str = "best", output_dir: str | Path = RUNS_DIR) -> tuple[Path, dict]:
+    """``(search folder, Pareto row)`` of one point of a finished search.
+
+    The row is as in ``pareto.json``: ``trial_id``, ``score``, ``trainable_params``, ``recipe``, ...
+
+    Args:
+        pick: ``best`` (highest dev score), ``smallest`` (fewest trainable parameters), ``leanest``
+            (least memory), ``smallest-within-noise`` (fewest trainable parameters among the points whose
+            dev score is at least the lower end of the best point's 95% interval,
+            :func:`autopeft.data.uncertainty.within_noise`), a 0-based index into the front (best score
+            first), or a trial id. Every pick reads dev scores only, never test.
+
+    Raises:
+        SearchNotFoundError: no such search or an empty front; ValueError: unknown ``pick``.
+    """
+    folder = find_search(search, output_dir)
+    front = [r for r in json.loads((folder / PARETO_FILE).read_text()) if is_finite(r.get("score"))]
+    if not front:
+        raise SearchNotFoundError(f"search {folder} has an empty Pareto front (no trial finished within budget)")
+    if pick == "best":
+        row = max(front, key=lambda r: (r["score"], -r["trainable_params"]))
+    elif pick == "smallest":
+        row = min(front, key=lambda r: (r["trainable_params"], -r["score"]))
+    elif pick == "leanest":
+        row = min(front, key=lambda r: (r["peak_memory_bytes"], -r["score"]))
+    elif pick == "smallest-within-noise":
+        from autopeft.data.uncertainty import within_noise
+
+        row = min(within_noise(front), key=lambda r: (r["trainable_params"], -r["score"]))
+    elif pick.isdigit():
+        if int(pick) >= len(front):
+            raise ValueError(f"pick {pick} is out of range: the front has {len(front)} point{'s' if len(front) != 1 else ''} (0-{len(front) - 1})")
+        row = front[int(pick)]
+    else:
+        matches = [r for r in front if r["trial_id"] == pick]
+        if not matches:
+            ids = ", ".join(r["trial_id"] for r in front)
+            raise ValueError(f"unknown pick {pick!r}; use {', '.join(PICKS)}, an index, or a trial id ({ids})")
+        row = matches[0]
+    return folder, row

@@ -1,0 +1,544 @@
+"""Ray Tune, behind one module: Tuner + :class:`SpaceSearcher` (Optuna, 3 objectives) + MO-ASHA.
+
+* Search algorithm: :class:`autopeft.searching.searchers.SpaceSearcher` over the space's dimensions with
+  the searcher chosen by name (``tpe`` default, ``random``, ``nsga2``, ``qnehvi``); known good
+  configurations of the space (``start_points``) are tried first. Every sampled point is counted
+  on the meta device before Ray sees it: over budget, empty (no PEFT component) or invalid points
+  are told to the sampler as infeasible, recorded (``over_budget`` / ``empty`` / ``invalid``) and
+  never start a Ray trial or take a trial slot. A point whose recipe a trial already has (trained or
+  running) is a ``duplicate``: answered from that trial, recorded, never trained again.
+* Scheduler: :class:`autopeft.searching.scheduler.MultiObjectiveASHA` (Schmucker et al.,
+  arXiv:2106.12639) over training examples seen; its milestones are exactly the rungs the trials
+  report at (:meth:`Fidelity.search_rungs`).
+* The sampler only learns top-fidelity results as final; trials stopped at a lower rung are told
+  as pruned (see :mod:`autopeft.searching.searchers`).
+* Failures: an exception in a trial, or a non-finite score, is recorded ``failed``; the search goes on.
+* Trial ids are ``trial_0001``, ``trial_0002``, ... in creation order, and every write of
+  ``trials.json`` is preceded by a resume checkpoint (:mod:`autopeft.searching.resume`): a killed search
+  continues with ``TuneSettings.resume``, the trial that was running re-run from the start.
+* Ctrl-C / SIGTERM: the running trials are recorded ``interrupted`` (MLflow runs ``KILLED``), the
+  resume checkpoint written, and :class:`SearchInterrupted` raised (:mod:`autopeft.searching.interrupt`);
+  ``autopeft resume`` finishes the search as if it had not been interrupted.
+* Ray: without ``ray_address`` the search always starts its own local Ray instance
+  (``address="local"``), whatever cluster another Ray user left on the machine.
+
+Every trial's record (config, recipe, status, per-rung rows) is collected on the driver by a
+:class:`ray.tune.Callback`, which also writes MLflow through :class:`autopeft.searching.tracking.SearchTracker`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from autopeft.searching.interrupt import GracefulStop, SearchInterrupted, signal_name
+from autopeft.searching.runs import TRIALS_FILE
+from autopeft.searching.space import SearchSpace
+from autopeft.searching.progress import PROGRESS_DIR, progress_file
+from autopeft.searching.tracking import cut_value
+from autopeft.errors import AutopeftError
+
+@dataclass
+class TrialRecord:
+    """Everything the driver knows about one trial."""
+
+    trial_id: str
+    config: dict[str, Any]
+    recipe: dict[str, Any] | None = None
+    status: str = "running"
+    error: str | None = None
+    trainable_params: int | None = None
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    node_id: str | None = None  #: the Ray node it ran on (hex id), as the trial reported it
+    hostname: str | None = None  #: that node's host name
+    duplicate_of: str | None = None  #: a ``duplicate`` sample: the trial whose recipe it repeats
+
+    def row_at(self, examples: int) -> dict[str, Any] | None:
+        """The measurement at fidelity ``examples`` (training examples seen), if reached."""
+        return next((r for r in self.rows if r.get("examples_seen") == examples), None)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"trial_id": self.trial_id, "status": self.status, "error": self.error, "config": self.config,
+                "recipe": self.recipe, "trainable_params": self.trainable_params, "rows": self.rows,
+                "node_id": self.node_id, "hostname": self.hostname, "duplicate_of": self.duplicate_of}
+
+
+@dataclass
+class TuneSettings:
+    """How to run the trials.
+
+    Attributes:
+        num_samples: trials to sample (including start points).
+        time_budget_s: wall-clock cap of the whole search, seconds (``None``: none).
+        cpus_per_trial / gpus_per_trial: Ray resources of one trial.
+        ray_address: an existing cluster (``auto`` or ``ray://host:port``); ``None`` starts a local one.
+        seed: seeds the sampler.
+        storage_path: where Ray keeps its experiment folder (absolute).
+        device: forced trial device (``cpu``/``cuda``), default: CUDA if the trial got a GPU.
+        searcher: sampler name (:data:`autopeft.searching.searchers.SEARCHERS`).
+        start_points: partial points tried first (default: the space's own).
+        resume: continue the search saved in ``storage_path`` (:mod:`autopeft.searching.resume`): finished
+            trials kept, the trial that was running re-run under its id, sampler and scheduler restored.
+    """
+
+    num_samples: int
+    time_budget_s: float | None
+    cpus_per_trial: float
+    gpus_per_trial: float
+    ray_address: str | None
+    seed: int
+    storage_path: str
+    device: str | None = None
+    searcher: str = "tpe"
+    start_points: list[dict[str, Any]] | None = None
+    resume: bool = False
+
+
+#: A trial's error message longer than this (characters) is recorded cut, with a visible marker
+#: (:func:`autopeft.searching.tracking.cut_value`); MLflow's ``error`` tag keeps up to 8,000 and the whole
+#: message as an artifact.
+MAX_ERROR_CHARS = 20_000
+
+
+class NonFiniteScore(AutopeftError, FloatingPointError):
+    """A rung's score is NaN or infinite (e.g. STS-B's Pearson of constant predictions): the trial fails."""
+
+    user_error = False
+
+
+def _trial_fn(config: dict[str, Any], space: SearchSpace, base: dict[str, Any], rungs: list[int],
+              data_dir: str | None, device: str | None, search_dir: str | None = None) -> None:
+    """The Ray Tune trainable: runs in a worker; reports one row per rung (``rungs``, examples seen).
+    It computes on as many threads as the CPUs Ray assigned it (:func:`autopeft.backbones.threads.limit_threads`;
+    each row's ``threads`` / ``interop_threads`` say what it ran on).
+    With ``search_dir`` it also writes its live progress there (:mod:`autopeft.searching.progress`; a file,
+    never a Tune report, so the scheduler and the searcher only ever see rung reports)."""
+    from ray import tune
+
+    from autopeft.searching.progress import TrialProgressWriter, progress_file
+    from autopeft.backbones.threads import limit_threads, ray_cpus, threads_for
+    from autopeft.training.trainer import run_trial
+
+    limit_threads(threads_for(ray_cpus()))  # compute on the CPUs Ray gave this trial, no more
+    where = _where()  # node id and host name, in every report: the driver records where each trial ran
+    on_step = keep = None
+    if search_dir:
+        from autopeft.searching.final import kept_dir
+
+        trial_id = tune.get_context().get_trial_id()
+        on_step = TrialProgressWriter(progress_file(search_dir, trial_id), trial_id, rungs)
+        keep = kept_dir(search_dir, trial_id)  # top-fidelity weights: scored on test after the search, exported
+
+    def report(row: dict[str, Any]) -> None:
+        score = row.get("score")
+        if not (isinstance(score, (int, float)) and math.isfinite(score)):
+            raise NonFiniteScore(f"validation score is {score} at {row.get('examples_seen')} examples "
+                                 "(constant predictions?)")
+        tune.report({**row, "status": "running", **where})
+
+    try:
+        recipe = space.to_recipe(config, base)
+        dev = device or ("cuda" if _has_gpu() else "cpu")
+        run_trial(recipe, data_dir, rungs, report=report, device=dev, on_step=on_step, keep_dir=keep)
+    except Exception as exc:  # a failing trial is recorded as failed; the search goes on
+        if type(exc).__name__ in ("TuneError", "StopTraining", "SystemExit", "KeyboardInterrupt"):
+            raise
+        tune.report({"status": "failed", "error": cut_value(f"{type(exc).__name__}: {exc}", MAX_ERROR_CHARS),
+                     "score": float("nan"),
+                     "trainable_params": -1, "peak_memory_bytes": float("nan"), "examples_seen": 0, **where})
+    finally:  # the worker process runs the next trial: give this one's memory back (autopeft.backbones.memory)
+        from autopeft.backbones.memory import release_memory
+
+        release_memory()
+
+
+def _where() -> dict[str, str]:
+    """``{"node_id": <hex Ray node id>, "hostname": <host>}`` of the calling Ray worker (``node_id``
+    ``None`` outside Ray: asking would start a Ray instance)."""
+    import socket
+
+    import ray
+
+    node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    return {"node_id": node, "hostname": socket.gethostname()}
+
+
+def _ray_error(trial) -> str:
+    """One line from Ray's ``error.txt`` of a trial that died outside ``_trial_fn`` (its worker
+    process or its node died): e.g. "The actor died unexpectedly before finishing this task. The
+    actor died because its node has died. Node Id: <hex>: health check failed ..."."""
+    path = getattr(trial, "error_file", None)
+    try:
+        lines = [ln.strip() for ln in Path(path).read_text().splitlines() if ln.strip()] if path else []
+    except OSError:
+        lines = []
+    lines = [ln for ln in lines if not ln.startswith("Failure #")]
+    if not lines:
+        return "the trial's Ray worker died"
+    keep = [lines[0]] + [ln for ln in lines[1:] if "died" in ln or "terminated" in ln or "Error" in ln][:2]
+    return cut_value(" ".join(keep), MAX_ERROR_CHARS)
+
+
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+class RayStartError(AutopeftError, RuntimeError):
+    """Ray could not start locally or reach the cluster at ``--ray-address`` (one line, with what to
+    check); the CLI exits 2 on it, as on other bad settings."""
+
+
+class ClusterTooSmall(AutopeftError, ValueError):
+    """A trial asks for more CPUs or GPUs than the whole Ray cluster has: no trial could ever start."""
+
+
+def check_cluster_fits(cpus_per_trial: float, gpus_per_trial: float) -> None:
+    """Raise :class:`ClusterTooSmall` (one line) when one trial's resources exceed the connected
+    cluster's totals (``ray.cluster_resources()``); Ray would otherwise wait for them forever.
+    An autoscaling cluster that would grow on demand is not covered: start it at its needed size."""
+    import ray
+
+    total = ray.cluster_resources()
+    for what, need in (("CPU", cpus_per_trial), ("GPU", gpus_per_trial)):
+        have = float(total.get(what, 0.0))
+        if need and need > have:
+            raise ClusterTooSmall(f"a trial needs {need:g} {what}s but the Ray cluster has {have:g}: lower "
+                                  f"--{what.lower()}s-per-trial or add nodes")
+
+
+def start_ray(ray_address: str | None) -> None:
+    """Connect to ``ray_address``, or start a private local Ray instance (never joining a cluster
+    that another program started on this machine).
+
+    Token authentication (Ray >= 2.5x): ``ray start --head`` turns it on by itself when a token
+    exists (``~/.ray/auth_token``, which any earlier local ``ray.init()`` writes), but a driver given
+    an explicit address does not, and then fails after 20 s ("Failed to connect to Ray cluster").
+    So when ``RAY_AUTH_MODE`` is unset and a token is at hand (``RAY_AUTH_TOKEN``,
+    ``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``), the driver sends it, as ``ray start --head``
+    would (:func:`_use_token_if_available`); a cluster without authentication ignores it.
+
+    Raises:
+        RayStartError: Ray could not start or reach the cluster (one line; for a cluster address,
+            with what to check about the token).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    try:
+        if ray_address:
+            _use_token_if_available()
+            ray.init(address=ray_address, log_to_driver=False)
+        else:
+            ray.init(address="local", num_cpus=max(1, os.cpu_count() or 1), include_dashboard=False,
+                     log_to_driver=False, logging_level="ERROR", configure_logging=True)
+    except Exception as exc:
+        hint = ""
+        if ray_address and (isinstance(exc, (ConnectionError, TimeoutError)) or "uthenticat" in type(exc).__name__):
+            hint = ("; if the head runs with token authentication, give this machine its token "
+                    "(copy the head's ~/.ray/auth_token, or set RAY_AUTH_TOKEN) and RAY_AUTH_MODE=token")
+        raise RayStartError(f"cannot start Ray ({'address ' + ray_address if ray_address else 'local'}): "
+                           f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}{hint}") from None
+
+
+def _use_token_if_available() -> bool:
+    """Turn on Ray token authentication in this process when ``RAY_AUTH_MODE`` is unset and a token
+    is available, the rule ``ray start --head`` follows (Ray's
+    ``maybe_enable_token_auth_if_token_available``). Returns whether token mode is on; ``False`` on
+    a Ray without token authentication."""
+    import logging
+
+    try:
+        from ray._private.authentication import authentication_token_setup as auth
+    except ImportError:  # a Ray before token authentication
+        return False
+    log = logging.getLogger(auth.__name__)
+    level = log.level
+    log.setLevel(logging.ERROR)  # its "token authentication is enabled" notice is for cluster starters
+    try:
+        return bool(auth.maybe_enable_token_auth_if_token_available(warn_if_disabled=False))
+    finally:
+        log.setLevel(level)
+
+
+def run_tune(space: SearchSpace, base: dict[str, Any], param_limit: int, settings: TuneSettings,
+             data_dir: str | None, tracker=None, progress: Callable[[str], None] | None = None) -> dict[str, TrialRecord]:
+    """Run the search; returns the driver's record of every trial and every rejected sample, by id.
+
+    ``progress`` receives one line per event (trial started, rung reached, stopped, failed); when it
+    also has a ``watch(search_dir)`` context manager (:class:`autopeft.searching.progress.LiveProgress`), Ray
+    Tune runs inside it, which draws a live bar per running trial from the trials' progress files.
+
+    Long on purpose: the driver's callbacks (rejected and duplicate samples, Tune's trial events, the
+    interruption) are closures over one mutable state (the records, searcher, scheduler, generator,
+    clock and stop flag) that they update together; split apart they would pass all of it around.
+
+    Raises:
+        RuntimeError: Ray could not start or reach the cluster.
+        SearcherError: unknown searcher, or its library is missing.
+        SearchInterrupted: SIGINT (Ctrl-C) or SIGTERM while the trials ran: the running trials are
+            recorded ``interrupted`` (their MLflow runs and the parent ended ``KILLED``), the resume
+            checkpoint and ``trials.json`` written; ``recorded`` is true (:mod:`autopeft.searching.interrupt`).
+    """
+    import optuna
+    from ray import tune
+    from ray.tune.logger import JsonLoggerCallback
+    from ray.tune.search import ConcurrencyLimiter
+
+    from autopeft.searching.resume import NumberedSearchGenerator, resume_search, save_checkpoint
+    from autopeft.searching.scheduler import MultiObjectiveASHA
+    from autopeft.searching.searchers import SpaceSearcher, make_sampler
+
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    fid = space.fidelity
+    rungs = fid.search_rungs(int(base.get("training", {}).get("batch_size", 32)))
+    start_points = space.start_points if settings.start_points is None else settings.start_points
+    sampler = make_sampler(settings.searcher, settings.seed, n_startup_trials=max(4, len(start_points) + 2))
+    start_ray(settings.ray_address)
+    check_cluster_fits(settings.cpus_per_trial, settings.gpus_per_trial)
+
+    records: dict[str, TrialRecord] = {}
+    t0 = time.time()
+    # Ctrl-C / SIGTERM while Tune runs: the handler only freezes the generator (no new sample, the
+    # sampler keeps the running trials live); the next step of Tune's loop records the interruption.
+    stop = GracefulStop(on_first=lambda signum: setattr(generator, "frozen", True))
+
+    def say(msg: str) -> None:
+        if progress:
+            progress(f"[{time.time() - t0:6.0f}s] {msg}")
+
+    def on_reject(config: dict[str, Any], verdict) -> None:
+        rid = f"rejected_{sum(1 for r in records.values() if r.trial_id.startswith('rejected_')) + 1:04d}"
+        rec = records[rid] = TrialRecord(rid, space.decode(config), verdict.recipe, verdict.status, verdict.error,
+                                         verdict.trainable_params)
+        if tracker:
+            tracker.start_trial(rid, rec.config, rec.recipe)
+            if rec.trainable_params:
+                tracker.log_rung(rid, {"trainable_params": rec.trainable_params}, 0)
+            tracker.end_trial(rid, rec.status, rec.error)
+        why = rec.error or (f"{rec.trainable_params:,} params > limit {param_limit:,}" if rec.status == "over_budget"
+                            else "no PEFT component")
+        say(f"sample {rid} rejected ({rec.status}): {_summary(rec.recipe)}: {why}")
+        _save_progress()
+
+    def on_duplicate(config: dict[str, Any], verdict) -> None:
+        """A sample whose recipe a trial already has: recorded the way a rejected sample is, never trained."""
+        did = f"duplicate_{sum(1 for r in records.values() if r.trial_id.startswith('duplicate_')) + 1:04d}"
+        rec = records[did] = TrialRecord(did, space.decode(config), verdict.recipe, "duplicate", None,
+                                         verdict.trainable_params, duplicate_of=verdict.duplicate_of)
+        if tracker:
+            tracker.start_trial(did, rec.config, rec.recipe)
+            tracker.tag_trial(did, {"duplicate_of": rec.duplicate_of})
+            if rec.trainable_params:
+                tracker.log_rung(did, {"trainable_params": rec.trainable_params}, 0)
+            tracker.end_trial(did, rec.status)
+        say(f"sample {did} duplicates {rec.duplicate_of}: {_summary(rec.recipe)}: answered from "
+            f"{rec.duplicate_of}, not trained")
+        _save_progress()
+
+    def on_accept(trial_id: str, config: dict[str, Any], verdict) -> None:
+        records[trial_id] = TrialRecord(trial_id, space.decode(config), verdict.recipe, "running", None,
+                                        verdict.trainable_params)
+
+    class _StopTune(Exception):
+        """Raised from the recorder after the interruption is recorded: ends Tune's loop (Tune then
+        stops the trials' actors)."""
+
+    def _record_interruption() -> None:
+        """Every trial still running: ``interrupted``, its MLflow run ``KILLED``; checkpoint and
+        ``trials.json`` written whatever the checkpoint memo says; the parent marked interrupted."""
+        stop.phase = "recording"
+        name = signal_name(stop.signum)
+        cut = [rec for rec in records.values() if rec.status == "running"]
+        for rec in cut:
+            rec.status = "interrupted"
+            rec.error = f"interrupted by {name}: `autopeft resume` runs it again from the start"
+            if tracker and rec.trial_id in tracker.trial_runs:
+                tracker.end_trial(rec.trial_id, "interrupted", rec.error)
+            progress_file(settings.storage_path, rec.trial_id).unlink(missing_ok=True)
+        _save_progress(force=True)
+        if tracker:
+            tracker.interrupt(f"{name}: {len(cut)} running trial(s) interrupted; `autopeft resume` continues")
+        say(f"interrupted by {name}: {', '.join(r.trial_id for r in cut) or 'no trial'} running, recorded "
+            "'interrupted'; the search is saved for `autopeft resume`")
+        stop.phase = "cleanup"
+
+    class _Recorder(tune.Callback):
+        def on_step_begin(self, iteration, trials, **info):
+            if stop.requested and stop.phase == "running":
+                _record_interruption()
+                raise _StopTune()
+
+        def _record(self, trial) -> TrialRecord:
+            rec = records.get(trial.trial_id)
+            if rec is None:  # not seen by on_accept (should not happen): rebuild from the config
+                rec = records[trial.trial_id] = TrialRecord(trial.trial_id, space.decode(dict(trial.config)))
+            return rec
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            rec = self._record(trial)
+            if rec.status == "interrupted":
+                return
+            if tracker:
+                tracker.start_trial(trial.trial_id, rec.config, rec.recipe, rec.trainable_params)
+            say(f"trial {trial.trial_id} started: {_summary(rec.recipe)} ({rec.trainable_params:,} params)"
+                if rec.trainable_params is not None else f"trial {trial.trial_id} started")
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            rec = self._record(trial)
+            if rec.status == "interrupted":
+                return
+            if result.get("node_id") and result["node_id"] != rec.node_id:  # where it runs (cluster)
+                rec.node_id, rec.hostname = result["node_id"], result.get("hostname")
+                if tracker:
+                    tracker.tag_trial(trial.trial_id, {"node_id": rec.node_id, "hostname": rec.hostname})
+            if result.get("status") == "failed":
+                rec.status, rec.error = "failed", result.get("error")
+                say(f"trial {trial.trial_id} failed: {rec.error}")
+                return
+            row = {k: v for k, v in result.items() if k in _ROW_KEYS or k in _metric_keys(result)}
+            rec.rows.append(row)
+            rec.trainable_params = row.get("trainable_params", rec.trainable_params)
+            if tracker:
+                tracker.log_rung(trial.trial_id, row, int(row["examples_seen"]))
+            say(f"trial {trial.trial_id} rung {row['examples_seen']:>6} examples: score={row['score']:.4f} "
+                f"params={row['trainable_params']:,} mem={row['peak_memory_bytes'] / 2**20:.0f}MiB")
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            rec = self._record(trial)
+            if rec.status == "interrupted":  # recorded already; Ray is only stopping it
+                return
+            if rec.status == "running":
+                reached = max((r["examples_seen"] for r in rec.rows), default=0)
+                rec.status = "finished" if reached >= fid.max_train_examples else "stopped_early"
+                if rec.rows and rec.status == "stopped_early":
+                    say(f"trial {trial.trial_id} stopped early by MO-ASHA at {reached} examples")
+            if tracker:
+                tracker.end_trial(trial.trial_id, rec.status, rec.error)
+            progress_file(settings.storage_path, trial.trial_id).unlink(missing_ok=True)
+            _save_progress()
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            rec = self._record(trial)
+            if rec.status == "interrupted" or (stop.requested and rec.status == "running"):
+                return  # its worker got the Ctrl-C too (the terminal's process group): interrupted, not failed
+            rec.status = "failed"
+            rec.error = rec.error or _ray_error(trial)
+            lost_node = re.search(r"node has died\. Node Id: ([0-9a-f]+)", rec.error)
+            if lost_node and rec.node_id is None:  # killed before its first report: Ray names the node
+                rec.node_id = lost_node.group(1)
+            say(f"trial {trial.trial_id} failed: {rec.error}")
+            if tracker:
+                if rec.node_id:
+                    tracker.tag_trial(trial.trial_id, {"node_id": rec.node_id, "hostname": rec.hostname or ""})
+                tracker.end_trial(trial.trial_id, "failed", rec.error)
+            progress_file(settings.storage_path, trial.trial_id).unlink(missing_ok=True)
+            _save_progress()
+
+    def _save_progress(force: bool = False) -> None:
+        """Keep ``trials.json`` current, so an interrupted search loses no finished trial."""
+        # The resume state first: trials.json never shows a trial that a resume would not know.
+        save_checkpoint(settings.storage_path, records, searcher, scheduler, generator, time.time() - t0, force=force)
+        path = Path(settings.storage_path) / TRIALS_FILE
+        path.write_text(json.dumps([r.as_dict() for r in records.values()], indent=2, default=str))
+
+    searcher = SpaceSearcher(space, base, param_limit, sampler, fid.max_train_examples, start_points,
+                             on_reject=on_reject, on_accept=on_accept, on_duplicate=on_duplicate)
+    concurrent = _concurrent_trials(settings)
+    scheduler = MultiObjectiveASHA(rungs, reduction_factor=fid.reduction_factor)
+    generator = NumberedSearchGenerator(ConcurrencyLimiter(searcher, max_concurrent=concurrent))
+    time_budget_s = settings.time_budget_s
+    if settings.resume:  # records, sampler, scheduler and trial counter as at the last checkpoint
+        elapsed = resume_search(settings.storage_path, records, searcher, scheduler, generator, tracker, say)
+        t0 -= elapsed
+        if time_budget_s is not None:
+            time_budget_s = max(time_budget_s - elapsed, 1e-3)
+    resources = {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial}
+    trainable = tune.with_resources(
+        tune.with_parameters(_trial_fn, space=space, base=base, rungs=rungs, data_dir=data_dir,
+                             device=settings.device, search_dir=settings.storage_path), resources)
+    tuner = tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(search_alg=generator, scheduler=scheduler, num_samples=settings.num_samples,
+                                    time_budget_s=time_budget_s),
+        run_config=tune.RunConfig(name="ray", storage_path=settings.storage_path, verbose=0,
+                                  # result.json per trial, on the driver: Tune's end-of-run analysis reads it
+                                  # ("Could not fetch metrics ... result.json and progress.csv were not found")
+                                  callbacks=[_Recorder(), JsonLoggerCallback()],
+                                  failure_config=tune.FailureConfig(max_failures=0)),
+    )
+    say(f"Ray Tune: {settings.num_samples} trials, searcher {settings.searcher} (seed {settings.seed}), "
+        f"MO-ASHA rungs {rungs} examples, {settings.cpus_per_trial:g} CPU / {settings.gpus_per_trial:g} GPU per trial, "
+        f"{concurrent} at a time")
+    shutil.rmtree(Path(settings.storage_path) / PROGRESS_DIR, ignore_errors=True)  # stale: a killed earlier driver
+    watch = getattr(progress, "watch", None)  # a LiveProgress: bars per running trial while Tune runs
+    with stop:
+        try:
+            with watch(settings.storage_path) if watch else contextlib.nullcontext():
+                tuner.fit()
+        except _StopTune:
+            pass
+        except KeyboardInterrupt:  # a second signal during Ray's clean-up: the search is saved already
+            if stop.phase != "cleanup":
+                raise
+        if stop.requested:
+            if stop.phase == "running":  # the signal came as Tune's loop ended by itself
+                _record_interruption()
+            shutil.rmtree(Path(settings.storage_path) / PROGRESS_DIR, ignore_errors=True)
+            raise SearchInterrupted(stop.signum, Path(settings.storage_path), recorded=True)
+    shutil.rmtree(Path(settings.storage_path) / PROGRESS_DIR, ignore_errors=True)  # trials cut by the time budget
+    for rec in records.values():  # trials cut by the time budget
+        if rec.status == "running":
+            rec.status = "stopped_early"
+    if searcher.exhausted:
+        say(f"the searcher stopped: {searcher.stop_reason}")
+    _save_progress()
+    return records
+
+
+def _concurrent_trials(settings: TuneSettings) -> int:
+    """How many trials the cluster (Ray, started) runs at once: its GPUs (or CPUs) over a trial's."""
+    import ray
+
+    total = ray.cluster_resources()
+    per_trial = settings.gpus_per_trial if settings.gpus_per_trial else settings.cpus_per_trial
+    available = total.get("GPU", 0) if settings.gpus_per_trial else total.get("CPU", 1)
+    return max(1, int(available // max(per_trial, 1e-9)))
+
+
+_ROW_KEYS = {"score", "score_low", "score_high", "eval_split", "eval_examples", "trainable_params", "head_params",
+             "backbone_params", "trainable_percent", "peak_memory_bytes", "examples_seen", "steps", "train_time_s",
+             "wall_time_s", "threads", "interop_threads"}
+
+
+def _metric_keys(result: dict) -> set[str]:
+    from autopeft.data.tasks import METRICS
+
+    return {k for k in result if k in METRICS}
+
+
+def _summary(recipe: dict | None) -> str:
+    if not recipe:
+        return "invalid configuration"
+    parts = []
+    for c in recipe.get("components", []):
+        keys = [k for k in ("r", "target_modules", "placement", "reduction_factor", "bottleneck_size", "num_virtual_tokens")
+                if k in c and c[k] is not None]
+        parts.append(c["method"] + "(" + ", ".join(f"{k}={c[k]:g}" if isinstance(c[k], float) else f"{k}={c[k]}"
+                                                   for k in keys) + ")")
+    lr = recipe.get("training", {}).get("learning_rate")
+    gate = " gated" if recipe.get("gating") else ""
+    return (" + ".join(parts) or "head only") + gate + (f" lr={lr:.2g}" if lr else "")
