@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import re
 import time
@@ -125,7 +126,7 @@ def search(task: str = "sst2", budget: str | Budget = "0.5%", backbone: str | di
         backbone: ``minilm-l6``, a Hugging Face id/path, or a bare config mapping.
         space: a shipped search space name or a YAML path.
         trials: trials to train (default: 30 on CPU, 32 on GPU); rejected samples do not count.
-        time_budget_s: wall-clock cap in seconds (default: 26 minutes on CPU, none on GPU).
+        time_budget_s: wall-clock cap in seconds (default: 26 minutes on CPU, none on GPU; ``math.inf``: none).
         data_dir: local GLUE folder (else ``$AUTOPEFT_DATA_DIR``, else the hub).
         tracking_uri: MLflow URI (default ``$MLFLOW_TRACKING_URI`` or ``sqlite:///./mlflow.db``).
         experiment: MLflow experiment name.
@@ -240,6 +241,10 @@ def search(task: str = "sst2", budget: str | Budget = "0.5%", backbone: str | di
         trials = 32 if gpus else 30
     if time_budget_s is None and not gpus:
         time_budget_s = 26 * 60
+    elif time_budget_s is not None and math.isinf(time_budget_s):
+        time_budget_s = None  # math.inf: no cap, on CPU too
+    if time_budget_s is not None and not time_budget_s > 0:
+        raise SearchSettingsError(f"time_budget_s must be positive seconds or math.inf (no cap), got {time_budget_s}")
     if resume and not name:
         raise ResumeError("--resume needs the --name of the search to continue")
     name = name or f"{task_obj.name}-{datetime.now():%Y%m%d-%H%M%S}"

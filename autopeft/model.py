@@ -32,6 +32,7 @@ from torch import nn
 
 from autopeft.arch import Encoder
 from autopeft.errors import CompositionError  # noqa: F401  (re-exported: its old home)
+from autopeft.precision import autocast
 
 #: Top-level modules of a ``*ForSequenceClassification`` that form the task head (trainable, outside
 #: the budget): BERT/RoBERTa ``classifier``, decoders' ``score``, DistilBERT's ``pre_classifier``,
@@ -369,6 +370,8 @@ class PeftModel(nn.Module):
                                    f"{self.encoder.family.name} model: use last (= pooler), or mean")
         self._prefix_tokens = 0
         self.gating = gating
+        #: autocast dtype of :meth:`forward` (``None``: no autocast); set by the trainer from the precision.
+        self.compute_dtype: torch.dtype | None = None
         self.extras = nn.ModuleDict()  # model-level method modules (prefix encoders, prompt encoders, ...)
         self.backbone_params = sum(_numel(p) for n, p in backbone.named_parameters() if not _is_head(n))
         #: True when the backbone holds 4-bit NF4 weights (QLoRA); ``make_optimizer`` then pages on CUDA.
@@ -592,7 +595,16 @@ class PeftModel(nn.Module):
         """Run the backbone. ``input_ids`` (B, T) -> HF output with ``logits`` (B, num_labels).
 
         Decoder families pool the last non-padding token (right padding) for ``pooler``/``last``.
+        With ``compute_dtype`` set (bf16/fp16, by the trainer from the recipe's precision) the pass and
+        the loss run under ``torch.autocast`` in that dtype, wherever the model is called from.
         """
+        if self.compute_dtype is None:
+            return self._forward(input_ids, attention_mask, token_type_ids, labels, **kw)
+        with autocast(input_ids.device, self.compute_dtype):
+            return self._forward(input_ids, attention_mask, token_type_ids, labels, **kw)
+
+    def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                 token_type_ids: torch.Tensor | None, labels: torch.Tensor | None, **kw: Any):
         fam = self.family
         if not fam.token_type_ids:
             token_type_ids = None

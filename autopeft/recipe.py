@@ -67,6 +67,13 @@ class TrainingConfig(BaseModel):
     group_by_length: bool = True
     max_eval_examples: int | None = Field(None, ge=1)
     seed: int = 0
+    #: Compute precision (:mod:`autopeft.precision`): ``auto`` (bf16 where the hardware runs it fast,
+    #: fp16 on older CUDA, else fp32), ``fp32``, ``bf16`` or ``fp16``. Trainable parameters, their
+    #: gradients and the optimiser state are float32 whatever it is; the forward pass and loss run
+    #: under autocast.
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "fp32"
+    #: Storage dtype of the frozen backbone's Linear weights: ``auto`` = the precision's compute dtype.
+    backbone_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
 
 
 class Recipe(BaseModel):

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from autopeft.model import PeftModel, count_parameters
+from autopeft.precision import cast_for_training, compute_dtype, grad_scaler, resolve_precision
 from autopeft.recipe import ADAPTER_FILE, Recipe, build_model, recipe_as_built
 from autopeft.tasks import Split, Task, get_task, load_split
 
@@ -50,6 +51,8 @@ class TrialResult:
             otherwise, and always inside a search.
         threads / interop_threads: PyTorch's intra-op / inter-op threads the trial computed on
             (:mod:`autopeft.threads`: the CPUs it was given).
+        precision: the compute precision the trial ran in (``fp32``, ``bf16`` or ``fp16``: the
+            recipe's ``training.precision`` resolved for the device, :mod:`autopeft.precision`).
     """
 
     score: float
@@ -75,6 +78,7 @@ class TrialResult:
     test_examples: int | None = None
     threads: int = 0
     interop_threads: int = 0
+    precision: str = "fp32"
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -435,6 +439,17 @@ def score_test(model: PeftModel, recipe: Recipe, data_dir: str | Path | None = N
     return score_split(model, task, test_b, recipe.training.eval_batch_size, seed=recipe.training.seed)
 
 
+def set_precision(model: PeftModel, recipe: Recipe, device: torch.device | str) -> str:
+    """Put ``model`` in the recipe's precision (``training.precision`` resolved for ``device``, and
+    ``training.backbone_dtype``; :func:`autopeft.precision.cast_for_training`) and make its forward run
+    under autocast in it, for training and every evaluation alike. Returns the resolved precision
+    (``fp32``, ``bf16`` or ``fp16``)."""
+    precision = resolve_precision(recipe.training.precision, device)
+    cast_for_training(model, precision, recipe.training.backbone_dtype)
+    model.compute_dtype = compute_dtype(precision)
+    return precision
+
+
 def run_trial(recipe: Recipe, data_dir: str | Path | None = None, rungs: list[int] | None = None,
               report: Callable[[dict], None] | None = None, device: str | None = None,
               log: Callable[[str], None] | None = None,
@@ -476,6 +491,8 @@ def run_trial(recipe: Recipe, data_dir: str | Path | None = None, rungs: list[in
     tokenizer = load_tokenizer(recipe.backbone)
     model = build_model(recipe, device=str(dev)).to(dev)
     counts = count_parameters(model)
+    precision = set_precision(model, recipe, dev)
+    scaler = grad_scaler(dev, precision)
     train_b = Batches(train_split, tokenizer, tr.max_seq_length, dev)
     val_b = Batches(val_split, tokenizer, tr.max_seq_length, dev)
 
@@ -518,9 +535,10 @@ def run_trial(recipe: Recipe, data_dir: str | Path | None = None, rungs: list[in
                 reg = model.regularization()
                 if reg is not None:
                     loss = loss + reg
-            loss.backward()
+            scaler.scale(loss).backward()
             meter.end_step()
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -540,7 +558,7 @@ def run_trial(recipe: Recipe, data_dir: str | Path | None = None, rungs: list[in
             trainable_percent=counts.trainable_percent, peak_memory_bytes=peak, examples_seen=seen,
             steps=step, train_time_s=train_time, wall_time_s=time.perf_counter() - t_start, history=history,
             score_low=scored.low, score_high=scored.high, eval_split=eval_name, eval_examples=scored.examples,
-            threads=torch.get_num_threads(), interop_threads=torch.get_num_interop_threads())
+            threads=torch.get_num_threads(), interop_threads=torch.get_num_interop_threads(), precision=precision)
         row = {k: v for k, v in result.as_dict().items()
                if k not in ("metrics", "history") and not k.startswith("test_")} | scored.metrics
         history.append(row)
@@ -655,8 +673,12 @@ def is_trained_folder(path: str | Path) -> bool:
     return (p / "recipe.yaml").is_file() and (p / ADAPTER_FILE).is_file()
 
 
-def load_trained(path: str | Path, device: str = "cpu") -> PeftModel:
+def load_trained(path: str | Path, device: str = "cpu", precision: str | None = None) -> PeftModel:
     """Rebuild a model saved by :func:`save_trained`: fresh backbone + recipe + saved tensors.
+
+    ``precision``: ``None`` (default) rebuilds it in the precision it was trained in (a bf16 model
+    computes in bf16, so it scores as it scored in training); ``fp32`` gives float32 weights and compute
+    (what an export writes).
 
     Restores the trainable tensors and the method modules' saved state (rank masks, ...; files
     written before that state was saved load too, with the state at its initial value), adapts the
@@ -686,4 +708,8 @@ def load_trained(path: str | Path, device: str = "cpu") -> PeftModel:
         missing, extra = sorted(required - set(tensors)), sorted(set(tensors) - allowed)
         raise RuntimeError(f"saved weights do not fit the recipe: missing {missing[:3]}, unexpected {extra[:3]}")
     model.load_state_dict(tensors, strict=False)
+    if precision is not None:
+        recipe = recipe.model_copy(update={"training": recipe.training.model_copy(
+            update={"precision": precision, "backbone_dtype": "auto"})})
+    set_precision(model, recipe, device)  # by default scored as it was trained (bf16 models in bf16)
     return model.to(device).eval()

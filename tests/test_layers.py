@@ -18,7 +18,7 @@ LAYERS = {
     "autopeft._util": 0, "autopeft._version": 0, "autopeft.errors": 0,
     # 1 backbones (family tables, loading, quantisation, resources) and data (tasks, user data)
     "autopeft.arch": 1, "autopeft.backbones": 1, "autopeft.quantization": 1, "autopeft.memory": 1,
-    "autopeft.threads": 1, "autopeft.splits": 1, "autopeft.userfiles": 1, "autopeft.tasks": 1,
+    "autopeft.threads": 1, "autopeft.precision": 1, "autopeft.splits": 1, "autopeft.userfiles": 1, "autopeft.tasks": 1,
     "autopeft.userdata": 1, "autopeft.uncertainty": 1,
     # 2 methods
     "autopeft.methods": 2,

@@ -1,0 +1,129 @@
+"""Precision (``training.precision``): auto's choice, float32 trainable parameters whatever the
+backbone's dtype, bf16 training and scoring under autocast, the float16 checkpoint that used to train
+to NaN, reloading as trained, and the CLI option."""
+
+import shutil
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from autopeft import precision as prec
+from autopeft.recipe import build_model, recipe_from_dict
+from autopeft.trainer import load_trained, predict_ids, run_trial, save_trained
+
+SMALL_BERT = {"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "intermediate_size": 37, "vocab_size": 30522, "max_position_embeddings": 128}
+LORA = [{"method": "lora", "r": 4, "target_modules": ["query", "value"]}]
+
+
+def recipe(backbone=None, components=LORA, **training):
+    t = {"max_train_examples": 96, "batch_size": 16, "max_eval_examples": 64, "max_seq_length": 32,
+         "learning_rate": 5e-3, **training}
+    return recipe_from_dict({"backbone": backbone or SMALL_BERT, "task": "sst2", "components": components,
+                             "pooling": "mean", "training": t})
+
+
+def test_auto_resolves_from_the_hardware(monkeypatch):
+    monkeypatch.setattr(prec, "cpu_bf16_flags", lambda: ("amx_bf16",))
+    assert prec.resolve_precision("auto", "cpu") == "bf16"
+    monkeypatch.setattr(prec, "cpu_bf16_flags", lambda: ())
+    assert prec.resolve_precision("auto", "cpu") == "fp32"
+    assert prec.resolve_precision("auto", "mps") == "fp32"
+    assert [prec.resolve_precision(p, "cpu") for p in ("fp32", "bf16", "fp16")] == ["fp32", "bf16", "fp16"]
+    with pytest.raises(ValueError, match="unknown precision 'int8'"):
+        prec.resolve_precision("int8", "cpu")
+
+
+def test_cpu_flags_are_read_from_cpuinfo():
+    flags = prec.cpu_bf16_flags()
+    assert set(flags) <= set(prec.BF16_CPU_FLAGS)
+    try:
+        text = open("/proc/cpuinfo").read()
+    except OSError:
+        assert flags == ()
+        return
+    assert ("amx_bf16" in flags) == (" amx_bf16" in text)
+
+
+def test_cast_keeps_trainable_float32_and_stores_frozen_linears_in_the_compute_dtype():
+    model = build_model(recipe())
+    model.half()  # as a float16 checkpoint builds it: adapters and head in float16 too
+    n_params = sum(p.numel() for p in model.parameters())
+    counts = prec.cast_for_training(model, "bf16")
+    assert sum(counts.values()) == n_params  # dtype never changes what is counted
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.dtype == torch.float32, name
+    q = model.backbone.bert.encoder.layer[0].attention.self.query
+    assert q.base_layer.weight.dtype == torch.bfloat16 and q.lora_A.weight.dtype == torch.float32
+    assert model.backbone.bert.encoder.layer[0].output.dense.weight.dtype == torch.bfloat16
+    assert model.backbone.bert.embeddings.word_embeddings.weight.dtype == torch.float32
+    assert model.backbone.bert.embeddings.LayerNorm.weight.dtype == torch.float32
+    prec.cast_for_training(model, "fp32")
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    with pytest.raises(ValueError, match="needs a half precision"):
+        prec.cast_for_training(model, "fp32", backbone_dtype="bf16")
+
+
+def test_bf16_trial_trains_scores_and_reloads_as_trained(glue_dir, tmp_path):
+    r = recipe(precision="bf16")
+    result, model = run_trial(r, glue_dir)
+    assert result.precision == "bf16" and result.history[-1]["precision"] == "bf16"
+    assert model.compute_dtype == torch.bfloat16
+    assert 0.0 <= result.score <= 1.0 and torch.isfinite(torch.tensor(result.score))
+    fp32, _ = run_trial(recipe(precision="fp32"), glue_dir)
+    assert fp32.precision == "fp32"
+    # the same steps in another precision: trained weights close, not equal
+    folder = save_trained(model, r, result, tmp_path / "bf16")
+    again = load_trained(folder)
+    assert again.compute_dtype == torch.bfloat16
+    from autopeft.backbones import load_tokenizer
+    from autopeft.tasks import get_task, load_split
+    from autopeft.trainer import Batches
+
+    task = get_task("sst2")
+    b = Batches(load_split(task, "validation", glue_dir), load_tokenizer(SMALL_BERT), 32, torch.device("cpu"))
+    assert (predict_ids(model, task, b, 64, 64) == predict_ids(again, task, b, 64, 64)).all()
+    as_fp32 = load_trained(folder, precision="fp32")
+    assert as_fp32.compute_dtype is None and {p.dtype for p in as_fp32.parameters()} == {torch.float32}
+
+
+def _half_folder(tmp_path, dtype):
+    """A small BERT saved in ``dtype`` with MiniLM's tokenizer: a user's half-precision checkpoint."""
+    from autopeft.backbones import load_model, minilm_path
+
+    path = tmp_path / f"bert-{dtype}"
+    load_model(SMALL_BERT, 2, seed=0).to(dtype).save_pretrained(str(path))
+    for f in minilm_path().iterdir():
+        if f.name.startswith(("tokenizer", "vocab", "special_tokens")):
+            shutil.copy(f, path / f.name)
+    return str(path)
+
+
+def test_float16_checkpoint_trains_to_a_finite_score_with_float32_trainables(glue_dir, tmp_path):
+    folder = _half_folder(tmp_path, torch.float16)
+    result, model = run_trial(recipe(backbone=folder), glue_dir)  # fp32: everything upcast
+    assert torch.isfinite(torch.tensor(result.score)) and result.precision == "fp32"
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    reference, _ = run_trial(recipe(), glue_dir)  # the same weights, never rounded to float16
+    assert abs(result.score - reference.score) <= 0.05
+
+
+def test_cli_precision_option(glue_dir, tmp_path):
+    from autopeft.cli import app
+
+    runner = CliRunner()
+    bad = runner.invoke(app, ["train", "--recipe", "x.yaml", "--precision", "int8"])
+    assert bad.exit_code == 2 and "--precision must be one of auto, fp32, bf16, fp16" in bad.output
+    assert len(bad.output.strip().splitlines()) == 1
+    import yaml
+
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe().model_dump(mode="json")))
+    ok = runner.invoke(app, ["train", "--recipe", str(path), "--precision", "bf16", "--data-dir", str(glue_dir),
+                             "-o", str(tmp_path / "out")])
+    assert ok.exit_code == 0, ok.output
+    saved = yaml.safe_load((tmp_path / "out" / "recipe.yaml").read_text())
+    assert saved["training"]["precision"] == "bf16"
+    assert load_trained(tmp_path / "out").compute_dtype == torch.bfloat16
