@@ -439,6 +439,27 @@ def score_test(model: PeftModel, recipe: Recipe, data_dir: str | Path | None = N
     return score_split(model, task, test_b, recipe.training.eval_batch_size, seed=recipe.training.seed)
 
 
+#: Backbone size (parameters) from which ``training.gradient_checkpointing: null`` turns checkpointing on.
+CHECKPOINTING_FROM = 1_000_000_000
+
+
+def set_gradient_checkpointing(model: PeftModel, recipe: Recipe) -> bool:
+    """Turn on the backbone's gradient checkpointing when the recipe asks for it (``None``: when the
+    backbone has over :data:`CHECKPOINTING_FROM` parameters); returns whether it is on.
+
+    Non-reentrant checkpointing (``use_reentrant=False``): the layers' inputs need not require grad (a
+    frozen embedding is fine), tensors a layer reads from outside it (prefix keys and values, gates)
+    receive their gradients, and dropout draws the same masks in the recomputation, so the gradients
+    equal those without checkpointing (tests/test_precision.py checks every family that trains
+    through the backbone)."""
+    want = recipe.training.gradient_checkpointing
+    if want is None:
+        want = model.backbone_params > CHECKPOINTING_FROM
+    if want:
+        model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return bool(want)
+
+
 def set_precision(model: PeftModel, recipe: Recipe, device: torch.device | str) -> str:
     """Put ``model`` in the recipe's precision (``training.precision`` resolved for ``device``, and
     ``training.backbone_dtype``; :func:`autopeft.precision.cast_for_training`) and make its forward run
@@ -492,6 +513,7 @@ def run_trial(recipe: Recipe, data_dir: str | Path | None = None, rungs: list[in
     model = build_model(recipe, device=str(dev)).to(dev)
     counts = count_parameters(model)
     precision = set_precision(model, recipe, dev)
+    set_gradient_checkpointing(model, recipe)
     scaler = grad_scaler(dev, precision)
     train_b = Batches(train_split, tokenizer, tr.max_seq_length, dev)
     val_b = Batches(val_split, tokenizer, tr.max_seq_length, dev)

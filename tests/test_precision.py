@@ -127,3 +127,53 @@ def test_cli_precision_option(glue_dir, tmp_path):
     saved = yaml.safe_load((tmp_path / "out" / "recipe.yaml").read_text())
     assert saved["training"]["precision"] == "bf16"
     assert load_trained(tmp_path / "out").compute_dtype == torch.bfloat16
+
+
+CHECKPOINTED = {
+    "lora": [{"method": "lora", "r": 4, "target_modules": ["query", "value", "ffn_out"]}],
+    "adapter": [{"method": "adapter", "variant": "houlsby", "reduction_factor": 8}],
+    "prefix_tuning": [{"method": "prefix_tuning", "num_virtual_tokens": 4}],
+    "p_tuning": [{"method": "p_tuning", "num_virtual_tokens": 4}],
+    "p_tuning_v2": [{"method": "p_tuning_v2", "num_virtual_tokens": 4}],
+    "bitfit": [{"method": "bitfit"}],
+    "adalora": [{"method": "adalora", "init_r": 4, "target_r": 2}],
+    "unipelt": [{"method": "unipelt"}],
+    "mam": [{"method": "mam"}],
+    "adapter_drop": [{"method": "adapter", "reduction_factor": 8}, {"method": "adapter_drop", "n": 1}],
+    "full_finetuning": [{"method": "full_finetuning"}],
+}
+
+
+@pytest.mark.parametrize("name", sorted(CHECKPOINTED))
+def test_gradient_checkpointing_gives_the_same_gradients(name):
+    """Every family that trains through the backbone: checkpointed gradients equal the plain ones
+    (dropout on: the recomputation draws the same masks)."""
+    from conftest import TINY_BERT, tiny_inputs
+
+    from autopeft.trainer import set_gradient_checkpointing
+
+    def grads(checkpointing: bool):
+        r = recipe_from_dict({"backbone": TINY_BERT, "task": "sst2", "components": CHECKPOINTED[name],
+                              "training": {"gradient_checkpointing": checkpointing}})
+        model = build_model(r).train()
+        assert set_gradient_checkpointing(model, r) == checkpointing
+        ids, mask = tiny_inputs(batch=4, length=9)
+        torch.manual_seed(0)
+        model(input_ids=ids, attention_mask=mask, labels=torch.tensor([0, 1, 1, 0])).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain, checkpointed = grads(False), grads(True)
+    assert plain and set(plain) == set(checkpointed)
+    for n in plain:
+        torch.testing.assert_close(checkpointed[n], plain[n], atol=1e-5, rtol=1e-4, msg=n)
+
+
+def test_gradient_checkpointing_defaults_on_above_a_billion_parameters():
+    from autopeft.trainer import CHECKPOINTING_FROM, set_gradient_checkpointing
+
+    r = recipe()
+    model = build_model(r)
+    assert not set_gradient_checkpointing(model, r)
+    model.backbone_params = CHECKPOINTING_FROM + 1  # as a 7B backbone counts
+    assert set_gradient_checkpointing(model, r)
+    assert model.backbone.is_gradient_checkpointing
