@@ -174,6 +174,11 @@ def status(
         console.print(line, markup=False, soft_wrap=True)
 
 
+def _bytes(n: int) -> str:
+    """``n`` bytes in GiB (from 1 GiB) or MiB."""
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
 def _parse_duration(text: str) -> float:
     s = text.strip().lower()
     if s in ("none", "inf"):
@@ -464,6 +469,9 @@ def count(
     else:
         console.print(f"trainable {c.trainable_params:,} ({c.trainable_percent:.4f}% of {c.backbone_params:,}); "
                       f"head {c.head_params:,} (reads {c.pooling} pooling; outside the budget)", markup=False)
+        if c.weight_bytes:
+            console.print("backbone weights: " + ", ".join(f"{k} {_bytes(v)}" for k, v in c.weight_bytes.items()),
+                          markup=False)
 
 
 fusion_app = typer.Typer(no_args_is_help=True, help="AdapterFusion in two stages: per-task adapters, then fusion.")

@@ -745,6 +745,7 @@ class ParameterCount:
         backbone_params: parameters of the unmodified backbone excluding the head.
         head_params: trainable parameters of the task head (every method needs it).
         pooling: what the head reads (:data:`POOLINGS`).
+        weight_bytes: bytes of the backbone's weights per storage dtype (``fp32``, ``bf16``, ``nf4``).
         trainable_percent: ``100 * trainable_params / backbone_params``.
     """
 
@@ -752,6 +753,9 @@ class ParameterCount:
     backbone_params: int
     head_params: int
     pooling: str = "pooler"
+    #: Bytes of the backbone's weights stored in fp32 / bf16 / nf4 (:func:`autopeft.quantization.weight_bytes`);
+    #: set by :func:`autopeft.recipe.count_recipe`.
+    weight_bytes: dict[str, int] | None = None
 
     @property
     def trainable_percent(self) -> float:
@@ -764,6 +768,7 @@ class ParameterCount:
             "trainable_percent": self.trainable_percent,
             "head_params": self.head_params,
             "pooling": self.pooling,
+            **({"weight_bytes": self.weight_bytes} if self.weight_bytes is not None else {}),
         }
 
 

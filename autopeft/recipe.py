@@ -25,6 +25,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
+import dataclasses
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator
 
@@ -355,9 +356,14 @@ def count_recipe(recipe: Recipe):
     """
     from autopeft.model import count_parameters
 
+    from autopeft.backbones import load_model
+    from autopeft.quantization import weight_bytes
+    from autopeft.tasks import get_task
+
     check_recipe(recipe)
     try:
         model = build_model(recipe, device="meta")
     except CompositionError as exc:
         raise RecipeError(str(exc)) from None
-    return count_parameters(model)
+    bare = load_model(recipe.backbone, get_task(recipe.task).num_labels, device="meta")
+    return dataclasses.replace(count_parameters(model), weight_bytes=weight_bytes(bare))

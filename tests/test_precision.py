@@ -177,3 +177,24 @@ def test_gradient_checkpointing_defaults_on_above_a_billion_parameters():
     model.backbone_params = CHECKPOINTING_FROM + 1  # as a 7B backbone counts
     assert set_gradient_checkpointing(model, r)
     assert model.backbone.is_gradient_checkpointing
+
+
+def test_count_prints_the_llama_7b_preset_weight_bytes_per_dtype(tmp_path):
+    """fp32 / bf16: 4 / 2 bytes a weight (6,607,343,616 backbone + 8,192 head); nf4: the 32 layers'
+    seven Linear weights at 4.127 bits (QLoRA's double quantisation), the rest in bf16."""
+    import json
+    import math
+
+    from autopeft.cli import app
+
+    path = tmp_path / "llama.yaml"
+    path.write_text("backbone: {preset: llama-2-7b}\ntask: sst2\n"
+                    "components: [{method: lora, r: 8, target_modules: [query, value]}]\n")
+    total = 6_607_343_616 + 8_192
+    quantised = 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008)
+    nf4 = math.ceil(quantised * (4 + 8 / 64 + 32 / (64 * 256)) / 8) + 2 * (total - quantised)
+    res = CliRunner().invoke(app, ["count", str(path), "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["weight_bytes"] == {"fp32": 4 * total, "bf16": 2 * total, "nf4": nf4}
+    text = CliRunner().invoke(app, ["count", str(path)]).output
+    assert "backbone weights: fp32 24.61 GiB, bf16 12.31 GiB, nf4 3.36 GiB" in text
