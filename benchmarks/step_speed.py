@@ -132,6 +132,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=8, help="interleaved rounds (each: every batch once per configuration)")
     ap.add_argument("--batches", type=int, default=6, help="distinct batches per round")
+    ap.add_argument("--bf16", choices=("auto", "yes", "no"), default="auto",
+                    help="time bf16 steps: auto = where this CPU has AMX-BF16/AVX512-BF16 (elsewhere a bf16 step "
+                         "runs on slow emulated kernels: minutes per step)")
     a = ap.parse_args()
     torch.manual_seed(0)
     from autopeft.backbones import MINILM, load_config
@@ -141,9 +144,13 @@ def main() -> None:
     data = batches(a.batches)
     mean_tokens = statistics.mean(float(lens.sum()) for _, lens in data)
     m = int(round(mean_tokens / 16)) * 16 or 16
-    peaks = {p: matmul_peak(dt, m, d, d_ff) for p, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+    from autopeft.precision import cpu_bf16_flags
+
+    precisions = ["fp32"] + (["bf16"] if a.bf16 == "yes" or (a.bf16 == "auto" and cpu_bf16_flags()) else [])
+    peaks = {p: matmul_peak(dt, m, d, d_ff, seconds=1.0 if p in precisions else 0.2)
+             for p, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
     steps = {}
-    for p in ("fp32", "bf16"):
+    for p in precisions:
         for name, comps in CONFIGS.items():
             steps[(name, p)] = ours(comps, p)
         steps[(PEFT_LORA, p)] = peft_lora(p)
@@ -161,7 +168,7 @@ def main() -> None:
     limit = {}
     for name in (*CONFIGS, PEFT_LORA):
         flops = statistics.mean(step_flops(lens, layers, d, d_ff, name == "full fine-tuning") for _, lens in data)
-        for p in ("fp32", "bf16"):
+        for p in precisions:
             limit[(name, p)] = flops / peaks[p]
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"MiniLM-L6 ({layers} layers, d={d}, d_ff={d_ff}); SST-2 batches of {BATCH} grouped by length, "
@@ -169,16 +176,24 @@ def main() -> None:
           f"median of {a.rounds * len(data)} interleaved steps each")
     print(f"matmul peak at ({m}x{d})@({d}x{d_ff}): fp32 {peaks['fp32'] / 1e9:,.0f} GFLOP/s, bf16 "
           f"{peaks['bf16'] / 1e9:,.0f} GFLOP/s ({peaks['bf16'] / peaks['fp32']:.1f}x)")
+    if "bf16" not in precisions:
+        print(f"bf16 steps not run: this CPU reports none of AMX-BF16 / AVX512-BF16 "
+              f"(/proc/cpuinfo), and its bf16 matmul runs at {peaks['bf16'] / 1e9:,.1f} GFLOP/s; "
+              "`--precision auto` stays fp32 here (--bf16 yes times them anyway)")
     print()
     print(f"| {'configuration':28} | {'fp32 ms':>8} | {'bf16 ms':>8} | {'bf16 speed-up':>13} | {'fp32 / limit':>12} | "
           f"{'bf16 / limit':>12} | {'vs peft LoRA (same dtype)':>26} |")
     print(f"|{'-' * 30}|{'-' * 10}|{'-' * 10}|{'-' * 15}|{'-' * 14}|{'-' * 14}|{'-' * 28}|")
+    def x(v: float | None) -> str:
+        return "not run" if v is None else f"{v:.2f}x"
+
     for name in (*CONFIGS, PEFT_LORA):
-        f, b = med[(name, "fp32")], med[(name, "bf16")]
-        vs = (f"{med[(PEFT_LORA, 'fp32')] / f:.2f}x / {med[(PEFT_LORA, 'bf16')] / b:.2f}x"
-              if name != PEFT_LORA else "1.00x / 1.00x")
-        print(f"| {name:28} | {f * 1e3:8.1f} | {b * 1e3:8.1f} | {f / b:12.2f}x | {f / limit[(name, 'fp32')]:11.2f}x | "
-              f"{b / limit[(name, 'bf16')]:11.2f}x | {vs:>26} |")
+        f, b = med[(name, "fp32")], med.get((name, "bf16"))
+        pb = med.get((PEFT_LORA, "bf16"))
+        vs = f"{x(med[(PEFT_LORA, 'fp32')] / f)} / {x(pb / b if b else None)}" if name != PEFT_LORA else "1.00x / 1.00x"
+        print(f"| {name:28} | {f * 1e3:8.1f} | {'not run' if b is None else f'{b * 1e3:.1f}':>8} | "
+              f"{x(f / b if b else None):>13} | {x(f / limit[(name, 'fp32')]):>12} | "
+              f"{x(b / limit[(name, 'bf16')] if b else None):>12} | {vs:>26} |")
     print()
     print("limit: the step's real-token FLOPs (forward + activation gradients, + weight gradients for full "
           "fine-tuning) at the matmul peak of its dtype; 'vs peft LoRA': peft's step time / this one's "
