@@ -95,15 +95,44 @@ class SearchResult:
     reference: dict[str, Any] | None = None
 
 
-def default_resources() -> tuple[float, float]:
-    """``(cpus_per_trial, gpus_per_trial)``: one trial per GPU, else one trial using every core."""
+def default_resources(trial_bytes: int | None = None) -> tuple[float, float]:
+    """``(cpus_per_trial, gpus_per_trial)``: on GPUs as many trials per GPU as fit in its memory
+    (:func:`autopeft.memory.trials_per_gpu` of ``trial_bytes``, at most 8; one per GPU without an
+    estimate), the cores shared among them; without GPUs one trial using every core."""
     import torch
 
     cpus = os.cpu_count() or 1
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if gpus:
-        return max(1, cpus // gpus), 1
+        from autopeft.memory import trials_per_gpu
+
+        per_gpu = trials_per_gpu(torch.cuda.get_device_properties(0).total_memory, trial_bytes) if trial_bytes else 1
+        return max(1, cpus // (gpus * per_gpu)), 1 / per_gpu
     return cpus, 0
+
+
+def _cuda_devices() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def trial_bytes_estimate(bare, param_limit: int) -> int:
+    """Planning estimate of a trial's peak memory (bytes) for a search: the backbone of the ``bare``
+    recipe (no components) stored as its precision trains it, the largest within-budget trial
+    (``param_limit`` trainable parameters plus the head) and its activations at the recipe's batch
+    size and ``max_seq_length`` (:func:`autopeft.memory.estimate_trial_bytes`)."""
+    from autopeft.backbones import load_config
+    from autopeft.memory import estimate_trial_bytes
+    from autopeft.tasks import get_task
+
+    counts = count_recipe(bare)
+    tr = bare.training
+    half = tr.precision in ("bf16", "fp16")
+    cfg = load_config(bare.backbone, get_task(bare.task).num_labels)
+    return estimate_trial_bytes(counts.weight_bytes["bf16" if half else "fp32"], param_limit + counts.head_params,
+                                cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, tr.batch_size,
+                                tr.max_seq_length, activation_bytes=2 if half else 4)
 
 
 def search(task: str = "sst2", budget: str | Budget = "0.5%", backbone: str | dict = "minilm-l6",
@@ -229,7 +258,10 @@ def search(task: str = "sst2", budget: str | Budget = "0.5%", backbone: str | di
 
         check_recipe(bare, for_training=True)  # what no trial could train (a bare config's vocabulary): one line
     limit = budget.limit(backbone_params)
-    cpus, gpus = default_resources()
+    packing = None
+    if gpus_per_trial is None and _cuda_devices() and not (isinstance(backbone, dict) and "preset" in backbone):
+        packing = trial_bytes_estimate(bare, limit)
+    cpus, gpus = default_resources(packing)
     cpus, gpus = cpus_per_trial or cpus, gpus if gpus_per_trial is None else gpus_per_trial
     _check_search_settings(name, backbone, cpus, gpus, ray_address)
     point, smallest = sp.smallest_point(base)
@@ -274,6 +306,12 @@ def search(task: str = "sst2", budget: str | Budget = "0.5%", backbone: str | di
     if progress:
         progress(f"search {name}: {task_obj.name}, budget {budget} = {limit:,} trainable parameters "
                  f"of {backbone_params:,}; MLflow {uri} run {tracker.parent_id}")
+        if packing:
+            import torch
+
+            gpu_gib = torch.cuda.get_device_properties(0).total_memory / 2**30
+            progress(f"GPU packing: {round(1 / gpus)} trial(s) per GPU (gpus_per_trial {gpus:g}): a trial's estimated "
+                     f"peak {packing / 2**30:.1f} GiB of the GPU's {gpu_gib:.0f} GiB; --gpus-per-trial overrides it")
         progress(f"splits: train {splits['train']:,} / dev {splits['dev']:,} (carved from train, seed {seed}, "
                  f"{'stratified' if task_obj.num_labels > 1 else 'random'}; every search decision reads it) / "
                  f"test {splits['test']:,} ({splits['test_source']}; read once, after the search)")

@@ -198,3 +198,33 @@ def test_count_prints_the_llama_7b_preset_weight_bytes_per_dtype(tmp_path):
     assert json.loads(res.output)["weight_bytes"] == {"fp32": 4 * total, "bf16": 2 * total, "nf4": nf4}
     text = CliRunner().invoke(app, ["count", str(path)]).output
     assert "backbone weights: fp32 24.61 GiB, bf16 12.31 GiB, nf4 3.36 GiB" in text
+
+
+def test_gpu_default_packs_trials_by_estimated_memory(monkeypatch):
+    """On GPUs the default gpus_per_trial comes from the trial's estimated peak memory: MiniLM trials
+    (~1.4 GiB) pack 8 to an 80 GiB GPU (the cap), BERT-base trials 3 to a 16 GiB one; no GPU: none."""
+    from autopeft import api
+    from autopeft.memory import estimate_trial_bytes, trials_per_gpu
+
+    # BERT-base, fp32, batch 32 x 128 tokens: 440 MB of weights; 12 layers x s b h (34 + 5 a s / h) x 2 bytes
+    base = 4 * 109_483_778
+    act = 12 * 128 * 32 * 768 * (34 + 5 * 12 * 128 / 768) * 2
+    assert estimate_trial_bytes(base, 0, 12, 768, 12, 32, 128) == int(base + act)
+    assert trials_per_gpu(16 * 2**30, int(base + act)) == 3
+    assert trials_per_gpu(80 * 2**30, 10**9) == 8 and trials_per_gpu(2**30, 10**10) == 1
+
+    bare = recipe_from_dict({"backbone": "minilm-l6", "task": "sst2"})
+    est = api.trial_bytes_estimate(bare, 113_566)
+    assert 1.0 * 2**30 < est < 2.0 * 2**30
+
+    class Props:
+        total_memory = 80 * 2**30
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: Props())
+    monkeypatch.setattr("os.cpu_count", lambda: 32)
+    assert api.default_resources(est) == (2, 1 / 8)  # 16 trials on 2 GPUs share 32 cores
+    assert api.default_resources(None) == (16, 1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert api.default_resources(est) == (32, 0)
