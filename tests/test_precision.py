@@ -228,3 +228,29 @@ def test_gpu_default_packs_trials_by_estimated_memory(monkeypatch):
     assert api.default_resources(None) == (16, 1)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert api.default_resources(est) == (32, 0)
+
+
+def test_search_cli_passes_precision_and_no_time_cap_to_the_api(monkeypatch, tmp_path):
+    """The CLI is thin: `--precision bf16 --time-budget none` reach api.search as the trials'
+    training.precision and time_budget_s=inf (no cap); a bad precision is one line, exit 2."""
+    import math
+
+    from autopeft import api
+    from autopeft.cli import app
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_search(**kw):
+        seen.update(kw)
+        raise Stop
+
+    monkeypatch.setattr(api, "search", fake_search)
+    res = CliRunner().invoke(app, ["search", "--precision", "bf16", "--time-budget", "none", "--output-dir",
+                                   str(tmp_path)])
+    assert res.exit_code == 1 and "Stop" in res.output  # the CLI's one line for an unexpected error
+    assert seen["training"] == {"precision": "bf16"} and seen["time_budget_s"] == math.inf
+    bad = CliRunner().invoke(app, ["search", "--precision", "fp8", "--output-dir", str(tmp_path)])
+    assert bad.exit_code == 2 and len(bad.output.strip().splitlines()) == 1 and "--precision must be one of" in bad.output
