@@ -254,3 +254,21 @@ def test_search_cli_passes_precision_and_no_time_cap_to_the_api(monkeypatch, tmp
     assert seen["training"] == {"precision": "bf16"} and seen["time_budget_s"] == math.inf
     bad = CliRunner().invoke(app, ["search", "--precision", "fp8", "--output-dir", str(tmp_path)])
     assert bad.exit_code == 2 and len(bad.output.strip().splitlines()) == 1 and "--precision must be one of" in bad.output
+
+
+def test_p_tuning_lstm_encoder_runs_under_bf16_autocast():
+    """oneDNN has no bf16 LSTM on CPUs ("could not create a primitive descriptor"): the prompt encoder's
+    LSTM runs in float32 outside autocast, so P-Tuning trains in bf16 too."""
+    from conftest import TINY_BERT, tiny_inputs
+
+    r = recipe_from_dict({"backbone": TINY_BERT, "task": "sst2", "training": {"precision": "bf16"},
+                          "components": [{"method": "p_tuning", "num_virtual_tokens": 4}]})
+    model = build_model(r).train()
+    from autopeft.trainer import set_precision
+
+    assert set_precision(model, r, "cpu") == "bf16"
+    ids, mask = tiny_inputs()
+    loss = model(input_ids=ids, attention_mask=mask, labels=torch.tensor([0, 1, 1])).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad and "lstm" in n)
