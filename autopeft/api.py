@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import re
 import time
@@ -94,15 +95,44 @@ class SearchResult:
     reference: dict[str, Any] | None = None
 
 
-def default_resources() -> tuple[float, float]:
-    """``(cpus_per_trial, gpus_per_trial)``: one trial per GPU, else one trial using every core."""
+def default_resources(trial_bytes: int | None = None) -> tuple[float, float]:
+    """``(cpus_per_trial, gpus_per_trial)``: on GPUs as many trials per GPU as fit in its memory
+    (:func:`autopeft.memory.trials_per_gpu` of ``trial_bytes``, at most 8; one per GPU without an
+    estimate), the cores shared among them; without GPUs one trial using every core."""
     import torch
 
     cpus = os.cpu_count() or 1
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if gpus:
-        return max(1, cpus // gpus), 1
+        from autopeft.backbones.memory import trials_per_gpu
+
+        per_gpu = trials_per_gpu(torch.cuda.get_device_properties(0).total_memory, trial_bytes) if trial_bytes else 1
+        return max(1, cpus // (gpus * per_gpu)), 1 / per_gpu
     return cpus, 0
+
+
+def _cuda_devices() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def trial_bytes_estimate(bare, param_limit: int) -> int:
+    """Planning estimate of a trial's peak memory (bytes) for a search: the backbone of the ``bare``
+    recipe (no components) stored as its precision trains it, the largest within-budget trial
+    (``param_limit`` trainable parameters plus the head) and its activations at the recipe's batch
+    size and ``max_seq_length`` (:func:`autopeft.memory.estimate_trial_bytes`)."""
+    from autopeft.backbones import load_config
+    from autopeft.backbones.memory import estimate_trial_bytes
+    from autopeft.data.tasks import get_task
+
+    counts = count_recipe(bare)
+    tr = bare.training
+    half = tr.precision in ("bf16", "fp16")
+    cfg = load_config(bare.backbone, get_task(bare.task).num_labels)
+    return estimate_trial_bytes(counts.weight_bytes["bf16" if half else "fp32"], param_limit + counts.head_params,
+                                cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, tr.batch_size,
+                                tr.max_seq_length, activation_bytes=2 if half else 4)
 
 
 def search(task: str = "sst2", budget: str | Budget = "0.5%", backbone: str | dict = "minilm-l6",
@@ -129,7 +159,7 @@ def search(task: str = "sst2", budget: str | Budget = "0.5%", backbone: str | di
         backbone: ``minilm-l6``, a Hugging Face id/path, or a bare config mapping.
         space: a shipped search space name or a YAML path.
         trials: trials to train (default: 30 on CPU, 32 on GPU); rejected samples do not count.
-        time_budget_s: wall-clock cap in seconds (default: 26 minutes on CPU, none on GPU).
+        time_budget_s: wall-clock cap in seconds (default: 26 minutes on CPU, none on GPU; ``math.inf``: none).
         data_dir: local GLUE folder (else ``$AUTOPEFT_DATA_DIR``, else the hub).
         tracking_uri: MLflow URI (default ``$MLFLOW_TRACKING_URI`` or ``sqlite:///./mlflow.db``).
         experiment: MLflow experiment name.
@@ -201,7 +231,10 @@ def search(task: str = "sst2", budget: str | Budget = "0.5%", backbone: str | di
                          "schedule_examples": sp.fidelity.max_train_examples, "seed": seed, **(training or {})}}
     backbone_params = _checked_backbone_params(base, backbone)
     limit = budget.limit(backbone_params)
-    cpus, gpus = default_resources()
+    packing = None
+    if gpus_per_trial is None and _cuda_devices() and not (isinstance(backbone, dict) and "preset" in backbone):
+        packing = trial_bytes_estimate(recipe_from_dict({**base, "components": []}), limit)
+    cpus, gpus = default_resources(packing)
     cpus, gpus = cpus_per_trial or cpus, gpus if gpus_per_trial is None else gpus_per_trial
     _check_search_settings(name, backbone, cpus, gpus, ray_address)
     _check_budget_fits(sp, base, budget, limit)
@@ -209,6 +242,10 @@ def search(task: str = "sst2", budget: str | Budget = "0.5%", backbone: str | di
         trials = 32 if gpus else 30
     if time_budget_s is None and not gpus:
         time_budget_s = 26 * 60
+    elif time_budget_s is not None and math.isinf(time_budget_s):
+        time_budget_s = None  # math.inf: no cap, on CPU too
+    if time_budget_s is not None and not time_budget_s > 0:
+        raise SearchSettingsError(f"time_budget_s must be positive seconds or math.inf (no cap), got {time_budget_s}")
     if resume and not name:
         raise ResumeError("--resume needs the --name of the search to continue")
     name = name or f"{task_obj.name}-{datetime.now():%Y%m%d-%H%M%S}"
@@ -237,6 +274,12 @@ def search(task: str = "sst2", budget: str | Budget = "0.5%", backbone: str | di
         write_request(out, request, uri, experiment, tracker.parent_id)
     if progress:
         _announce(progress, settings, name, task_obj, budget, uri, tracker.parent_id, space_notes)
+        if packing:
+            import torch
+
+            gpu_gib = torch.cuda.get_device_properties(0).total_memory / 2**30
+            progress(f"GPU packing: {round(1 / gpus)} trial(s) per GPU (gpus_per_trial {gpus:g}): a trial's estimated "
+                     f"peak {packing / 2**30:.1f} GiB of the GPU's {gpu_gib:.0f} GiB; --gpus-per-trial overrides it")
     beacon = DriverBeacon(out, before_s, started=t0).start()  # driver.json: pid + heartbeat, for `autopeft status`
     restore_signals = raise_on_stop_signals()  # SIGTERM, as Ctrl-C, ends the search resumable: not killed
     try:

@@ -7,6 +7,7 @@ before anything starts; a failure during a run prints one line and exits with co
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -62,6 +63,19 @@ def _progress(msg: str) -> None:
     console.print(msg, markup=False, soft_wrap=True)
 
 
+PRECISION_HELP = ("Compute precision: auto (bf16 on a CPU with AMX/AVX512-BF16 or a bf16 GPU, fp16 on older GPUs, "
+                  "else fp32), fp32, bf16, fp16. Trainable weights stay float32.")
+
+
+def _check_precision(precision: str | None) -> None:
+    if precision is None:
+        return
+    from autopeft.backbones.precision import PRECISIONS
+
+    if precision not in PRECISIONS:
+        _fail(_UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}"), 2)
+
+
 @app.command()
 def search(
     task: str = typer.Option("sst2", help="Task: a GLUE name (sst2, cola, mrpc, rte, stsb, wnli, qnli, qqp, mnli, mnli-mm), "
@@ -74,7 +88,7 @@ def search(
     space: str = typer.Option("default", help="Search space: default, full, autopeft_paper, or a YAML path."),
     trials: Optional[int] = typer.Option(None, help="Trials to train (default 30 on CPU, 32 on GPU); over-budget or empty samples do not count."),
     max_train_examples: Optional[int] = typer.Option(None, help="Top fidelity in training examples (default 24000); lower it for a quick search."),
-    time_budget: Optional[str] = typer.Option(None, help="Wall-clock cap: 1800, 30m, 2h (default 26m on CPU)."),
+    time_budget: Optional[str] = typer.Option(None, help="Wall-clock cap: 1800, 30m, 2h, or none (default 26m on CPU, none on GPU)."),
     data_dir: Optional[str] = typer.Option(None, envvar="AUTOPEFT_DATA_DIR", help="Local GLUE folder (else the hub)."),
     tracking_uri: Optional[str] = typer.Option(None, envvar="MLFLOW_TRACKING_URI", help="MLflow URI (default sqlite:///mlflow.db)."),
     experiment: str = typer.Option("autopeft", help="MLflow experiment name."),
@@ -86,6 +100,7 @@ def search(
     gpus_per_trial: Optional[float] = typer.Option(None, min=0, help="GPUs per trial (default 1 when CUDA exists)."),
     seed: int = typer.Option(0, help="Seed of the sampler and of every trial."),
     batch_size: Optional[int] = typer.Option(None, help="Training batch size of the trials."),
+    precision: Optional[str] = typer.Option(None, help=PRECISION_HELP),
     searcher: str = typer.Option("tpe", help="Sampler: tpe (multi-objective TPE), random, nsga2, qnehvi (BoTorch)."),
     one_shot: bool = typer.Option(False, "--one-shot/--no-one-shot",
                                   help="Train one gated model with every component first; add its best subsets as start points."),
@@ -107,7 +122,8 @@ def search(
         if value is not None and value < 1:
             _fail(_UserError(f"{opt} must be at least 1, got {value}"), 2)
     seconds = _run(_parse_duration, time_budget) if time_budget else None
-    training = {"batch_size": batch_size} if batch_size else None
+    _check_precision(precision)
+    training = {k: v for k, v in (("batch_size", batch_size), ("precision", precision)) if v} or None
     result = _run(api.search, task=task, budget=b, backbone=backbone, space=space, trials=trials,
                   time_budget_s=seconds, data_dir=data_dir, tracking_uri=tracking_uri, experiment=experiment,
                   name=name, output_dir=output_dir, ray_address=ray_address, cpus_per_trial=cpus_per_trial,
@@ -158,14 +174,21 @@ def status(
         console.print(line, markup=False, soft_wrap=True)
 
 
+def _bytes(n: int) -> str:
+    """``n`` bytes in GiB (from 1 GiB) or MiB."""
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
 def _parse_duration(text: str) -> float:
     s = text.strip().lower()
+    if s in ("none", "inf"):
+        return math.inf  # no cap
     mult = {"s": 1, "m": 60, "h": 3600}.get(s[-1:], None)
     try:
         value = float(s[:-1]) * mult if mult else float(s)
     except ValueError:
-        raise _UserError(f"invalid time budget {text!r}: use seconds (1800) or 30m / 2h") from None
-    if value <= 0:
+        raise _UserError(f"invalid time budget {text!r}: use seconds (1800), 30m / 2h, or none") from None
+    if not 0 < value < math.inf:
         raise _UserError(f"invalid time budget {text!r}: it must be positive")
     return value
 
@@ -358,6 +381,7 @@ def train(
     output_dir: Optional[Path] = typer.Option(None, "-o", "--output-dir", help="Where to save the trained PEFT weights (default outputs/<recipe name>)."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 (default: CUDA if available)."),
     cpus: Optional[int] = typer.Option(None, help="CPU threads to compute on (default: every CPU available)."),
+    precision: Optional[str] = typer.Option(None, help=PRECISION_HELP + " Default: the recipe's."),
 ) -> None:
     """Train a recipe, report its scores, and save the trained PEFT weights. A recipe from a search (with
     dev) reports its dev score, as the search scored it, and its test score, read once after training."""
@@ -367,7 +391,10 @@ def train(
 
     if cpus is not None and cpus < 1:
         _fail(_UserError(f"--cpus must be at least 1, got {cpus}"), 2)
+    _check_precision(precision)
     r = _run(load_recipe, recipe)
+    if precision:
+        r = r.model_copy(update={"training": r.training.model_copy(update={"precision": precision})})
     out = output_dir or Path("outputs") / recipe.stem
     result = _run(api.train, r, data_dir=data_dir, output_dir=out, device=device, log=_progress, cpus=cpus)
     metrics = ", ".join(f"{k}={v:.4f}" for k, v in result.metrics.items())
@@ -442,6 +469,9 @@ def count(
     else:
         console.print(f"trainable {c.trainable_params:,} ({c.trainable_percent:.4f}% of {c.backbone_params:,}); "
                       f"head {c.head_params:,} (reads {c.pooling} pooling; outside the budget)", markup=False)
+        if c.weight_bytes:
+            console.print("backbone weights: " + ", ".join(f"{k} {_bytes(v)}" for k, v in c.weight_bytes.items()),
+                          markup=False)
 
 
 fusion_app = typer.Typer(no_args_is_help=True, help="AdapterFusion in two stages: per-task adapters, then fusion.")

@@ -1056,7 +1056,7 @@ def run_search(task: str, searcher: str, seed: int, trials: int, examples: int, 
     resume = state == "resume"
     if state == "set_aside":
         set_aside()
-    kwargs = dict(task=task, budget=budget, space=space, trials=trials, time_budget_s=None, data_dir=data_dir, seed=seed,
+    kwargs = dict(task=task, budget=budget, space=space, trials=trials, time_budget_s=math.inf, data_dir=data_dir, seed=seed,
                   searcher=searcher, max_train_examples=examples, progress=log, name=name, output_dir=runs,
                   tracking_uri=f"sqlite:///{out}/mlflow.db", experiment="search-quality")
     t0 = time.time()

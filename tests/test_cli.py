@@ -38,7 +38,9 @@ def test_count_json_for_lora_r8_query_value_on_minilm(tmp_path):
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout) == {"trainable_params": 73728, "backbone_params": 22713216,
                                       "trainable_percent": pytest.approx(0.3246039662547), "head_params": 770,
-                                      "pooling": "pooler"}
+                                      "pooling": "pooler",
+                                      # 22,713,986 weights; nf4: 6 layers x 6 Linear + the pooler's at 4.127 bits
+                                      "weight_bytes": {"fp32": 90_855_944, "bf16": 45_427_972, "nf4": 29_452_360}}
 
 
 @pytest.mark.parametrize("content,msg", [

@@ -91,3 +91,35 @@ def test_trial_summaries_print_whole_numbers_without_a_decimal_point():
     recipe = {"components": [{"method": "adapter", "placement": "parallel", "reduction_factor": 64.0}],
               "training": {"learning_rate": 0.0032}}
     assert _summary(recipe) == "adapter(placement=parallel, reduction_factor=64) lr=0.0032"
+
+
+def test_time_budget_none_means_no_cap_on_cpu_and_bad_values_are_refused(tmp_path, monkeypatch):
+    """``math.inf`` (CLI ``--time-budget none``) is no cap, recorded as such and handed to Ray Tune as
+    none; without it a CPU search stops at 26 minutes (the benchmark's "no time cap" got 26 minutes)."""
+    import math
+
+    from autopeft.cli import _parse_duration
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_run_tune(sp, base, limit, settings, *a, **k):
+        seen.append(settings.time_budget_s)
+        raise Stop  # before any trial: only the settings matter here
+
+    monkeypatch.setattr("autopeft.hpo.tune.run_tune", fake_run_tune)
+    for value, want in ((math.inf, None), (None, 26 * 60), (90.0, 90.0)):
+        with pytest.raises(Stop):
+            _search(tmp_path, time_budget_s=value, name=f"t{len(seen)}")
+        assert seen[-1] == want
+    import json
+
+    assert json.loads((tmp_path / "runs" / "t0" / "search.json").read_text())["time_budget_s"] is None
+    for bad in (0, -5.0, math.nan):
+        with pytest.raises(SearchSettingsError, match="time_budget_s must be positive seconds or math.inf"):
+            _search(tmp_path, time_budget_s=bad, name="bad")
+    assert _parse_duration("none") == math.inf and _parse_duration("30m") == 1800
+    with pytest.raises(Exception, match="invalid time budget 'nan'"):
+        _parse_duration("nan")

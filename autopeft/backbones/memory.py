@@ -47,3 +47,31 @@ def release_memory() -> bool:
             torch.cuda.empty_cache()
     trim = _libc_malloc_trim()
     return bool(trim(0)) if trim is not None else False
+
+
+#: Share of a GPU's memory trials may plan to fill (the rest: CUDA context, allocator fragmentation).
+GPU_FILL = 0.85
+#: Most trials packed on one GPU by default (beyond this the GPU's compute, not memory, is the limit).
+MAX_TRIALS_PER_GPU = 8
+
+
+def estimate_trial_bytes(weight_bytes: int, trainable_params: int, layers: int, hidden: int, heads: int,
+                         batch_size: int, seq_len: int, activation_bytes: int = 4) -> int:
+    """Peak memory of one training trial, bytes, as a planning estimate.
+
+    ``weight_bytes`` (the backbone stored as it trains) + 16 bytes per trainable parameter (float32
+    weight, gradient and AdamW's two moments) + the activations kept for the backward pass: per layer
+    ``s b h (34 + 5 a s / h)`` bytes in half precision (Korthikanti et al. 2022, arXiv:2205.05198,
+    eq. (1): ``s`` sequence length, ``b`` batch, ``h`` hidden size, ``a`` heads), scaled by
+    ``activation_bytes / 2`` (4: float32 activations). Padding-free batches (the trainer groups by
+    length) need less; the estimate is for ``seq_len`` tokens everywhere.
+    """
+    s, b, h, a = seq_len, batch_size, hidden, heads
+    activations = layers * s * b * h * (34 + 5 * a * s / h) * activation_bytes / 2
+    return int(weight_bytes + 16 * trainable_params + activations)
+
+
+def trials_per_gpu(gpu_bytes: int, trial_bytes: int, most: int = MAX_TRIALS_PER_GPU) -> int:
+    """How many trials of ``trial_bytes`` fit on a GPU of ``gpu_bytes`` within :data:`GPU_FILL`: at
+    least 1 (a trial larger than the GPU still gets a whole one), at most ``most``."""
+    return max(1, min(most, int(GPU_FILL * gpu_bytes // max(1, trial_bytes))))

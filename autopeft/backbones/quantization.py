@@ -256,6 +256,39 @@ def quantize_backbone(backbone: nn.Module, device: str | torch.device = "cpu",
     return done
 
 
+#: Bits a weight takes in NF4 with double quantisation (QLoRA, arXiv:2305.14314, section 3): the 4-bit
+#: code, an 8-bit absmax per block of 64 weights and a float32 constant per 256 such blocks,
+#: ``4 + 8/64 + 32/(64*256)`` = 4.127 bits.
+NF4_BITS = 4 + 8 / 64 + 32 / (64 * 256)
+
+
+def weight_bytes(backbone: nn.Module) -> dict[str, int]:
+    """Bytes the backbone's weights take stored in ``fp32``, ``bf16`` and ``nf4`` (every tensor of
+    the backbone, its head included; works on the meta device).
+
+    ``nf4``: the Linear weights :func:`quantize_backbone` quantises at :data:`NF4_BITS` each, every other
+    tensor (embeddings, LayerNorms, biases, the head) in bf16, as QLoRA keeps them.
+
+    Raises:
+        ArchitectureError: ``backbone`` is not of a known family.
+    """
+    params = {id(p): p.numel() for p in backbone.parameters()}
+    encoder = Encoder.of(backbone)
+    quantised = set()
+    for layer in range(encoder.num_layers):
+        for path in encoder.family.linear.values():
+            module = encoder.get(layer, path)
+            module = getattr(module, "base_layer", module)
+            if isinstance(module, nn.Linear):
+                quantised.add(id(module.weight))
+    pooler = getattr(getattr(backbone, "base_model", backbone), "pooler", None)
+    if isinstance(getattr(pooler, "dense", None), nn.Linear):
+        quantised.add(id(pooler.dense.weight))
+    total = sum(params.values())
+    q = sum(n for i, n in params.items() if i in quantised)
+    return {"fp32": 4 * total, "bf16": 2 * total, "nf4": math.ceil(q * NF4_BITS / 8) + 2 * (total - q)}
+
+
 def set_compute_dtype(module: nn.Module, compute_dtype: torch.dtype | str) -> int:
     """Set the matmul dtype of every :class:`NF4Linear` in ``module``; returns how many.
 

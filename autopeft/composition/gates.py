@@ -42,7 +42,7 @@ class LayerGates(nn.Module):
     :meth:`PeftModel.layer_gate`; a forward pre-hook on the layer records ``x``, and each gate is
     evaluated at most once per layer forward (:meth:`value`), so a component that wraps several
     matrices of the layer (LoRA on W_q and W_v, Houlsby's two adapters) scales all of them by the
-    same (B, 1, 1) value. Holds no tensor between forward passes.
+    same (B, 1, 1) value. Between forward passes it holds only the last input (see :meth:`release`).
     """
 
     def __init__(self) -> None:
@@ -57,8 +57,10 @@ class LayerGates(nn.Module):
         self._values = {}
 
     def release(self, layer: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        """Forward hook of the layer: drop the remembered input and gate values."""
-        self._input = None
+        """Forward hook of the layer: drop the gate values. The input is kept until the next forward:
+        a gradient-checkpointed layer is recomputed in the backward pass without its hooks
+        (transformers keeps module hooks outside the checkpoint), and the recomputation evaluates
+        the gates again on that same input."""
         self._values = {}
 
     def value(self, key: str) -> torch.Tensor:

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from autopeft.backbones.arch import Encoder
+from autopeft.backbones.precision import autocast
 from autopeft.errors import CompositionError  # noqa: F401  (re-exported: its old home)
 # The gates, adapter hosts and prefix attention have modules of their own; their names stay here too.
 from autopeft.composition.adapter_hosts import ADAPTER_HOSTS, SublayerModule, SublayerOutput, _AdapterHost  # noqa: F401
@@ -95,6 +96,8 @@ class PeftModel(nn.Module):
                                    f"{self.encoder.family.name} model: use last (= pooler), or mean")
         self._prefix_tokens = 0
         self.gating = gating
+        #: autocast dtype of :meth:`forward` (``None``: no autocast); set by the trainer from the precision.
+        self.compute_dtype: torch.dtype | None = None
         self.extras = nn.ModuleDict()  # model-level method modules (prefix encoders, prompt encoders, ...)
         self.backbone_params = sum(_numel(p) for n, p in backbone.named_parameters() if not _is_head(n))
         #: True when the backbone holds 4-bit NF4 weights (QLoRA); ``make_optimizer`` then pages on CUDA.
@@ -318,7 +321,16 @@ class PeftModel(nn.Module):
         """Run the backbone. ``input_ids`` (B, T) -> HF output with ``logits`` (B, num_labels).
 
         Decoder families pool the last non-padding token (right padding) for ``pooler``/``last``.
+        With ``compute_dtype`` set (bf16/fp16, by the trainer from the recipe's precision) the pass and
+        the loss run under ``torch.autocast`` in that dtype, wherever the model is called from.
         """
+        if self.compute_dtype is None:
+            return self._forward(input_ids, attention_mask, token_type_ids, labels, **kw)
+        with autocast(input_ids.device, self.compute_dtype):
+            return self._forward(input_ids, attention_mask, token_type_ids, labels, **kw)
+
+    def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                 token_type_ids: torch.Tensor | None, labels: torch.Tensor | None, **kw: Any):
         fam = self.family
         if not fam.token_type_ids:
             token_type_ids = None
@@ -457,6 +469,7 @@ class ParameterCount:
         backbone_params: parameters of the unmodified backbone excluding the head.
         head_params: trainable parameters of the task head (every method needs it).
         pooling: what the head reads (:data:`POOLINGS`).
+        weight_bytes: bytes of the backbone's weights per storage dtype (``fp32``, ``bf16``, ``nf4``).
         trainable_percent: ``100 * trainable_params / backbone_params``.
     """
 
@@ -464,6 +477,9 @@ class ParameterCount:
     backbone_params: int
     head_params: int
     pooling: str = "pooler"
+    #: Bytes of the backbone's weights stored in fp32 / bf16 / nf4 (:func:`autopeft.quantization.weight_bytes`);
+    #: set by :func:`autopeft.recipe.count_recipe`.
+    weight_bytes: dict[str, int] | None = None
 
     @property
     def trainable_percent(self) -> float:
@@ -476,6 +492,7 @@ class ParameterCount:
             "trainable_percent": self.trainable_percent,
             "head_params": self.head_params,
             "pooling": self.pooling,
+            **({"weight_bytes": self.weight_bytes} if self.weight_bytes is not None else {}),
         }
 
 

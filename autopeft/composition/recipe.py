@@ -25,6 +25,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
+import dataclasses
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator
 
@@ -67,6 +68,17 @@ class TrainingConfig(BaseModel):
     group_by_length: bool = True
     max_eval_examples: int | None = Field(None, ge=1)
     seed: int = 0
+    #: Compute precision (:mod:`autopeft.backbones.precision`): ``auto`` (bf16 where the hardware runs it fast,
+    #: fp16 on older CUDA, else fp32), ``fp32``, ``bf16`` or ``fp16``. Trainable parameters, their
+    #: gradients and the optimiser state are float32 whatever it is; the forward pass and loss run
+    #: under autocast.
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "fp32"
+    #: Storage dtype of the frozen backbone's Linear weights: ``auto`` = the precision's compute dtype.
+    backbone_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    #: Recompute each layer's activations in the backward pass instead of keeping them (Chen et al.
+    #: 2016, arXiv:1604.06174): less memory, ~1.3x the step time. ``None``: on for backbones over
+    #: :data:`autopeft.trainer.CHECKPOINTING_FROM` (1B) parameters.
+    gradient_checkpointing: bool | None = None
 
 
 class Recipe(BaseModel):
@@ -344,9 +356,14 @@ def count_recipe(recipe: Recipe):
     """
     from autopeft.composition.model import count_parameters
 
+    from autopeft.backbones import load_model
+    from autopeft.backbones.quantization import weight_bytes
+    from autopeft.data.tasks import get_task
+
     check_recipe(recipe)
     try:
         model = build_model(recipe, device="meta")
     except CompositionError as exc:
         raise RecipeError(str(exc)) from None
-    return count_parameters(model)
+    bare = load_model(recipe.backbone, get_task(recipe.task).num_labels, device="meta")
+    return dataclasses.replace(count_parameters(model), weight_bytes=weight_bytes(bare))

@@ -1009,7 +1009,7 @@ def export_model(source: str | Path, fmt: str = "peft", output: str | Path | Non
     else:
         folder, prov = trained_source(source, pick or "best", output_dir, fmt, data_dir, train, log, train_with)
         recipe = load_recipe(folder / "recipe.yaml")
-    model = load_trained(folder)
+    model = load_trained(folder, precision="fp32")  # an export holds float32 weights whatever the training's
     partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
     with _quiet_transformers():

@@ -140,7 +140,9 @@ class PromptEncoder(nn.Module):
         """The prompt embeddings ``h_0..h_{P-1}``, shape (P, d)."""
         x = self.embedding.weight.unsqueeze(0)  # (1, P, d)
         if self.kind == "lstm":
-            x = self.lstm_head(x)[0]  # (1, P, 2h): [forward state; backward state] per position
+            # outside autocast, in float32: oneDNN has no bf16 LSTM on CPUs (and the encoder is tiny)
+            with torch.autocast(x.device.type, enabled=False):
+                x = self.lstm_head(x.float())[0]  # (1, P, 2h): [forward state; backward state] per position
         return self.mlp_head(x)[0]
 
     def forward(self, batch_size: int) -> torch.Tensor:

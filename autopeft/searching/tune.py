@@ -414,6 +414,8 @@ def run_tune(space: SearchSpace, base: dict[str, Any], param_limit: int, setting
             rec.trainable_params = row.get("trainable_params", rec.trainable_params)
             if tracker:
                 tracker.log_rung(trial.trial_id, row, int(row["examples_seen"]))
+                if row.get("precision") and len(rec.rows) == 1:
+                    tracker.tag_trial(trial.trial_id, {"precision": row["precision"]})
             say(f"trial {trial.trial_id} rung {row['examples_seen']:>6} examples: score={row['score']:.4f} "
                 f"params={row['trainable_params']:,} mem={row['peak_memory_bytes'] / 2**20:.0f}MiB")
 
@@ -521,7 +523,7 @@ def _concurrent_trials(settings: TuneSettings) -> int:
 
 _ROW_KEYS = {"score", "score_low", "score_high", "eval_split", "eval_examples", "trainable_params", "head_params",
              "backbone_params", "trainable_percent", "peak_memory_bytes", "examples_seen", "steps", "train_time_s",
-             "wall_time_s", "threads", "interop_threads"}
+             "wall_time_s", "threads", "interop_threads", "precision"}
 
 
 def _metric_keys(result: dict) -> set[str]:

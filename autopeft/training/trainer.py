@@ -25,6 +25,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from autopeft.backbones.precision import cast_for_training, compute_dtype, grad_scaler, resolve_precision
 from autopeft.composition.model import PeftModel, count_parameters
 from autopeft.composition.recipe import ADAPTER_FILE, Recipe, build_model, recipe_as_built
 from autopeft.data.tasks import Split, Task, get_task, load_split
@@ -50,6 +51,8 @@ class TrialResult:
             otherwise, and always inside a search.
         threads / interop_threads: PyTorch's intra-op / inter-op threads the trial computed on
             (:mod:`autopeft.backbones.threads`: the CPUs it was given).
+        precision: the compute precision the trial ran in (``fp32``, ``bf16`` or ``fp16``: the
+            recipe's ``training.precision`` resolved for the device, :mod:`autopeft.backbones.precision`).
     """
 
     score: float
@@ -75,6 +78,7 @@ class TrialResult:
     test_examples: int | None = None
     threads: int = 0
     interop_threads: int = 0
+    precision: str = "fp32"
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -435,6 +439,38 @@ def score_test(model: PeftModel, recipe: Recipe, data_dir: str | Path | None = N
     return score_split(model, task, test_b, recipe.training.eval_batch_size, seed=recipe.training.seed)
 
 
+#: Backbone size (parameters) from which ``training.gradient_checkpointing: null`` turns checkpointing on.
+CHECKPOINTING_FROM = 1_000_000_000
+
+
+def set_gradient_checkpointing(model: PeftModel, recipe: Recipe) -> bool:
+    """Turn on the backbone's gradient checkpointing when the recipe asks for it (``None``: when the
+    backbone has over :data:`CHECKPOINTING_FROM` parameters); returns whether it is on.
+
+    Non-reentrant checkpointing (``use_reentrant=False``): the layers' inputs need not require grad (a
+    frozen embedding is fine), tensors a layer reads from outside it (prefix keys and values, gates)
+    receive their gradients, and dropout draws the same masks in the recomputation, so the gradients
+    equal those without checkpointing (tests/test_precision.py checks every family that trains
+    through the backbone)."""
+    want = recipe.training.gradient_checkpointing
+    if want is None:
+        want = model.backbone_params > CHECKPOINTING_FROM
+    if want:
+        model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return bool(want)
+
+
+def set_precision(model: PeftModel, recipe: Recipe, device: torch.device | str) -> str:
+    """Put ``model`` in the recipe's precision (``training.precision`` resolved for ``device``, and
+    ``training.backbone_dtype``; :func:`autopeft.backbones.precision.cast_for_training`) and make its forward run
+    under autocast in it, for training and every evaluation alike. Returns the resolved precision
+    (``fp32``, ``bf16`` or ``fp16``)."""
+    precision = resolve_precision(recipe.training.precision, device)
+    cast_for_training(model, precision, recipe.training.backbone_dtype)
+    model.compute_dtype = compute_dtype(precision)
+    return precision
+
+
 def run_trial(recipe: Recipe, data_dir: str | Path | None = None, rungs: list[int] | None = None,
               report: Callable[[dict], None] | None = None, device: str | None = None,
               log: Callable[[str], None] | None = None,
@@ -480,6 +516,9 @@ def run_trial(recipe: Recipe, data_dir: str | Path | None = None, rungs: list[in
     tokenizer = load_tokenizer(recipe.backbone)
     model = build_model(recipe, device=str(dev)).to(dev)
     counts = count_parameters(model)
+    precision = set_precision(model, recipe, dev)
+    set_gradient_checkpointing(model, recipe)
+    scaler = grad_scaler(dev, precision)
     train_b = Batches(train_split, tokenizer, tr.max_seq_length, dev)
     val_b = Batches(val_split, tokenizer, tr.max_seq_length, dev)
 
@@ -508,9 +547,10 @@ def run_trial(recipe: Recipe, data_dir: str | Path | None = None, rungs: list[in
                 reg = model.regularization()
                 if reg is not None:
                     loss = loss + reg
-            loss.backward()
+            scaler.scale(loss).backward()
             meter.end_step()
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -525,7 +565,7 @@ def run_trial(recipe: Recipe, data_dir: str | Path | None = None, rungs: list[in
         scored = score_split(model, task, val_b, tr.eval_batch_size, tr.max_eval_examples, seed=tr.seed)
         peak = peak_memory_bytes(model, optimizer, meter, dev)
         result = _rung_result(scored, counts, peak, seen, step, train_time, time.perf_counter() - t_start, history,
-                              eval_name)
+                              eval_name, precision)
         row = {k: v for k, v in result.as_dict().items()
                if k not in ("metrics", "history") and not k.startswith("test_")} | scored.metrics
         history.append(row)
@@ -565,7 +605,7 @@ def _optimizer_and_schedule(model: PeftModel, tr, dev: torch.device, log: Callab
 
 
 def _rung_result(scored, counts, peak: int, seen: int, step: int, train_time: float, wall_time: float,
-                 history: list[dict], eval_name: str) -> TrialResult:
+                 history: list[dict], eval_name: str, precision: str = "fp32") -> TrialResult:
     """The :class:`TrialResult` of a rung: its dev score, the parameter counts, peak memory and times."""
     return TrialResult(
         score=scored.score, metrics=scored.metrics, trainable_params=counts.trainable_params,
@@ -573,7 +613,7 @@ def _rung_result(scored, counts, peak: int, seen: int, step: int, train_time: fl
         trainable_percent=counts.trainable_percent, peak_memory_bytes=peak, examples_seen=seen,
         steps=step, train_time_s=train_time, wall_time_s=wall_time, history=history,
         score_low=scored.low, score_high=scored.high, eval_split=eval_name, eval_examples=scored.examples,
-        threads=torch.get_num_threads(), interop_threads=torch.get_num_interop_threads())
+        threads=torch.get_num_threads(), interop_threads=torch.get_num_interop_threads(), precision=precision)
 
 
 def _add_test_score(result: TrialResult, model: PeftModel, recipe: Recipe, data_dir: str | Path | None,
@@ -680,8 +720,12 @@ def is_trained_folder(path: str | Path) -> bool:
     return (p / "recipe.yaml").is_file() and (p / ADAPTER_FILE).is_file()
 
 
-def load_trained(path: str | Path, device: str = "cpu") -> PeftModel:
+def load_trained(path: str | Path, device: str = "cpu", precision: str | None = None) -> PeftModel:
     """Rebuild a model saved by :func:`save_trained`: fresh backbone + recipe + saved tensors.
+
+    ``precision``: ``None`` (default) rebuilds it in the precision it was trained in (a bf16 model
+    computes in bf16, so it scores as it scored in training); ``fp32`` gives float32 weights and compute
+    (what an export writes).
 
     Restores the trainable tensors and the method modules' saved state (rank masks, ...; files
     written before that state was saved load too, with the state at its initial value), adapts the
@@ -711,4 +755,8 @@ def load_trained(path: str | Path, device: str = "cpu") -> PeftModel:
         missing, extra = sorted(required - set(tensors)), sorted(set(tensors) - allowed)
         raise RuntimeError(f"saved weights do not fit the recipe: missing {missing[:3]}, unexpected {extra[:3]}")
     model.load_state_dict(tensors, strict=False)
+    if precision is not None:
+        recipe = recipe.model_copy(update={"training": recipe.training.model_copy(
+            update={"precision": precision, "backbone_dtype": "auto"})})
+    set_precision(model, recipe, device)  # by default scored as it was trained (bf16 models in bf16)
     return model.to(device).eval()
