@@ -90,11 +90,21 @@ def ours(components, precision: str):
     r = recipe_from_dict({"backbone": "minilm-l6", "task": "sst2", "components": components, "pooling": "mean",
                           "training": {"precision": precision}})
     model = build_model(r).train()
-    set_precision(model, r, "cpu")
+    set_precision(model, r, "cpu")  # autocast inside the model's forward
+    return adamw_step(model)
+
+
+def adamw_step(model, autocast_dtype: torch.dtype | None = None):
+    """``step(batch) -> loss``: one forward (under CPU autocast in ``autocast_dtype`` if given), backward
+    and AdamW step over ``model``'s trainable parameters."""
+    import contextlib
+
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
     def step(batch):
-        loss = model(**batch).loss
+        ctx = torch.autocast("cpu", dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+        with ctx:
+            loss = model(**batch).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -112,20 +122,7 @@ def peft_lora(precision: str):
         base = base.to(torch.bfloat16)
     model = peft.get_peft_model(base, peft.LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=16,
                                                       target_modules=["query", "value"])).train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16" else None
-
-    def step(batch):
-        if ctx is None:
-            loss = model(**batch).loss
-        else:
-            with ctx():
-                loss = model(**batch).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.item()
-    return step
+    return adamw_step(model, torch.bfloat16 if precision == "bf16" else None)
 
 
 def main() -> None:
