@@ -68,13 +68,14 @@ def _ray_cli() -> str:
     return found
 
 
-def start_head(env: dict, log: Path, tries: int = 3) -> tuple[subprocess.Popen, int]:
+def start_head(env: dict, log: Path, tries: int = 3, extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, int]:
     """A head on a free port, ``(process, port)``. A port found free can be taken by another process
-    (a Ray worker of an earlier test) before the head binds it: then try the next free port."""
+    (a Ray worker of an earlier test) before the head binds it: then try the next free port.
+    ``extra``: more ``ray start`` options (e.g. ``--num-gpus=1``: one logical GPU)."""
     for attempt in range(tries):
         port = _free_port()
         try:
-            return _start_node(["--head", f"--port={port}", "--include-dashboard=false"], env, log,
+            return _start_node(["--head", f"--port={port}", "--include-dashboard=false", *extra], env, log,
                                fail=attempt == tries - 1), port
         except _NodeDidNotStart:
             continue
@@ -157,13 +158,13 @@ def _data(root: Path) -> Path:
     return root / "glue"
 
 
-def _search(tmp_path: Path, cluster: dict, trials: int, name: str) -> subprocess.Popen:
+def _search(tmp_path: Path, cluster: dict, trials: int, name: str, **resources) -> subprocess.Popen:
     """The search in a fresh process that knows the token but not the auth mode (as a user's shell)."""
     (tmp_path / "space.yaml").write_text(SPACE)
     args = {"task": "sst2", "budget": "100%", "backbone": TINY_BERT, "space": str(tmp_path / "space.yaml"),
             "trials": trials, "data_dir": str(_data(tmp_path / f"{name}-data")), "name": name, "output_dir": str(tmp_path),
             "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "ray_address": cluster["address"],
-            "cpus_per_trial": 1}
+            "cpus_per_trial": 1, **resources}
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update({"RAY_AUTH_TOKEN": cluster["token"], "AUTOPEFT_CACHE_DIR": str(tmp_path / "tokens"),
                 "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
@@ -245,3 +246,33 @@ def test_unreachable_cluster_is_one_line_that_names_the_token(monkeypatch):
     assert len(message.splitlines()) == 1
     assert message.startswith("cannot start Ray (address 127.0.0.1:1): Failed to connect to Ray cluster")
     assert "RAY_AUTH_TOKEN" in message and "RAY_AUTH_MODE=token" in message
+
+
+def test_four_trials_share_one_logical_gpu(tmp_path):
+    """``--gpus-per-trial 0.25`` packs four trials on one GPU (Ray's fractional GPUs): on a head with one
+    logical GPU and one CPU, four trials at 0.25 GPU and 0.25 CPU run at once (their MLflow runs
+    overlap in time) and all finish. No CUDA here: the trials compute on the CPU, Ray only counts."""
+    from mlflow.tracking import MlflowClient
+
+    token = secrets.token_hex(32)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"})
+    head, port = start_head(env, tmp_path / "head.log", extra=("--num-gpus=1",))
+    try:
+        cluster = {"address": f"127.0.0.1:{port}", "token": token}
+        proc = _search(tmp_path, cluster, 4, "quarter-gpus", cpus_per_trial=0.25, gpus_per_trial=0.25)
+        trials = _finish(proc, tmp_path, "quarter-gpus", timeout=400)
+    finally:
+        _stop(head)
+    log = (tmp_path / "quarter-gpus.log").read_text()
+    assert "0.25 CPU / 0.25 GPU per trial, 4 at a time" in log
+    trained = [t for t in trials if t["trial_id"].startswith("trial_") and t["status"] in ("finished", "stopped_early")]
+    assert len(trained) == 4, trials
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("autopeft")
+    runs = client.search_runs([exp.experiment_id], "tags.`autopeft.kind` = 'trial'")
+    ids = {t["trial_id"] for t in trained}  # (a rejected sample has a run too, without training)
+    spans = [(r.info.start_time, r.info.end_time) for r in runs if r.data.tags["trial_id"] in ids]
+    assert len(spans) == 4 and all(end for _, end in spans)
+    at_once = max(sum(1 for s, e in spans if s <= t < e) for t, _ in spans)
+    assert at_once == 4, spans

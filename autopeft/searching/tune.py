@@ -512,13 +512,15 @@ def run_tune(space: SearchSpace, base: dict[str, Any], param_limit: int, setting
 
 
 def _concurrent_trials(settings: TuneSettings) -> int:
-    """How many trials the cluster (Ray, started) runs at once: its GPUs (or CPUs) over a trial's."""
+    """How many trials the cluster (Ray, started) runs at once: its CPUs over a trial's, and with GPUs
+    also its GPUs over a trial's (fractional: ``--gpus-per-trial 0.25`` packs four on a GPU)."""
     import ray
 
     total = ray.cluster_resources()
-    per_trial = settings.gpus_per_trial if settings.gpus_per_trial else settings.cpus_per_trial
-    available = total.get("GPU", 0) if settings.gpus_per_trial else total.get("CPU", 1)
-    return max(1, int(available // max(per_trial, 1e-9)))
+    by_cpu = int(total.get("CPU", 1) // max(settings.cpus_per_trial, 1e-9))
+    if not settings.gpus_per_trial:
+        return max(1, by_cpu)
+    return max(1, min(by_cpu, int(total.get("GPU", 0) // settings.gpus_per_trial)))  # both must fit
 
 
 _ROW_KEYS = {"score", "score_low", "score_high", "eval_split", "eval_examples", "trainable_params", "head_params",
