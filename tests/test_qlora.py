@@ -82,7 +82,8 @@ def test_meta_device_is_a_no_op_and_counts_equal_lora():
     # on real (quantised) weights too: packed 4-bit tensors count as their unpacked shape
     real_q = count_parameters(build_model(tiny_recipe([{"method": "qlora", "r": 4}])))
     real_lo = count_parameters(build_model(tiny_recipe([{"method": "lora", "r": 4, "target_modules": ALL_SIX}])))
-    assert real_q.as_dict() == real_lo.as_dict() == q.as_dict()
+    # (count_recipe adds the backbone's weight bytes; a built model's count has none)
+    assert real_q.as_dict() == real_lo.as_dict() == {k: v for k, v in q.as_dict().items() if k != "weight_bytes"}
 
 
 def test_qlora_trains_on_cpu():
