@@ -272,3 +272,20 @@ def test_p_tuning_lstm_encoder_runs_under_bf16_autocast():
     loss.backward()
     assert torch.isfinite(loss)
     assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad and "lstm" in n)
+
+
+def test_cuda_trials_turn_on_tf32_matmuls(monkeypatch):
+    """On CUDA the trainer lets float32 matmuls use TF32 (set_float32_matmul_precision("high")); on the
+    CPU it leaves the setting alone. (The model itself never moves here: only the setting is read.)"""
+    from autopeft.training.trainer import set_precision
+
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        r = recipe()
+        set_precision(build_model(r), r, "cpu")
+        assert torch.get_float32_matmul_precision() == "highest"
+        set_precision(build_model(r), r, "cuda")
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(before)

@@ -463,11 +463,15 @@ def set_gradient_checkpointing(model: PeftModel, recipe: Recipe) -> bool:
 def set_precision(model: PeftModel, recipe: Recipe, device: torch.device | str) -> str:
     """Put ``model`` in the recipe's precision (``training.precision`` resolved for ``device``, and
     ``training.backbone_dtype``; :func:`autopeft.backbones.precision.cast_for_training`) and make its forward run
-    under autocast in it, for training and every evaluation alike. Returns the resolved precision
-    (``fp32``, ``bf16`` or ``fp16``)."""
+    under autocast in it, for training and every evaluation alike. On CUDA, float32 matmuls (what
+    autocast leaves in float32, and all of an ``fp32`` trial) use TF32 tensor cores
+    (``torch.set_float32_matmul_precision("high")``). Returns the resolved precision (``fp32``,
+    ``bf16`` or ``fp16``)."""
     precision = resolve_precision(recipe.training.precision, device)
     cast_for_training(model, precision, recipe.training.backbone_dtype)
     model.compute_dtype = compute_dtype(precision)
+    if torch.device(device).type == "cuda":
+        torch.set_float32_matmul_precision("high")
     return precision
 
 
