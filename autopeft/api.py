@@ -97,7 +97,7 @@ class SearchResult:
 
 def default_resources(trial_bytes: int | None = None) -> tuple[float, float]:
     """``(cpus_per_trial, gpus_per_trial)``: on GPUs as many trials per GPU as fit in its memory
-    (:func:`autopeft.memory.trials_per_gpu` of ``trial_bytes``, at most 8; one per GPU without an
+    (:func:`autopeft.backbones.memory.trials_per_gpu` of ``trial_bytes``, at most 8; one per GPU without an
     estimate), the cores shared among them; without GPUs one trial using every core."""
     import torch
 
@@ -121,7 +121,7 @@ def trial_bytes_estimate(bare, param_limit: int) -> int:
     """Planning estimate of a trial's peak memory (bytes) for a search: the backbone of the ``bare``
     recipe (no components) stored as its precision trains it, the largest within-budget trial
     (``param_limit`` trainable parameters plus the head) and its activations at the recipe's batch
-    size and ``max_seq_length`` (:func:`autopeft.memory.estimate_trial_bytes`)."""
+    size and ``max_seq_length`` (:func:`autopeft.backbones.memory.estimate_trial_bytes`)."""
     from autopeft.backbones import load_config
     from autopeft.backbones.memory import estimate_trial_bytes
     from autopeft.data.tasks import get_task

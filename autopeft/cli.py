@@ -96,8 +96,8 @@ def search(
     output_dir: str = typer.Option(RUNS_DIR, help="Where search folders go."),
     ray_address: Optional[str] = typer.Option(None, help="Existing Ray cluster: host:port of `ray start --head`, auto, or ray://host:10001 "
                                                "(token authentication: see the README's cluster section)."),
-    cpus_per_trial: Optional[float] = typer.Option(None, min=0.1, help="CPUs per trial (default: all cores, or cores/GPUs)."),
-    gpus_per_trial: Optional[float] = typer.Option(None, min=0, help="GPUs per trial (default 1 when CUDA exists)."),
+    cpus_per_trial: Optional[float] = typer.Option(None, min=0.1, help="CPUs per trial (default: all cores on CPU; on GPUs the cores shared among the trials)."),
+    gpus_per_trial: Optional[float] = typer.Option(None, min=0, help="GPUs per trial (default: as many trials per GPU as fit its memory, at most 8; 0.25 = four per GPU)."),
     seed: int = typer.Option(0, help="Seed of the sampler and of every trial."),
     batch_size: Optional[int] = typer.Option(None, help="Training batch size of the trials."),
     precision: Optional[str] = typer.Option(None, help=PRECISION_HELP),
@@ -460,7 +460,8 @@ def count(
     recipe: Path = typer.Argument(..., help="Recipe YAML."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """Trainable parameters of a recipe (without the task head), without training."""
+    """Trainable parameters of a recipe (without the task head), the head, and the backbone's weight bytes in
+    fp32, bf16 and nf4, without training."""
     from autopeft import api
 
     c = _run(api.count, recipe)

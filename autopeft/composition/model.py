@@ -93,7 +93,7 @@ class PeftModel(nn.Module):
         self.encoder = Encoder.of(backbone)
         if self.encoder.family.causal and pooling == "cls":
             raise CompositionError("pooling 'cls' reads the first token, which sees only itself in a causal "
-                                   f"{self.encoder.family.name} model: use last (= pooler), or mean")
+                                   f"{self.encoder.family.name} model: use pooler (its last token) or mean")
         self._prefix_tokens = 0
         self.gating = gating
         #: autocast dtype of :meth:`forward` (``None``: no autocast); set by the trainer from the precision.
@@ -477,8 +477,8 @@ class ParameterCount:
     backbone_params: int
     head_params: int
     pooling: str = "pooler"
-    #: Bytes of the backbone's weights stored in fp32 / bf16 / nf4 (:func:`autopeft.quantization.weight_bytes`);
-    #: set by :func:`autopeft.recipe.count_recipe`.
+    #: Bytes of the backbone's weights stored in fp32 / bf16 / nf4 (:func:`autopeft.backbones.quantization.weight_bytes`);
+    #: set by :func:`autopeft.composition.recipe.count_recipe`.
     weight_bytes: dict[str, int] | None = None
 
     @property

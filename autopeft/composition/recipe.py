@@ -77,7 +77,7 @@ class TrainingConfig(BaseModel):
     backbone_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     #: Recompute each layer's activations in the backward pass instead of keeping them (Chen et al.
     #: 2016, arXiv:1604.06174): less memory, ~1.3x the step time. ``None``: on for backbones over
-    #: :data:`autopeft.trainer.CHECKPOINTING_FROM` (1B) parameters.
+    #: :data:`autopeft.training.trainer.CHECKPOINTING_FROM` (1B) parameters.
     gradient_checkpointing: bool | None = None
 
 

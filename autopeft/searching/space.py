@@ -286,7 +286,7 @@ class SearchSpace:
             dims[key] = Dim("choice", keep) if len(keep) > 1 else Dim("fixed", keep[:1])
         pooling = dims.get("pooling")
         if limits.family.causal and pooling is not None and "cls" in pooling.values:
-            keep = tuple(v for v in pooling.values if v != "cls") or ("last",)
+            keep = tuple(v for v in pooling.values if v != "cls") or ("pooler",)  # a decoder's pooler is its last token
             dims["pooling"] = Dim("choice", keep) if len(keep) > 1 else Dim("fixed", keep[:1])
             notes.append(f"pooling 'cls' left out of the search: the first token of a causal {name} model sees only "
                          "itself (decoders pool the last token: 'pooler' = 'last')")
