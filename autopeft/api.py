@@ -11,6 +11,7 @@ Example::
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -126,11 +127,13 @@ def trial_bytes_estimate(bare, param_limit: int) -> int:
     from autopeft.backbones.memory import estimate_trial_bytes
     from autopeft.data.tasks import get_task
 
+    from autopeft.composition.recipe import backbone_weight_bytes
+
     counts = count_recipe(bare)
     tr = bare.training
     half = tr.precision in ("bf16", "fp16")
     cfg = load_config(bare.backbone, get_task(bare.task).num_labels)
-    return estimate_trial_bytes(counts.weight_bytes["bf16" if half else "fp32"], param_limit + counts.head_params,
+    return estimate_trial_bytes(backbone_weight_bytes(bare)["bf16" if half else "fp32"], param_limit + counts.head_params,
                                 cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, tr.batch_size,
                                 tr.max_seq_length, activation_bytes=2 if half else 4)
 
@@ -627,7 +630,9 @@ def count(recipe: Recipe | str | Path | dict):
         recipe = recipe_from_dict(recipe)
     elif not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
-    return count_recipe(recipe)
+    from autopeft.composition.recipe import backbone_weight_bytes
+
+    return dataclasses.replace(count_recipe(recipe), weight_bytes=backbone_weight_bytes(recipe))
 
 
 def predict(trained: str | Path, texts, device: str | None = None, batch_size: int = 128) -> list:

@@ -478,7 +478,7 @@ class ParameterCount:
     head_params: int
     pooling: str = "pooler"
     #: Bytes of the backbone's weights stored in fp32 / bf16 / nf4 (:func:`autopeft.backbones.quantization.weight_bytes`);
-    #: set by :func:`autopeft.composition.recipe.count_recipe`.
+    #: set by :func:`autopeft.api.count` (``autopeft count``).
     weight_bytes: dict[str, int] | None = None
 
     @property

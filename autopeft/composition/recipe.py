@@ -25,7 +25,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import dataclasses
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator
 
@@ -356,14 +355,20 @@ def count_recipe(recipe: Recipe):
     """
     from autopeft.composition.model import count_parameters
 
-    from autopeft.backbones import load_model
-    from autopeft.backbones.quantization import weight_bytes
-    from autopeft.data.tasks import get_task
-
     check_recipe(recipe)
     try:
         model = build_model(recipe, device="meta")
     except CompositionError as exc:
         raise RecipeError(str(exc)) from None
-    bare = load_model(recipe.backbone, get_task(recipe.task).num_labels, device="meta")
-    return dataclasses.replace(count_parameters(model), weight_bytes=weight_bytes(bare))
+    return count_parameters(model)
+
+
+def backbone_weight_bytes(recipe: Recipe) -> dict[str, int]:
+    """Bytes of the recipe's bare backbone weights in fp32 / bf16 / nf4, counted on the meta device
+    (:func:`autopeft.backbones.quantization.weight_bytes`). Apart from :func:`count_recipe`, which a
+    search calls for every sampled point, so that only ``autopeft count`` and GPU packing pay for it."""
+    from autopeft.backbones import load_model
+    from autopeft.backbones.quantization import weight_bytes
+    from autopeft.data.tasks import get_task
+
+    return weight_bytes(load_model(recipe.backbone, get_task(recipe.task).num_labels, device="meta"))
