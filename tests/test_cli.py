@@ -77,3 +77,17 @@ def test_max_train_examples_scales_the_rungs():
 
     fid = SearchSpace.load("default").fidelity
     assert replace(fid, max_train_examples=3000, min_train_examples=round(3000 / 9)).rungs() == [333, 999, 3000]
+
+
+def test_searcher_help_names_every_registered_searcher():
+    """The --searcher help is written by hand (importing the registry would load Optuna for every
+    CLI call): it must name exactly the registered searchers."""
+    import inspect
+    import re
+
+    from autopeft import cli
+    from autopeft.searching.searchers import SEARCHERS
+
+    help_text = inspect.signature(cli.search).parameters["searcher"].default.help
+    listed = [re.match(r"\w+", item).group() for item in help_text.split(":", 1)[1].strip().split(", ")]
+    assert listed == list(SEARCHERS), help_text

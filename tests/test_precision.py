@@ -66,6 +66,17 @@ def test_cast_keeps_trainable_float32_and_stores_frozen_linears_in_the_compute_d
         prec.cast_for_training(model, "fp32", backbone_dtype="bf16")
 
 
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_recipe_refuses_half_weights_under_fp32_compute(dtype):
+    """Refused when the recipe is read (one line), not at the first matmul of a trial."""
+    from autopeft.composition.recipe import RecipeError, TrainingConfig, recipe_from_dict
+
+    with pytest.raises(RecipeError, match=f"backbone_dtype {dtype} needs a half precision"):
+        recipe_from_dict({"task": "sst2", "components": [{"method": "bitfit"}],
+                          "training": {"precision": "fp32", "backbone_dtype": dtype}})
+    assert TrainingConfig(precision="auto", backbone_dtype=dtype).backbone_dtype == dtype  # auto may resolve to half
+
+
 def test_bf16_trial_trains_scores_and_reloads_as_trained(glue_dir, tmp_path):
     r = recipe(precision="bf16")
     result, model = run_trial(r, glue_dir)

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
 from autopeft.methods.base import MethodConfig, parse_component, spec_of
 from autopeft.data.tasks import DevSplit, TaskSpec
@@ -78,6 +78,15 @@ class TrainingConfig(BaseModel):
     #: 2016, arXiv:1604.06174): less memory, ~1.3x the step time. ``None``: on for backbones over
     #: :data:`autopeft.training.trainer.CHECKPOINTING_FROM` (1B) parameters.
     gradient_checkpointing: bool | None = None
+
+    @model_validator(mode="after")
+    def _half_weights_need_half_compute(self) -> "TrainingConfig":
+        # fp32 compute has no autocast to meet half-precision weights: every matmul would mix dtypes.
+        # (``auto`` resolves per device; cast_for_training refuses the same mix after resolving it.)
+        if self.precision == "fp32" and self.backbone_dtype in ("bf16", "fp16"):
+            raise ValueError(f"backbone_dtype {self.backbone_dtype} needs a half precision to compute in: "
+                             f"set precision to bf16 or fp16 (or auto), or backbone_dtype to auto/fp32")
+        return self
 
 
 class Recipe(BaseModel):
