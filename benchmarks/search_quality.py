@@ -1198,6 +1198,7 @@ def build_report(data: dict) -> dict:
     for task in summary:
         if isinstance(summary[task]["param_limit"], list):
             notes.append(f"{task}: runs disagree on the parameter limit: {summary[task]['param_limit']}.")
+    notes += shared_samples_notes(runs, st["searchers"])
     errors = [f"{k}: {r.get('error')}" for k, r in planned.items() if r.get("status") != "ok"]
     if errors:
         notes.append(f"{len(errors)} run(s) failed: " + " | ".join(e[:200] for e in errors[:8]))
@@ -1211,6 +1212,35 @@ def build_report(data: dict) -> dict:
     report = {"settings": st, "summary": summary, "notes": notes}
     report["markdown"] = render_markdown(report)
     return report
+
+
+def shared_samples_notes(runs: Sequence[dict], searchers: Sequence[str]) -> list[str]:
+    """One note per pair of searchers that sampled the same configurations in the same order at the
+    same seed (task, seed and the length of the shared prefix listed): TPE's start-up samples and
+    NSGA-II's first generation are Optuna's ``RandomSampler`` with the search's seed, so a search
+    shorter than those samples exactly what random search does and the searchers cannot be told
+    apart there."""
+    by = {(r["task"], r["seed"], r["name"]): [json.dumps(t.get("config"), sort_keys=True) for t in r["trials"]]
+          for r in runs if r.get("kind") == "search" and r.get("status") == "ok" and r.get("trials")}
+    notes = []
+    for i, a in enumerate(searchers):
+        for b in searchers[i + 1:]:
+            cells = []
+            for (task, seed, name), xs in sorted(by.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+                ys = by.get((task, seed, b)) if name == a else None
+                if ys is None:
+                    continue
+                same = next((k for k, (x, y) in enumerate(zip(xs, ys)) if x != y), min(len(xs), len(ys)))
+                if same > 0:
+                    cells.append(f"{task} s{seed}: first {same} of {len(xs)}/{len(ys)}")
+            if cells:
+                notes.append(f"{a} and {b} sampled the same configurations in the same order (rejected samples "
+                             f"included; the start points are shared by design) - " + "; ".join(cells)
+                             + ". TPE's start-up samples and NSGA-II's first generation are Optuna's RandomSampler with "
+                               "the search's seed, so every searcher's first samples after the start points are the "
+                               "same draws: only the samples after the shared prefix can tell the searchers apart "
+                               "(more trials per search, or a longer run, separate them).")
+    return notes
 
 
 def _slim(summary: dict) -> dict:

@@ -425,3 +425,17 @@ def test_report_only_refuses_the_earlier_format(tmp_path, capsys):
     (tmp_path / "search_quality.json").write_text(json.dumps({"settings": {}, "runs": {}}))
     assert sq.main(["--report-only", "--out", str(tmp_path)]) == 2
     assert "earlier benchmark" in capsys.readouterr().err
+
+
+def test_shared_samples_notes_name_the_prefix_two_searchers_sampled_alike():
+    def search(name, seed, configs, task="sst2"):
+        return {"kind": "search", "status": "ok", "task": task, "seed": seed, "name": name,
+                "trials": [{"config": {"lora.r": c}} for c in configs]}
+
+    runs = [search("tpe", 0, [8, 4, 2, 16]), search("random", 0, [8, 4, 2, 1, 3]), search("nsga2", 0, [8, 4, 2, 1, 3]),
+            search("tpe", 1, [5, 4]), search("random", 1, [8, 4])]
+    notes = sq.shared_samples_notes(runs, ["tpe", "random", "nsga2"])
+    assert len(notes) == 3
+    assert "tpe and random" in notes[0] and "sst2 s0: first 3 of 4/5" in notes[0] and "s1" not in notes[0]
+    assert "random and nsga2" in notes[2] and "sst2 s0: first 5 of 5/5" in notes[2]
+    assert sq.shared_samples_notes([search("tpe", 0, [1]), search("random", 0, [2])], ["tpe", "random"]) == []
