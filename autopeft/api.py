@@ -94,6 +94,30 @@ class SearchResult:
     settings: dict[str, Any] = field(default_factory=dict)
     #: The ``--reference`` run (:func:`autopeft.searching.final.train_reference`), else ``None``.
     reference: dict[str, Any] | None = None
+    #: Where this session's wall time went, seconds (:func:`time_breakdown`); also ``result.json``'s ``time_s``.
+    time_s: dict[str, float] = field(default_factory=dict)
+
+
+def time_breakdown(trials: list[dict], timings: dict[str, float], wall_s: float) -> dict[str, float]:
+    """Where a search's ``wall_s`` seconds went (after a resume: every session's, as ``wall_time_s``).
+
+    ``prepare_s`` (settings, splits, MLflow parent run, start points), ``ray_start_s``, ``tune_s``
+    (Ray Tune's loop) and ``finish_s`` (front scored on test, files written) come from ``timings``
+    (the last session's);
+    ``training_s``, ``trial_setup_s`` and ``trial_eval_s`` sum every trial's last rung row
+    (``train_time_s``, ``setup_time_s``, ``eval_time_s``: training steps, data and model build before
+    the first step, scoring the rungs); ``outside_training_share`` is ``1 - training_s / wall_s``
+    (issue 16's target: at most 0.10). Trials that ran at once overlap, so on a GPU packing several
+    trials the sums can exceed ``tune_s``.
+    """
+    last = [t["rows"][-1] for t in trials if t.get("rows")]
+    out = {k: float(v) for k, v in timings.items()}
+    out["wall_s"] = float(wall_s)
+    for key, row_key in (("training_s", "train_time_s"), ("trial_setup_s", "setup_time_s"),
+                         ("trial_eval_s", "eval_time_s")):
+        out[key] = float(sum(r.get(row_key) or 0.0 for r in last))
+    out["outside_training_share"] = 1.0 - out["training_s"] / wall_s if wall_s > 0 else float("nan")
+    return out
 
 
 def default_resources(trial_bytes: int | None = None) -> tuple[float, float]:
@@ -291,7 +315,9 @@ def search(task: str = "sst2", budget: str | Budget = "0.5%", backbone: str | di
                                      gpus_per_trial=gpus, ray_address=ray_address, seed=seed,
                                      storage_path=str(out), device=None, searcher=searcher,
                                      start_points=start_points, resume=bool(stored))
-        records = run_tune(sp, base, limit, tune_settings, str(root) if root else None, tracker, progress)
+        timings = {"prepare_s": time.time() - t0}
+        records = run_tune(sp, base, limit, tune_settings, str(root) if root else None, tracker, progress, timings)
+        t_finish = time.time()
     except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: resumable, the parent run marked interrupted
         restore_signals()
         raise _interrupted(exc, out, tracker, beacon) from None
@@ -318,10 +344,12 @@ def search(task: str = "sst2", budget: str | Budget = "0.5%", backbone: str | di
                                          **({"best_test_score": front[0]["test_score"]}
                                             if front and is_finite(front[0].get("test_score")) else {})})
         ref = json.loads((out / REFERENCE_FILE).read_text()) if reference and (out / REFERENCE_FILE).is_file() else None
-        result = SearchResult(out, trials_out, front, top, limit, hv, tracker.parent_id, wall, settings, ref)
+        spent = time_breakdown(trials_out, timings | {"finish_s": time.time() - t_finish}, before_s + time.time() - t0)
+        result = SearchResult(out, trials_out, front, top, limit, hv, tracker.parent_id, wall, settings, ref, spent)
         (out / RESULT_FILE).write_text(json.dumps({"fidelity": top, "param_limit": limit, "hypervolume": hv,
                                                      "mlflow_run_id": tracker.parent_id, "tracking_uri": uri,
-                                                     "wall_time_s": wall, "counts": counts}, indent=2))
+                                                     "wall_time_s": wall, "counts": counts, "time_s": spent},
+                                                    indent=2))
     except KeyboardInterrupt as exc:  # while the results were written: no result.json, resumable
         restore_signals()
         raise _interrupted(exc, out, tracker, beacon) from None

@@ -208,7 +208,17 @@ def test_a_space_of_two_configurations_trains_each_once(tmp_path, monkeypatch):
         assert d["config"]["lora.r"] == original["config"]["lora.r"]
     # every point sampled (2 x 2, the adapter's reduction factor never reaching a recipe): ended, not spinning
     assert any("the searcher stopped: all 4 points of the space were sampled" in n for n in notes), notes
-    assert json.loads((tmp_path / "runs" / "two" / "result.json").read_text())["counts"]["duplicate"] == len(dups)
+    saved = json.loads((tmp_path / "runs" / "two" / "result.json").read_text())
+    assert saved["counts"]["duplicate"] == len(dups)
+    # where the wall time went: the trials' own clocks summed, the driver's phases inside the wall
+    spent = saved["time_s"]
+    assert spent == pytest.approx(result.time_s)
+    assert spent["training_s"] == pytest.approx(sum(t["rows"][-1]["train_time_s"] for t in trained))
+    assert spent["trial_eval_s"] == pytest.approx(sum(t["rows"][-1]["eval_time_s"] for t in trained))
+    assert all(t["rows"][-1]["setup_time_s"] > 0 and t["rows"][-1]["eval_time_s"] > 0 for t in trained)
+    phases = spent["prepare_s"] + spent["ray_start_s"] + spent["tune_s"] + spent["finish_s"]
+    assert 0 < phases <= spent["wall_s"] and spent["wall_s"] == pytest.approx(result.wall_time_s, abs=1.0)
+    assert spent["outside_training_share"] == pytest.approx(1 - spent["training_s"] / spent["wall_s"])
     # the sampler saw each duplicate answered with its original's result
     (searcher,) = made
     study = searcher.study.trials

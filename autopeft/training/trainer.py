@@ -45,6 +45,8 @@ class TrialResult:
         peak_memory_bytes: peak training memory (see the module docstring), bytes.
         examples_seen / steps: the fidelity actually trained.
         train_time_s / wall_time_s: seconds in training steps / in the whole trial.
+        setup_time_s / eval_time_s: seconds of the trial's wall time before its first step (data, model
+            build, optimiser) / in scoring its rungs; the rest of ``wall_time_s`` is training and saving.
         test_score / test_low / test_high / test_metrics / test_examples: the untouched test split
             (the task's validation split), scored once after training when asked
             (``run_trial(test=True)``, as ``autopeft train`` does for a recipe with ``dev``); ``None``
@@ -79,6 +81,8 @@ class TrialResult:
     threads: int = 0
     interop_threads: int = 0
     precision: str = "fp32"
+    setup_time_s: float = 0.0
+    eval_time_s: float = 0.0
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -537,9 +541,10 @@ def run_trial(recipe: Recipe, data_dir: str | Path | None = None, rungs: list[in
         torch.cuda.reset_peak_memory_stats(dev)
     model.train()
     history: list[dict] = []
-    train_time = 0.0
+    train_time = eval_time = 0.0
     seen = step = 0
     result: TrialResult | None = None
+    setup_time = time.perf_counter() - t_start
     for milestone in milestones:
         t0 = time.perf_counter()
         while seen < milestone:
@@ -566,10 +571,12 @@ def run_trial(recipe: Recipe, data_dir: str | Path | None = None, rungs: list[in
             if on_step is not None:
                 on_step(seen, loss_value)
         train_time += time.perf_counter() - t0
+        t0 = time.perf_counter()
         scored = score_split(model, task, val_b, tr.eval_batch_size, tr.max_eval_examples, seed=tr.seed)
+        eval_time += time.perf_counter() - t0
         peak = peak_memory_bytes(model, optimizer, meter, dev)
         result = _rung_result(scored, counts, peak, seen, step, train_time, time.perf_counter() - t_start, history,
-                              eval_name, precision)
+                              eval_name, precision, setup_time, eval_time)
         row = {k: v for k, v in result.as_dict().items()
                if k not in ("metrics", "history") and not k.startswith("test_")} | scored.metrics
         history.append(row)
@@ -609,7 +616,8 @@ def _optimizer_and_schedule(model: PeftModel, tr, dev: torch.device, log: Callab
 
 
 def _rung_result(scored, counts, peak: int, seen: int, step: int, train_time: float, wall_time: float,
-                 history: list[dict], eval_name: str, precision: str = "fp32") -> TrialResult:
+                 history: list[dict], eval_name: str, precision: str = "fp32", setup_time: float = 0.0,
+                 eval_time: float = 0.0) -> TrialResult:
     """The :class:`TrialResult` of a rung: its dev score, the parameter counts, peak memory and times."""
     return TrialResult(
         score=scored.score, metrics=scored.metrics, trainable_params=counts.trainable_params,
@@ -617,7 +625,8 @@ def _rung_result(scored, counts, peak: int, seen: int, step: int, train_time: fl
         trainable_percent=counts.trainable_percent, peak_memory_bytes=peak, examples_seen=seen,
         steps=step, train_time_s=train_time, wall_time_s=wall_time, history=history,
         score_low=scored.low, score_high=scored.high, eval_split=eval_name, eval_examples=scored.examples,
-        threads=torch.get_num_threads(), interop_threads=torch.get_num_interop_threads(), precision=precision)
+        threads=torch.get_num_threads(), interop_threads=torch.get_num_interop_threads(), precision=precision,
+        setup_time_s=setup_time, eval_time_s=eval_time)
 
 
 def _add_test_score(result: TrialResult, model: PeftModel, recipe: Recipe, data_dir: str | Path | None,

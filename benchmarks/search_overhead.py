@@ -1,0 +1,127 @@
+"""Where a search's wall time goes, and is a trial inside the search as fast as the same trial alone?
+
+Runs, in one process tree, the way a user runs them:
+
+1. ``autopeft search`` through the CLI (a subprocess: Ray, MLflow, the progress lines, the front
+   scored on test), by default the README's command 1 with a shorter fidelity; ``--default`` runs
+   the default search itself (the 26-minute cap);
+2. the search's first trial (the default space's first start point) again, alone, through
+   :func:`autopeft.training.trainer.run_trial` in this process, on the same threads, to the same
+   examples, with the same schedule: once before the search and once after it, so that neither side
+   has the warm caches alone.
+
+It prints one table: the search's wall time split into training, the trials' setup and evaluation,
+Ray's start, the driver's preparation and finish, and the rest (Ray Tune's loop, MLflow, the
+searcher, gaps between trials); the outside-training share (issue 16's target: at most 10% of the
+default run); and the in-search/alone ratio of the first trial's training time (target at most
+1.05x) and of its wall time.
+
+    python benchmarks/search_overhead.py --data-dir ../shared/data/glue [--max-train-examples 8000]
+        [--trials 3] [--default] [--json out.json]
+
+Run it on a quiet machine: anything else on the cores slows the search and the trial alone unequally.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def alone(recipe: dict, examples: int, threads: int, data_dir: str) -> dict:
+    """The first trial's recipe trained alone to ``examples`` (its schedule unchanged) on ``threads``."""
+    import torch
+
+    from autopeft.composition.recipe import recipe_from_dict
+    from autopeft.training.trainer import run_trial
+
+    torch.set_num_threads(threads)
+    data = json.loads(json.dumps(recipe))
+    tr = data["training"]
+    tr["schedule_examples"] = tr.get("schedule_examples") or tr["max_train_examples"]
+    tr["max_train_examples"] = examples
+    t0 = time.perf_counter()
+    result, _ = run_trial(recipe_from_dict(data), data_dir)
+    return {"train_time_s": result.train_time_s, "setup_time_s": result.setup_time_s,
+            "eval_time_s": result.eval_time_s, "wall_time_s": time.perf_counter() - t0, "score": result.score,
+            "examples_seen": result.examples_seen}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data-dir", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "glue"))
+    ap.add_argument("--max-train-examples", type=int, default=8000, help="the search's top fidelity")
+    ap.add_argument("--trials", type=int, default=3)
+    ap.add_argument("--default", action="store_true",
+                    help="the default search (README command 1: default fidelity, trials and 26-minute cap)")
+    ap.add_argument("--json", default=None, help="also write the measurements here")
+    args = ap.parse_args()
+    data_dir = os.path.abspath(args.data_dir)
+    work = Path(tempfile.mkdtemp(prefix="autopeft-overhead-"))
+    cmd = [sys.executable, "-m", "autopeft", "search", "--task", "sst2", "--budget", "0.5%", "--data-dir", data_dir,
+           "--output-dir", str(work / "runs"), "--name", "overhead", "--tracking-uri", f"sqlite:///{work / 'mlflow.db'}"]
+    if not args.default:
+        cmd += ["--trials", str(args.trials), "--max-train-examples", str(args.max_train_examples)]
+
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    call_s = time.perf_counter() - t0
+    if proc.returncode != 0:
+        print(proc.stdout[-2000:] + proc.stderr[-2000:], file=sys.stderr)
+        print(f"error: the search exited {proc.returncode}", file=sys.stderr)
+        return 1
+    folder = work / "runs" / "overhead"
+    spent = json.loads((folder / "result.json").read_text())["time_s"]
+    trials = json.loads((folder / "trials.json").read_text())
+    first = next(t for t in trials if t.get("rows"))
+    row = first["rows"][-1]
+    # the trial alone, before (cold) and after (warm) would be unequal: the search ran in between, so
+    # both alone runs come after it and the first one warms the token cache and the file cache
+    runs = [alone(first["recipe"], row["examples_seen"], int(row["threads"]), data_dir) for _ in range(2)]
+    solo = min(runs, key=lambda r: r["train_time_s"])
+    ratio_train = row["train_time_s"] / solo["train_time_s"]
+    ratio_wall = row["wall_time_s"] / solo["wall_time_s"]
+
+    wall = spent["wall_s"]
+    trial_walls = sum(t["rows"][-1]["wall_time_s"] for t in trials if t.get("rows"))
+    parts = [
+        ("training steps (every trial)", spent["training_s"]),
+        ("trial setup: data, model build, optimiser", spent["trial_setup_s"]),
+        ("trial evaluation on dev at each rung", spent["trial_eval_s"]),
+        ("trial other (saving the top-rung weights, reports)",
+         trial_walls - spent["training_s"] - spent["trial_setup_s"] - spent["trial_eval_s"]),
+        ("driver: settings, splits, MLflow parent, start points", spent["prepare_s"]),
+        ("Ray start", spent["ray_start_s"]),
+        ("Ray Tune loop outside trials (scheduling, MLflow, searcher, worker start)", spent["tune_s"] - trial_walls),
+        ("driver finish: front scored on test, files, MLflow", spent["finish_s"]),
+    ]
+    print(f"search: {' '.join(cmd[3:])}")
+    print(f"  {sum(1 for t in trials if t.get('rows'))} trials trained, wall {wall:.1f} s "
+          f"(the CLI process: {call_s:.1f} s, Python start and imports included)\n")
+    print(f"| where the search's wall time went | seconds | share of wall |\n|---|---:|---:|")
+    for name, s in parts:
+        print(f"| {name} | {s:.1f} | {s / wall:.1%} |")
+    print(f"| **outside training** | {wall - spent['training_s']:.1f} | **{spent['outside_training_share']:.1%}** "
+          f"(target <= 10%) |\n")
+    print(f"first trial ({first['trial_id']}, {row['examples_seen']:,} examples, {int(row['threads'])} threads): "
+          f"training {row['train_time_s']:.1f} s in the search vs {solo['train_time_s']:.1f} s alone "
+          f"(alone runs: {', '.join(format(r['train_time_s'], '.1f') for r in runs)} s) -> in-search/alone "
+          f"**{ratio_train:.3f}x** (target <= 1.05x); wall {row['wall_time_s']:.1f} vs {solo['wall_time_s']:.1f} s "
+          f"-> {ratio_wall:.3f}x; dev score {row['score']:.4f} in the search, {solo['score']:.4f} alone")
+    out = {"command": cmd[3:], "time_s": spent, "cli_call_s": call_s, "parts": dict(parts),
+           "first_trial": {"in_search": {k: row[k] for k in ("train_time_s", "setup_time_s", "eval_time_s",
+                                                             "wall_time_s", "score", "examples_seen", "threads")},
+                           "alone": runs, "ratio_train": ratio_train, "ratio_wall": ratio_wall}}
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
