@@ -145,7 +145,10 @@ class LiveProgress:
         bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[rung]}"), TextColumn("loss {task.fields[loss]}"),
                         TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                        console=self.console, transient=True)
+                        console=self.console, transient=True,
+                        # the bars change at most every poll: drawing them 10 times a second (rich's
+                        # default) takes CPU from the trials on a small machine
+                        refresh_per_second=max(1.0, 1.0 / self.poll_s))
         tasks: dict[str, Any] = {}
         stop = threading.Event()
 

@@ -240,6 +240,11 @@ def start_ray(ray_address: str | None) -> None:
             _use_token_if_available()
             ray.init(address=ray_address, log_to_driver=False)
         else:
+            # Ray starts its workers at nice 15 (worker_niceness), so every trial ran below the
+            # driver, its progress display, MLflow and Ray's own processes, and below any other job
+            # of the user: 1.2x slower in the search than alone (benchmarks/search_overhead.py).
+            # A local search's trials are the work: they run at the driver's priority.
+            os.environ.setdefault("RAY_worker_niceness", "0")
             ray.init(address="local", num_cpus=max(1, os.cpu_count() or 1), include_dashboard=False,
                      log_to_driver=False, logging_level="ERROR", configure_logging=True)
     except Exception as exc:
@@ -272,8 +277,12 @@ def _use_token_if_available() -> bool:
 
 
 def run_tune(space: SearchSpace, base: dict[str, Any], param_limit: int, settings: TuneSettings,
-             data_dir: str | None, tracker=None, progress: Callable[[str], None] | None = None) -> dict[str, TrialRecord]:
+             data_dir: str | None, tracker=None, progress: Callable[[str], None] | None = None,
+             timings: dict[str, float] | None = None) -> dict[str, TrialRecord]:
     """Run the search; returns the driver's record of every trial and every rejected sample, by id.
+
+    ``timings``, when given, receives ``ray_start_s`` (starting or reaching Ray) and ``tune_s`` (Ray
+    Tune's loop: every trial, the scheduler, the searcher, the driver's callbacks), in seconds.
 
     ``progress`` receives one line per event (trial started, rung reached, stopped, failed); when it
     also has a ``watch(search_dir)`` context manager (:class:`autopeft.searching.progress.LiveProgress`), Ray
@@ -307,8 +316,11 @@ def run_tune(space: SearchSpace, base: dict[str, Any], param_limit: int, setting
     rungs = fid.search_rungs(int(base.get("training", {}).get("batch_size", 32)))
     start_points = space.start_points if settings.start_points is None else settings.start_points
     sampler = make_sampler(settings.searcher, settings.seed, n_startup_trials=max(4, len(start_points) + 2))
+    t_ray = time.time()
     start_ray(settings.ray_address)
     check_cluster_fits(settings.cpus_per_trial, settings.gpus_per_trial)
+    timings = {} if timings is None else timings
+    timings["ray_start_s"] = time.time() - t_ray
 
     records: dict[str, TrialRecord] = {}
     t0 = time.time()
@@ -475,7 +487,12 @@ def run_tune(space: SearchSpace, base: dict[str, Any], param_limit: int, setting
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(search_alg=generator, scheduler=scheduler, num_samples=settings.num_samples,
-                                    time_budget_s=time_budget_s),
+                                    time_budget_s=time_budget_s,
+                                    # the next trial runs in the finished one's worker: no new process to
+                                    # start and import torch/transformers in, and the data, tokenizer and
+                                    # backbone files already read (benchmarks/search_overhead.py: ~10 s a
+                                    # trial on 2 CPU cores); _trial_fn releases each trial's memory
+                                    reuse_actors=True),
         run_config=tune.RunConfig(name="ray", storage_path=settings.storage_path, verbose=0,
                                   # result.json per trial, on the driver: Tune's end-of-run analysis reads it
                                   # ("Could not fetch metrics ... result.json and progress.csv were not found")
@@ -488,6 +505,7 @@ def run_tune(space: SearchSpace, base: dict[str, Any], param_limit: int, setting
     shutil.rmtree(Path(settings.storage_path) / PROGRESS_DIR, ignore_errors=True)  # stale: a killed earlier driver
     watch = getattr(progress, "watch", None)  # a LiveProgress: bars per running trial while Tune runs
     with stop:
+        t_fit = time.time()
         try:
             with watch(settings.storage_path) if watch else contextlib.nullcontext():
                 tuner.fit()
@@ -501,6 +519,7 @@ def run_tune(space: SearchSpace, base: dict[str, Any], param_limit: int, setting
                 _record_interruption()
             shutil.rmtree(Path(settings.storage_path) / PROGRESS_DIR, ignore_errors=True)
             raise SearchInterrupted(stop.signum, Path(settings.storage_path), recorded=True)
+    timings["tune_s"] = time.time() - t_fit
     shutil.rmtree(Path(settings.storage_path) / PROGRESS_DIR, ignore_errors=True)  # trials cut by the time budget
     for rec in records.values():  # trials cut by the time budget
         if rec.status == "running":
@@ -525,7 +544,7 @@ def _concurrent_trials(settings: TuneSettings) -> int:
 
 _ROW_KEYS = {"score", "score_low", "score_high", "eval_split", "eval_examples", "trainable_params", "head_params",
              "backbone_params", "trainable_percent", "peak_memory_bytes", "examples_seen", "steps", "train_time_s",
-             "wall_time_s", "threads", "interop_threads", "precision"}
+             "wall_time_s", "threads", "interop_threads", "precision", "setup_time_s", "eval_time_s"}
 
 
 def _metric_keys(result: dict) -> set[str]:
