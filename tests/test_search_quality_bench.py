@@ -254,7 +254,7 @@ def test_parse_per_task_and_quick_presets():
     a = sq._resolve(sq.build_parser().parse_args(["--quick", "--seeds", "3"]))
     assert (a.tasks, a.seeds, a.trials, a.max_train_examples) == ("wnli", "3", 2, "64")   # an explicit flag wins
     a = sq._resolve(sq.build_parser().parse_args([]))
-    assert (a.tasks, a.seeds, a.searchers, a.trials, a.baselines) == ("sst2,cola,stsb,mrpc", "0,1,2", "tpe,random,nsga2", 6, "all")
+    assert (a.tasks, a.seeds, a.searchers, a.trials, a.baselines) == ("sst2,stsb,cola,mrpc", "0,1,2", "tpe,random,nsga2", 6, "all")
 
 
 # --- a whole synthetic benchmark: aggregation, comparisons, conclusions, Markdown ----------------------
