@@ -41,7 +41,7 @@ start_points:
   - {lora.enabled: true, lora.r: 4, adapter.enabled: false, training.learning_rate: 3.0e-2}
 """
 TRIALS = 3
-TIMING = {"train_time_s", "wall_time_s"}  # wall-clock measurements: allowed to differ
+TIMING = {"train_time_s", "wall_time_s", "setup_time_s", "eval_time_s"}  # wall-clock measurements: allowed to differ
 ENGINE = {"node_id"}  # the Ray node a trial ran on: each run has its own local Ray cluster
 RUNNER = """
 import json, sys
