@@ -7,8 +7,9 @@ Runs, in one process tree, the way a user runs them:
    the default search itself (the 26-minute cap);
 2. the search's first trial (the default space's first start point) again, alone, through
    :func:`autopeft.training.trainer.run_trial` in this process, on the same threads, to the same
-   examples, with the same schedule: once before the search and once after it, so that neither side
-   has the warm caches alone.
+   examples, with the same schedule, twice after the search (the first warms the token and file
+   caches; the faster is compared). Alone it is scored once, at the end; in the search at every rung,
+   so the wall-time ratio includes those evaluations and the training-time ratio is the like-for-like one.
 
 It prints one table: the search's wall time split into training, the trials' setup and evaluation,
 Ray's start, the driver's preparation and finish, and the rest (Ray Tune's loop, MLflow, the

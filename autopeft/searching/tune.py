@@ -490,7 +490,7 @@ def run_tune(space: SearchSpace, base: dict[str, Any], param_limit: int, setting
                                     time_budget_s=time_budget_s,
                                     # the next trial runs in the finished one's worker: no new process to
                                     # start and import torch/transformers in, and the data, tokenizer and
-                                    # backbone files already read (benchmarks/search_overhead.py: ~10 s a
+                                    # backbone files already read (experiments/search_overhead.md: ~6 s a
                                     # trial on 2 CPU cores); _trial_fn releases each trial's memory
                                     reuse_actors=True),
         run_config=tune.RunConfig(name="ray", storage_path=settings.storage_path, verbose=0,
