@@ -18,7 +18,12 @@ default run); and the in-search/alone ratio of the first trial's training time (
 1.05x) and of its wall time.
 
     python benchmarks/search_overhead.py --data-dir ../shared/data/glue [--max-train-examples 8000]
-        [--trials 3] [--default] [--json out.json]
+        [--trials 3] [--default] [--repeats K] [--json out.json]
+
+``--repeats K`` runs the pair K times interleaved (search, alone, search, alone, ...; one warm-up run
+alone first) and prints every pair's ratio and their median: two runs of the same recipe alone differ
+by up to 9% on this machine, so one pair cannot tell 1.05x from 1.15x. The wall-time table is the
+first search's.
 
 Run it on a quiet machine: anything else on the cores slows the search and the trial alone unequally.
 """
@@ -28,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -61,8 +67,12 @@ def main() -> int:
     ap.add_argument("--trials", type=int, default=3)
     ap.add_argument("--default", action="store_true",
                     help="the default search (README command 1: default fidelity, trials and 26-minute cap)")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="interleaved (search, alone) pairs; the ratio printed is their median")
     ap.add_argument("--json", default=None, help="also write the measurements here")
     args = ap.parse_args()
+    if args.repeats < 1:
+        ap.error("--repeats must be at least 1")
     data_dir = os.path.abspath(args.data_dir)
     work = Path(tempfile.mkdtemp(prefix="autopeft-overhead-"))
     cmd = [sys.executable, "-m", "autopeft", "search", "--task", "sst2", "--budget", "0.5%", "--data-dir", data_dir,
@@ -70,24 +80,43 @@ def main() -> int:
     if not args.default:
         cmd += ["--trials", str(args.trials), "--max-train-examples", str(args.max_train_examples)]
 
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    call_s = time.perf_counter() - t0
-    if proc.returncode != 0:
-        print(proc.stdout[-2000:] + proc.stderr[-2000:], file=sys.stderr)
-        print(f"error: the search exited {proc.returncode}", file=sys.stderr)
-        return 1
-    folder = work / "runs" / "overhead"
-    spent = json.loads((folder / "result.json").read_text())["time_s"]
-    trials = json.loads((folder / "trials.json").read_text())
-    first = next(t for t in trials if t.get("rows"))
-    row = first["rows"][-1]
-    # the trial alone, before (cold) and after (warm) would be unequal: the search ran in between, so
-    # both alone runs come after it and the first one warms the token cache and the file cache
-    runs = [alone(first["recipe"], row["examples_seen"], int(row["threads"]), data_dir) for _ in range(2)]
-    solo = min(runs, key=lambda r: r["train_time_s"])
-    ratio_train = row["train_time_s"] / solo["train_time_s"]
-    ratio_wall = row["wall_time_s"] / solo["wall_time_s"]
+    def search(k: int) -> tuple[dict, list, float]:
+        """One ``autopeft search`` through the CLI: ``(time_s, trials, CLI call seconds)``."""
+        run_cmd = [c if c != "overhead" else f"overhead-{k}" for c in cmd]
+        t0 = time.perf_counter()
+        proc = subprocess.run(run_cmd, capture_output=True, text=True)
+        call = time.perf_counter() - t0
+        if proc.returncode != 0:
+            print(proc.stdout[-2000:] + proc.stderr[-2000:], file=sys.stderr)
+            raise SystemExit(f"error: the search exited {proc.returncode}")
+        folder = work / "runs" / f"overhead-{k}"
+        return (json.loads((folder / "result.json").read_text())["time_s"],
+                json.loads((folder / "trials.json").read_text()), call)
+
+    pairs = []  # (in-search row, alone run) per repeat
+    spent = trials = None
+    runs: list[dict] = []
+    for k in range(args.repeats):
+        spent_k, trials_k, call_k = search(k)
+        first = next(t for t in trials_k if t.get("rows"))
+        row = first["rows"][-1]
+        if k == 0:
+            spent, trials, call_s, first0 = spent_k, trials_k, call_k, first
+            # the trial alone before the first search would run cold (token and file caches): the
+            # first alone run comes after it and only warms them when repeats interleave
+            if args.repeats > 1:
+                runs.append(alone(first["recipe"], row["examples_seen"], int(row["threads"]), data_dir))
+        solo_k = alone(first["recipe"], row["examples_seen"], int(row["threads"]), data_dir)
+        runs.append(solo_k)
+        pairs.append((row, solo_k))
+    if args.repeats == 1:  # the single-pair form: a second alone run, the faster of the two compared
+        runs.append(alone(first0["recipe"], pairs[0][0]["examples_seen"], int(pairs[0][0]["threads"]), data_dir))
+        pairs[0] = (pairs[0][0], min(runs, key=lambda r: r["train_time_s"]))
+    first = first0
+    row, solo = pairs[0]
+    ratios = [r["train_time_s"] / a["train_time_s"] for r, a in pairs]
+    ratio_train = statistics.median(ratios)
+    ratio_wall = statistics.median(r["wall_time_s"] / a["wall_time_s"] for r, a in pairs)
 
     wall = spent["wall_s"]
     trial_walls = sum(t["rows"][-1]["wall_time_s"] for t in trials if t.get("rows"))
@@ -113,12 +142,20 @@ def main() -> int:
     print(f"first trial ({first['trial_id']}, {row['examples_seen']:,} examples, {int(row['threads'])} threads): "
           f"training {row['train_time_s']:.1f} s in the search vs {solo['train_time_s']:.1f} s alone "
           f"(alone runs: {', '.join(format(r['train_time_s'], '.1f') for r in runs)} s) -> in-search/alone "
-          f"**{ratio_train:.3f}x** (target <= 1.05x); wall {row['wall_time_s']:.1f} vs {solo['wall_time_s']:.1f} s "
-          f"-> {ratio_wall:.3f}x; dev score {row['score']:.4f} in the search, {solo['score']:.4f} alone")
+          f"**{ratios[0]:.3f}x** (target <= 1.05x); wall {row['wall_time_s']:.1f} vs {solo['wall_time_s']:.1f} s "
+          f"-> {row['wall_time_s'] / solo['wall_time_s']:.3f}x; dev score {row['score']:.4f} in the search, {solo['score']:.4f} alone")
+    if len(pairs) > 1:
+        print(f"{len(pairs)} interleaved pairs (search, then alone): training in search / alone = "
+              + ", ".join(f"{r['train_time_s']:.1f}/{a['train_time_s']:.1f} s = {x:.3f}x"
+                          for (r, a), x in zip(pairs, ratios))
+              + f"; median **{ratio_train:.3f}x** (target <= 1.05x; the line above is the first pair), "
+              f"wall median {ratio_wall:.3f}x")
     out = {"command": cmd[3:], "time_s": spent, "cli_call_s": call_s, "parts": dict(parts),
            "first_trial": {"in_search": {k: row[k] for k in ("train_time_s", "setup_time_s", "eval_time_s",
                                                              "wall_time_s", "score", "examples_seen", "threads")},
-                           "alone": runs, "ratio_train": ratio_train, "ratio_wall": ratio_wall}}
+                           "alone": runs, "ratio_train": ratio_train, "ratio_wall": ratio_wall,
+                           "pairs": [{"in_search_train_s": r["train_time_s"], "alone_train_s": a["train_time_s"],
+                                      "ratio_train": x} for (r, a), x in zip(pairs, ratios)]}}
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))
     return 0
