@@ -315,3 +315,28 @@ def test_a_checkpoint_keeps_duplicate_records_and_what_the_searcher_knows_of_the
     assert records2["duplicate_0002"].duplicate_of == "trial_0002" and searcher2.exhausted
     assert [t[0] for t in searcher2.told()] == ["COMPLETE"] * 4
     assert searcher2.told()[1] == searcher2.told()[0] and searcher2.told()[3] == searcher2.told()[2]
+
+
+def test_qnehvi_prints_no_experimental_warning(monkeypatch):
+    """Optuna marks BoTorchSampler and qnehvi_candidates_func experimental and warned at the sampler's
+    creation and on every proposal (the search's output showed "ExperimentalWarning: ... is
+    experimental" lines). The proposals come from :func:`_quick_candidates` wrapped in Optuna's own
+    ``experimental_func`` decorator, so they warn as the real qNEHVI does, without its minute of GP
+    fitting: 2 random start-up trials, then 2 proposals."""
+    integration = pytest.importorskip("optuna_integration.botorch")
+    import warnings
+
+    import optuna
+    from optuna._experimental import experimental_func
+
+    from autopeft.hpo.searchers import make_sampler
+
+    _CALLS.clear()
+    monkeypatch.setattr(integration, "qnehvi_candidates_func", experimental_func("3.1.0")(_quick_candidates))
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        study = optuna.create_study(directions=["maximize", "minimize"], sampler=make_sampler("qnehvi", 0, 2))
+        study.optimize(lambda t: (t.suggest_float("x", 0, 1), t.params["x"] ** 2), n_trials=4)
+    assert len(study.trials) == 4 and len(_CALLS) == 2  # 2 proposals went through the warning function
+    assert [str(w.message) for w in caught if issubclass(w.category, optuna.exceptions.ExperimentalWarning)] == []

@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import json
 import threading
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -122,7 +123,22 @@ def _qnehvi(seed: int, n_startup_trials: int):
     except ImportError:
         raise SearcherError("searcher 'qnehvi' needs BoTorch: pip install 'autopeft[botorch]' "
                             "(botorch and optuna-integration)") from None
-    return BoTorchSampler(candidates_func=qnehvi_candidates_func, n_startup_trials=n_startup_trials, seed=seed)
+    del qnehvi_candidates_func  # imported to fail early; looked up at each call (_quiet_qnehvi_candidates)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return BoTorchSampler(candidates_func=_quiet_qnehvi_candidates, n_startup_trials=n_startup_trials, seed=seed)
+
+
+def _quiet_qnehvi_candidates(*args, **kwargs):
+    """``optuna_integration.botorch.qnehvi_candidates_func`` (same arguments and result), without the
+    ExperimentalWarning Optuna prints on every call: a notice that the integration's interface may
+    change, meant for whoever writes against it, not for a user running a search. Module-level, so a
+    sampler holding it pickles."""
+    from optuna_integration import botorch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return botorch.qnehvi_candidates_func(*args, **kwargs)
 
 
 #: The searchers: ``--searcher`` name -> ``factory(seed, n_startup_trials)`` of its seeded, picklable
