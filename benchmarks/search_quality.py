@@ -70,9 +70,9 @@ times its top fidelity. Per task and seed the training is ``C`` x (3 searches + 
 
 ~3 hours in all on 2 free cores (3-3.5 h at the timed ratios; more under load). Measured since (2026-12,
 a 2-core AMD EPYC whose LoRA step on SST-2 takes ~0.18 s, 2.5x the machine these numbers were planned
-on): SST-2 took ~1 h per seed; STS-B's seed 0 took ~1.5 h on a quiet machine (its three searches 7-27
-min each, ~55 min; its five baselines 5-10 min each), so the whole benchmark, with CoLA at three epochs,
-is ~15-18 hours here, run over several sessions (it resumes). An hour is not reachable with the specification's
+on): SST-2 took ~1 h per seed; STS-B's seed 1 took 53 min on a quiet machine (its three searches 5.5-7.5
+min each, its five baselines ~7 min each; seed 0, beside other jobs, ~2 h), so the whole benchmark, with
+CoLA at three epochs, is ~15-18 hours here, run over several sessions (it resumes). An hour is not reachable with the specification's
 floor (4 tasks, 3 of them at one epoch, 3 seeds, 3 searchers, 5 baselines at equal compute): one seed
 takes ~1 hour. Runs go task by task (SST-2, STS-B, CoLA, MRPC), so an interrupted benchmark has whole
 tasks; the same command continues it.
