@@ -119,11 +119,10 @@ def _qnehvi(seed: int, n_startup_trials: int):
     """qNEHVI through BoTorch (the AutoPEFT paper's multi-objective Bayesian optimisation)."""
     try:
         from optuna_integration import BoTorchSampler
-        from optuna_integration.botorch import qnehvi_candidates_func
+        import optuna_integration.botorch  # noqa: F401 - qNEHVI's candidates (looked up per call): fail here if absent
     except ImportError:
         raise SearcherError("searcher 'qnehvi' needs BoTorch: pip install 'autopeft[botorch]' "
                             "(botorch and optuna-integration)") from None
-    del qnehvi_candidates_func  # imported to fail early; looked up at each call (_quiet_qnehvi_candidates)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         return BoTorchSampler(candidates_func=_quiet_qnehvi_candidates, n_startup_trials=n_startup_trials, seed=seed)
