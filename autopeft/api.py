@@ -337,14 +337,15 @@ def search(task: str = "sst2", budget: str | Budget = "0.5%", backbone: str | di
         from autopeft.searching.tracking import STATUSES
 
         counts = {s: sum(1 for r in records.values() if r.status == s) for s in STATUSES}
-        wall = before_s + time.time() - t0  # the whole search's running time, earlier sessions included
+        t_end = time.time()  # one clock reading: result.json's wall_time_s equals its time_s.wall_s
+        wall = before_s + t_end - t0  # the whole search's running time, earlier sessions included
         tracker.finish(pareto_ids, out, {"hypervolume": hv, "pareto_size": len(front), "wall_time_s": wall,
                                          **{f"trials_{k}": v for k, v in counts.items()},
                                          **({"best_score": front[0]["score"]} if front else {}),
                                          **({"best_test_score": front[0]["test_score"]}
                                             if front and is_finite(front[0].get("test_score")) else {})})
         ref = json.loads((out / REFERENCE_FILE).read_text()) if reference and (out / REFERENCE_FILE).is_file() else None
-        spent = time_breakdown(trials_out, timings | {"finish_s": time.time() - t_finish}, before_s + time.time() - t0)
+        spent = time_breakdown(trials_out, timings | {"finish_s": t_end - t_finish}, wall)
         result = SearchResult(out, trials_out, front, top, limit, hv, tracker.parent_id, wall, settings, ref, spent)
         (out / RESULT_FILE).write_text(json.dumps({"fidelity": top, "param_limit": limit, "hypervolume": hv,
                                                      "mlflow_run_id": tracker.parent_id, "tracking_uri": uri,
