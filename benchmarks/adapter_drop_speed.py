@@ -39,11 +39,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from autopeft.backbones import load_tokenizer  # noqa: E402
-from autopeft.fusion import stage2_recipe  # noqa: E402
+from autopeft.training.fusion import stage2_recipe  # noqa: E402
 from autopeft.methods.adapter_drop import set_adapter_drop  # noqa: E402
-from autopeft.recipe import build_model, recipe_from_dict  # noqa: E402
-from autopeft.tasks import get_task, load_split  # noqa: E402
-from autopeft.trainer import save_trained  # noqa: E402
+from autopeft.composition.recipe import build_model, recipe_from_dict  # noqa: E402
+from autopeft.data.tasks import get_task, load_split  # noqa: E402
+from autopeft.training.trainer import save_trained  # noqa: E402
 
 
 def randomize_adapters(model, seed: int) -> None:

@@ -10,7 +10,7 @@ What it checks, one table row each (every row in its own try/except: a failure i
   CUDA memory of the row (``torch.cuda.max_memory_allocated`` from just before its model is built
   through its warm-up, less what was allocated then: its weights, gradients, optimiser state and
   activations), the last training loss and whether every loss was finite. The
-  model is built, cast and optimised the way ``autopeft.trainer.run_trial`` does it
+  model is built, cast and optimised the way ``autopeft.training.trainer.run_trial`` does it
   (``check_recipe``, ``build_model``, ``set_precision``: float32 trainable weights, frozen Linear
   weights in the compute dtype, autocast in ``PeftModel.forward``; ``make_optimizer``: a paged AdamW
   for QLoRA on CUDA; the methods' regularisation and step hooks). Families: lora, adalora, adapter
@@ -292,7 +292,7 @@ def load_batches(data_dir: Path | None, device: torch.device, n_batches: int = N
         if data_dir is None:
             raise FileNotFoundError("no sst2 folder in --data-dir")
         from autopeft.backbones import MINILM, load_tokenizer
-        from autopeft.splits import Split
+        from autopeft.data.splits import Split
         from autopeft.data.tasks import get_task, load_split
         from autopeft.training.trainer import Batches, length_grouped_order
 
@@ -550,7 +550,7 @@ def annotate(row: Row, dev: torch.device) -> None:
 
 def trial_row(backbone_name: str, backbone: str | dict, data_dir: Path | None, dev: torch.device,
               a: argparse.Namespace) -> Row:
-    """One whole trial through ``autopeft.trainer.run_trial`` with ``precision: auto``, which must
+    """One whole trial through ``autopeft.training.trainer.run_trial`` with ``precision: auto``, which must
     resolve as :func:`autopeft.backbones.precision.resolve_precision` says for the device (bf16 on a bf16 GPU)."""
     row = Row(backbone_name, "run_trial (lora)", "auto", device=dev.type)
     if data_dir is None:

@@ -18,8 +18,8 @@ import torch
 
 from autopeft.backbones import load_tokenizer
 from autopeft.methods.lora import merge_lora
-from autopeft.recipe import build_model, recipe_from_dict
-from autopeft.tasks import get_task, load_split
+from autopeft.composition.recipe import build_model, recipe_from_dict
+from autopeft.data.tasks import get_task, load_split
 
 
 def main(argv: list[str] | None = None) -> int:

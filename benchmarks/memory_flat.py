@@ -2,12 +2,12 @@
 
 A Ray worker runs trial after trial in the same process, so anything a trial leaves behind (models,
 optimisers, cached tokenisers, autograd graphs, hooks) would grow the worker until it is killed.
-This script runs ``--trials`` trials with :func:`autopeft.trainer.run_trial` one after another in
+This script runs ``--trials`` trials with :func:`autopeft.training.trainer.run_trial` one after another in
 this process (the methods cycle through LoRA, a parallel adapter, prefix tuning, BitFit and a gated
 LoRA + adapter mix, so each trial builds a different model on MiniLM-L6) and prints the resident set
 size (RSS, MiB) after every trial; the figure to read is the ratio of RSS after the last trial to
 RSS after the first. It must stay within 10% (exit status 1 otherwise). After each trial it calls
-:func:`autopeft.memory.release_memory`, as the Ray trial function does; ``--no-release`` shows what
+:func:`autopeft.backbones.memory.release_memory`, as the Ray trial function does; ``--no-release`` shows what
 happens without it (glibc keeps freed pages: RSS grows by tens of MiB per trial).
 
     python benchmarks/memory_flat.py --data-dir ../shared/data/glue
@@ -49,9 +49,9 @@ def main() -> int:
     ap.add_argument("--no-release", action="store_true", help="skip release_memory() after each trial")
     ap.add_argument("--data-dir", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "glue"))
     args = ap.parse_args()
-    from autopeft.memory import release_memory
-    from autopeft.recipe import recipe_from_dict
-    from autopeft.trainer import run_trial
+    from autopeft.backbones.memory import release_memory
+    from autopeft.composition.recipe import recipe_from_dict
+    from autopeft.training.trainer import run_trial
 
     t0 = time.perf_counter()
     rss = []

@@ -6,7 +6,7 @@ For every task and seed:
 
 1. ``autopeft.search`` once per searcher (``tpe``, autopeft's default, then ``random`` and ``nsga2``): the
    same space, the same MO-ASHA scheduler, the same number of trials and top fidelity, no time cap. Every
-   search selects on its **dev** split (carved from train, seeded by the seed; ``autopeft.tasks.DevSplit``)
+   search selects on its **dev** split (carved from train, seeded by the seed; ``autopeft.data.tasks.DevSplit``)
    and scores its Pareto front once on the **test** split (the task's validation split, never read by a
    decision). The search's number is the test score of its ``best`` pick: the within-budget point with
    the highest dev score at the top fidelity.
@@ -15,7 +15,7 @@ For every task and seed:
    up to the rung where it stopped, a rejected sample nothing). Dev and test evaluation are not counted.
 3. Each hand-picked baseline (LoRA r=8 alpha 16 on query/value; a parallel FFN adapter, Pfeiffer,
    reduction factor 32; prefix tuning and UniPELT at their defaults; all at lr 3e-3, mean pooling) and
-   full fine-tuning (lr 5e-5, ``autopeft.hpo.final``) get the **same ``C`` examples as a small learning-rate
+   full fine-tuning (lr 5e-5, ``autopeft.searching.final``) get the **same ``C`` examples as a small learning-rate
    sweep**: ``--lr-multipliers`` (default 0.5x, 1x, 2x the default lr), each run ``C / 3`` examples
    (:func:`split_examples`) with its own linear schedule, on train less the **same dev split** as the
    searches; the run with the best dev score is picked (never on test) and only it is scored on test.
@@ -113,8 +113,8 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 if str(PROJECT_ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(PROJECT_ROOT))
 
-from autopeft.hpo.final import FULL_FT_LEARNING_RATE  # noqa: E402
-from autopeft.hpo.pareto import hypervolume  # noqa: E402
+from autopeft.searching.final import FULL_FT_LEARNING_RATE  # noqa: E402
+from autopeft.searching.pareto import hypervolume  # noqa: E402
 from autopeft._util import is_finite
 
 DEFAULT_DATA_DIR = PROJECT_ROOT.parent / "shared" / "data" / "glue"
@@ -156,7 +156,7 @@ BASELINES: dict[str, list[dict[str, Any]]] = {
     "unipelt": [{"method": "unipelt"}],
     "full_finetuning": [{"method": "full_finetuning"}],
 }
-#: Default lr of each baseline (the centre of its sweep). Full fine-tuning: ``autopeft.hpo.final``'s.
+#: Default lr of each baseline (the centre of its sweep). Full fine-tuning: ``autopeft.searching.final``'s.
 BASELINE_LR: dict[str, float] = {"lora": 3e-3, "adapter": 3e-3, "prefix_tuning": 3e-3, "unipelt": 3e-3,
                                  "full_finetuning": FULL_FT_LEARNING_RATE}
 #: Reported, never "the best hand-picked baseline" (full fine-tuning is not a PEFT method).
@@ -189,7 +189,7 @@ def score_reference(metric: str, num_labels: int) -> float:
 
 def task_score_reference(task: str) -> float:
     """:func:`score_reference` of a GLUE task by name."""
-    from autopeft.tasks import get_task
+    from autopeft.data.tasks import get_task
 
     t = get_task(task)
     return score_reference(t.metric, t.num_labels)
@@ -340,11 +340,11 @@ def bootstrap_mean_ci(values: Sequence[float], n_resamples: int = SEED_RESAMPLES
 
 def batched_metric(metric: str, pred: np.ndarray, gold: np.ndarray) -> np.ndarray:
     """``metric`` on each row of ``(B, n)`` arrays: the closed forms of
-    :func:`autopeft.uncertainty.vectorised_metric` (accuracy; binary F1 and MCC, 0 where undefined, as
+    :func:`autopeft.data.uncertainty.vectorised_metric` (accuracy; binary F1 and MCC, 0 where undefined, as
     scikit-learn returns; Pearson, ``nan`` where a row is constant) where they apply, any other metric of
-    :data:`autopeft.tasks.METRICS` row by row."""
-    from autopeft.tasks import METRICS
-    from autopeft.uncertainty import vectorised_metric
+    :data:`autopeft.data.tasks.METRICS` row by row."""
+    from autopeft.data.tasks import METRICS
+    from autopeft.data.uncertainty import vectorised_metric
 
     pred, gold = np.atleast_2d(pred), np.atleast_2d(gold)
     fn_ = METRICS[metric]
@@ -919,8 +919,8 @@ def run_key(kind: str, task: str, name: str, seed: int) -> str:
 
 def task_splits(task: str, data_dir: str, seed: int = 0) -> dict[str, Any]:
     """Sizes a search of ``task`` uses: ``train`` (less dev), ``dev``, ``test``, and the recipe's ``dev``
-    mapping for ``seed`` (as ``autopeft.search`` carves it: :func:`autopeft.tasks.default_dev_examples`)."""
-    from autopeft.tasks import DevSplit, default_dev_examples, get_task, load_split
+    mapping for ``seed`` (as ``autopeft.search`` carves it: :func:`autopeft.data.tasks.default_dev_examples`)."""
+    from autopeft.data.tasks import DevSplit, default_dev_examples, get_task, load_split
 
     t = get_task(task)
     n_train = len(load_split(t, "train", data_dir))
@@ -932,7 +932,7 @@ def task_splits(task: str, data_dir: str, seed: int = 0) -> dict[str, Any]:
 def majority_score(task: str, data_dir: str) -> float | None:
     """The task's metric on the test split when always predicting the training split's most frequent
     label (``None`` for regression or unreadable data): what "learned nothing" scores."""
-    from autopeft.tasks import get_task, load_split
+    from autopeft.data.tasks import get_task, load_split
 
     t = get_task(task)
     if t.num_labels == 1:
@@ -951,12 +951,12 @@ def majority_score(task: str, data_dir: str) -> float | None:
 
 def predict_test(model, recipe, data_dir: str) -> dict[str, Any]:
     """Score ``model`` once on the test split, keeping its per-example predictions: ``{"score", "low",
-    "high", "metrics", "examples", "predictions", "gold"}`` (as ``autopeft.trainer.score_test``, seeded
+    "high", "metrics", "examples", "predictions", "gold"}`` (as ``autopeft.training.trainer.score_test``, seeded
     by the recipe's seed)."""
     from autopeft.backbones import load_tokenizer
-    from autopeft.tasks import get_task, load_split
-    from autopeft.trainer import Batches, pick_device, predict_ids
-    from autopeft.uncertainty import bootstrap_ci
+    from autopeft.data.tasks import get_task, load_split
+    from autopeft.training.trainer import Batches, pick_device, predict_ids
+    from autopeft.data.uncertainty import bootstrap_ci
 
     task = get_task(recipe.task)
     dev = pick_device(None)
@@ -985,9 +985,9 @@ def run_baseline(task: str, name: str, seed: int, lrs: Sequence[float], compute:
     :func:`split_examples`'s share, each scored on dev; the best on dev is scored once on test."""
     import torch
 
-    from autopeft.budget import parse_budget
-    from autopeft.recipe import count_recipe, recipe_from_dict
-    from autopeft.trainer import run_trial
+    from autopeft.searching.budget import parse_budget
+    from autopeft.composition.recipe import count_recipe, recipe_from_dict
+    from autopeft.training.trainer import run_trial
 
     shares = split_examples(compute, len(lrs))
     t0 = time.time()
@@ -1023,7 +1023,7 @@ def earlier_attempt(folder: Path, fresh: bool = False) -> str:
     ``"resume"`` (an interrupted search: ``search.json`` and ``resume.json`` without ``result.json``;
     its finished trials are kept) or ``"set_aside"`` (a finished search whose record never reached the
     JSON, one that cannot be resumed, or any with ``fresh``)."""
-    from autopeft.hpo.resume import REQUEST_FILE
+    from autopeft.searching.resume import REQUEST_FILE
 
     folder = Path(folder)
     if not folder.exists():
@@ -1040,9 +1040,9 @@ def run_search(task: str, searcher: str, seed: int, trials: int, examples: int, 
     predictions (its kept weights scored again on test: the same score as the front's ``test_score``).
     An interrupted search of the same name in ``out/runs`` is resumed, unless ``fresh``."""
     import autopeft
-    from autopeft.hpo.final import kept_dir
-    from autopeft.recipe import Recipe
-    from autopeft.trainer import is_trained_folder, load_trained
+    from autopeft.searching.final import kept_dir
+    from autopeft.composition.recipe import Recipe
+    from autopeft.training.trainer import is_trained_folder, load_trained
 
     try:
         import ray
@@ -1050,7 +1050,7 @@ def run_search(task: str, searcher: str, seed: int, trials: int, examples: int, 
         ray_up = ray.is_initialized()
     except ImportError:  # pragma: no cover
         ray_up = False
-    from autopeft.hpo.resume import ResumeError
+    from autopeft.searching.resume import ResumeError
 
     name = f"bench-{task}-{searcher}-s{seed}"
     runs = out / "runs"
@@ -1182,7 +1182,7 @@ def _machine() -> str:
 
 def build_report(data: dict) -> dict:
     """Summaries, notes and the rendered Markdown from the stored settings and runs."""
-    from autopeft.tasks import get_task
+    from autopeft.data.tasks import get_task
 
     st = dict(data["settings"])
     names = {"search": set(st["searchers"]), "baseline": set(st["baselines"])}
@@ -1310,7 +1310,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {out / MD_NAME}")
         return 0
 
-    from autopeft.tasks import get_task
+    from autopeft.data.tasks import get_task
 
     tasks = [get_task(t).name for t in a.tasks.split(",") if t.strip()]
     seeds = [int(s) for s in a.seeds.split(",") if s.strip()]

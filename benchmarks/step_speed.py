@@ -4,7 +4,7 @@ MiniLM-L6 on real SST-2 batches of 32 grouped by length as the trainer groups th
 ``length_grouped_order``), one AdamW step each (forward, loss, backward, optimiser), for:
 
 * autopeft's LoRA r=8 (alpha 16) on query/value, a parallel FFN adapter (Pfeiffer, rf 32), full
-  fine-tuning, each through ``autopeft.trainer.set_precision`` (the trainer's own precision path);
+  fine-tuning, each through ``autopeft.training.trainer.set_precision`` (the trainer's own precision path);
 * peft's LoRA r=8 on query/value (``peft.get_peft_model``; bf16: base weights in bf16, adapters float32,
   autocast: peft's own recipe) as the reference implementation.
 

@@ -19,7 +19,7 @@ import time
 
 
 def _recipe(examples: int, seed: int):
-    from autopeft.recipe import recipe_from_dict
+    from autopeft.composition.recipe import recipe_from_dict
 
     return recipe_from_dict({"task": "sst2", "pooling": "mean",
                              "components": [{"method": "lora", "r": 8, "target_modules": ["query", "value"]}],
@@ -31,7 +31,7 @@ def _one(args: tuple[int, int, int, str]) -> float:
     import torch
 
     torch.set_num_threads(threads)
-    from autopeft.trainer import run_trial
+    from autopeft.training.trainer import run_trial
 
     t0 = time.perf_counter()
     run_trial(_recipe(examples, seed), data_dir)

@@ -93,7 +93,7 @@ def _seeds(row: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from autopeft.tracking import default_tracking_uri
+    from autopeft.searching.tracking import default_tracking_uri
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tracking-uri", default=None)

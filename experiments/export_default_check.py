@@ -44,8 +44,8 @@ def predict(model, tok, texts, max_length: int, batch: int = 64) -> np.ndarray:
 def main(search: Path, work: Path) -> int:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from autopeft.tasks import get_task, load_split
-    from autopeft.trainer import load_trained
+    from autopeft.data.tasks import get_task, load_split
+    from autopeft.training.trainer import load_trained
 
     front = json.loads((search / "pareto.json").read_text())
     best = max(front, key=lambda r: (r["score"], -r["trainable_params"]))

@@ -2,7 +2,7 @@
 
 For each method (the rows of ``methods_table.md``) and each family preset at its real size, the
 trainable parameters (head excluded) and their share of the backbone, counted without weights
-(``autopeft.recipe.count_recipe``: the recipe is built on the meta device), or the one-line reason
+(``autopeft.composition.recipe.count_recipe``: the recipe is built on the meta device), or the one-line reason
 the method is not supported there. Writes the "Other families" section of ``methods_table.md``
 (and ``families_table.json``); the trained MiniLM table above it is left as it is.
 
@@ -22,7 +22,7 @@ from pathlib import Path
 from autopeft.backbones import PRESETS, load_config
 from autopeft.methods import CANONICAL_METHODS
 from autopeft.methods.base import BackboneLimits
-from autopeft.recipe import RecipeError, count_recipe, recipe_from_dict
+from autopeft.composition.recipe import RecipeError, count_recipe, recipe_from_dict
 
 HERE = Path(__file__).resolve().parent
 FAMILY_PRESETS = ["minilm-l6", "distilbert-base", "deberta-v3-base", "gpt2", "llama-2-7b", "qwen2.5-0.5b",

@@ -4,7 +4,7 @@
         [--examples 24000] [--out experiments/gap_probes.jsonl]
 
 Every probe is a fixed recipe (MiniLM-L6, mean pooling, batch 32, its own linear schedule over
-``--examples`` training examples) trained with :func:`autopeft.trainer.run_trial` on SST-2's train
+``--examples`` training examples) trained with :func:`autopeft.training.trainer.run_trial` on SST-2's train
 split less a seeded, stratified dev split of 2,000 examples (the dev split every search uses), and
 scored on that dev split with a 95% bootstrap interval. The task's validation split (the test split)
 is never read here: the default space's changes are decided on dev alone. One JSON line per probe and
@@ -56,7 +56,7 @@ PROBES: dict[str, tuple[str, list, dict, dict]] = {
 
 def recipe_of(name: str, seed: int, examples: int) -> tuple[dict, bool]:
     """The probe's recipe mapping and whether the backbone's dropout is switched off."""
-    from autopeft.tasks import DevSplit, default_dev_examples
+    from autopeft.data.tasks import DevSplit, default_dev_examples
 
     _, components, over, train_over = PROBES[name]
     over = dict(over)
@@ -68,7 +68,7 @@ def recipe_of(name: str, seed: int, examples: int) -> tuple[dict, bool]:
 
 
 def run(name: str, seed: int, examples: int, data_dir: str) -> dict:
-    from autopeft.recipe import recipe_from_dict
+    from autopeft.composition.recipe import recipe_from_dict
     from probes_sst2 import run_trial_probe  # experiments/ is on sys.path when run as a script
 
     data, no_dropout = recipe_of(name, seed, examples)

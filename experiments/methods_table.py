@@ -3,7 +3,7 @@
 For each of the twelve methods (and full fine-tuning as the reference, run first in the same
 process) this trains ``--train-examples`` SST-2 examples, evaluates on the full validation split (872
 sentences), and records trainable parameters (without the head), their percentage of the backbone,
-validation accuracy, peak training memory (CPU account or CUDA peak, see ``autopeft.trainer``) and the
+validation accuracy, peak training memory (CPU account or CUDA peak, see ``autopeft.training.trainer``) and the
 mean training-step time relative to full fine-tuning's, measured in this same run.
 
 Notes on the rows: ``adapter_drop`` drops the adapters of a default ``adapter`` component (AdapterDrop
@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 
 from autopeft.methods import CANONICAL_METHODS
-from autopeft.recipe import recipe_from_dict
-from autopeft.trainer import run_trial
+from autopeft.composition.recipe import recipe_from_dict
+from autopeft.training.trainer import run_trial
 
 HERE = Path(__file__).resolve().parent
 
@@ -34,7 +34,7 @@ def components_for(method: str, tmp: Path, data_dir: str, stage1_examples: int, 
     if method == "adapter_drop":
         return [{"method": "adapter"}, {"method": "adapter_drop"}]
     if method == "adapter_fusion":
-        from autopeft.fusion import train_adapters
+        from autopeft.training.fusion import train_adapters
 
         base = {"backbone": "minilm-l6", "training": {"max_train_examples": stage1_examples, "learning_rate": 3e-3}}
         folders = train_adapters(["mrpc", "rte"], base, tmp / "stage1", data_dir, log=log)

@@ -1,6 +1,6 @@
 """What a user sees in MLflow's UI after a search, checked in headless Chromium.
 
-Builds a small tracking store the way a search writes it (:class:`autopeft.tracking.SearchTracker`:
+Builds a small tracking store the way a search writes it (:class:`autopeft.searching.tracking.SearchTracker`:
 a parent run, three trained trials over two rungs, one rejected sample, the Pareto plot), starts
 ``autopeft ui`` on 127.0.0.1 with a free port, opens the views ``autopeft ui`` prints in headless
 Chromium (Debian's ``chromium``), checks that the page shows the parent run, the nested trial runs
@@ -39,9 +39,9 @@ def free_port() -> int:
 
 def build_store(folder: Path) -> dict:
     """A finished search in ``folder/mlflow.db``, artifacts beside it in ``folder/mlartifacts``
-    (:func:`autopeft.tracking.artifact_location`); returns its ids and values."""
-    from autopeft.plots import pareto_plot
-    from autopeft.tracking import SearchTracker
+    (:func:`autopeft.searching.tracking.artifact_location`); returns its ids and values."""
+    from autopeft.searching.plots import pareto_plot
+    from autopeft.searching.tracking import SearchTracker
 
     folder = Path(folder).resolve()
     uri = f"sqlite:///{folder / 'mlflow.db'}"
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
             failures.append(what)
 
     try:
-        from autopeft.tracking import TRIALS_VIEW_PREFIX, runs_view_url
+        from autopeft.searching.tracking import TRIALS_VIEW_PREFIX, runs_view_url
 
         printed = (folder / "ui.log").read_text()
         runs_url = runs_view_url(base, store["experiment_id"])

@@ -41,10 +41,10 @@ PROBES: dict[str, tuple[list, dict, dict]] = {
 
 
 def run_trial_probe(recipe, data_dir: str, no_dropout: bool = False):
-    """:func:`autopeft.trainer.run_trial` of ``recipe``; with ``no_dropout``, the frozen backbone's
+    """:func:`autopeft.training.trainer.run_trial` of ``recipe``; with ``no_dropout``, the frozen backbone's
     dropout is switched off (not a recipe field: a probe only)."""
-    import autopeft.trainer as trainer
-    from autopeft.recipe import build_model
+    import autopeft.training.trainer as trainer
+    from autopeft.composition.recipe import build_model
 
     original = trainer.build_model
     if no_dropout:
@@ -63,7 +63,7 @@ def run_trial_probe(recipe, data_dir: str, no_dropout: bool = False):
 
 
 def run(name: str, data_dir: str) -> str:
-    from autopeft.recipe import recipe_from_dict
+    from autopeft.composition.recipe import recipe_from_dict
 
     components, over, train_over = PROBES[name]
     over = dict(over)

@@ -23,7 +23,7 @@ GLUE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "glu
 
 def tiny_recipe(components, backbone=None, **kw):
     """A validated recipe on a tiny random backbone."""
-    from autopeft.recipe import recipe_from_dict
+    from autopeft.composition.recipe import recipe_from_dict
 
     return recipe_from_dict({"backbone": backbone or TINY_BERT, "task": "sst2", "components": components, **kw})
 

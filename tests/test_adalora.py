@@ -10,7 +10,7 @@ import torch
 from conftest import TINY_BERT, tiny_inputs, tiny_recipe
 
 from autopeft.methods.adalora import SVDLinear, adalora_modules, adalora_rank, rank_pattern
-from autopeft.recipe import RecipeError, build_model, count_recipe, recipe_from_dict
+from autopeft.composition.recipe import RecipeError, build_model, count_recipe, recipe_from_dict
 
 
 def _peft_twin(model, **adalora_kw):
@@ -214,7 +214,7 @@ def test_trainable_count_matches_closed_form_on_bert_base():
 
 
 def test_run_trial_allocates_without_user_calls(glue_dir):
-    from autopeft.trainer import run_trial
+    from autopeft.training.trainer import run_trial
 
     recipe = tiny_recipe([{"method": "adalora", "r": 4, "target_r": 2, "target_modules": ["query", "value"]}],
                          backbone={**TINY_BERT, "vocab_size": 30522},

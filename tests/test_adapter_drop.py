@@ -5,11 +5,11 @@ import random
 import pytest
 import torch
 
-from autopeft.fusion import stage2_recipe
+from autopeft.training.fusion import stage2_recipe
 from autopeft.methods.adapter_drop import set_adapter_drop
-from autopeft.model import CompositionError, count_parameters
-from autopeft.recipe import RecipeError, build_model, recipe_from_dict
-from autopeft.trainer import save_trained
+from autopeft.composition.model import CompositionError, count_parameters
+from autopeft.composition.recipe import RecipeError, build_model, recipe_from_dict
+from autopeft.training.trainer import save_trained
 from conftest import TINY_BERT, tiny_inputs, tiny_recipe
 
 L = TINY_BERT["num_hidden_layers"]

@@ -4,13 +4,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from autopeft.fusion import stage1_recipe, stage2_recipe, train_adapters, train_fusion
+from autopeft.training.fusion import stage1_recipe, stage2_recipe, train_adapters, train_fusion
 from autopeft.methods.adapter_fusion import (
     AdapterFusionLayer, fusion_attention, fusion_hosts, prune_fusion_adapters,
 )
-from autopeft.model import CompositionError, count_parameters
-from autopeft.recipe import build_model, recipe_from_dict
-from autopeft.trainer import ADAPTER_FILE, load_trained, run_trial, save_trained
+from autopeft.composition.model import CompositionError, count_parameters
+from autopeft.composition.recipe import build_model, recipe_from_dict
+from autopeft.training.trainer import ADAPTER_FILE, load_trained, run_trial, save_trained
 from conftest import TINY_BERT, tiny_inputs
 
 D, L = TINY_BERT["hidden_size"], TINY_BERT["num_hidden_layers"]
@@ -144,7 +144,7 @@ def test_trainable_count_closed_form(tmp_path, folders):
     c = count_parameters(build_model(stage2_recipe([both, folders[1]], "sst2")))
     assert c.trainable_params == 2 * L * per_slot
     # meta-device counting (no weights read) agrees
-    from autopeft.recipe import count_recipe
+    from autopeft.composition.recipe import count_recipe
 
     assert count_recipe(stage2_recipe(folders, "sst2")).trainable_params == L * per_slot
 

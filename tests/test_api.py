@@ -19,7 +19,7 @@ def test_export_is_one_entry_over_a_registry_of_formats(tmp_path):
 
     from autopeft.cli import app
     from autopeft.errors import ExportError
-    from autopeft.exporters import EXPORT_FORMATS
+    from autopeft.exporting.exporters import EXPORT_FORMATS
 
     assert list(EXPORT_FORMATS) == ["recipe", "peft", "merged"]
     with pytest.raises(ExportError, match=r"^unknown export format 'onnx'; valid: recipe, peft, merged$"):

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from autopeft.tasks import Split
-from autopeft.trainer import Batches, encode_split, length_grouped_order, padding_fraction, train_order
+from autopeft.data.tasks import Split
+from autopeft.training.trainer import Batches, encode_split, length_grouped_order, padding_fraction, train_order
 
 
 def test_length_grouped_order_sees_every_example_once_per_epoch_and_is_seeded():
@@ -19,7 +19,7 @@ def test_length_grouped_order_sees_every_example_once_per_epoch_and_is_seeded():
 
 def test_length_grouping_cuts_padding_on_real_sst2(glue_dir):
     from autopeft.backbones import load_tokenizer
-    from autopeft.tasks import get_task, load_split
+    from autopeft.data.tasks import get_task, load_split
 
     split = load_split(get_task("sst2"), "train", glue_dir)
     lengths = encode_split(split, load_tokenizer("minilm-l6"), 128).lengths
@@ -51,9 +51,9 @@ def test_cached_tokens_equal_the_tokenizer_and_batches_pad_like_it(tmp_path, mon
 def test_evaluation_order_does_not_change_the_score(glue_dir):
     """Evaluation runs length-sorted batches; predictions land back on their examples."""
     from autopeft.backbones import load_tokenizer
-    from autopeft.recipe import build_model, recipe_from_dict
-    from autopeft.tasks import get_task, load_split
-    from autopeft.trainer import evaluate
+    from autopeft.composition.recipe import build_model, recipe_from_dict
+    from autopeft.data.tasks import get_task, load_split
+    from autopeft.training.trainer import evaluate
 
     task = get_task("sst2")
     split = load_split(task, "validation", glue_dir)

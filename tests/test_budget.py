@@ -1,6 +1,6 @@
 import pytest
 
-from autopeft.budget import BudgetError, parse_budget
+from autopeft.searching.budget import BudgetError, parse_budget
 
 
 @pytest.mark.parametrize("text,limit", [("0.5%", 113_566), ("0.005", 113_566), ("120k", 120_000), ("1.2M", 1_200_000),

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from autopeft.backbones import load_tokenizer, minilm_path
-from autopeft.tasks import Split
-from autopeft.trainer import encode_split
+from autopeft.data.tasks import Split
+from autopeft.training.trainer import encode_split
 
 
 @pytest.fixture
@@ -84,7 +84,7 @@ def test_the_same_tokenizer_and_texts_still_hit_the_cache(cache, tok_folder, mon
 def test_the_table_cache_sees_a_local_hf_folder_change(tmp_path, monkeypatch):
     import datasets
 
-    from autopeft.userdata import read_tables
+    from autopeft.data.userdata import read_tables
 
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
     folder = tmp_path / "data"
@@ -99,7 +99,7 @@ def test_the_checkpoint_memo_writes_a_checkpoint_that_is_not_there(tmp_path):
     """A search removed and started again under its name, in one process, within the memo's 5 s."""
     from types import SimpleNamespace
 
-    from autopeft.hpo.resume import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
+    from autopeft.searching.resume import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
 
     state = SimpleNamespace(get_state=lambda: {}, resume_state=lambda: {})
     assert save_checkpoint(tmp_path, {}, state, state, state, 1.0)
@@ -115,8 +115,8 @@ def test_a_search_points_trained_weights_are_reused_only_for_the_data_they_were_
 
     from autopeft import api
     from autopeft.cli import app
-    from autopeft.recipe import build_model
-    from autopeft.trainer import save_trained
+    from autopeft.composition.recipe import build_model
+    from autopeft.training.trainer import save_trained
     from conftest import tiny_recipe
 
     recipe = tiny_recipe([{"method": "lora", "r": 2}])

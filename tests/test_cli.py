@@ -73,7 +73,7 @@ def test_non_positive_counts_are_one_line_errors(args, msg, tmp_path):
 def test_max_train_examples_scales_the_rungs():
     from dataclasses import replace
 
-    from autopeft.hpo.space import SearchSpace
+    from autopeft.searching.space import SearchSpace
 
     fid = SearchSpace.load("default").fidelity
     assert replace(fid, max_train_examples=3000, min_train_examples=round(3000 / 9)).rungs() == [333, 999, 3000]

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from autopeft.methods import available_methods
-from autopeft.model import CompositionError, PeftModel, count_parameters
-from autopeft.recipe import RecipeError, build_model
-from autopeft.trainer import load_trained, save_trained
+from autopeft.composition.model import CompositionError, PeftModel, count_parameters
+from autopeft.composition.recipe import RecipeError, build_model
+from autopeft.training.trainer import load_trained, save_trained
 from conftest import TINY_BERT, TINY_ROBERTA, tiny_inputs, tiny_recipe
 
 #: Small settings per method so that every method builds on the tiny backbones.
@@ -122,7 +122,7 @@ def test_lora_over_a_quantised_base_refuses_to_merge():
 
 
 def test_loading_a_recipe_file_checks_the_composition(tmp_path):
-    from autopeft.recipe import load_recipe
+    from autopeft.composition.recipe import load_recipe
 
     path = tmp_path / "r.yaml"
     path.write_text("backbone: {preset: bert-base}\ncomponents: [{method: mam}, {method: prefix_tuning}]\n")

@@ -2,7 +2,7 @@
 
 import pytest
 
-from autopeft.recipe import count_recipe, recipe_from_dict
+from autopeft.composition.recipe import count_recipe, recipe_from_dict
 
 BERT = {"preset": "bert-base"}
 ROBERTA = {"preset": "roberta-base"}

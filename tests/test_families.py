@@ -1,4 +1,4 @@
-"""Architecture families (autopeft.arch.FAMILIES): closed-form counts at real sizes on the meta
+"""Architecture families (autopeft.backbones.arch.FAMILIES): closed-form counts at real sizes on the meta
 device, equality with Hugging Face ``peft`` on tiny random models of each family, and every method on
 every family (build, one training step, save, reload into a fresh backbone, identical logits)."""
 
@@ -7,12 +7,12 @@ import copy
 import pytest
 import torch
 
-from autopeft.arch import ArchitectureError, family_of
+from autopeft.backbones.arch import ArchitectureError, family_of
 from autopeft.backbones import load_model
 from autopeft.methods.base import parse_component
 from autopeft.methods.lora import LoraLinear
-from autopeft.model import count_parameters
-from autopeft.recipe import RecipeError, build_model, count_recipe, recipe_from_dict
+from autopeft.composition.model import count_parameters
+from autopeft.composition.recipe import RecipeError, build_model, count_recipe, recipe_from_dict
 
 #: Tiny random backbones, one per family member (d=32, 2 layers, 4 query heads; GQA: 2 key/value heads).
 TINY = {
@@ -240,7 +240,7 @@ def _train_step(model, seed=0):
 
 
 def _stage1(fam, tmp_path, name):
-    from autopeft.trainer import save_trained
+    from autopeft.training.trainer import save_trained
 
     recipe = _recipe(TINY[fam], [{"method": "adapter", "variant": "pfeiffer", "placement": "serial",
                                           "reduction_factor": 8}])
@@ -252,7 +252,7 @@ def _stage1(fam, tmp_path, name):
 @pytest.mark.parametrize("fam", list(TINY))
 @pytest.mark.parametrize("method", list(METHODS))
 def test_every_method_trains_saves_and_reloads_on_every_family(fam, method, tmp_path):
-    from autopeft.trainer import load_trained, save_trained
+    from autopeft.training.trainer import load_trained, save_trained
 
     components = METHODS[method]
     if method == "adapter_fusion":
@@ -280,7 +280,7 @@ def test_every_method_trains_saves_and_reloads_on_every_family(fam, method, tmp_
 
 
 def test_qlora_on_a_decoder_quantises_every_projection_and_counts_like_fp32():
-    from autopeft.quantization import is_quantized
+    from autopeft.backbones.quantization import is_quantized
 
     recipe = _recipe(TINY["llama"], [{"method": "qlora", "r": 4, "compute_dtype": "bfloat16"}])
     model = build_model(recipe)
@@ -302,7 +302,7 @@ def test_qlora_on_a_decoder_quantises_every_projection_and_counts_like_fp32():
 # ----- the search space follows the backbone --------------------------------------------------------
 def test_space_drops_what_the_backbone_cannot_run_and_says_so_once():
     from autopeft.backbones import load_config
-    from autopeft.hpo.space import SearchSpace
+    from autopeft.searching.space import SearchSpace
 
     space = SearchSpace.load("default")
     assert "prefix_tuning" in space.methods and "bitfit" in space.methods

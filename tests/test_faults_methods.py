@@ -14,9 +14,9 @@ import torch
 
 from autopeft.methods.adalora import adalora_modules, adalora_rank, rank_pattern
 from autopeft.methods.lora import LinearWrapper, MergedAdapterError, merge_lora, unmerge_lora
-from autopeft.model import Gate, count_parameters
-from autopeft.recipe import build_model, count_recipe, recipe_from_dict
-from autopeft.trainer import ADAPTER_FILE, load_trained, make_optimizer, save_trained
+from autopeft.composition.model import Gate, count_parameters
+from autopeft.composition.recipe import build_model, count_recipe, recipe_from_dict
+from autopeft.training.trainer import ADAPTER_FILE, load_trained, make_optimizer, save_trained
 from conftest import TINY_BERT, tiny_inputs, tiny_recipe
 
 D, L, FF = TINY_BERT["hidden_size"], TINY_BERT["num_hidden_layers"], TINY_BERT["intermediate_size"]
@@ -113,7 +113,7 @@ def test_adalora_step_hook_refuses_a_merged_model():
 
 # ----- 2. the whole trained adapter is saved and restored ----------------------------------------
 def test_adalora_rank_allocation_survives_reload_and_further_training(tiny_glue, tmp_path):
-    from autopeft.trainer import run_trial
+    from autopeft.training.trainer import run_trial
 
     recipe = recipe_from_dict({"backbone": SMALL_BERT, "task": "sst2",
                                "components": [{"method": "adalora", "init_r": 12, "target_r": 8}],
@@ -192,7 +192,7 @@ def _stage1(tmp_path, task, seed, gating=False):
 
 
 def test_a_pruned_fusion_reloads_pruned(tmp_path):
-    from autopeft.fusion import stage2_recipe
+    from autopeft.training.fusion import stage2_recipe
     from autopeft.methods.adapter_fusion import fusion_hosts, prune_fusion_adapters
 
     folders = [_stage1(tmp_path, t, i)[0] for i, t in enumerate(["sst2", "rte", "cola"], 1)]
@@ -208,7 +208,7 @@ def test_a_pruned_fusion_reloads_pruned(tmp_path):
 
 
 def test_gated_stage1_adapters_bring_their_trained_gates_into_the_fusion(tmp_path):
-    from autopeft.fusion import stage2_recipe
+    from autopeft.training.fusion import stage2_recipe
 
     (a, ma), (b, mb) = _stage1(tmp_path, "sst2", 1, gating=True), _stage1(tmp_path, "rte", 2, gating=True)
     model = build_model(stage2_recipe([a, b], "sst2"))
@@ -252,7 +252,7 @@ def test_load_trained_returns_every_module_in_eval_mode_with_repeatable_outputs(
 
 
 def test_build_model_and_the_fusion_stage_loader_return_eval_mode(tmp_path):
-    from autopeft.fusion import stage2_recipe
+    from autopeft.training.fusion import stage2_recipe
 
     folders = [_stage1(tmp_path, t, i)[0] for i, t in enumerate(["sst2", "rte"], 1)]
     for recipe in (tiny_recipe(LOADED["unipelt"]), stage2_recipe(folders, "rte")):

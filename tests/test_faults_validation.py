@@ -17,8 +17,8 @@ import yaml
 from typer.testing import CliRunner
 
 from autopeft.cli import app, empty_front_advice
-from autopeft.hpo.space import SearchSpace, SearchSpaceError
-from autopeft.recipe import (
+from autopeft.searching.space import SearchSpace, SearchSpaceError
+from autopeft.composition.recipe import (
     RecipeError, build_model, check_composition, check_recipe, count_recipe, load_recipe, recipe_from_dict,
 )
 from conftest import TINY_BERT, TINY_ROBERTA
@@ -246,7 +246,7 @@ def test_cli_search_rejects_the_long_component_name_before_starting(tmp_path):
 def test_tracker_logs_long_colliding_and_odd_keys_without_error(tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from autopeft.tracking import SearchTracker, safe_param_items
+    from autopeft.searching.tracking import SearchTracker, safe_param_items
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     long = "adapter_" + "x" * 250

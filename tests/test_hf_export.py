@@ -17,9 +17,9 @@ from typer.testing import CliRunner
 
 from autopeft.backbones import load_model
 from autopeft.cli import app
-from autopeft.hf_export import ExportError, export_model, peft_logits
-from autopeft.recipe import build_model
-from autopeft.trainer import load_trained, save_trained
+from autopeft.exporting.hf_export import ExportError, export_model, peft_logits
+from autopeft.composition.recipe import build_model
+from autopeft.training.trainer import load_trained, save_trained
 from conftest import TINY_BERT, TINY_ROBERTA, tiny_inputs, tiny_recipe
 from test_families import TINY
 
@@ -326,7 +326,7 @@ def test_recipe_export_is_unchanged_and_pick_is_for_searches(tmp_path):
     assert head == ["# exported by autopeft from search mysearch (searcher tpe, seed 7, budget 0.5%)",
                     "# trial abc123: validation score 0.8123 at 320 training examples, 1,234 trainable parameters "
                     "without the head"]
-    from autopeft.recipe import load_recipe
+    from autopeft.composition.recipe import load_recipe
 
     assert load_recipe(tmp_path / "best.yaml") == recipe
     trained = _trained(tmp_path, [{"method": "lora", "r": 2}])
@@ -343,8 +343,8 @@ def test_real_minilm_lora_search_point_exports_to_peft_and_merged(glue_dir, tmp_
     from pathlib import Path
 
     from autopeft.backbones import load_tokenizer, minilm_path
-    from autopeft.recipe import Recipe
-    from autopeft.tasks import get_task, load_split
+    from autopeft.composition.recipe import Recipe
+    from autopeft.data.tasks import get_task, load_split
 
     recorded = Path(__file__).resolve().parents[1] / "experiments" / "runs" / "default-run-tpe.pareto.json"
     default = tmp_path / "default"
@@ -403,7 +403,7 @@ def test_other_families_export_exactly(family, method, tmp_path):
     """Module paths come from the model's own tree: DistilBERT, DeBERTa-v2, GPT-2 (Conv1D, stored
     transposed: peft's fan_in_fan_out) and Llama export as they do for BERT; decoders pool the last
     real token, found by the pad token."""
-    from autopeft.hf_export import probe_inputs
+    from autopeft.exporting.hf_export import probe_inputs
 
     spec = {**TINY[family], **({"pad_token_id": 0} if family in ("gpt2", "llama") else {})}
     component = {"lora": {"method": "lora", "r": 2, "target_modules": ["query", "value", "ffn_out"]},
@@ -470,7 +470,7 @@ def test_bundled_minilm_is_named_by_its_hub_id(tmp_path):
     """base_model_name_or_path is the hub id of the bundled weights, not a path inside the venv; the
     card says which local copy autopeft used; the export's own reload check ran offline on that copy."""
     from autopeft.backbones import minilm_path
-    from autopeft.recipe import Recipe
+    from autopeft.composition.recipe import Recipe
 
     recipe = Recipe.model_validate({"backbone": "minilm-l6", "task": "sst2", "pooling": "pooler",
                                     "components": [{"method": "lora", "r": 2, "target_modules": ["query"],

@@ -100,7 +100,7 @@ def _interrupt(tmp: Path, glue: Path, name: str, how: str, trial: str, resumes: 
             break
     folder = tmp / "runs" / name
     parents, children, _ = _mlflow(args["tracking_uri"], name)
-    from autopeft.hpo.resume import ResumeError, load_checkpoint, open_search_folder
+    from autopeft.searching.resume import ResumeError, load_checkpoint, open_search_folder
     from autopeft.status import search_status
 
     try:
@@ -253,7 +253,7 @@ def test_resume_ends_as_the_uninterrupted_search(runs):
 
 def test_the_cli_maps_an_interrupted_search_to_128_plus_the_signal(monkeypatch, tmp_path):
     from autopeft import api
-    from autopeft.hpo.interrupt import SearchInterrupted
+    from autopeft.searching.interrupt import SearchInterrupted
 
     for sig, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
         def stopped(**kw):

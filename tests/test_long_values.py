@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH as MAX_PARAM_VALUE_LENGTH
 from mlflow.utils.validation import MAX_TAG_VAL_LENGTH as MAX_TAG_VALUE_LENGTH
 
-from autopeft.tracking import SearchTracker
+from autopeft.searching.tracking import SearchTracker
 
 
 def _artifact(uri: str, run_id: str, path: str, tmp: Path) -> str:
@@ -69,7 +69,7 @@ def test_long_tags_are_marked_and_kept_whole_as_an_artifact(tmp_path):
 def test_a_trials_long_error_is_recorded_with_a_marker(tmp_path):
     from types import SimpleNamespace
 
-    from autopeft.hpo.tune import MAX_ERROR_CHARS, _ray_error
+    from autopeft.searching.tune import MAX_ERROR_CHARS, _ray_error
 
     line = "ActorDiedError: The actor died unexpectedly " + "because " * 4000
     (tmp_path / "error.txt").write_text(f"Failure # 1\n{line}\n")
@@ -79,7 +79,7 @@ def test_a_trials_long_error_is_recorded_with_a_marker(tmp_path):
 
 
 def test_cut_value_keeps_short_values_and_fits_the_limit():
-    from autopeft.tracking import cut_value
+    from autopeft.searching.tracking import cut_value
 
     assert cut_value("abc", 3) == "abc"
     cut = cut_value("x" * 500, 100, "long_values/tags/t.txt")

@@ -25,8 +25,8 @@ def _data(root: Path) -> Path:
 
 
 def test_no_parameter_of_a_finished_trial_survives_it(tmp_path, monkeypatch):
-    from autopeft.recipe import recipe_from_dict
-    from autopeft.trainer import run_trial
+    from autopeft.composition.recipe import recipe_from_dict
+    from autopeft.training.trainer import run_trial
 
     monkeypatch.setenv("AUTOPEFT_CACHE_DIR", str(tmp_path / "tokens"))
     recipe = recipe_from_dict({"backbone": {**TINY_BERT, "vocab_size": 30522}, "task": "sst2", "pooling": "mean",
@@ -42,7 +42,7 @@ def test_no_parameter_of_a_finished_trial_survives_it(tmp_path, monkeypatch):
 
 
 def test_meter_gives_the_same_gradients_as_no_meter():
-    from autopeft.trainer import _SavedTensorMeter
+    from autopeft.training.trainer import _SavedTensorMeter
 
     torch.manual_seed(0)
     lin = torch.nn.Linear(4, 3)
@@ -64,7 +64,7 @@ def test_meter_gives_the_same_gradients_as_no_meter():
 
 
 def test_release_memory_runs_and_reports_a_bool():
-    from autopeft.memory import release_memory
+    from autopeft.backbones.memory import release_memory
 
     junk = [bytearray(1 << 20) for _ in range(64)]  # 64 MiB on the heap, then freed
     del junk

@@ -4,7 +4,7 @@ on meta-device BERT-base / RoBERTa-base, and behaviour on a tiny random BERT."""
 import pytest
 import torch
 
-from autopeft.recipe import RecipeError, build_model, count_recipe, recipe_from_dict
+from autopeft.composition.recipe import RecipeError, build_model, count_recipe, recipe_from_dict
 from conftest import tiny_inputs, tiny_recipe
 
 BASE = {"bert-base": {"preset": "bert-base"}, "roberta-base": {"preset": "roberta-base"}}
@@ -112,7 +112,7 @@ def test_invalid_configs_are_one_line_errors():
 
 
 def test_prefix_methods_conflict_in_the_same_layer():
-    from autopeft.model import CompositionError
+    from autopeft.composition.model import CompositionError
 
     with pytest.raises(CompositionError, match="p_tuning_v2 and mam"):
         build_model(tiny_recipe([{"method": "mam"}, {"method": "p_tuning_v2"}]))

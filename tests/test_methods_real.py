@@ -21,7 +21,7 @@ def _components(method, tmp_path, glue_dir):
     if method == "adapter_drop":
         return [{"method": "adapter"}, {"method": "adapter_drop"}]
     if method == "adapter_fusion":
-        from autopeft.fusion import train_adapters
+        from autopeft.training.fusion import train_adapters
 
         base = {"backbone": "minilm-l6", "training": {"max_train_examples": 32, "max_eval_examples": 32}}
         folders = train_adapters(["mrpc", "rte"], base, tmp_path / "stage1", str(glue_dir))

@@ -48,7 +48,7 @@ def _post(base, path, body):
 
 
 def test_ui_serves_the_search_with_its_views_and_sigterm_stops_every_server_process(check, tmp_path, monkeypatch):
-    from autopeft.tracking import TRIALS_VIEW_PREFIX, runs_view_url
+    from autopeft.searching.tracking import TRIALS_VIEW_PREFIX, runs_view_url
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     store = check.build_store(tmp_path)
@@ -118,7 +118,7 @@ def test_serve_kills_a_group_that_ignores_sigterm():
 def test_pareto_plot_shows_budget_memory_colour_and_rungs(tmp_path, monkeypatch):
     import matplotlib.pyplot as plt
 
-    from autopeft.plots import pareto_plot
+    from autopeft.searching.plots import pareto_plot
 
     figs = []
     monkeypatch.setattr(plt, "close", figs.append)

@@ -17,8 +17,8 @@ import pytest
 from typer.testing import CliRunner
 
 from autopeft.cli import app
-from autopeft.tasks import get_task, load_split
-from autopeft.userdata import read_texts, resolve_task
+from autopeft.data.tasks import get_task, load_split
+from autopeft.data.userdata import read_texts, resolve_task
 
 runner = CliRunner()
 NA_WORDS = ["NA", "null", "None", "N/A", "nan", "NULL", "NaN", "n/a", "#N/A", "-NaN", "<NA>"]
@@ -101,7 +101,7 @@ def test_predict_input_files_keep_their_texts(fmt, tmp_path):
 
 def test_predict_input_cli_predicts_the_words_not_empty_texts(tmp_path):
     from autopeft import api
-    from autopeft.recipe import recipe_from_dict
+    from autopeft.composition.recipe import recipe_from_dict
 
     spec = resolve_task(str(_write_csv(tmp_path / "reviews.csv", _rows(60))))
     recipe = recipe_from_dict({"backbone": SMALL_BERT, "task": spec,

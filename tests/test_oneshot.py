@@ -2,9 +2,9 @@
 
 import pytest
 
-from autopeft.hpo.oneshot import OneShotResult, _supernet, propose
-from autopeft.hpo.space import SearchSpace
-from autopeft.recipe import count_recipe
+from autopeft.searching.oneshot import OneShotResult, _supernet, propose
+from autopeft.searching.space import SearchSpace
+from autopeft.composition.recipe import count_recipe
 
 #: Vocabulary of the bundled BERT-uncased tokenizer, which bare configs use.
 SMALL_BERT = {"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,

@@ -35,7 +35,7 @@ def _dist_name(requirement: str) -> str:
 
 
 def test_shipped_search_spaces_are_read_from_the_top_level_folder_in_a_checkout():
-    from autopeft.hpo.space import SPACES_DIR, SearchSpace, shipped_spaces
+    from autopeft.searching.space import SPACES_DIR, SearchSpace, shipped_spaces
 
     if (Path(autopeft.__file__).parent / "search_spaces").is_dir():
         pytest.skip("autopeft is installed from a wheel here: the wheel test below covers it")
@@ -80,7 +80,7 @@ def test_a_built_wheel_ships_the_search_spaces_inside_the_package(tmp_path):
     zipfile.ZipFile(wheel).extractall(site)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    code = ("import autopeft; from autopeft.hpo.space import SPACES_DIR, SearchSpace, shipped_spaces; "
+    code = ("import autopeft; from autopeft.searching.space import SPACES_DIR, SearchSpace, shipped_spaces; "
             "print(autopeft.__file__); print(SPACES_DIR); print(shipped_spaces()); print(SearchSpace.load('full').name)")
     env = {**os.environ, "PYTHONPATH": str(site)}
     run = subprocess.run([sys.executable, "-c", code], cwd=elsewhere, env=env, capture_output=True, text=True,

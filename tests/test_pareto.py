@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from autopeft.hpo.pareto import dominates, front_hypervolume, hypervolume, pareto_front
+from autopeft.searching.pareto import dominates, front_hypervolume, hypervolume, pareto_front
 
 
 def row(score, params, mem):

@@ -30,7 +30,7 @@ import torch
 
 from autopeft.methods.base import parse_component
 from autopeft.methods.lora import LoraLinear, merge_lora, unmerge_lora
-from autopeft.recipe import build_model
+from autopeft.composition.recipe import build_model
 from conftest import tiny_inputs, tiny_recipe
 
 peft = pytest.importorskip("peft")

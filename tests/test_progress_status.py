@@ -7,7 +7,7 @@ import time
 import pytest
 from typer.testing import CliRunner
 
-from autopeft.progress import LiveProgress, TrialProgressWriter, current_rung, progress_file, read_progress
+from autopeft.searching.progress import LiveProgress, TrialProgressWriter, current_rung, progress_file, read_progress
 from autopeft.status import STALE_AFTER_S, SearchFolderError, format_status, search_status
 from tests.conftest import TINY_BERT
 
@@ -61,8 +61,8 @@ def test_read_progress_skips_half_written_files(tmp_path):
 
 def test_run_trial_reports_only_at_rungs_and_steps_leave_scores_unchanged(tmp_path, tiny_glue):
     """Live progress adds no Tune report: the scheduler and searcher see the same rung rows."""
-    from autopeft.recipe import recipe_from_dict
-    from autopeft.trainer import run_trial
+    from autopeft.composition.recipe import recipe_from_dict
+    from autopeft.training.trainer import run_trial
 
     recipe = recipe_from_dict({"backbone": {**TINY_BERT, "vocab_size": 30522, "max_position_embeddings": 128},
                                "task": "sst2", "components": [{"method": "lora", "r": 2}],
@@ -200,7 +200,7 @@ def test_live_progress_survives_pickling_by_ray_tune():
         assert copy.poll_s == 0.25 and isinstance(copy.console, Console) and copy.console is not lp.console
 
 
-# ---- is the driver alive? (driver.json, autopeft.liveness) ----------------------------------------
+# ---- is the driver alive? (driver.json, autopeft.searching.liveness) ----------------------------------------
 
 def _driver(folder, **fields):
     import os
@@ -225,7 +225,7 @@ def _dead_pid() -> int:
 def test_status_running_while_the_driver_lives_interrupted_once_it_is_gone(tmp_path):
     import socket
 
-    from autopeft.liveness import HEARTBEAT_STALE_S
+    from autopeft.searching.liveness import HEARTBEAT_STALE_S
 
     folder = _folder(tmp_path)
     now = time.time()
@@ -263,7 +263,7 @@ def test_status_of_a_finished_search_ignores_the_driver(tmp_path):
 
 
 def test_driver_beacon_heartbeats_and_records_its_end(tmp_path):
-    from autopeft.liveness import DriverBeacon, read_driver
+    from autopeft.searching.liveness import DriverBeacon, read_driver
 
     folder = _folder(tmp_path)
     beacon = DriverBeacon(folder, elapsed_before_s=12.0, interval_s=0.05).start()
@@ -289,7 +289,7 @@ def test_status_after_the_driver_is_killed(tmp_path, sig):
     import sys
 
     folder = _folder(tmp_path)
-    code = ("import sys, time; from autopeft.liveness import DriverBeacon; "
+    code = ("import sys, time; from autopeft.searching.liveness import DriverBeacon; "
             "DriverBeacon(sys.argv[1], interval_s=0.1).start(); print('up', flush=True); time.sleep(60)")
     proc = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE, text=True)
     try:

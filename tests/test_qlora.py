@@ -11,11 +11,11 @@ pytest.importorskip("bitsandbytes")
 from autopeft.backbones import load_model  # noqa: E402
 from autopeft.methods.lora import merge_lora  # noqa: E402
 from autopeft.methods.qlora import QLoraLinear  # noqa: E402
-from autopeft.model import count_parameters  # noqa: E402
-from autopeft.quantization import (  # noqa: E402
+from autopeft.composition.model import count_parameters  # noqa: E402
+from autopeft.backbones.quantization import (  # noqa: E402
     dequantize_nf4, nf4_linear_class, quantize_backbone, quantized_weight_bytes,
 )
-from autopeft.recipe import RecipeError, build_model, count_recipe, recipe_from_dict  # noqa: E402
+from autopeft.composition.recipe import RecipeError, build_model, count_recipe, recipe_from_dict  # noqa: E402
 
 ALL_SIX = ["query", "key", "value", "attention_output", "ffn_in", "ffn_out"]
 #: Widths that are multiples of the 64-weight NF4 block, like real backbones (MiniLM 384, BERT 768).
@@ -94,7 +94,7 @@ def test_qlora_trains_on_cpu():
     assert all(w.lora_A.weight.dtype == torch.float32 and w.base_layer.compute_dtype == torch.bfloat16 for w in wrappers)
     frozen = {id(w): (w.base_layer.weight.data.clone(), w.base_layer.weight.quant_state.absmax.clone()) for w in wrappers}
     lora_b = {id(w): w.lora_B.weight.detach().clone() for w in wrappers}
-    from autopeft.trainer import make_optimizer
+    from autopeft.training.trainer import make_optimizer
 
     logs = []
     # lr 1e-2 for 25 steps: the eval loss falls to < 0.25x on every init tried (3e-2 for 15 steps oscillated and
@@ -149,7 +149,7 @@ def test_compute_dtype_is_selectable_and_validated():
 
 
 def test_run_trial_with_qlora(glue_dir):
-    from autopeft.trainer import run_trial
+    from autopeft.training.trainer import run_trial
 
     recipe = tiny_recipe([{"method": "qlora", "r": 2}], backbone={**TINY_BERT, "vocab_size": 30522},
                          training={"max_train_examples": 32, "batch_size": 16, "max_eval_examples": 32})

@@ -232,7 +232,7 @@ def test_a_worker_node_dying_mid_trial_fails_that_trial_and_the_search_finishes(
 def test_unreachable_cluster_is_one_line_that_names_the_token(monkeypatch):
     import ray
 
-    from autopeft.hpo import tune
+    from autopeft.searching import tune
 
     def refused(**kwargs):
         raise ConnectionError("Failed to connect to Ray cluster at 127.0.0.1:1")

@@ -317,8 +317,8 @@ def test_resume_errors_are_one_line(argv, text, tmp_path):
 # ---- the state that makes a resume continue exactly -----------------------------------------------
 
 def test_searcher_state_round_trip_continues_the_same_proposals(tmp_path):
-    from autopeft.hpo.searchers import SpaceSearcher, make_sampler
-    from autopeft.hpo.space import SearchSpace
+    from autopeft.searching.searchers import SpaceSearcher, make_sampler
+    from autopeft.searching.space import SearchSpace
 
     (tmp_path / "space.yaml").write_text(SPACE)
     space = SearchSpace.load(str(tmp_path / "space.yaml"))
@@ -344,7 +344,7 @@ def test_searcher_state_round_trip_continues_the_same_proposals(tmp_path):
 
 
 def test_scheduler_state_round_trip_keeps_arrival_order_and_decisions(tmp_path):
-    from autopeft.hpo.scheduler import MultiObjectiveASHA
+    from autopeft.searching.scheduler import MultiObjectiveASHA
 
     a = MultiObjectiveASHA([16, 32, 64], reduction_factor=2)
     for tid, score in (("x", 0.6), ("y", 0.7), ("z", 0.6)):
@@ -365,11 +365,11 @@ def test_trials_running_at_the_checkpoint_are_created_again_under_their_ids(tmp_
     from ray.tune.experiment import Experiment
     from ray.tune.search import ConcurrencyLimiter
 
-    from autopeft.hpo.resume import NumberedSearchGenerator, load_checkpoint, restore, save_checkpoint
-    from autopeft.hpo.scheduler import MultiObjectiveASHA
-    from autopeft.hpo.searchers import SpaceSearcher, make_sampler
-    from autopeft.hpo.space import SearchSpace
-    from autopeft.hpo.tune import TrialRecord
+    from autopeft.searching.resume import NumberedSearchGenerator, load_checkpoint, restore, save_checkpoint
+    from autopeft.searching.scheduler import MultiObjectiveASHA
+    from autopeft.searching.searchers import SpaceSearcher, make_sampler
+    from autopeft.searching.space import SearchSpace
+    from autopeft.searching.tune import TrialRecord
 
     (tmp_path / "space.yaml").write_text(SPACE)
     space = SearchSpace.load(str(tmp_path / "space.yaml"))
@@ -423,14 +423,14 @@ def test_elapsed_before_is_the_checkpoint_clock(tmp_path):
     """What api.search adds to a resumed session's time: the checkpoint's elapsed_s, 0 without one."""
     from types import SimpleNamespace
 
-    from autopeft.hpo.resume import elapsed_before, save_checkpoint
+    from autopeft.searching.resume import elapsed_before, save_checkpoint
 
     assert elapsed_before(tmp_path) == 0.0
     state = SimpleNamespace(get_state=lambda: {}, resume_state=lambda: {})
     assert save_checkpoint(tmp_path, {}, state, state, state, 42.5)
     assert elapsed_before(tmp_path) == 42.5
     (tmp_path / "checkpoint.pkl").write_bytes(b"truncated")
-    from autopeft.hpo.resume import ResumeError
+    from autopeft.searching.resume import ResumeError
 
     with pytest.raises(ResumeError, match="cannot read the resume state"):
         elapsed_before(tmp_path)

@@ -6,8 +6,8 @@ import math
 import numpy as np
 import pytest
 
-from autopeft.hpo.pareto import crowding_distance, nondominated_fronts, pareto_front, rank_order
-from autopeft.hpo.space import Fidelity, SearchSpace
+from autopeft.searching.pareto import crowding_distance, nondominated_fronts, pareto_front, rank_order
+from autopeft.searching.space import Fidelity, SearchSpace
 
 MINILM_META = {"preset": "minilm-l6"}
 
@@ -18,7 +18,7 @@ MINILM_META = {"preset": "minilm-l6"}
     (24000, [2688, 8064, 24000]),
 ])
 def test_rungs_equal_the_scheduler_milestones(top, expected):
-    from autopeft.hpo.scheduler import MultiObjectiveASHA
+    from autopeft.searching.scheduler import MultiObjectiveASHA
 
     fid = Fidelity(max_train_examples=top, min_train_examples=2688 if top == 24000 else round(top / 9),
                    reduction_factor=3)
@@ -39,7 +39,7 @@ def test_search_rungs_never_repeat_or_reach_the_top_early():
 
 
 def test_mo_asha_keeps_a_smaller_slightly_weaker_configuration():
-    from autopeft.hpo.scheduler import MultiObjectiveASHA
+    from autopeft.searching.scheduler import MultiObjectiveASHA
 
     row = lambda s, p, m: {"examples_seen": 100, "score": s, "trainable_params": p, "peak_memory_bytes": m}
     mo = MultiObjectiveASHA([100, 300, 900], reduction_factor=3)
@@ -52,7 +52,7 @@ def test_mo_asha_keeps_a_smaller_slightly_weaker_configuration():
 
 
 def test_mo_asha_stops_failed_and_nan_reports_without_recording_them():
-    from autopeft.hpo.scheduler import MultiObjectiveASHA
+    from autopeft.searching.scheduler import MultiObjectiveASHA
 
     mo = MultiObjectiveASHA([100, 300], reduction_factor=3)
     assert mo.decide("nan", {"examples_seen": 100, "score": float("nan"), "trainable_params": 1,
@@ -94,7 +94,7 @@ LIMIT = 100_000  # LoRA r=4 q/v on MiniLM-L6: 4 * (384 + 384) * 2 * 6 = 36,864; 
 
 
 def test_check_point_counts_on_the_meta_device():
-    from autopeft.hpo.searchers import check_point
+    from autopeft.searching.searchers import check_point
 
     sp = _space()
     assert check_point(sp, sp.complete_point({"lora.enabled": True, "lora.r": 4}), BASE, LIMIT).trainable_params == 36_864
@@ -106,7 +106,7 @@ def test_check_point_counts_on_the_meta_device():
 def test_searcher_rejects_infeasible_points_before_ray_and_tells_the_sampler():
     import optuna
 
-    from autopeft.hpo.searchers import SpaceSearcher, make_sampler
+    from autopeft.searching.searchers import SpaceSearcher, make_sampler
 
     sp = _space()
     rejected = []
@@ -123,7 +123,7 @@ def test_searcher_rejects_infeasible_points_before_ray_and_tells_the_sampler():
 
 
 def test_a_trial_stopped_at_a_low_rung_never_reaches_the_sampler_as_final():
-    from autopeft.hpo.searchers import SpaceSearcher, make_sampler
+    from autopeft.searching.searchers import SpaceSearcher, make_sampler
 
     sp = _space()
     s = SpaceSearcher(sp, BASE, LIMIT, make_sampler("random", 0), 300, [])
@@ -140,7 +140,7 @@ def test_a_trial_stopped_at_a_low_rung_never_reaches_the_sampler_as_final():
 
 @pytest.mark.parametrize("name", ["tpe", "random", "nsga2", "qnehvi"])
 def test_searchers_by_name_are_seeded(name):
-    from autopeft.hpo.searchers import SpaceSearcher, make_sampler
+    from autopeft.searching.searchers import SpaceSearcher, make_sampler
 
     pytest.importorskip("optuna")
     if name == "qnehvi":
@@ -155,7 +155,7 @@ def test_searchers_by_name_are_seeded(name):
 
 
 def test_unknown_searcher_is_a_one_line_error():
-    from autopeft.hpo.searchers import SearcherError, make_sampler
+    from autopeft.searching.searchers import SearcherError, make_sampler
 
     with pytest.raises(SearcherError, match="unknown searcher 'bayes'; valid: tpe, random, nsga2, qnehvi"):
         make_sampler("bayes", 0)
@@ -165,8 +165,8 @@ def test_a_nan_score_fails_the_trial_in_the_worker(monkeypatch):
     """STS-B's Pearson is NaN for constant predictions: the trial reports failed, not a score."""
     import ray.tune
 
-    import autopeft.trainer
-    from autopeft.hpo import tune as hpo_tune
+    import autopeft.training.trainer
+    from autopeft.searching import tune as hpo_tune
 
     reported = []
     monkeypatch.setattr(ray.tune, "report", lambda row: reported.append(dict(row)))
@@ -176,7 +176,7 @@ def test_a_nan_score_fails_the_trial_in_the_worker(monkeypatch):
         report({"score": float("nan"), "examples_seen": 128, "trainable_params": 1, "peak_memory_bytes": 1})
         raise AssertionError("not reached: the NaN report stops the trial")
 
-    monkeypatch.setattr(autopeft.trainer, "run_trial", fake_run_trial)
+    monkeypatch.setattr(autopeft.training.trainer, "run_trial", fake_run_trial)
     sp = _space()
     hpo_tune._trial_fn(sp.complete_point({"lora.enabled": True, "lora.r": 4}), sp, BASE, [64, 128], None, "cpu")
     assert [r["status"] for r in reported] == ["running", "failed"]

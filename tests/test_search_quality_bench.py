@@ -172,7 +172,7 @@ def test_bootstrap_over_seeds_on_known_cases():
 
 
 def test_batched_metrics_match_the_task_metrics():
-    from autopeft.tasks import METRICS
+    from autopeft.data.tasks import METRICS
 
     rng = np.random.default_rng(0)
     gold = rng.integers(0, 2, (4, 200))

@@ -59,7 +59,7 @@ def test_a_preset_backbone_counts_but_never_searches(tmp_path):
 def test_cluster_resources_are_checked_against_the_connected_cluster(monkeypatch):
     import ray
 
-    from autopeft.hpo.tune import ClusterTooSmall, check_cluster_fits
+    from autopeft.searching.tune import ClusterTooSmall, check_cluster_fits
 
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0})
     check_cluster_fits(4, 0)
@@ -73,7 +73,7 @@ def test_a_cluster_that_cannot_be_reached_is_a_one_line_exit_2(capsys):
     import typer
 
     from autopeft import cli
-    from autopeft.hpo.tune import RayStartError
+    from autopeft.searching.tune import RayStartError
 
     def connect():
         raise RayStartError("cannot start Ray (address 10.0.0.9:6379): timed out; if the head runs with token ...")
@@ -86,7 +86,7 @@ def test_a_cluster_that_cannot_be_reached_is_a_one_line_exit_2(capsys):
 
 
 def test_trial_summaries_print_whole_numbers_without_a_decimal_point():
-    from autopeft.hpo.tune import _summary
+    from autopeft.searching.tune import _summary
 
     recipe = {"components": [{"method": "adapter", "placement": "parallel", "reduction_factor": 64.0}],
               "training": {"learning_rate": 0.0032}}
@@ -109,7 +109,7 @@ def test_time_budget_none_means_no_cap_on_cpu_and_bad_values_are_refused(tmp_pat
         seen.append(settings.time_budget_s)
         raise Stop  # before any trial: only the settings matter here
 
-    monkeypatch.setattr("autopeft.hpo.tune.run_tune", fake_run_tune)
+    monkeypatch.setattr("autopeft.searching.tune.run_tune", fake_run_tune)
     for value, want in ((math.inf, None), (None, 26 * 60), (90.0, 90.0)):
         with pytest.raises(Stop):
             _search(tmp_path, time_budget_s=value, name=f"t{len(seen)}")

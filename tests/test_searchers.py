@@ -9,7 +9,7 @@ import pickle
 
 import pytest
 
-from autopeft.hpo.space import SearchSpace
+from autopeft.searching.space import SearchSpace
 
 BASE = {"backbone": {"preset": "minilm-l6"}, "task": "sst2", "training": {"max_train_examples": 300}}
 LIMIT = 100_000  # LoRA r=4 q/v on MiniLM-L6: 36,864; r=8: 73,728; r=64: 589,824
@@ -74,7 +74,7 @@ def _top(score, params):
 
 
 def _searcher(sp, name="random", start_points=(), n_startup=6, **callbacks):
-    from autopeft.hpo.searchers import SpaceSearcher, make_sampler
+    from autopeft.searching.searchers import SpaceSearcher, make_sampler
 
     return SpaceSearcher(sp, BASE, LIMIT, make_sampler(name, 3, n_startup_trials=n_startup), TOP, list(start_points),
                          **callbacks)
@@ -142,7 +142,7 @@ def test_constraints_are_told_the_same_way_for_every_point(name, monkeypatch):
 def test_nsga2_sampler_pickles_without_its_lock_and_gets_a_new_one():
     import threading
 
-    from autopeft.hpo.searchers import PicklableNSGAIISampler, make_sampler
+    from autopeft.searching.searchers import PicklableNSGAIISampler, make_sampler
 
     sampler = make_sampler("nsga2", 1)
     assert isinstance(sampler, PicklableNSGAIISampler)
@@ -156,7 +156,7 @@ def test_nsga2_sampler_pickles_without_its_lock_and_gets_a_new_one():
 # ---- duplicates ---------------------------------------------------------------------------------------
 
 def test_a_duplicate_is_answered_from_its_original_and_never_becomes_a_trial():
-    from autopeft.hpo.searchers import SpaceSearcher
+    from autopeft.searching.searchers import SpaceSearcher
 
     sp = _two_recipes()
     dups, accepted = [], []
@@ -221,7 +221,7 @@ def test_duplicates_survive_a_checkpoint(tmp_path):
 
 def test_consecutive_duplicates_stop_a_search_whose_space_is_not_finite(monkeypatch):
     """A continuous dimension that never reaches the recipe: duplicates count toward the stop."""
-    import autopeft.hpo.searchers as searchers
+    import autopeft.searching.searchers as searchers
 
     monkeypatch.setattr(searchers, "MAX_CONSECUTIVE_REJECTS", 25)
     sp = _two_recipes({"spare": {"method": "lora", "enabled": False, "lora_dropout": {"uniform": [0.0, 0.5]}}})
@@ -240,7 +240,7 @@ def test_consecutive_duplicates_stop_a_search_whose_space_is_not_finite(monkeypa
 
 
 def test_space_points_count_only_finite_spaces():
-    from autopeft.hpo.searchers import _count_points, optuna_distribution
+    from autopeft.searching.searchers import _count_points, optuna_distribution
 
     sp = SearchSpace.from_dict({"components": {"lora": {"enabled": [True, False], "r": {"int": [2, 5]},
                                                         "target_modules": [["query"], ["query", "value"]]}},
@@ -273,9 +273,9 @@ def test_a_checkpoint_keeps_duplicate_records_and_what_the_searcher_knows_of_the
     from ray.tune.experiment import Experiment
     from ray.tune.search import ConcurrencyLimiter
 
-    from autopeft.hpo.resume import NumberedSearchGenerator, load_checkpoint, restore, save_checkpoint
-    from autopeft.hpo.scheduler import MultiObjectiveASHA
-    from autopeft.hpo.tune import TrialRecord
+    from autopeft.searching.resume import NumberedSearchGenerator, load_checkpoint, restore, save_checkpoint
+    from autopeft.searching.scheduler import MultiObjectiveASHA
+    from autopeft.searching.tune import TrialRecord
 
     sp = _two_recipes()
     order = [_point(sp, 4, 16), _point(sp, 4, 4), _point(sp, 8, 16), _point(sp, 8, 4)]
@@ -329,7 +329,7 @@ def test_qnehvi_prints_no_experimental_warning(monkeypatch):
     import optuna
     from optuna._experimental import experimental_func
 
-    from autopeft.hpo.searchers import make_sampler
+    from autopeft.searching.searchers import make_sampler
 
     _CALLS.clear()
     monkeypatch.setattr(integration, "qnehvi_candidates_func", experimental_func("3.1.0")(_quick_candidates))

@@ -43,7 +43,7 @@ SPACE = (RESUME_SPACE.replace("name: resume-tiny", "name: searchers-tiny")
 # search and the resume process: the pickled sampler refers to `counted`.
 PATCH = """
 import functools, optuna_integration.botorch as integration, optuna_integration.botorch.botorch as bb
-import autopeft.hpo.searchers as searchers
+import autopeft.searching.searchers as searchers
 _real_optimize, _real_candidates, _real_make = bb.optimize_acqf, integration.qnehvi_candidates_func, searchers.make_sampler
 bb.optimize_acqf = functools.wraps(_real_optimize)(lambda *a, **kw: _real_optimize(
     *a, **{**kw, "num_restarts": 2, "raw_samples": 32, "options": {**kw["options"], "maxiter": 20}}))
@@ -174,7 +174,7 @@ def test_a_space_of_two_configurations_trains_each_once(tmp_path, monkeypatch):
     import ray
 
     import autopeft
-    import autopeft.hpo.searchers as searchers
+    import autopeft.searching.searchers as searchers
 
     made = []
 

@@ -2,8 +2,8 @@
 
 import pytest
 
-from autopeft.recipe import count_recipe
-from autopeft.hpo.space import Dim, SearchSpace, SearchSpaceError
+from autopeft.composition.recipe import count_recipe
+from autopeft.searching.space import Dim, SearchSpace, SearchSpaceError
 
 BASE = {"backbone": "minilm-l6", "task": "sst2", "training": {"seed": 0}}
 
@@ -60,7 +60,7 @@ def test_unknown_space_name_lists_shipped_spaces():
 
 
 def test_every_shipped_space_loads_and_its_start_points_build():
-    from autopeft.hpo.space import shipped_spaces
+    from autopeft.searching.space import shipped_spaces
 
     assert {"default", "full", "autopeft_paper"} <= set(shipped_spaces())
     for name in shipped_spaces():

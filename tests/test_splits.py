@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 import autopeft
-from autopeft.tasks import DevSplit, Split, carve_dev, default_dev_examples
-from autopeft.uncertainty import bootstrap_ci, within_noise
+from autopeft.data.tasks import DevSplit, Split, carve_dev, default_dev_examples
+from autopeft.data.uncertainty import bootstrap_ci, within_noise
 
 #: A tiny BERT that trains: the bundled BERT tokenizer needs the full 30,522-token vocabulary.
 TINY = {"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -52,7 +52,7 @@ def test_carved_dev_is_seeded_stratified_and_disjoint_from_train():
 
 
 def test_a_dev_split_as_large_as_train_is_a_one_line_error():
-    from autopeft.tasks import TaskError
+    from autopeft.data.tasks import TaskError
 
     with pytest.raises(TaskError, match="leaves nothing to train on"):
         carve_dev(_split(10), DevSplit(examples=10))
@@ -60,7 +60,7 @@ def test_a_dev_split_as_large_as_train_is_a_one_line_error():
 
 def test_bootstrap_interval_of_accuracy_matches_the_binomial_one():
     """n=1000 at 80% accuracy: the normal interval is 0.8 +- 1.96 sqrt(0.8 * 0.2 / 1000) = +-0.0248."""
-    from autopeft.tasks import METRICS
+    from autopeft.data.tasks import METRICS
 
     gold = np.ones(1000, dtype=np.int64)
     pred = np.concatenate([np.ones(800), np.zeros(200)]).astype(np.int64)
@@ -228,7 +228,7 @@ def test_bad_confirm_seeds_and_reference_are_one_line_errors(tmp_path):
 
 def test_a_backbone_no_trial_could_train_is_refused_before_the_search(tmp_path):
     """A bare config whose vocabulary is smaller than the tokenizer's failed every trial at its first batch."""
-    from autopeft.recipe import RecipeError
+    from autopeft.composition.recipe import RecipeError
     from conftest import GLUE_DIR, TINY_BERT
 
     with pytest.raises(RecipeError, match="vocab_size 120 is smaller than the 30,522 tokens"):
@@ -243,8 +243,8 @@ def test_vectorised_intervals_equal_the_metric_resample_by_resample(metric, n):
     metric gives on the same resamples, including degenerate ones (MCC/F1 of one class: 0)."""
     from scipy.stats import bootstrap
 
-    from autopeft.tasks import METRICS
-    from autopeft.uncertainty import vectorised_metric, bootstrap_ci
+    from autopeft.data.tasks import METRICS
+    from autopeft.data.uncertainty import vectorised_metric, bootstrap_ci
 
     rng = np.random.default_rng(3)
     if metric == "pearson":

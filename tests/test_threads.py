@@ -50,7 +50,7 @@ def _in_fresh_process(code: str) -> dict:
 
 def test_limit_threads_sets_both_pools_and_the_native_libraries_once_per_process():
     got = _in_fresh_process(
-        "import json, os, torch\nfrom autopeft.threads import limit_threads\n"
+        "import json, os, torch\nfrom autopeft.backbones.threads import limit_threads\n"
         "first = limit_threads(3)\n"
         "torch.ones(64, 64) @ torch.ones(64, 64)\n"
         "torch.jit.wait(torch.jit.fork(torch.add, torch.ones(2), 1))  # the inter-op pool runs\n"

@@ -59,7 +59,7 @@ def toy(monkeypatch):
 
 
 def test_the_toy_method_is_counted(toy):
-    from autopeft.recipe import count_recipe
+    from autopeft.composition.recipe import count_recipe
 
     head_only = count_recipe(tiny_recipe([]))
     counted = count_recipe(tiny_recipe([{"method": toy}]))
@@ -69,9 +69,9 @@ def test_the_toy_method_is_counted(toy):
 
 
 def test_the_toy_method_trains_and_leaves_the_backbone_frozen(toy, tmp_path):
-    from autopeft.recipe import build_model, recipe_from_dict
-    from autopeft.trainer import run_trial
-    from autopeft.userdata import resolve_task
+    from autopeft.composition.recipe import build_model, recipe_from_dict
+    from autopeft.training.trainer import run_trial
+    from autopeft.data.userdata import resolve_task
 
     path = tmp_path / "reviews.csv"
     labels = ["positive", "negative"] * 40
@@ -92,7 +92,7 @@ def test_the_toy_method_trains_and_leaves_the_backbone_frozen(toy, tmp_path):
 
 
 def test_the_toy_method_joins_a_search_space_with_its_defaults(toy):
-    from autopeft.hpo.space import SearchSpace
+    from autopeft.searching.space import SearchSpace
 
     space = SearchSpace.from_dict({"components": {"toy": {"method": toy}, "lora": {"r": [2, 4]}}})
     assert space.dims["toy.init"].values == (0.5, 1.0) and "toy.enabled" in space.dims
@@ -105,7 +105,7 @@ def test_the_toy_method_joins_a_search_space_with_its_defaults(toy):
 
 
 def test_the_peft_export_refuses_the_toy_method_with_its_own_reason(toy):
-    from autopeft.hf_export import ExportError, check_exportable
+    from autopeft.exporting.hf_export import ExportError, check_exportable
 
     recipe = tiny_recipe([{"method": toy}])
     with pytest.raises(ExportError, match=r"peft cannot hold this recipe: peft has no toy scale \(the test's own"):

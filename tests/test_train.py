@@ -2,8 +2,8 @@
 
 import torch
 
-from autopeft.recipe import recipe_from_dict
-from autopeft.trainer import evaluate, load_trained, run_trial, save_trained
+from autopeft.composition.recipe import recipe_from_dict
+from autopeft.training.trainer import evaluate, load_trained, run_trial, save_trained
 
 SMALL_BERT = {"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
               "intermediate_size": 37, "vocab_size": 30522, "max_position_embeddings": 128}
@@ -30,7 +30,7 @@ def test_same_seed_same_result_and_rungs_do_not_change_training(glue_dir):
 
 
 def test_training_changes_method_weights_but_not_the_backbone(glue_dir):
-    from autopeft.recipe import build_model
+    from autopeft.composition.recipe import build_model
 
     fresh = build_model(recipe(LORA))
     _, trained = run_trial(recipe(LORA), glue_dir)
@@ -53,8 +53,8 @@ def test_cpu_memory_account_is_deterministic_and_grows_with_batch(glue_dir):
 
 def test_saved_weights_reload_to_the_same_score(glue_dir, tmp_path):
     from autopeft.backbones import load_tokenizer
-    from autopeft.tasks import get_task, load_split
-    from autopeft.trainer import Batches
+    from autopeft.data.tasks import get_task, load_split
+    from autopeft.training.trainer import Batches
 
     r = recipe(LORA + [{"method": "adapter", "reduction_factor": 8}])
     result, model = run_trial(r, glue_dir)
@@ -67,7 +67,7 @@ def test_saved_weights_reload_to_the_same_score(glue_dir, tmp_path):
 
 
 def test_relative_data_dir_resolves_to_an_absolute_path(glue_dir, monkeypatch):
-    from autopeft.tasks import resolve_data_dir
+    from autopeft.data.tasks import resolve_data_dir
 
     monkeypatch.chdir(glue_dir.parent)
     assert resolve_data_dir("glue") == glue_dir.resolve()

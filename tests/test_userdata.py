@@ -9,9 +9,9 @@ import yaml
 from typer.testing import CliRunner
 
 from autopeft.cli import app
-from autopeft.recipe import load_recipe, recipe_from_dict
-from autopeft.tasks import TaskError, get_task, load_split
-from autopeft.userdata import resolve_task
+from autopeft.composition.recipe import load_recipe, recipe_from_dict
+from autopeft.data.tasks import TaskError, get_task, load_split
+from autopeft.data.userdata import resolve_task
 
 runner = CliRunner()
 SMALL_BERT = {"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -250,7 +250,7 @@ def test_bad_data_is_one_error_line_and_exit_2_before_anything_starts(case, args
 def test_predict_returns_the_original_label_strings(csv, tmp_path):
     from autopeft import api
     from autopeft.backbones import load_tokenizer
-    from autopeft.trainer import load_trained
+    from autopeft.training.trainer import load_trained
 
     spec = resolve_task(str(csv), "review", "sentiment")
     recipe = recipe_from_dict({"backbone": SMALL_BERT, "task": spec,

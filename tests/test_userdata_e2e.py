@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 import autopeft
 from autopeft.cli import app
-from autopeft.tasks import get_task, load_split
+from autopeft.data.tasks import get_task, load_split
 
 pytestmark = pytest.mark.integration
 runner = CliRunner()
