@@ -29,7 +29,7 @@ from autopeft._util import is_finite
 # The run folder's owner; re-exported here, their old home.
 from autopeft.searching.runs import (  # noqa: F401
     BEST_RECIPE_FILE, PARETO_CSV, PARETO_FILE, PARETO_PLOT, PICKS, REFERENCE_FILE, RESULT_FILE, RUNS_DIR, SEARCH_FILE,
-    TRIALS_FILE, SearchNotFoundError, find_search, pick_point,
+    ONE_SHOT_FILE, TRIALS_FILE, SearchNotFoundError, find_search, pick_point, write_json,
 )
 
 
@@ -280,7 +280,6 @@ def search(task: str = "sst2", budget: str | Budget = "0.5%", backbone: str | di
     stored = open_search_folder(out, resume)  # an existing search is never overwritten
     splits, base["dev"] = _splits(task_obj, root, seed)  # fails fast on a folder without the task
     before_s = elapsed_before(out) if stored else 0.0  # seconds the earlier sessions ran (a resume)
-    out.mkdir(parents=True, exist_ok=True)
     settings = {"task": task_value, "budget": str(budget), "param_limit": limit, "backbone": backbone,
                 "backbone_params": backbone_params, "space": sp.name,
                 "space_source": str(Path(sp.source).resolve()) if sp.source else sp.source, "trials": trials,
@@ -292,11 +291,13 @@ def search(task: str = "sst2", budget: str | Budget = "0.5%", backbone: str | di
                 "data_dir": str(root) if root else None, "training": base["training"]}
     if stored:
         check_same_settings(out, settings)
-    (out / SEARCH_FILE).write_text(json.dumps(settings, indent=2, default=str))
-    (out / DRIVER_FILE).unlink(missing_ok=True)  # a killed session's; this one's is written below
     uri = tracking_uri or (stored["mlflow"]["tracking_uri"] if stored else None) or default_tracking_uri()
+    # MLflow first: a tracking store that cannot be opened leaves no half-made search folder behind
     tracker = SearchTracker(uri, experiment, name, settings,
                             parent_run_id=stored["mlflow"]["parent_run_id"] if stored else None)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / SEARCH_FILE, settings)
+    (out / DRIVER_FILE).unlink(missing_ok=True)  # a killed session's; this one's is written below
     if not stored:
         write_request(out, request, uri, experiment, tracker.parent_id)
     if progress:
@@ -347,10 +348,9 @@ def search(task: str = "sst2", budget: str | Budget = "0.5%", backbone: str | di
         ref = json.loads((out / REFERENCE_FILE).read_text()) if reference and (out / REFERENCE_FILE).is_file() else None
         spent = time_breakdown(trials_out, timings | {"finish_s": t_end - t_finish}, wall)
         result = SearchResult(out, trials_out, front, top, limit, hv, tracker.parent_id, wall, settings, ref, spent)
-        (out / RESULT_FILE).write_text(json.dumps({"fidelity": top, "param_limit": limit, "hypervolume": hv,
-                                                     "mlflow_run_id": tracker.parent_id, "tracking_uri": uri,
-                                                     "wall_time_s": wall, "counts": counts, "time_s": spent},
-                                                    indent=2))
+        write_json(out / RESULT_FILE, {"fidelity": top, "param_limit": limit, "hypervolume": hv,
+                                        "mlflow_run_id": tracker.parent_id, "tracking_uri": uri, "wall_time_s": wall,
+                                        "counts": counts, "time_s": spent})
     except KeyboardInterrupt as exc:  # while the results were written: no result.json, resumable
         restore_signals()
         raise _interrupted(exc, out, tracker, beacon) from None
@@ -445,15 +445,14 @@ def _start_points(sp, one_shot: bool, resumed: bool, out: Path, base: dict[str, 
     """The space's start points, plus with ``one_shot`` the one-shot proposals (made now, written to
     ``one_shot.json``; a resumed search reads the ones it made before)."""
     start_points = list(sp.start_points)
-    if one_shot and resumed and (out / "one_shot.json").is_file():  # resumed: the proposals made before
-        start_points += json.loads((out / "one_shot.json").read_text())["proposals"]
+    if one_shot and resumed and (out / ONE_SHOT_FILE).is_file():  # resumed: the proposals made before
+        start_points += json.loads((out / ONE_SHOT_FILE).read_text())["proposals"]
     elif one_shot:
         from autopeft.searching.oneshot import propose
 
         shot = propose(sp, base, limit, str(root) if root else None, log=progress)
-        (out / "one_shot.json").write_text(json.dumps({"importance": shot.importance, "proposals": shot.proposals,
-                                                        "examples": shot.examples,
-                                                        "wall_time_s": shot.wall_time_s}, indent=2, default=str))
+        write_json(out / ONE_SHOT_FILE, {"importance": shot.importance, "proposals": shot.proposals,
+                                         "examples": shot.examples, "wall_time_s": shot.wall_time_s})
         start_points += shot.proposals
     return start_points
 
@@ -567,15 +566,15 @@ def _finish_front(front: list[dict], out: Path, base: dict[str, Any], data_dir: 
             tracker.log_test(row["trial_id"], row)
     if reference:
         ref = train_reference(reference, base, data_dir, log=progress)
-        (out / REFERENCE_FILE).write_text(json.dumps(ref, indent=2, default=str))
+        write_json(out / REFERENCE_FILE, ref)
         if tracker:
             tracker.log_reference(ref)
 
 
 def _write_results(out: Path, trials: list[dict], front: list[dict], metric: str, param_limit: int | None = None,
                    rungs: list[int] | None = None) -> None:
-    (out / TRIALS_FILE).write_text(json.dumps(trials, indent=2, default=str))
-    (out / PARETO_FILE).write_text(json.dumps(front, indent=2, default=str))
+    write_json(out / TRIALS_FILE, trials)
+    write_json(out / PARETO_FILE, front)
     cols = ["trial_id", "score", "score_low", "score_high", "test_score", "test_low", "test_high",
             "trainable_params", "trainable_percent", "peak_memory_bytes", "examples_seen", "train_time_s", "methods"]
     with open(out / PARETO_CSV, "w", newline="") as f:

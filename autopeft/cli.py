@@ -227,7 +227,9 @@ def _print_front(result) -> None:
     if result.pareto:
         console.print(table)
     ref = getattr(result, "reference", None)
-    if ref:
+    if ref and ref.get("status") == "failed":
+        console.print(f"reference: {ref['kind']} fine-tuning failed: {ref.get('error')}", markup=False)
+    elif ref:
         console.print(f"reference: {ref['kind']} fine-tuning ({ref['trainable_params']:,} parameters): dev "
                       f"{_fmt_ci(ref, 'score')}, test {_fmt_ci(ref, 'test')}", markup=False)
     counts = {}

@@ -60,7 +60,9 @@ def build_report(tracking_uri: str, experiment: str = "autopeft", run_id: str | 
     reference = (f"<p>Reference: {e(parent.data.tags.get('reference', ''))} fine-tuning, dev "
                  f"{_ci(m, 'reference_score', 'reference_score_low', 'reference_score_high')}, test "
                  f"{_ci(m, 'reference_test_score', 'reference_test_low', 'reference_test_high')}</p>"
-                 if "reference_test_score" in m else "")
+                 if "reference_test_score" in m else
+                 f"<p>Reference: {e(parent.data.tags['reference'])} fine-tuning failed: "
+                 f"{e(parent.data.tags.get('reference_error', ''))}</p>" if "reference_error" in parent.data.tags else "")
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>autopeft search {e(parent.info.run_name)}</title>
 <style>body{{font-family:sans-serif;margin:2em}}td,th{{border:1px solid #ccc;padding:4px 8px}}table{{border-collapse:collapse}}</style>
 </head><body><h1>Search {e(parent.info.run_name)}</h1><ul>{settings}</ul>

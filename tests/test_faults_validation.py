@@ -335,3 +335,21 @@ def test_all_over_budget_search_prints_the_smallest_configuration(tmp_path, caps
             "space, adapter (placement=parallel, reduction_factor=128, sublayers=[ffn]), has 16,146 trainable "
             "parameters: raise --budget to at least 16,146") in out
     assert "--time-budget" not in out
+
+
+def test_a_tracking_store_that_cannot_open_is_one_line_and_leaves_no_search_folder(tmp_path):
+    """A mistyped --tracking-uri used to leave search.json behind without resume.json: the same --name
+    was then refused ("already exists") and --resume refused too ("started by an autopeft without resume")."""
+    from pathlib import Path
+
+    from conftest import GLUE_DIR
+
+    space = Path(__file__).parent / "data" / "tiny_space.yaml"
+    res = runner.invoke(app, ["search", "--task", "rte", "--budget", "50k", "--space", str(space), "--trials", "1",
+                              "--max-train-examples", "64", "--data-dir", str(GLUE_DIR), "--name", "typo",
+                              "--output-dir", str(tmp_path), "--tracking-uri", "sqlit:///m.db", "--quiet"])
+    assert res.exit_code == 2, res.output
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        "error: cannot open MLflow experiment 'autopeft' at tracking URI 'sqlit:///m.db': "), res.output
+    assert not (tmp_path / "typo").exists()  # nothing half-made: the same command with the right URI runs

@@ -59,6 +59,30 @@ def test_read_progress_skips_half_written_files(tmp_path):
     assert list(read_progress(tmp_path)) == ["ok"]
 
 
+def test_search_folder_files_are_replaced_whole_never_half_written(tmp_path):
+    """``autopeft status`` reads trials.json while the search rewrites it: a plain write_text let it read
+    half a file (``cannot read trials.json``). Every search-folder JSON goes through ``write_json``."""
+    import re
+    from pathlib import Path
+
+    from autopeft.searching.runs import write_json
+
+    path = tmp_path / "trials.json"
+    write_json(path, [{"trial_id": "trial_0000", "score": 0.5}])
+    loop: list = []
+    loop.append(loop)  # not JSON: the write fails before anything replaces the file
+    with pytest.raises(ValueError, match="Circular reference"):
+        write_json(path, loop)
+    assert json.loads(path.read_text()) == [{"trial_id": "trial_0000", "score": 0.5}]
+    assert [p.name for p in tmp_path.iterdir()] == ["trials.json"]  # no temporary file left
+    # the kind: no module that writes a search folder writes JSON any other way
+    root = Path(__file__).resolve().parents[1] / "autopeft"
+    writers = [root / "api.py", *(f for f in sorted((root / "searching").glob("*.py")) if f.name != "runs.py")]
+    plain = [f"{f.name}:{i}" for f in writers for i, line in enumerate(f.read_text().splitlines(), 1)
+             if re.search(r"write_text\(json\.dumps", line)]
+    assert plain == [], plain
+
+
 def test_run_trial_reports_only_at_rungs_and_steps_leave_scores_unchanged(tmp_path, tiny_glue):
     """Live progress adds no Tune report: the scheduler and searcher see the same rung rows."""
     from autopeft.composition.recipe import recipe_from_dict

@@ -215,6 +215,53 @@ def test_cli_confirm_seeds_and_full_reference_are_reported(glue_dir, tmp_path):
     assert f"reference: full fine-tuning" in res.output and f"test {ref['test_score']:.4f}" in res.output
 
 
+def test_failed_after_search_runs_are_recorded_and_the_results_kept(glue_dir, tmp_path, monkeypatch):
+    """A confirm seed or the reference that raises (a NaN loss) used to end the search with no
+    pareto.json or result.json after the whole search; now each is recorded and the front is written."""
+    from typer.testing import CliRunner
+
+    import autopeft.training.trainer as trainer
+    from autopeft.cli import app
+
+    real = trainer.run_trial
+
+    def nan_after_search(*args, **kwargs):  # the search's own trials train; the after-search runs fail
+        if kwargs.get("test"):
+            raise FloatingPointError("training loss became nan\nat step 2")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "run_trial", nan_after_search)
+    data = _data_dir(tmp_path, glue_dir, flip=False)
+    res = CliRunner().invoke(app, ["search", "--task", "sst2", "--budget", "50k", "--space", str(SPACE),
+                                   "--trials", "1", "--max-train-examples", "64", "--data-dir", str(data),
+                                   "--confirm-seeds", "1", "--reference", "full", "--name", "nan", "--quiet",
+                                   "--output-dir", str(tmp_path), "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"],
+                             terminal_width=200)
+    assert res.exit_code == 0, res.output
+    error = "FloatingPointError: training loss became nan at step 2"
+    front = json.loads((tmp_path / "nan" / "pareto.json").read_text())
+    c = front[0]["confirm"]
+    assert c["seeds"] == [0, 1] and c["test_scores"] == [front[0]["test_score"], None]
+    assert c["failed"] == {"1": error} and c["test_mean"] == front[0]["test_score"]
+    assert json.loads((tmp_path / "nan" / "reference.json").read_text())["status"] == "failed"
+    assert json.loads((tmp_path / "nan" / "result.json").read_text())["counts"]["finished"] == 1
+    assert f"reference: full fine-tuning failed: {error}" in res.output
+
+
+def test_a_kept_model_that_cannot_be_scored_is_noted_on_its_row(tmp_path):
+    from autopeft.searching.final import score_front_on_test
+
+    kept = tmp_path / "trained" / "trial_0000"
+    kept.mkdir(parents=True)
+    (kept / "recipe.yaml").write_text("backbone: minilm-l6\n")
+    (kept / "adapter_model.safetensors").write_bytes(b"not safetensors")
+    rows = [{"trial_id": "trial_0000", "score": 0.8, "recipe": {"backbone": "minilm-l6", "task": "sst2"}},
+            {"trial_id": "trial_0001", "score": 0.7, "recipe": {}}]
+    score_front_on_test(rows, tmp_path, None)
+    assert rows[0]["test_score"] is None and rows[0]["test_note"].startswith("test scoring failed: ")
+    assert rows[1]["test_score"] is None and rows[1]["test_note"] == f"no kept weights in {tmp_path / 'trained' / 'trial_0001'}"
+
+
 def test_bad_confirm_seeds_and_reference_are_one_line_errors(tmp_path):
     from typer.testing import CliRunner
 

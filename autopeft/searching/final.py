@@ -46,8 +46,9 @@ def score_front_on_test(front: list[dict], search_dir: str | Path, data_dir: str
     """Add ``test_score``, ``test_low``/``test_high`` (95% interval), ``test_metrics`` and
     ``test_examples`` to each Pareto row, scoring its kept model once on the test split.
 
-    A row whose trial kept no weights (a cluster node without shared storage) gets ``test_score``
-    ``None`` and a ``test_note``; nothing is retrained.
+    A row whose trial kept no weights (a cluster node without shared storage), or whose scoring
+    raised, gets ``test_score`` ``None`` and a ``test_note`` saying why; nothing is retrained, and the
+    front's other rows are still scored.
 
     Returns:
         ``front``, the same list, its rows updated.
@@ -60,9 +61,14 @@ def score_front_on_test(front: list[dict], search_dir: str | Path, data_dir: str
         if not is_trained_folder(folder):
             row.update(test_score=None, test_note=f"no kept weights in {folder}")
             continue
-        recipe = Recipe.model_validate(row["recipe"])
-        model = load_trained(folder)
-        row.update(_test_fields(score_test(model, recipe, data_dir)))
+        try:
+            recipe = Recipe.model_validate(row["recipe"])
+            row.update(_test_fields(score_test(load_trained(folder), recipe, data_dir)))
+        except Exception as exc:  # recorded on its row; the other points are still scored
+            row.update(test_score=None, test_note=f"test scoring failed: {_one_line(exc)}")
+            if log:
+                log(f"test: {row['trial_id']} {row['test_note']}")
+            continue
         if log:
             log(f"test: {row['trial_id']} {row['test_score']:.4f} [{row['test_low']:.4f}, {row['test_high']:.4f}] "
                 f"(dev {row['score']:.4f})")
@@ -74,7 +80,9 @@ def confirm_seeds(front: list[dict], k: int, data_dir: str | None, device: str |
     """Retrain each front point with ``k`` more training seeds (the recipe's seed + 1 ... + k) at its
     fidelity and add ``confirm``: ``{"seeds", "dev_scores", "test_scores", "test_mean", "test_std",
     "dev_mean", "dev_std"}`` over the original seed and the ``k`` new ones (std: sample standard
-    deviation, ``nan`` for one seed). The dev split stays the search's.
+    deviation, ``nan`` for one seed; means and deviations over the seeds that gave a finite score). The
+    dev split stays the search's. A seed whose run raises is recorded (``None`` scores, its one-line
+    error under ``confirm["failed"][seed]``); the other seeds and points still run.
 
     Raises:
         ValueError: ``k`` < 0.
@@ -89,25 +97,45 @@ def confirm_seeds(front: list[dict], k: int, data_dir: str | None, device: str |
     for row in front:
         recipe = Recipe.model_validate(row["recipe"])
         seeds, dev, test = [recipe.training.seed], [row["score"]], [row.get("test_score")]
+        failed = {}
         for j in range(1, k + 1):
             seed = recipe.training.seed + j
             again = recipe.model_copy(update={"training": recipe.training.model_copy(update={"seed": seed})})
-            result, _ = run_trial(again, data_dir, device=device, test=True)
             seeds.append(seed)
+            try:
+                result, _ = run_trial(again, data_dir, device=device, test=True)
+            except Exception as exc:  # recorded; the other seeds and points still run
+                failed[seed] = _one_line(exc)
+                dev.append(None)
+                test.append(None)
+                if log:
+                    log(f"confirm: {row['trial_id']} seed {seed} failed: {failed[seed]}")
+                continue
             dev.append(result.score)
             test.append(result.test_score)
             if log:
                 log(f"confirm: {row['trial_id']} seed {seed}: dev {result.score:.4f}, test {result.test_score:.4f}")
-        finite = [x for x in test if isinstance(x, (int, float)) and math.isfinite(x)]
+        dev_ok, test_ok = _finite(dev), _finite(test)
         row["confirm"] = {"seeds": seeds, "dev_scores": dev, "test_scores": test,
-                          "dev_mean": statistics.fmean(dev), "dev_std": _std(dev),
-                          "test_mean": statistics.fmean(finite) if finite else None,
-                          "test_std": _std(finite) if finite else None}
+                          "dev_mean": statistics.fmean(dev_ok) if dev_ok else None,
+                          "dev_std": _std(dev_ok) if dev_ok else None,
+                          "test_mean": statistics.fmean(test_ok) if test_ok else None,
+                          "test_std": _std(test_ok) if test_ok else None,
+                          **({"failed": failed} if failed else {})}
     return front
 
 
 def _std(xs: list[float]) -> float:
     return statistics.stdev(xs) if len(xs) > 1 else float("nan")
+
+
+def _finite(xs: list) -> list[float]:
+    return [x for x in xs if isinstance(x, (int, float)) and math.isfinite(x)]
+
+
+def _one_line(exc: BaseException) -> str:
+    """``Type: message`` on one line (a failed after-search run's record)."""
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
 
 
 def reference_recipe(kind: str, base: dict[str, Any]) -> dict[str, Any]:
@@ -130,8 +158,10 @@ def train_reference(kind: str, base: dict[str, Any], data_dir: str | None, devic
     """Train the ``--reference`` run (:func:`reference_recipe`) and score it on dev and, once, on test.
 
     Returns:
-        ``{"kind", "recipe", "score", "score_low", "score_high", "test_score", "test_low", "test_high",
-        "test_metrics", "trainable_params", "examples_seen", "train_time_s"}``.
+        ``{"kind", "recipe", "status": "finished", "score", "score_low", "score_high", "test_score",
+        "test_low", "test_high", "test_metrics", "trainable_params", "examples_seen", "train_time_s"}``;
+        when the run raises: ``{"kind", "recipe", "status": "failed", "error"}`` (the search's results
+        are kept either way).
     """
     from autopeft.composition.recipe import recipe_from_dict
     from autopeft.training.trainer import run_trial
@@ -139,8 +169,13 @@ def train_reference(kind: str, base: dict[str, Any], data_dir: str | None, devic
     recipe = recipe_from_dict(reference_recipe(kind, base))
     if log:
         log(f"reference: training {kind} fine-tuning at {recipe.training.max_train_examples:,} examples")
-    result, _ = run_trial(recipe, data_dir, device=device, test=True)
-    out = {"kind": kind, "recipe": recipe.model_dump(mode="json"), "score": result.score,
+    try:
+        result, _ = run_trial(recipe, data_dir, device=device, test=True)
+    except Exception as exc:
+        if log:
+            log(f"reference {kind} failed: {_one_line(exc)}")
+        return {"kind": kind, "recipe": recipe.model_dump(mode="json"), "status": "failed", "error": _one_line(exc)}
+    out = {"kind": kind, "recipe": recipe.model_dump(mode="json"), "status": "finished", "score": result.score,
            "score_low": result.score_low, "score_high": result.score_high, "test_score": result.test_score,
            "test_low": result.test_low, "test_high": result.test_high, "test_metrics": result.test_metrics,
            "trainable_params": result.trainable_params, "examples_seen": result.examples_seen,

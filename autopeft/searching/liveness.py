@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from autopeft.searching.runs import write_json
+
 #: The driver's record, in the search folder.
 DRIVER_FILE = "driver.json"
 #: Seconds between heartbeats.
@@ -64,10 +66,8 @@ class DriverBeacon:
         self._thread: threading.Thread | None = None
 
     def _write(self) -> None:
-        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
         try:
-            tmp.write_text(json.dumps(self.info, indent=2))
-            os.replace(tmp, self.path)
+            write_json(self.path, self.info)
         except OSError:
             pass
 

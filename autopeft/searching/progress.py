@@ -20,12 +20,13 @@ A progress file (all fields JSON numbers or strings)::
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
+
+from autopeft.searching.runs import write_json
 
 #: Sub-folder of a search folder holding the running trials' progress files.
 PROGRESS_DIR = "progress"
@@ -84,9 +85,7 @@ class TrialProgressWriter:
                  "updated": now}
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(state))
-            os.replace(tmp, self.path)
+            write_json(self.path, state, indent=None)
         except OSError:
             self.enabled = False
 

@@ -54,7 +54,7 @@ from typing import Any
 
 from autopeft.errors import AutopeftError
 # The run folder's file names (the driver's resume state; the arguments and MLflow parent run).
-from autopeft.searching.runs import CHECKPOINT_FILE, REQUEST_FILE, RESULT_FILE, SEARCH_FILE
+from autopeft.searching.runs import CHECKPOINT_FILE, REQUEST_FILE, RESULT_FILE, SEARCH_FILE, write_json
 
 #: Settings (``search.json`` keys) that may differ on resume: where and how wide trials run.
 MAY_CHANGE_ON_RESUME = ("cpus_per_trial", "gpus_per_trial", "ray_address")
@@ -357,9 +357,7 @@ def write_request(out: Path, request: dict[str, Any], tracking_uri: str, experim
     """Store the search's arguments and MLflow parent run (``resume.json``) for ``autopeft resume``."""
     doc = {"request": request, "mlflow": {"tracking_uri": tracking_uri, "experiment": experiment,
                                           "parent_run_id": parent_run_id}}
-    tmp = Path(out) / (REQUEST_FILE + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=2, default=str))
-    os.replace(tmp, Path(out) / REQUEST_FILE)
+    write_json(Path(out) / REQUEST_FILE, doc)
 
 
 def check_same_settings(out: Path, settings: dict[str, Any]) -> None:

@@ -9,6 +9,7 @@ here. What each file holds:
 ``pareto.json`` / ``.csv``  the front at the top fidelity (:data:`PARETO_FILE`; marks a finished one)
 ``result.json``             summary: fidelity, parameter limit, hypervolume (:data:`RESULT_FILE`)
 ``reference.json``          the ``--reference`` run, when asked for
+``one_shot.json``           the ``--one-shot`` proposals (:data:`ONE_SHOT_FILE`)
 ``best_recipe.yaml``        the front's best point as a recipe; ``pareto.png`` its plot
 ``resume.json``             arguments and MLflow parent run for ``autopeft resume``
 ``checkpoint.pkl``          the searcher's and scheduler's state (:mod:`autopeft.searching.resume`)
@@ -23,6 +24,7 @@ A search is named by its folder, by a name under ``output_dir`` (``autopeft_runs
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,8 @@ PARETO_CSV = "pareto.csv"
 PARETO_PLOT = "pareto.png"
 RESULT_FILE = "result.json"
 REFERENCE_FILE = "reference.json"
+#: The ``--one-shot`` proposals and gate importances, made before the first trial.
+ONE_SHOT_FILE = "one_shot.json"
 BEST_RECIPE_FILE = "best_recipe.yaml"
 REQUEST_FILE = "resume.json"
 CHECKPOINT_FILE = "checkpoint.pkl"
@@ -96,6 +100,25 @@ def read_json(path: Path, default: Any = None) -> Any:
         return json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise SearchFolderError(f"cannot read {path}: {exc}") from None
+
+
+def write_json(path: Path, obj: Any, indent: int | None = 2) -> None:
+    """Write ``obj`` as JSON to ``path`` atomically: into a temporary file beside it, then renamed over it.
+
+    ``autopeft status``, ``export`` and ``resume`` read a search folder's files while the search writes
+    them; a reader sees the old file or the new one, never half of one. Values JSON cannot hold are
+    written as their ``str``.
+
+    Raises:
+        OSError: the folder cannot be written.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(obj, indent=indent, default=str))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def settings_of(folder: Path) -> dict[str, Any]:

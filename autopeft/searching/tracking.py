@@ -31,12 +31,19 @@ import re
 from pathlib import Path
 from typing import Any
 
+from autopeft.errors import AutopeftError
+
 #: Trial statuses: trained to the top fidelity, stopped at a lower rung by the scheduler, failed
 #: (an exception or a non-finite score), interrupted (Ctrl-C / SIGTERM stopped the search while it
 #: ran: ``autopeft resume`` runs it again; its MLflow run ends ``KILLED``), and the samples that never
 #: became trials: rejected (over the budget, without a PEFT component, or not a valid recipe) or a
 #: duplicate (the recipe of a trial already trained or running, answered from it).
 STATUSES = ("finished", "stopped_early", "failed", "interrupted", "over_budget", "empty", "invalid", "duplicate")
+
+
+class TrackingStoreError(AutopeftError):
+    """The MLflow tracking store (``--tracking-uri``) or experiment cannot be opened: an unsupported
+    URI scheme, an unreachable server, an experiment name held by a deleted experiment."""
 
 
 #: MLflow 3's experiment-kind tag and the kind that makes its UI treat the experiment as model training
@@ -189,7 +196,11 @@ class SearchTracker:
     def __init__(self, tracking_uri: str, experiment: str, run_name: str, params: dict[str, Any],
                  parent_run_id: str | None = None) -> None:
         """``parent_run_id``: resume that search's parent run (:meth:`_reopen_parent`) instead of
-        creating one; its nested runs are reconciled by :func:`autopeft.searching.resume.reconcile_mlflow`."""
+        creating one; its nested runs are reconciled by :func:`autopeft.searching.resume.reconcile_mlflow`.
+
+        Raises:
+            TrackingStoreError: the store or the experiment cannot be opened (nothing was written).
+        """
         import logging
 
         import mlflow
@@ -198,11 +209,16 @@ class SearchTracker:
         logging.getLogger("mlflow").setLevel(logging.WARNING)
         logging.getLogger("alembic").setLevel(logging.WARNING)
         self.uri = tracking_uri
-        mlflow.set_tracking_uri(tracking_uri)
-        self.client = MlflowClient(tracking_uri)
-        exp = self.client.get_experiment_by_name(experiment)
-        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(
-            experiment, artifact_location=artifact_location(tracking_uri))
+        try:
+            mlflow.set_tracking_uri(tracking_uri)
+            self.client = MlflowClient(tracking_uri)
+            exp = self.client.get_experiment_by_name(experiment)
+            self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(
+                experiment, artifact_location=artifact_location(tracking_uri))
+        except Exception as exc:  # MLflow's own message, first sentence, on one line
+            first = " ".join(str(exc).split()).split(". ")[0]
+            raise TrackingStoreError(f"cannot open MLflow experiment {experiment!r} at tracking URI "
+                                     f"{tracking_uri!r}: {type(exc).__name__}: {first}") from None
         self._mark_experiment(exp)
         if parent_run_id:
             self._reopen_parent(parent_run_id)
@@ -318,10 +334,13 @@ class SearchTracker:
         self._log_values(self.trial_runs[trial_id], values)
 
     def log_reference(self, ref: dict[str, Any]) -> None:
-        """The ``--reference`` run's dev and test scores on the parent run (``reference_<key>``)."""
+        """The ``--reference`` run's dev and test scores on the parent run (``reference_<key>``); a failed
+        one's error as the tag ``reference_error``."""
         self._log_values(self.parent_id, {f"reference_{k}": ref.get(k) for k in
                                           ("score", "score_low", "score_high", "test_score", "test_low", "test_high")})
         self.client.set_tag(self.parent_id, "reference", str(ref.get("kind")))
+        if ref.get("status") == "failed":
+            self._set_tag(self.parent_id, "reference_error", str(ref.get("error")))
 
     def _log_values(self, run_id: str, values: dict[str, Any]) -> None:
         import math

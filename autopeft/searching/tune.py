@@ -29,7 +29,6 @@ Every trial's record (config, recipe, status, per-rung rows) is collected on the
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import re
@@ -40,7 +39,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from autopeft.searching.interrupt import GracefulStop, SearchInterrupted, signal_name
-from autopeft.searching.runs import TRIALS_FILE
+from autopeft.searching.runs import TRIALS_FILE, write_json
 from autopeft.searching.space import SearchSpace
 from autopeft.searching.progress import PROGRESS_DIR, progress_file
 from autopeft.searching.tracking import cut_value
@@ -466,8 +465,7 @@ def run_tune(space: SearchSpace, base: dict[str, Any], param_limit: int, setting
         """Keep ``trials.json`` current, so an interrupted search loses no finished trial."""
         # The resume state first: trials.json never shows a trial that a resume would not know.
         save_checkpoint(settings.storage_path, records, searcher, scheduler, generator, time.time() - t0, force=force)
-        path = Path(settings.storage_path) / TRIALS_FILE
-        path.write_text(json.dumps([r.as_dict() for r in records.values()], indent=2, default=str))
+        write_json(Path(settings.storage_path) / TRIALS_FILE, [r.as_dict() for r in records.values()])
 
     searcher = SpaceSearcher(space, base, param_limit, sampler, fid.max_train_examples, start_points,
                              on_reject=on_reject, on_accept=on_accept, on_duplicate=on_duplicate)
