@@ -433,6 +433,8 @@ def predict(
         _fail(_UserError("give either texts or --input FILE"), 2)
     if not (trained / "recipe.yaml").is_file():
         _fail(_UserError(f"{str(trained)!r} is not a trained output (no recipe.yaml; see autopeft train -o)"), 2)
+    if output is not None and output.is_dir():  # checked before predicting: no predictions thrown away
+        _fail(_UserError(f"-o {str(output)!r} is a folder: give the CSV file to write"), 2)
     task = _run(lambda: get_task(load_recipe(trained / "recipe.yaml").task))
     if input_file is not None:
         rows = _run(read_texts, input_file, task.text_columns)
@@ -446,11 +448,14 @@ def predict(
     if output is not None:
         import csv
 
-        output.parent.mkdir(parents=True, exist_ok=True)
-        with open(output, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow([*task.text_columns, "prediction"])
-            w.writerows([*row, p] for row, p in zip(rows, preds))
+        def write() -> None:
+            output.parent.mkdir(parents=True, exist_ok=True)
+            with open(output, "w", newline="") as f:
+                w = csv.writer(f)
+                w.writerow([*task.text_columns, "prediction"])
+                w.writerows([*row, p] for row, p in zip(rows, preds))
+
+        _run(write)  # an unwritable place: one line, not a traceback
         console.print(f"wrote {len(preds)} predictions to {output}", markup=False)
     else:
         for p in preds:

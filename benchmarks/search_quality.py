@@ -1040,7 +1040,7 @@ def run_search(task: str, searcher: str, seed: int, trials: int, examples: int, 
     predictions (its kept weights scored again on test: the same score as the front's ``test_score``).
     An interrupted search of the same name in ``out/runs`` is resumed, unless ``fresh``."""
     import autopeft
-    from autopeft.searching.final import kept_dir
+    from autopeft.searching.runs import kept_dir
     from autopeft.composition.recipe import Recipe
     from autopeft.training.trainer import is_trained_folder, load_trained
 

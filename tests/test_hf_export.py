@@ -286,7 +286,7 @@ def test_search_point_is_trained_first_then_exported_with_its_provenance(tmp_pat
     res = runner.invoke(app, ["export", "mysearch", "--output-dir", str(tmp_path / "runs"), "--format", "peft",
                               "-o", str(tmp_path / "peft")])
     assert res.exit_code == 0, res.output
-    assert "search folders keep no weights: training trial abc123" in res.output
+    assert "no kept weights for trial abc123: training its recipe" in res.output
     assert [(c[0], c[1], c[2]) for c in calls] == [(recipe, str(tmp_path / "glue"), folder / "trained" / "abc123")]
     card = (tmp_path / "peft" / "README.md").read_text()
     for text in ("search: `mysearch`", "searcher: tpe, seed 7", "trial: `abc123`", "accuracy 0.8123 at 320 training"):

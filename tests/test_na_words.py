@@ -115,6 +115,13 @@ def test_predict_input_cli_predicts_the_words_not_empty_texts(tmp_path):
         out = list(csv.DictReader(f))
     assert [r["text"] for r in out] == NA_WORDS  # was: every text ""
     assert [r["prediction"] for r in out] == api.predict(tmp_path / "out", NA_WORDS)  # predicted on the words
+    # an -o that cannot be written: one line, not a traceback (a folder is refused before predicting)
+    res = runner.invoke(app, ["predict", str(tmp_path / "out"), "--input", str(inp), "-o", str(tmp_path)])
+    assert res.exit_code == 2 and res.output == f"error: -o {str(tmp_path)!r} is a folder: give the CSV file to write\n"
+    (tmp_path / "file").write_text("x")
+    res = runner.invoke(app, ["predict", str(tmp_path / "out"), "--input", str(inp), "-o", str(tmp_path / "file" / "p.csv")])
+    assert res.exit_code == 1 and len(res.output.strip().splitlines()) == 1, res.output
+    assert res.output.startswith("error: FileExistsError: ") and "Traceback" not in res.output, res.output
 
 
 def test_an_empty_label_is_still_a_one_line_error_naming_its_rows(tmp_path, monkeypatch):

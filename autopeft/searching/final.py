@@ -22,18 +22,13 @@ import statistics
 from pathlib import Path
 from typing import Any, Callable
 
-from autopeft.searching.runs import TRAINED_SUBDIR  # noqa: F401  (its old home)
+from autopeft.searching.runs import TRAINED_SUBDIR, kept_dir  # noqa: F401  (their old home)
 
 #: ``--reference`` kinds.
 REFERENCES = ("full",)
 #: Learning rate of the full fine-tuning reference (BERT's fine-tuning range, Devlin et al.
 #: arXiv:1810.04805 sec. A.3; on MiniLM-L6 SST-2 it reached 89.2% after 33,696 examples).
 FULL_FT_LEARNING_RATE = 5e-5
-
-
-def kept_dir(search_dir: str | Path, trial_id: str) -> Path:
-    """Where trial ``trial_id`` of a search keeps its trained weights."""
-    return Path(search_dir) / TRAINED_SUBDIR / trial_id
 
 
 def _test_fields(scored) -> dict[str, Any]:

@@ -13,7 +13,7 @@ here. What each file holds:
 ``best_recipe.yaml``        the front's best point as a recipe; ``pareto.png`` its plot
 ``resume.json``             arguments and MLflow parent run for ``autopeft resume``
 ``checkpoint.pkl``          the searcher's and scheduler's state (:mod:`autopeft.searching.resume`)
-``trained/<trial id>/``     the kept weights of each top-fidelity trial (:data:`TRAINED_SUBDIR`)
+``trained/<trial id>/``     the kept weights of each top-fidelity trial (:func:`kept_dir`)
 ``progress/``, ``driver.json``  live progress and the driver's heartbeat (``autopeft status``)
 ==========================  =====================================================================
 
@@ -47,6 +47,9 @@ REQUEST_FILE = "resume.json"
 CHECKPOINT_FILE = "checkpoint.pkl"
 #: Folder of a search that keeps its trials' trained weights (one sub-folder per trial id).
 TRAINED_SUBDIR = "trained"
+#: In a kept-weights folder: content hashes of the data files and backbone folder the weights were
+#: trained on (:func:`autopeft.exporting.hf_export.training_inputs`), so an export reuses them only for those.
+TRAINED_ON_FILE = "trained_on.json"
 #: What a finished search logs to MLflow as artifacts, in this order.
 ARTIFACT_FILES = (PARETO_FILE, PARETO_CSV, PARETO_PLOT, BEST_RECIPE_FILE, TRIALS_FILE, REFERENCE_FILE)
 
@@ -86,6 +89,11 @@ def find_search(search: str | Path, output_dir: str | Path = RUNS_DIR, finished:
         if (cand / marker).is_file():
             return cand
     raise error(f"no {kind} {str(search)!r} (looked for {p}/{marker} and {Path(output_dir) / p}/{marker})")
+
+
+def kept_dir(search_dir: str | Path, trial_id: str) -> Path:
+    """Where trial ``trial_id`` of the search in ``search_dir`` keeps its trained weights."""
+    return Path(search_dir) / TRAINED_SUBDIR / trial_id
 
 
 def read_json(path: Path, default: Any = None) -> Any:

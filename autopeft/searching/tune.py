@@ -130,7 +130,7 @@ def _trial_fn(config: dict[str, Any], space: SearchSpace, base: dict[str, Any], 
     where = _where()  # node id and host name, in every report: the driver records where each trial ran
     on_step = keep = None
     if search_dir:
-        from autopeft.searching.final import kept_dir
+        from autopeft.searching.runs import kept_dir
 
         trial_id = tune.get_context().get_trial_id()
         on_step = TrialProgressWriter(progress_file(search_dir, trial_id), trial_id, rungs)
