@@ -246,11 +246,6 @@ class Task:
         """All metrics of this task for ``predictions`` (class ids, or floats for regression)."""
         return {name: fn(predictions, labels) for name, fn in self.metrics.items()}
 
-    @property
-    def data_name(self) -> str | TaskSpec:
-        """What a recipe stores as ``task``: the name, or the spec of user data / a chosen metric."""
-        return self.spec if self.spec is not None else self.name
-
 
 _SUPERGLUE = "aps/super_glue"
 _PARQUET_REF = "refs/convert/parquet"  # the hub's parquet copy: loads without the dataset's script

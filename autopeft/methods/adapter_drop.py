@@ -128,11 +128,6 @@ class AdapterDropController(nn.Module):
             return self.rng.randint(0, self.max_train_drop)
         return self.n if self.mode == "specialized" else 0
 
-    def reset_rng(self, seed: int | None = None) -> None:
-        """Restart the robust draws (from ``seed``, default the configured one)."""
-        self.rng = random.Random(self.seed if seed is None else seed)
-        self.draws = 0
-
     def pre_hook(self, module: nn.Module, args, kwargs) -> None:
         self.drop(self.choose(module.training))
 

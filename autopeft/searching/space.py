@@ -113,16 +113,6 @@ class Dim:
         """Choices that are not plain scalars travel through Optuna as JSON strings."""
         return self.kind == "choice" and any(isinstance(v, (list, dict)) for v in self.values)
 
-    def tune_domain(self):
-        """The Ray Tune domain of this dimension."""
-        from ray import tune
-
-        a = self.values
-        if self.kind == "choice":
-            return tune.choice([json.dumps(v) for v in a] if self.encoded else list(a))
-        return {"uniform": lambda: tune.uniform(a[0], a[1]), "loguniform": lambda: tune.loguniform(a[0], a[1]),
-                "int": lambda: tune.randint(a[0], a[1] + 1), "logint": lambda: tune.lograndint(a[0], a[1] + 1)}[self.kind]()
-
     def decode(self, value: Any) -> Any:
         return json.loads(value) if self.encoded and isinstance(value, str) else value
 
@@ -306,10 +296,6 @@ class SearchSpace:
     # ----- Ray Tune / Optuna side --------------------------------------------------------------
     def tunable(self) -> dict[str, Dim]:
         return {k: d for k, d in self.dims.items() if d.kind != "fixed"}
-
-    def ray_param_space(self) -> dict[str, Any]:
-        """Ray Tune domains for the non-fixed dimensions (flat keys)."""
-        return {k: d.tune_domain() for k, d in self.tunable().items()}
 
     def complete_point(self, point: dict[str, Any]) -> dict[str, Any]:
         """A full, encoded configuration from a partial start point (missing dims: off / first value)."""

@@ -2,8 +2,8 @@
 
 Stage 1 (:func:`train_adapters`): one serial Pfeiffer adapter per source task, each trained alone
 with :func:`autopeft.training.trainer.run_trial` and saved with :func:`autopeft.training.trainer.save_trained` to
-``<out_dir>/<task>/``. Stage 2 (:func:`stage2_recipe`, :func:`write_stage2_recipe`,
-:func:`train_fusion`): a recipe whose first component is ``adapter_fusion`` listing those folders
+``<out_dir>/<task>/``. Stage 2 (:func:`stage2_recipe`, whose ``.save(path)``
+writes it as YAML, and :func:`train_fusion`): a recipe whose first component is ``adapter_fusion`` listing those folders
 (absolute paths), trained on the target task. A stage-2 model saved with ``save_trained`` holds only
 the fusion layers and the head; ``load_trained`` reloads the frozen adapters from the stage-1
 folders named in its recipe, so those folders must stay in place.
@@ -21,12 +21,9 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from autopeft.methods.adapter import AdapterConfig
-from autopeft.methods.adapter_fusion import AdapterFusionConfig, Stage1Adapter, stage1_adapter_config, stage1_of
-from autopeft.composition.recipe import (
-    Recipe, RecipeError, check_recipe, load_recipe, read_trained_folder, recipe_as_built, recipe_from_dict,
-)
+from autopeft.methods.adapter_fusion import AdapterFusionConfig, stage1_adapter_config
+from autopeft.composition.recipe import Recipe, RecipeError, check_recipe, load_recipe, recipe_from_dict
 from autopeft._util import read_yaml
-from autopeft.errors import CompositionError
 
 RecipeLike = Recipe | dict | str | Path | None
 
@@ -36,24 +33,6 @@ def _task_name(recipe: Recipe) -> str:
     from autopeft.data.tasks import get_task
 
     return get_task(recipe.task).name
-
-
-def load_stage1(folder: str | Path, with_tensors: bool = True) -> Stage1Adapter:
-    """Read a stage-1 folder written by :func:`autopeft.training.trainer.save_trained` for AdapterFusion.
-
-    Returns its adapter component (``gated`` resolved from the stage-1 recipe's ``gating``, so the
-    adapter is rebuilt exactly as stage 1 trained it), its task, its backbone's config (``None`` if
-    it cannot be loaded) and, with ``with_tensors``, its saved tensors.
-
-    Raises:
-        CompositionError: no ``recipe.yaml`` / adapter file there, a recipe that does not load, or a
-            recipe that is not a fusable single serial adapter (:func:`stage1_adapter_config`).
-    """
-    try:
-        read = read_trained_folder(folder, with_tensors=with_tensors, kind="stage-1 folder")
-    except CompositionError as exc:
-        raise CompositionError(f"adapter_fusion: {exc}") from None
-    return stage1_of(read)
 
 
 def as_recipe(recipe: RecipeLike, defaults: dict[str, Any] | None = None) -> Recipe:
@@ -200,12 +179,6 @@ def stage2_recipe(adapters: Sequence[str | Path], task: str, base_recipe: Recipe
     return recipe_from_dict(data)
 
 
-def write_stage2_recipe(adapters: Sequence[str | Path], task: str, out_path: str | Path,
-                        base_recipe: RecipeLike = None, **fusion_options: Any) -> Path:
-    """Write :func:`stage2_recipe` as YAML to ``out_path``; returns the path. Raises as it does."""
-    return stage2_recipe(adapters, task, base_recipe, **fusion_options).save(out_path)
-
-
 def train_fusion(adapters: Sequence[str | Path], task: str, out_dir: str | Path,
                  data_dir: str | Path | None = None, base_recipe: RecipeLike = None, *,
                  device: str | None = None, log: Callable[[str], None] | None = None,
@@ -226,15 +199,3 @@ def train_fusion(adapters: Sequence[str | Path], task: str, out_dir: str | Path,
         log(f"stage 2: fusing {len(adapters)} adapters on {_task_name(recipe)}")
     result, model = run_trial(recipe, data_dir, device=device, log=log)
     return result, save_trained(model, recipe, result, out_dir)
-
-
-def recipe_after_pruning(model, recipe):
-    """``recipe`` as ``model`` now stands: each ``adapter_fusion`` component lists only the stage-1
-    adapters still fused in ``model`` (after :func:`prune_fusion_adapters`), with their slot names
-    (:func:`autopeft.composition.recipe.recipe_as_built`; :func:`autopeft.training.trainer.save_trained` writes it).
-    Returns ``recipe`` itself when nothing was pruned.
-
-    Raises:
-        CompositionError: a stage-1 folder of the recipe can no longer be read.
-    """
-    return recipe_as_built(model, recipe)
