@@ -491,7 +491,7 @@ def resume(name: str | Path, output_dir: str | Path = RUNS_DIR, tracking_uri: st
     """Continue an interrupted search with the arguments it was started with (its ``resume.json``).
 
     Args:
-        name: the search's name under ``output_dir``, or its folder.
+        name: the search's name under ``output_dir``, its folder, or ``latest`` (the newest search there).
         output_dir: where search folders are.
         tracking_uri: MLflow store (default: the one the search was started with).
         progress: as in :func:`search`.
@@ -504,9 +504,12 @@ def resume(name: str | Path, output_dir: str | Path = RUNS_DIR, tracking_uri: st
     """
     from autopeft.searching.resume import REQUEST_FILE, ResumeError, open_search_folder
 
-    folder = Path(name)
-    if not (folder / REQUEST_FILE).is_file():
-        folder = Path(output_dir) / str(name)
+    from autopeft.searching.runs import SearchFolderError
+
+    try:  # a folder, a name under output_dir, or ``latest``, as ``autopeft status`` and ``export`` take them
+        folder = find_search(name, output_dir, finished=False)
+    except SearchFolderError:
+        folder = Path(output_dir) / str(name)  # open_search_folder says what is missing
     stored = open_search_folder(folder, resume=True)
     request = {k: v for k, v in stored["request"].items() if k not in ("name", "output_dir", "progress", "resume")}
     if tracking_uri:
@@ -657,7 +660,7 @@ def count(recipe: Recipe | str | Path | dict):
     if isinstance(recipe, dict):
         recipe = recipe_from_dict(recipe)
     elif not isinstance(recipe, Recipe):
-        recipe = load_recipe(recipe)
+        recipe = load_recipe(recipe, check=False)  # count_recipe assembles it: once, not twice
     from autopeft.composition.recipe import backbone_weight_bytes
 
     return dataclasses.replace(count_recipe(recipe), weight_bytes=backbone_weight_bytes(recipe))

@@ -137,7 +137,7 @@ def search(
 
 @app.command("resume")
 def resume_search(
-    search: str = typer.Argument(..., help="Name of the interrupted search under --output-dir, or its folder."),
+    search: str = typer.Argument(..., help="Name of the interrupted search under --output-dir, its folder, or latest."),
     output_dir: str = typer.Option(RUNS_DIR, help="Where search folders are."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output: only the Pareto front (and errors)."),
 ) -> None:
@@ -247,13 +247,9 @@ def _print_front(result) -> None:
 def _fmt_ci(row: dict, key: str) -> str:
     """``0.8761 [0.8541, 0.8968]`` from ``row[key]`` and its interval (``score_low``/``score_high`` for
     ``score``, ``test_low``/``test_high`` for ``test``); ``n/a`` without a score."""
-    value = row.get("score" if key == "score" else "test_score")
-    low, high = row.get(f"{key}_low"), row.get(f"{key}_high")
-    if not isinstance(value, (int, float)) or value != value:
-        return "n/a"
-    if isinstance(low, (int, float)) and isinstance(high, (int, float)) and low == low and high == high:
-        return f"{value:.4f} [{low:.4f}, {high:.4f}]"
-    return f"{value:.4f}"
+    from autopeft.data.uncertainty import fmt_ci
+
+    return fmt_ci(row.get("score" if key == "score" else "test_score"), row.get(f"{key}_low"), row.get(f"{key}_high"))
 
 
 #: Statuses of samples that were rejected before training (see :data:`autopeft.searching.tracking.STATUSES`).

@@ -75,16 +75,9 @@ and test (the task's validation split, read once after the search).</p>
 
 def _ci(row: dict, key: str, low: str, high: str) -> str:
     """``0.8761 [0.8541, 0.8968]``, the score alone without an interval, ``n/a`` without a score."""
-    import math
+    from autopeft.data.uncertainty import fmt_ci
 
-    def ok(x):
-        return isinstance(x, (int, float)) and math.isfinite(x)
-
-    if not ok(row.get(key)):
-        return "n/a"
-    if ok(row.get(low)) and ok(row.get(high)):
-        return f"{row[key]:.4f} [{row[low]:.4f}, {row[high]:.4f}]"
-    return f"{row[key]:.4f}"
+    return fmt_ci(row.get(key), row.get(low), row.get(high))
 
 
 def _seeds(row: dict) -> str:

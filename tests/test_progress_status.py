@@ -135,7 +135,11 @@ def test_status_of_a_running_search(tmp_path):
     assert (r["trial_id"], r["examples_seen"], r["top"], r["rung"], r["rungs"], r["loss"]) == ("d", 640, 3000, 2, 3, 0.4321)
     lines = format_status(st)
     assert lines[1] == "trials: 5 (2 finished, 1 over_budget, 1 running, 1 stopped_early)"
-    assert lines[2] == "best at the top fidelity: trial b score=0.8400 (90,000 trainable parameters)"
+    # the task's metric by name (was always "score=": search.json holds the task, not the metric)
+    assert lines[2] == "best at the top fidelity: trial b accuracy=0.8400 (90,000 trainable parameters)"
+    for task, metric in (("stsb", "pearson"), ("cola", "mcc"), ("no-such-task", "score")):
+        st.settings["task"] = task
+        assert format_status(st)[2].startswith(f"best at the top fidelity: trial b {metric}=0.8400"), task
     assert lines[3].startswith("running: trial d 640/3,000 examples, rung 2/3, loss 0.4321, updated ")
 
 
@@ -162,7 +166,7 @@ def test_status_cli(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     out = CliRunner().invoke(app, ["status", "s1"])
     assert out.exit_code == 0, out.output
-    assert "search s1: running" in out.output and "best at the top fidelity: trial b score=0.8400" in out.output
+    assert "search s1: running" in out.output and "best at the top fidelity: trial b accuracy=0.8400" in out.output
     out = CliRunner().invoke(app, ["status", "latest", "--json"])
     assert json.loads(out.output)["counts"]["finished"] == 2
     out = CliRunner().invoke(app, ["status", "nope"])

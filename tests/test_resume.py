@@ -306,6 +306,7 @@ def test_existing_name_without_resume_is_a_one_line_error_and_nothing_is_overwri
     (["search", "--resume", "--name", "nope"], "no search 'nope' to resume"),
     (["search", "--resume"], "--resume needs the --name"),
     (["resume", "done"], "search 'done' already finished"),
+    (["resume", "latest"], "search 'done' already finished"),  # latest, as status and export take it
 ])
 def test_resume_errors_are_one_line(argv, text, tmp_path):
     _fake_search(tmp_path, "done", finished=True)

@@ -308,3 +308,15 @@ def test_vectorised_intervals_equal_the_metric_resample_by_resample(metric, n):
         stat = vectorised_metric(fn.__name__, np.zeros(n, int), gold)
         assert float(stat(np.zeros(n, int), gold)) == pytest.approx(fn(np.zeros(n, int), gold), abs=1e-12)
     assert vectorised_metric(fn.__name__, pred * 3, gold * 3) is None or metric in ("accuracy", "pearson")
+
+
+def test_every_report_formats_a_score_and_its_interval_one_way():
+    """The CLI table, export's provenance comment and the HTML report share one formatter."""
+    from autopeft.cli import _fmt_ci
+    from autopeft.data.uncertainty import fmt_ci
+
+    assert fmt_ci(0.87614, 0.85412, 0.89681) == "0.8761 [0.8541, 0.8968]"
+    assert fmt_ci(0.87614, None, 0.9) == fmt_ci(0.87614, float("nan"), 0.9) == "0.8761"
+    assert fmt_ci(None) == fmt_ci(float("nan"), 0.1, 0.2) == fmt_ci(float("inf")) == fmt_ci(True) == "n/a"
+    row = {"score": 0.8, "score_low": 0.7, "score_high": 0.9, "test_score": float("inf"), "test_low": 0.1}
+    assert (_fmt_ci(row, "score"), _fmt_ci(row, "test")) == ("0.8000 [0.7000, 0.9000]", "n/a")  # was "inf"

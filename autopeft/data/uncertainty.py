@@ -114,3 +114,14 @@ def within_noise(rows: list[dict], score: str = "score", low: str = "score_low")
     if not isinstance(floor, (int, float)) or not math.isfinite(floor):
         floor = best[score]
     return [r for r in finite if r[score] >= floor]
+
+
+def fmt_ci(score: object, low: object = None, high: object = None) -> str:
+    """A score with its 95% interval as every report prints it: ``0.8761 [0.8541, 0.8968]``; the score
+    alone without a finite interval; ``n/a`` without a finite score (``None``, NaN, a failed run)."""
+    def finite(x: object) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+    if not finite(score):
+        return "n/a"
+    return f"{score:.4f} [{low:.4f}, {high:.4f}]" if finite(low) and finite(high) else f"{score:.4f}"

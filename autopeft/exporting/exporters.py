@@ -14,14 +14,14 @@ To add a format, write its writer (any module) and add its row here.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from autopeft._util import is_finite
+from autopeft.data.uncertainty import fmt_ci
 from autopeft.errors import ExportError
-from autopeft.searching.runs import RUNS_DIR, SEARCH_FILE, pick_point
+from autopeft.searching.runs import RUNS_DIR, pick_point, settings_of
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,7 @@ def write_recipe(source: str | Path, *, pick: str | None = None, output: str | P
 def provenance_comment(folder: Path, row: dict) -> str:
     """YAML comment lines naming the search (name, searcher, seed), the trial and its score: the
     recipe file's model card."""
-    s = json.loads((folder / SEARCH_FILE).read_text()) if (folder / SEARCH_FILE).is_file() else {}
+    s = settings_of(folder)
     where = f" at {row['examples_seen']:,} training examples" if isinstance(row.get("examples_seen"), int) else ""
     split = "dev" if (row.get("recipe") or {}).get("dev") else "validation"
     test = (f"; test {fmt_ci(row.get('test_score'), row.get('test_low'), row.get('test_high'))}"
@@ -84,13 +84,6 @@ def provenance_comment(folder: Path, row: dict) -> str:
             f"# trial {row.get('trial_id')}: {split} score "
             f"{fmt_ci(row.get('score'), row.get('score_low'), row.get('score_high'))}{test}{where}, "
             f"{row.get('trainable_params', 0):,} trainable parameters without the head\n")
-
-
-def fmt_ci(score: Any, low: Any, high: Any) -> str:
-    """``0.8761 [0.8541, 0.8968]`` (95% interval), or the score alone without a finite interval."""
-    if not is_finite(score):
-        return "n/a"
-    return f"{score:.4f} [{low:.4f}, {high:.4f}]" if is_finite(low) and is_finite(high) else f"{score:.4f}"
 
 
 def _hf(fmt: str) -> Callable[..., Any]:

@@ -139,7 +139,7 @@ def _trial_fn(config: dict[str, Any], space: SearchSpace, base: dict[str, Any], 
     def report(row: dict[str, Any]) -> None:
         score = row.get("score")
         if not (isinstance(score, (int, float)) and math.isfinite(score)):
-            raise NonFiniteScore(f"validation score is {score} at {row.get('examples_seen')} examples "
+            raise NonFiniteScore(f"dev score is {score} at {row.get('examples_seen')} examples "
                                  "(constant predictions?)")
         tune.report({**row, "status": "running", **where})
 
