@@ -54,9 +54,7 @@ def _check_search_settings(name: str | None, backbone: Any, cpus: float, gpus: f
                                   "weights): search with a Hugging Face id, a local folder or minilm-l6")
     if ray_address:  # a cluster's resources are checked once connected (autopeft.searching.tune.run_tune)
         return
-    import torch
-
-    have_cpus, have_gpus = os.cpu_count() or 1, torch.cuda.device_count() if torch.cuda.is_available() else 0
+    have_cpus, have_gpus = os.cpu_count() or 1, _cuda_devices()
     if cpus > have_cpus:
         raise SearchSettingsError(f"--cpus-per-trial {cpus:g} exceeds this machine's {have_cpus} CPUs: no trial "
                                   "could start")
@@ -127,7 +125,7 @@ def default_resources(trial_bytes: int | None = None) -> tuple[float, float]:
     import torch
 
     cpus = os.cpu_count() or 1
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    gpus = _cuda_devices()
     if gpus:
         from autopeft.backbones.memory import trials_per_gpu
 
@@ -137,6 +135,7 @@ def default_resources(trial_bytes: int | None = None) -> tuple[float, float]:
 
 
 def _cuda_devices() -> int:
+    """CUDA devices this process sees (0 without CUDA)."""
     import torch
 
     return torch.cuda.device_count() if torch.cuda.is_available() else 0

@@ -65,10 +65,11 @@ class PeftModel(nn.Module):
     """A frozen backbone plus any set of PEFT components; the task head stays trainable.
 
     Args:
-        backbone: a Hugging Face ``*ForSequenceClassification`` of the BERT family.
+        backbone: a Hugging Face ``*ForSequenceClassification`` of a family in
+            :data:`autopeft.backbones.arch.FAMILIES` (BERT, RoBERTa, DistilBERT, DeBERTa-v2, GPT-2, Llama, ...).
         gating: default for components whose config leaves ``gated`` unset.
-        pooling: one of :data:`POOLINGS`; the head's parameters are the same for all three (the
-            classifier stays trainable and outside the budget).
+        pooling: one of :data:`POOLINGS`; the head's parameters are the same for each (the classifier
+            stays trainable and outside the budget).
 
         read_folder: ``read_folder(path, with_tensors, kind) -> TrainedFolder``: how the model reads a
             trained folder a component names (AdapterFusion's stage-one adapters); handed in by the edge

@@ -17,6 +17,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from autopeft._util import is_finite
+
 #: Resamples of a bootstrap interval (1,000: the interval's ends move by < 0.2 points between seeds
 #: on 872 examples; milliseconds for accuracy, F1, MCC and Pearson, which are vectorised).
 N_RESAMPLES = 1000
@@ -119,9 +121,6 @@ def within_noise(rows: list[dict], score: str = "score", low: str = "score_low")
 def fmt_ci(score: object, low: object = None, high: object = None) -> str:
     """A score with its 95% interval as every report prints it: ``0.8761 [0.8541, 0.8968]``; the score
     alone without a finite interval; ``n/a`` without a finite score (``None``, NaN, a failed run)."""
-    def finite(x: object) -> bool:
-        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-    if not finite(score):
+    if not is_finite(score):
         return "n/a"
-    return f"{score:.4f} [{low:.4f}, {high:.4f}]" if finite(low) and finite(high) else f"{score:.4f}"
+    return f"{score:.4f} [{low:.4f}, {high:.4f}]" if is_finite(low) and is_finite(high) else f"{score:.4f}"

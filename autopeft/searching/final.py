@@ -17,11 +17,11 @@ from train (:class:`autopeft.data.tasks.DevSplit`). Only when the search has end
 
 from __future__ import annotations
 
-import math
 import statistics
 from pathlib import Path
 from typing import Any, Callable
 
+from autopeft._util import is_finite
 from autopeft.searching.runs import TRAINED_SUBDIR, kept_dir  # noqa: F401  (their old home)
 
 #: ``--reference`` kinds.
@@ -125,7 +125,7 @@ def _std(xs: list[float]) -> float:
 
 
 def _finite(xs: list) -> list[float]:
-    return [x for x in xs if isinstance(x, (int, float)) and math.isfinite(x)]
+    return [x for x in xs if is_finite(x)]
 
 
 def _one_line(exc: BaseException) -> str:

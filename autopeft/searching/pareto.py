@@ -13,6 +13,8 @@ from typing import Sequence
 
 import numpy as np
 
+from autopeft._util import is_finite
+
 #: (key in a trial row, direction) of the three objectives.
 OBJECTIVES: tuple[tuple[str, str], ...] = (("score", "max"), ("trainable_params", "min"), ("peak_memory_bytes", "min"))
 
@@ -71,12 +73,7 @@ def front_hypervolume(rows: Sequence[dict], param_limit: int, objectives=OBJECTI
 
 def finite_rows(rows: Sequence[dict], objectives=OBJECTIVES) -> list[int]:
     """Indices of the rows whose every objective is a finite number (a NaN score is a failed trial)."""
-    import math
-
-    def ok(v) -> bool:
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-    return [i for i, r in enumerate(rows) if all(ok(r.get(k)) for k, _ in objectives)]
+    return [i for i, r in enumerate(rows) if all(is_finite(r.get(k)) for k, _ in objectives)]
 
 
 def nondominated_fronts(points_min: np.ndarray) -> list[list[int]]:

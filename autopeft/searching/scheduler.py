@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from autopeft._util import is_finite
 from autopeft.searching.pareto import OBJECTIVES, rank_keys
 
 
@@ -82,7 +83,7 @@ class MultiObjectiveASHA(_scheduler_base()):
         out = []
         for key, direction in self.objectives:
             v = result.get(key)
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+            if not is_finite(v):
                 return None
             out.append(-float(v) if direction == "max" else float(v))
         return out

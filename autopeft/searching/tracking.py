@@ -31,6 +31,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from autopeft._util import is_finite
 from autopeft.errors import AutopeftError
 
 #: Trial statuses: trained to the top fidelity, stopped at a lower rung by the scheduler, failed
@@ -343,14 +344,13 @@ class SearchTracker:
             self._set_tag(self.parent_id, "reference_error", str(ref.get("error")))
 
     def _log_values(self, run_id: str, values: dict[str, Any]) -> None:
-        import math
         import time
 
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         ms = [Metric(k, float(v), now, 0) for k, v in values.items()
-              if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
+              if is_finite(v)]
         if ms:
             self.client.log_batch(run_id, metrics=ms)
 

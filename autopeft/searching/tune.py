@@ -29,7 +29,6 @@ Every trial's record (config, recipe, status, per-rung rows) is collected on the
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import re
 import shutil
@@ -38,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from autopeft._util import is_finite
 from autopeft.searching.interrupt import GracefulStop, SearchInterrupted, signal_name
 from autopeft.searching.runs import TRIALS_FILE, write_json
 from autopeft.searching.space import SearchSpace
@@ -138,7 +138,7 @@ def _trial_fn(config: dict[str, Any], space: SearchSpace, base: dict[str, Any], 
 
     def report(row: dict[str, Any]) -> None:
         score = row.get("score")
-        if not (isinstance(score, (int, float)) and math.isfinite(score)):
+        if not is_finite(score):
             raise NonFiniteScore(f"dev score is {score} at {row.get('examples_seen')} examples "
                                  "(constant predictions?)")
         tune.report({**row, "status": "running", **where})
