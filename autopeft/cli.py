@@ -14,13 +14,47 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+import typer.core
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from typer.core import TyperGroup
 
 from autopeft.errors import AutopeftError
 from autopeft.searching.runs import RUNS_DIR
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+
+#: The click that parses the command line: typer >= 0.22 vendors its own (``typer._click``), older
+#: typer uses the ``click`` package.
+_click = getattr(typer.core, "_click", None) or __import__("click")
+
+
+class _OneLineUsageErrors(TyperGroup):
+    """Usage errors found by the option parser itself (a value out of range, an unknown option, a
+    missing argument) as one ``error:`` line and exit 2, as every other bad input of the CLI, not
+    click's boxed usage panel. ``--help`` and a bare ``autopeft`` still print the help."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except _click.exceptions.NoArgsIsHelpError as exc:  # a group without a command: its help
+            exc.show()
+            sys.exit(exc.exit_code)
+        except _click.exceptions.ClickException as exc:
+            where = f"; see `{exc.ctx.command_path} --help`" if getattr(exc, "ctx", None) is not None else ""
+            msg = " ".join(exc.format_message().split()).rstrip(".")
+            err.print(f"[bold red]error:[/] {escape(msg)}{escape(where)}",
+                      markup=True, soft_wrap=True)
+            sys.exit(exc.exit_code)
+        except typer.Abort:
+            err.print("aborted", markup=False)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+app = typer.Typer(cls=_OneLineUsageErrors, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Search, export and train parameter-efficient fine-tuning (PEFT) configurations.")
 # Logs and CI capture output without a terminal; keep the Pareto table readable there too.
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 140)
@@ -33,7 +67,7 @@ class _UserError(AutopeftError):
 
 def _fail(exc: BaseException, code: int) -> None:
     msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    err.print(f"[bold red]error:[/] {msg}", markup=True, soft_wrap=True)
+    err.print(f"[bold red]error:[/] {escape(msg)}", markup=True, soft_wrap=True)  # a message's [..] is text
     raise typer.Exit(code)
 
 
@@ -478,7 +512,7 @@ def count(
                           markup=False)
 
 
-fusion_app = typer.Typer(no_args_is_help=True, help="AdapterFusion in two stages: per-task adapters, then fusion.")
+fusion_app = typer.Typer(cls=_OneLineUsageErrors, no_args_is_help=True, help="AdapterFusion in two stages: per-task adapters, then fusion.")
 app.add_typer(fusion_app, name="fusion")
 
 

@@ -91,3 +91,26 @@ def test_searcher_help_names_every_registered_searcher():
     help_text = inspect.signature(cli.search).parameters["searcher"].default.help
     listed = [re.match(r"\w+", item).group() for item in help_text.split(":", 1)[1].strip().split(", ")]
     assert listed == list(SEARCHERS), help_text
+
+
+@pytest.mark.parametrize("argv,line", [
+    (["search", "--bogus"], "error: No such option: --bogus; see `root search --help`"),
+    (["export"], "error: Missing argument 'search'; see `root export --help`"),
+    (["search", "--trials", "many"], "error: Invalid value for '--trials': *; see `root search --help`"),
+    (["fusion", "stage1"], "error: Missing argument 'tasks'; see `root fusion stage1 --help`"),
+])
+def test_usage_errors_are_one_line_like_every_other_bad_input(argv, line, tmp_path, monkeypatch):
+    """The option parser's own errors were click's boxed usage panel (5+ lines); now one ``error:`` line."""
+    monkeypatch.chdir(tmp_path)
+    res = runner.invoke(app, argv)
+    head, _, tail = line.partition("*")  # * : the parser's own wording, which differs between typer versions
+    assert res.exit_code == 2 and res.output.count("\n") == 1, res.output
+    assert res.output.startswith(head) and res.output.endswith((tail or "") + "\n"), res.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_help_and_a_bare_command_still_print_the_help():
+    res = runner.invoke(app, ["search", "--help"])
+    assert res.exit_code == 0 and "--budget" in res.output and "--searcher" in res.output
+    res = runner.invoke(app, [])
+    assert res.exit_code == 2 and "search" in res.output and "export" in res.output and "error:" not in res.output

@@ -83,7 +83,45 @@ def test_lora_adapter_prefix_combine_with_gates_and_gates_report_values():
     logits(model)
     gates = model.gate_values()
     assert len(gates) == 2 * (1 + 1 + 1)  # per layer: 1 LoRA (shared by query and value), 1 adapter, 1 prefix gate
-    assert all(0.0 < v < 1.0 for v in gates.values())
+    # each value is UniPELT's G = mean_t sigmoid(W_G x_t + b) on its layer's input x (eq. 1-3), batch mean
+    from autopeft.composition.gates import Gate, LayerGates
+
+    checked = 0
+    for name, layer_gates in model.named_modules():
+        if isinstance(layer_gates, LayerGates):
+            x = layer_gates._input  # (B, T, d), the layer input the forward pass recorded
+            for key, gate in layer_gates.gates.items():
+                assert isinstance(gate, Gate)
+                with torch.no_grad():
+                    expected = float(torch.sigmoid(x @ gate.proj.weight.T + gate.proj.bias).mean(dim=1).mean())
+                assert gates[f"{name}.gates.{key}"] == pytest.approx(expected, abs=1e-6)
+                checked += 1
+    assert checked == len(gates)
+
+
+def test_a_gate_scales_its_component_off_and_on():
+    """UniPELT's h' = h + G * delta(h) (arXiv:2110.07577 eq. 1-3): with W_G = 0 and b = -30 (G ~ 1e-13)
+    trained LoRA and adapter components leave the backbone's logits as they are; with b = +30 (G = 1)
+    the logits are those of the same components ungated."""
+    from autopeft.composition.gates import Gate
+
+    comps = [{"method": "lora", "r": 2}, {"method": "adapter", "reduction_factor": 8}]
+    gated, ungated, bare = (build_model(tiny_recipe(c, gating=g)) for c, g in ((comps, True), (comps, False), ([], False)))
+    perturb(gated)
+    for other in (ungated, bare):  # the same trained components and head; no gates / no components
+        other.load_state_dict(gated.state_dict(), strict=False)
+    assert not torch.allclose(logits(gated), logits(bare), atol=1e-3)  # the components matter
+
+    def set_gates(bias: float) -> torch.Tensor:
+        for module in gated.modules():
+            if isinstance(module, Gate):
+                with torch.no_grad():
+                    module.proj.weight.zero_()
+                    module.proj.bias.fill_(bias)
+        return logits(gated)
+
+    assert torch.allclose(set_gates(-30.0), logits(bare), atol=1e-5)
+    assert torch.allclose(set_gates(30.0), logits(ungated), atol=1e-5)
 
 
 def test_unknown_method_and_bad_hyperparameters_are_one_line_recipe_errors():

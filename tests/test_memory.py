@@ -63,9 +63,28 @@ def test_meter_gives_the_same_gradients_as_no_meter():
     assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
 
 
-def test_release_memory_runs_and_reports_a_bool():
-    from autopeft.backbones.memory import release_memory
+def test_release_memory_collects_cycles_trims_the_heap_and_reports_glibcs_answer(monkeypatch):
+    import gc
+    import weakref
 
-    junk = [bytearray(1 << 20) for _ in range(64)]  # 64 MiB on the heap, then freed
-    del junk
-    assert isinstance(release_memory(), bool)
+    import autopeft.backbones.memory as memory
+
+    class Node:
+        pass
+
+    calls = []
+    for answer, expected in ((1, True), (0, False)):
+        a, b = Node(), Node()
+        a.other, b.other = b, a  # a reference cycle: only the garbage collector frees it
+        dead = weakref.ref(a)
+        del a, b
+        gc.disable()  # no automatic collection between here and release_memory
+        try:
+            monkeypatch.setattr(memory, "_libc_malloc_trim", lambda answer=answer: lambda pad: calls.append(pad) or answer)
+            assert memory.release_memory() is expected
+        finally:
+            gc.enable()
+        assert dead() is None  # collected by release_memory
+    assert calls == [0, 0]  # malloc_trim(0): release all free heap pages
+    monkeypatch.setattr(memory, "_libc_malloc_trim", lambda: None)  # no glibc (macOS, musl)
+    assert memory.release_memory() is False

@@ -35,15 +35,28 @@ def test_auto_resolves_from_the_hardware(monkeypatch):
         prec.resolve_precision("int8", "cpu")
 
 
-def test_cpu_flags_are_read_from_cpuinfo():
-    flags = prec.cpu_bf16_flags()
-    assert set(flags) <= set(prec.BF16_CPU_FLAGS)
+@pytest.mark.parametrize("cpuinfo,flags", [
+    ("processor\t: 0\nflags\t\t: fpu sse avx512_bf16 avx2\n", ("avx512_bf16",)),
+    ("flags: amx_bf16 amx_tile avx512_bf16\nflags: amx_bf16\n", ("amx_bf16", "avx512_bf16")),
+    ("flags\t: fpu amx_bf16x avx512_bf16_extra\nmodel name: amx_bf16\n", ()),  # whole flags, flags lines only
+    (OSError("no /proc"), ()),  # macOS, Windows: auto stays fp32
+])
+def test_cpu_flags_are_read_from_cpuinfo(monkeypatch, cpuinfo, flags):
+    class FakePath:
+        def __init__(self, path):
+            assert path == "/proc/cpuinfo"
+
+        def read_text(self):
+            if isinstance(cpuinfo, Exception):
+                raise cpuinfo
+            return cpuinfo
+
+    monkeypatch.setattr(prec, "Path", FakePath)
+    prec.cpu_bf16_flags.cache_clear()  # read once per process
     try:
-        text = open("/proc/cpuinfo").read()
-    except OSError:
-        assert flags == ()
-        return
-    assert ("amx_bf16" in flags) == (" amx_bf16" in text)
+        assert prec.cpu_bf16_flags() == flags
+    finally:
+        prec.cpu_bf16_flags.cache_clear()  # the next caller reads this machine's
 
 
 def test_cast_keeps_trainable_float32_and_stores_frozen_linears_in_the_compute_dtype():

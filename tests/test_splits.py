@@ -270,7 +270,10 @@ def test_bad_confirm_seeds_and_reference_are_one_line_errors(tmp_path):
     res = CliRunner().invoke(app, ["search", "--reference", "lora", "--output-dir", str(tmp_path)])
     assert res.exit_code == 2 and "unknown --reference 'lora'; valid: full" in res.output
     res = CliRunner().invoke(app, ["search", "--confirm-seeds", "-1", "--output-dir", str(tmp_path)])
-    assert res.exit_code == 2
+    # one line, as every bad input (was click's boxed usage panel); nothing written
+    assert res.exit_code == 2 and res.output == ("error: Invalid value for '--confirm-seeds': Input should be greater "
+                                                 "than or equal to 0; see `root search --help`\n"), res.output
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_backbone_no_trial_could_train_is_refused_before_the_search(tmp_path):
