@@ -114,3 +114,35 @@ def test_help_and_a_bare_command_still_print_the_help():
     assert res.exit_code == 0 and "--budget" in res.output and "--searcher" in res.output
     res = runner.invoke(app, [])
     assert res.exit_code == 2 and "search" in res.output and "export" in res.output and "error:" not in res.output
+
+
+def test_data_dir_and_tracking_uri_fall_back_to_their_environment_variables(tmp_path, monkeypatch):
+    """``--data-dir`` reads ``AUTOPEFT_DATA_DIR`` and ``--tracking-uri`` reads ``MLFLOW_TRACKING_URI``
+    when not given (README); each is seen in the one-line error it leads to, before any trial."""
+    from pathlib import Path
+
+    from conftest import GLUE_DIR
+
+    monkeypatch.setenv("AUTOPEFT_DATA_DIR", str(tmp_path / "no-glue"))
+    res = runner.invoke(app, ["search", "--task", "rte", "--output-dir", str(tmp_path / "runs")])
+    assert (res.exit_code, res.output) == (2, f"error: data dir '{tmp_path / 'no-glue'}' does not exist\n")
+    monkeypatch.setenv("AUTOPEFT_DATA_DIR", str(GLUE_DIR))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlit:///typo.db")
+    space = Path(__file__).parent / "data" / "tiny_space.yaml"
+    res = runner.invoke(app, ["search", "--task", "rte", "--budget", "50k", "--space", str(space),
+                              "--output-dir", str(tmp_path / "runs")])
+    assert res.exit_code == 2 and res.output.startswith(
+        "error: cannot open MLflow experiment 'autopeft' at tracking URI 'sqlit:///typo.db': "), res.output
+    assert not (tmp_path / "runs").exists()
+
+
+def test_methods_lists_every_method_with_its_paper():
+    res = runner.invoke(app, ["methods"])
+    assert res.exit_code == 0
+    rows = [line.split() for line in res.output.strip().splitlines()]
+    assert rows == [["bitfit", "arXiv:2106.10199"], ["prefix_tuning", "arXiv:2101.00190"],
+                    ["p_tuning", "arXiv:2103.10385"], ["p_tuning_v2", "arXiv:2110.07602"],
+                    ["adapter", "arXiv:1902.00751"], ["adapter_fusion", "arXiv:2005.00247"],
+                    ["adapter_drop", "arXiv:2010.11918"], ["lora", "arXiv:2106.09685"],
+                    ["adalora", "arXiv:2303.10512"], ["qlora", "arXiv:2305.14314"], ["mam", "arXiv:2110.04366"],
+                    ["unipelt", "arXiv:2110.07577"], ["full_finetuning", "arXiv:1810.04805"]]

@@ -112,3 +112,31 @@ def test_supernet_drops_conflicting_and_ungated_components():
     assert all(gates[k] for k in keys)
     assert any("lora_again" in line and "claim" in line for line in logs)
     assert any("bitfit" in line and "gated" in line for line in logs)
+
+
+def test_a_one_shot_search_tries_the_proposals_right_after_the_start_points(tmp_path, tiny_glue):
+    """``search(one_shot=True)`` (``--one-shot``) end to end through Ray: the supernet's proposals are
+    written to one_shot.json and are the search's next samples after the space's start point."""
+    import json
+
+    import yaml
+
+    import autopeft
+
+    space_file = tmp_path / "space.yaml"
+    space_file.write_text(yaml.safe_dump({**SPACE, "fidelity": {"max_train_examples": 64, "min_train_examples": 32,
+                                                                 "reduction_factor": 2}}))
+    result = autopeft.search(task="sst2", budget="10000", backbone=SMALL_BERT, space=str(space_file), trials=3,
+                             one_shot=True, data_dir=tiny_glue, output_dir=tmp_path / "runs", name="shot", seed=0,
+                             tracking_uri=f"sqlite:///{tmp_path / 'm.db'}", time_budget_s=900,
+                             training={"max_seq_length": 32}, progress=None)
+    shot = json.loads((result.path / "one_shot.json").read_text())
+    assert set(shot["importance"]) == COMPONENTS and 1 <= len(shot["proposals"]) <= 2
+    assert result.settings["one_shot"] is True
+    sampled = [t for t in result.trials if t["status"] not in ("over_budget", "empty", "invalid")]
+    # sample 0: the space's start point (LoRA r=8, lr 5e-3); then each proposal, in order
+    assert sampled[0]["config"]["lora.r"] == 8 and sampled[0]["config"]["training.learning_rate"] == 5e-3
+    for proposal, trial in zip(shot["proposals"], sampled[1:]):
+        scalars = {k: v for k, v in proposal.items() if not isinstance(v, (list, dict))}
+        assert {k: trial["config"][k] for k in scalars} == scalars, (proposal, trial["config"])
+    assert len(result.pareto) >= 1 and all(t["status"] != "failed" for t in result.trials)

@@ -83,6 +83,16 @@ def test_within_noise_keeps_the_points_inside_the_best_interval_and_the_pick_tak
     (tmp_path / "s" / "pareto.json").write_text(json.dumps(rows))
     assert autopeft.api.pick_point(tmp_path / "s", "smallest-within-noise")[1]["trial_id"] == "b"
     assert autopeft.api.pick_point(tmp_path / "s", "best")[1]["trial_id"] == "a"
+    # every other pick, on a front where each names another point
+    rows[1]["peak_memory_bytes"] = 0  # b is the leanest, c the smallest
+    (tmp_path / "s" / "pareto.json").write_text(json.dumps(rows))
+    picks = {p: autopeft.api.pick_point(tmp_path / "s", p)[1]["trial_id"] for p in ("smallest", "leanest", "2", "b")}
+    assert picks == {"smallest": "c", "leanest": "b", "2": "c", "b": "b"}
+    with pytest.raises(ValueError, match=r"^pick 3 is out of range: the front has 3 points \(0-2\)$"):
+        autopeft.api.pick_point(tmp_path / "s", "3")
+    with pytest.raises(ValueError, match=r"^unknown pick 'trial_9'; use best, smallest, leanest, smallest-within-noise, "
+                                         r"an index, or a trial id \(a, b, c\)$"):
+        autopeft.api.pick_point(tmp_path / "s", "trial_9")
 
 
 # ----- a real search: the test split is never read before the search ends -------------------------
