@@ -57,7 +57,8 @@ class _OneLineUsageErrors(TyperGroup):
 app = typer.Typer(cls=_OneLineUsageErrors, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Search, export and train parameter-efficient fine-tuning (PEFT) configurations.")
 # Logs and CI capture output without a terminal; keep the Pareto table readable there too.
-console = Console(highlight=False, width=None if sys.stdout.isatty() else 140)
+# soft_wrap: a long line (a folder path) is never broken in two; tables keep their own width.
+console = Console(highlight=False, width=None if sys.stdout.isatty() else 140, soft_wrap=True)
 err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 200)
 
 

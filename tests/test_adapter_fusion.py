@@ -253,6 +253,28 @@ def test_train_adapters_then_fusion_end_to_end(tmp_path, glue_dir):
     assert not torch.equal(fusion_hosts(model)[0][2].fusion.value.weight, build_model(recipe).encoder.get(0, "output").fusion.value.weight)
     res2, out = train_fusion(folders, "sst2", tmp_path / "fusion", glue_dir, base)
     assert res2.score == result.score
+    # the same two stages as a user types them: the CLI prints the score the Python calls gave
+    import yaml
+    from typer.testing import CliRunner
+
+    from autopeft.cli import app
+
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    cli = CliRunner()
+    res = cli.invoke(app, ["fusion", "stage1", "sst2", "rte", "-r", str(tmp_path / "base.yaml"), "-o",
+                           str(tmp_path / "cli-adapters"), "--data-dir", str(glue_dir), "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    cli_folders = [tmp_path / "cli-adapters" / "sst2", tmp_path / "cli-adapters" / "rte"]
+    assert res.output.strip().splitlines()[-1] == "stage-1 adapters: " + " ".join(map(str, cli_folders))
+    for mine, theirs in zip(cli_folders, folders):
+        assert load_file(str(mine / ADAPTER_FILE)).keys() == load_file(str(theirs / ADAPTER_FILE)).keys()
+        assert all(torch.equal(a, b) for a, b in zip(load_file(str(mine / ADAPTER_FILE)).values(),
+                                                      load_file(str(theirs / ADAPTER_FILE)).values()))
+    res = cli.invoke(app, ["fusion", "stage2", *map(str, cli_folders), "--task", "sst2", "-r", str(tmp_path / "base.yaml"),
+                           "-o", str(tmp_path / "cli-fusion"), "--data-dir", str(glue_dir), "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert res.output.strip().splitlines()[-1] == (f"sst2 validation: accuracy={res2.metrics['accuracy']:.4f}; "
+                                                  f"saved to {tmp_path / 'cli-fusion'}")
     reloaded = load_trained(out).eval()
     ids, mask = tiny_inputs(vocab=30522)
     with torch.no_grad():
