@@ -59,7 +59,7 @@ app = typer.Typer(cls=_OneLineUsageErrors, add_completion=False, no_args_is_help
 # Logs and CI capture output without a terminal; keep the Pareto table readable there too.
 # soft_wrap: a long line (a folder path) is never broken in two; tables keep their own width.
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 140, soft_wrap=True)
-err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 200)
+err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 200, soft_wrap=True)
 
 
 class _UserError(AutopeftError):
