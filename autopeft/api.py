@@ -250,6 +250,8 @@ def search(task: str = "sst2", budget: str | Budget = "0.5%", backbone: str | di
     task_obj = get_task(task_value)
     config = load_config(backbone, task_obj.num_labels)  # fails fast on an unknown backbone
     sp, space_notes = _search_space(space, config, searcher, seed, max_train_examples)
+    sp, fixed_notes = sp.with_training(training or {})  # --batch-size etc. win over the space's own values
+    space_notes = [*space_notes, *fixed_notes]
     root = resolve_data_dir(data_dir)
     _check_after_search_options(confirm_seeds, reference)
     base = {"backbone": backbone, "task": task_value,

@@ -38,7 +38,8 @@ def test_count_and_train_every_method_on_minilm(method, tmp_path, glue_dir):
     counted = runner.invoke(app, ["count", str(path), "--json"])
     assert counted.exit_code == 0, counted.output
     n = json.loads(counted.output)["trainable_params"]
-    trained = runner.invoke(app, ["train", "--recipe", str(path), "--data-dir", str(glue_dir), "-o", str(tmp_path / "out")])
+    trained = runner.invoke(app, ["train", "--recipe", str(path), "--data-dir", str(glue_dir), "-o", str(tmp_path / "out"),
+                                  "--device", "cpu"])
     assert trained.exit_code == 0, trained.output
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["trainable_params"] == n and metrics["steps"] == 2 and 0.0 <= metrics["score"] <= 1.0

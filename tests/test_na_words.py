@@ -109,7 +109,8 @@ def test_predict_input_cli_predicts_the_words_not_empty_texts(tmp_path):
                                "training": {"max_train_examples": 16, "batch_size": 16, "max_seq_length": 16}})
     api.train(recipe, output_dir=tmp_path / "out", log=None)
     inp = _write_csv(tmp_path / "in.csv", [(w,) for w in NA_WORDS], header=("text",))
-    res = runner.invoke(app, ["predict", str(tmp_path / "out"), "--input", str(inp), "-o", str(tmp_path / "p.csv")])
+    res = runner.invoke(app, ["predict", str(tmp_path / "out"), "-i", str(inp), "-o", str(tmp_path / "p.csv"),
+                              "--device", "cpu"])
     assert res.exit_code == 0, res.output
     with open(tmp_path / "p.csv", newline="") as f:
         out = list(csv.DictReader(f))

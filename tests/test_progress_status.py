@@ -173,6 +173,9 @@ def test_status_cli(tmp_path, monkeypatch):
     assert out.exit_code == 2 and out.output.count("\n") == 1 and "error: no search 'nope'" in out.output
     with pytest.raises(SearchFolderError):
         search_status(tmp_path)
+    monkeypatch.chdir(tmp_path / "autopeft_runs" / "s1")  # from elsewhere: --output-dir names the parent
+    out = CliRunner().invoke(app, ["status", "s1", "--output-dir", str(tmp_path / "autopeft_runs"), "--json"])
+    assert out.exit_code == 0 and json.loads(out.output)["counts"]["finished"] == 2, out.output
 
 
 def test_live_progress_adds_updates_and_drops_bars(tmp_path):

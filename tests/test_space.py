@@ -100,3 +100,23 @@ def test_every_method_is_reachable_in_the_full_space():
 
     space = SearchSpace.load("full")
     assert set(CANONICAL_METHODS) <= set(space.component_methods.values())
+
+
+def test_the_users_training_settings_win_over_the_spaces_own():
+    """``--batch-size 16`` did nothing: every shipped space fixes ``training.batch_size: 32``, and the
+    space's values were applied over the user's. Now the user's setting replaces the dimension, fixed or
+    searched, and the start points' values for it."""
+    from autopeft.searching.space import SearchSpace
+
+    sp = SearchSpace.load("default")
+    assert sp.dims["training.batch_size"].values == (32,)
+    fixed, notes = sp.with_training({"batch_size": 16, "learning_rate": 1e-3, "precision": "fp32"})
+    assert fixed.dims["training.batch_size"].values == (16,) and fixed.dims["training.learning_rate"].kind == "fixed"
+    assert notes == ["training.learning_rate fixed at 0.001 (your setting) instead of searched over [0.0015, 0.005]"]
+    assert all("training.learning_rate" not in p for p in fixed.start_points) and len(fixed.start_points) == 3
+    base = {"backbone": {"preset": "minilm-l6"}, "task": "sst2",
+            "training": {"batch_size": 16, "learning_rate": 1e-3}}
+    recipe = fixed.to_recipe(fixed.complete_point(fixed.start_points[0]), base)
+    assert (recipe.training.batch_size, recipe.training.learning_rate) == (16, 1e-3)
+    assert sp.to_recipe(sp.complete_point(sp.start_points[0]), base).training.batch_size == 32  # the old behaviour
+    assert sp.with_training({}) == (sp, [])

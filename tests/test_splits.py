@@ -209,12 +209,13 @@ def test_cli_confirm_seeds_and_full_reference_are_reported(glue_dir, tmp_path):
     data = _data_dir(tmp_path, glue_dir, flip=False)
     res = CliRunner().invoke(app, ["search", "--task", "sst2", "--budget", "50k", "--space", str(SPACE),
                                    "--trials", "1", "--max-train-examples", "64", "--data-dir", str(data),
-                                   "--confirm-seeds", "1", "--reference", "full", "--name", "cr", "--quiet",
+                                   "--confirm-seeds", "1", "--reference", "full", "--name", "cr", "-q", "--batch-size", "16",
                                    "--output-dir", str(tmp_path), "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"],
                              terminal_width=200)
     assert res.exit_code == 0, res.output
     front = json.loads((tmp_path / "cr" / "pareto.json").read_text())
     c = front[0]["confirm"]
+    assert front[0]["recipe"]["training"]["batch_size"] == 16 and front[0]["examples_seen"] == 64  # was 32: ignored
     assert c["seeds"] == [0, 1] and c["test_scores"][0] == front[0]["test_score"]
     assert c["test_mean"] == pytest.approx(sum(c["test_scores"]) / 2)
     assert c["test_std"] == pytest.approx(abs(c["test_scores"][0] - c["test_scores"][1]) / math.sqrt(2))

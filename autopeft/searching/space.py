@@ -46,7 +46,7 @@ import importlib.resources
 import json
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -259,8 +259,6 @@ class SearchSpace:
         families (their first token sees only itself). Returns the new space and one note per drop
         (``[]`` and ``self`` when nothing is dropped).
         """
-        from dataclasses import replace
-
         from autopeft.methods.base import BackboneLimits
 
         limits = BackboneLimits.of(config)
@@ -292,6 +290,24 @@ class SearchSpace:
         return replace(self, dims=dims, start_points=starts, methods=[m for m in self.methods if m not in dropped],
                        component_methods={k: v for k, v in self.component_methods.items() if k not in dropped},
                        groups={k: v for k, v in self.groups.items() if k not in dropped}), notes
+
+    def with_training(self, overrides: dict[str, Any]) -> tuple["SearchSpace", list[str]]:
+        """The space with the user's training settings (``--batch-size``, ``search(training=...)``) in
+        place of its own ``training.<key>`` dimensions, fixed or searched, and of the start points'
+        values for them: what the user sets explicitly wins over the space. Returns ``(space, notes)``,
+        one note per searched dimension the override fixed."""
+        dims, notes = dict(self.dims), []
+        for k, v in overrides.items():
+            key = f"training.{k}"
+            if key in dims:
+                if dims[key].kind != "fixed" and dims[key].values != (v,):
+                    notes.append(f"{key} fixed at {v!r} (your setting) instead of searched over {list(dims[key].values)}")
+                dims[key] = Dim("fixed", (v,))
+        if dims == self.dims:
+            return self, []
+        fixed = {f"training.{k}" for k in overrides}
+        starts = [{k: v for k, v in p.items() if k not in fixed} for p in self.start_points]
+        return replace(self, dims=dims, start_points=starts), notes
 
     # ----- Ray Tune / Optuna side --------------------------------------------------------------
     def tunable(self) -> dict[str, Dim]:
