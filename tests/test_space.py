@@ -62,11 +62,24 @@ def test_unknown_space_name_lists_shipped_spaces():
 def test_every_shipped_space_loads_and_its_start_points_build():
     from autopeft.searching.space import shipped_spaces
 
+    from autopeft.composition.recipe import count_recipe
+
     assert {"default", "full", "autopeft_paper"} <= set(shipped_spaces())
+    built = {}
     for name in shipped_spaces():
         space = SearchSpace.load(name)
         for point in space.start_points:
-            space.to_recipe(space.complete_point(point), BASE)
+            r = space.to_recipe(space.complete_point(point), BASE)
+            built.setdefault(name, []).append(([c.method for c in r.components], count_recipe(r).trainable_params,
+                                               r.pooling, r.training.learning_rate))
+    # MiniLM-L6: 6 layers, d = 384, d_ff = 1,536. The default space's start points (its docstring):
+    lora_ffn = 6 * 2 * 4 * (384 + 1536)  # LoRA r=4 on ffn_in and ffn_out: 92,160
+    adapter_ffn = 6 * (2 * 384 * 12 + 12 + 384)  # parallel FFN adapter, bottleneck 384/32 = 12: 57,672
+    lora_qv = 6 * 2 * 8 * (384 + 384)  # LoRA r=8 on W_q and W_v: 73,728
+    assert built["default"] == [(["lora"], lora_ffn, "mean", 3e-3), (["adapter"], adapter_ffn, "mean", 3e-3),
+                                (["lora"], lora_qv, "mean", 3e-3)]
+    assert built["autopeft_paper"] == [(["adapter"], adapter_ffn, "pooler", 3e-3)]  # bottleneck 12
+    assert [b[0] for b in built["full"]] == [["lora"], ["unipelt"], ["mam"]] and built["full"][0][1] == lora_qv
 
 
 def test_component_aliases_give_two_differently_placed_adapters():
