@@ -1,9 +1,11 @@
 """The search engine: rungs = scheduler milestones, MO-ASHA promotion, rejection before Ray, and
 what the sampler is told (never a low-rung score as a final one)."""
 
+import json
 import math
 
 import numpy as np
+
 import pytest
 
 from autopeft.searching.pareto import crowding_distance, nondominated_fronts, pareto_front, rank_order
@@ -148,10 +150,12 @@ def test_searchers_by_name_are_seeded(name):
         pytest.importorskip("optuna_integration")
     sp = _space()
     runs = []
-    for _ in range(2):
-        s = SpaceSearcher(sp, BASE, LIMIT, make_sampler(name, 7), 300, [])
+    for seed in (7, 7, 8):
+        s = SpaceSearcher(sp, BASE, LIMIT, make_sampler(name, seed), 300, [])
         runs.append([s.suggest(f"t{i}") for i in range(3)])
-    assert runs[0] == runs[1]
+    assert runs[0] == runs[1]  # the same seed: the same points
+    assert runs[2] != runs[0]  # another seed: others (a sampler that ignored its seed passed before)
+    assert len({json.dumps(p, sort_keys=True) for p in runs[0]}) > 1  # and not one point over and over
 
 
 def test_unknown_searcher_is_a_one_line_error():
