@@ -126,11 +126,14 @@ def long_value_artifact(kind: str, key: str) -> str:
 
 def cut_value(value: str, limit: int, artifact: str | None = None) -> str:
     """``value`` when it fits ``limit`` characters; else its start followed by a visible marker,
-    `` …[cut: <n> characters in all; whole value: artifact <artifact>]``, ``limit`` characters in all."""
+    `` …[cut: <n> characters in all; whole value: artifact <artifact>]``, ``limit`` characters in all
+    (a limit too small for the marker: the start of the value and ``…``)."""
     if len(value) <= limit:
         return value
     marker = f" …[cut: {len(value):,} characters in all" + (f"; whole value: artifact {artifact}]" if artifact else "]")
-    return value[:max(0, limit - len(marker))] + marker[:limit]
+    if len(marker) >= limit:
+        return value[:max(0, limit - 1)] + "…"[:limit]
+    return value[:limit - len(marker)] + marker
 
 
 def safe_param_items(params: dict[str, Any]) -> list[tuple[str, str]]:
