@@ -78,24 +78,25 @@ def build_store(folder: Path) -> dict:
             "trial_runs": dict(tracker.trial_runs), "trials": shown}
 
 
-def start_ui_on_free_port(uri: str, log: Path, tries: int = 3) -> tuple[subprocess.Popen, int]:
+def start_ui_on_free_port(uri: str, log: Path, tries: int = 3, workers: int = 1) -> tuple[subprocess.Popen, int]:
     """:func:`start_ui` on a free port, ``(process, port)``; a port found free can be taken by another
     process before the server binds it, so a server that exits at start is retried on the next one."""
     for attempt in range(tries):
         port = free_port()
         try:
-            return start_ui(uri, port, log), port
+            return start_ui(uri, port, log, workers), port
         except RuntimeError:
             if attempt == tries - 1:
                 raise
     raise AssertionError("unreachable")
 
 
-def start_ui(uri: str, port: int, log: Path) -> subprocess.Popen:
-    """``autopeft ui`` on 127.0.0.1:``port``; returns once the server answers (or raises)."""
+def start_ui(uri: str, port: int, log: Path, workers: int = 1) -> subprocess.Popen:
+    """``autopeft ui --workers <workers>`` on 127.0.0.1:``port``; returns once the server answers (or raises)."""
     exe = Path(sys.executable).parent / "autopeft"
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "autopeft.cli"]
-    proc = subprocess.Popen([*cmd, "ui", "--tracking-uri", uri, "--host", "127.0.0.1", "--port", str(port)],
+    proc = subprocess.Popen([*cmd, "ui", "--tracking-uri", uri, "--host", "127.0.0.1", "--port", str(port),
+                             "--workers", str(workers)],
                             stdout=open(log, "w"), stderr=subprocess.STDOUT)
     deadline = time.time() + 90
     while time.time() < deadline:

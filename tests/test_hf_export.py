@@ -298,6 +298,9 @@ def test_search_point_is_trained_first_then_exported_with_its_provenance(tmp_pat
     with torch.no_grad():
         diff = (merged(input_ids=ids, attention_mask=mask).logits - _ours(folder / "trained" / "abc123", ids, mask))
     assert diff.abs().max() < TOL
+    res = runner.invoke(app, ["export", str(folder), "--format", "merged", "-o", str(tmp_path / "merged2")])
+    assert res.exit_code == 0 and len(calls) == 1, res.output  # --format merged is --merge: the same files
+    assert (tmp_path / "merged2" / "model.safetensors").read_bytes() == (tmp_path / "merged" / "model.safetensors").read_bytes()
 
 
 def test_search_point_that_cannot_be_exported_fails_before_training(tmp_path, monkeypatch):
@@ -329,6 +332,8 @@ def test_recipe_export_is_unchanged_and_pick_is_for_searches(tmp_path):
     from autopeft.composition.recipe import load_recipe
 
     assert load_recipe(tmp_path / "best.yaml") == recipe
+    res = runner.invoke(app, ["export", str(folder), "--format", "recipe", "-o", str(tmp_path / "best2.yaml")])
+    assert res.exit_code == 0 and (tmp_path / "best2.yaml").read_text() == (tmp_path / "best.yaml").read_text()
     trained = _trained(tmp_path, [{"method": "lora", "r": 2}])
     with pytest.raises(ExportError, match="--pick applies to searches"):
         export_model(trained, fmt="peft", output=tmp_path / "x", pick="smallest", log=None)

@@ -52,7 +52,7 @@ def test_ui_serves_the_search_with_its_views_and_sigterm_stops_every_server_proc
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     store = check.build_store(tmp_path)
-    proc, port = check.start_ui_on_free_port(store["uri"], tmp_path / "ui.log")
+    proc, port = check.start_ui_on_free_port(store["uri"], tmp_path / "ui.log", workers=2)  # `autopeft ui --workers 2`
     base = f"http://127.0.0.1:{port}"
     try:
         printed = (tmp_path / "ui.log").read_text()
@@ -88,6 +88,9 @@ def test_ui_serves_the_search_with_its_views_and_sigterm_stops_every_server_proc
         assert {t["key"]: t["value"] for t in parent["tags"]}["status"] == "finished"
         files = [f["path"] for f in _get(base, "artifacts/list", run_id=store["parent_id"])["files"]]
         assert "pareto.png" in files
+        workers = [p for p in check.descendants(proc.pid)
+                   if b"multiprocessing.spawn" in Path(f"/proc/{p}/cmdline").read_bytes()]
+        assert len(workers) == 2  # uvicorn's worker processes, one per --workers
     finally:
         before, left = check.stop_and_check(proc)
     assert len(before) >= 2  # the mlflow process and its uvicorn server/workers
