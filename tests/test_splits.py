@@ -226,6 +226,27 @@ def test_cli_confirm_seeds_and_full_reference_are_reported(glue_dir, tmp_path):
     assert f"reference: full fine-tuning" in res.output and f"test {ref['test_score']:.4f}" in res.output
 
 
+def test_cli_metric_option_selects_and_reports_on_that_metric(glue_dir, tmp_path):
+    """``--metric accuracy`` on MRPC (whose own metric is F1) as a user types it: every trial's score,
+    its interval, the front's test score and the printed table are accuracy, and F1 is still reported."""
+    from typer.testing import CliRunner
+
+    from autopeft.cli import app
+
+    res = CliRunner().invoke(app, ["search", "--task", "mrpc", "--metric", "accuracy", "--budget", "50k",
+                                   "--space", str(SPACE), "--trials", "1", "--max-train-examples", "64",
+                                   "--data-dir", str(glue_dir), "--name", "m", "-q", "--output-dir", str(tmp_path),
+                                   "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"], terminal_width=200)
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "m" / "search.json").read_text())["task"] == {"name": "mrpc", "metric": "accuracy"}
+    row = json.loads((tmp_path / "m" / "pareto.json").read_text())[0]
+    assert row["recipe"]["task"] == {"name": "mrpc", "metric": "accuracy"}
+    assert row["score"] == row["accuracy"] and row["f1"] != row["accuracy"]
+    assert row["score_low"] <= row["score"] <= row["score_high"]
+    assert row["test_score"] == row["test_metrics"]["accuracy"] and set(row["test_metrics"]) == {"accuracy", "f1"}
+    assert "accuracy" in res.output and f"{row['test_score']:.4f}" in res.output
+
+
 def test_failed_after_search_runs_are_recorded_and_the_results_kept(glue_dir, tmp_path, monkeypatch):
     """A confirm seed or the reference that raises (a NaN loss) used to end the search with no
     pareto.json or result.json after the whole search; now each is recorded and the front is written."""
