@@ -16,6 +16,7 @@ Tiny random BERT (d=32, 2 layers) on 96 synthetic SST-2-format sentences.
 
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -251,7 +252,9 @@ def test_unreachable_cluster_is_one_line_that_names_the_token(monkeypatch):
 def test_four_trials_share_one_logical_gpu(tmp_path):
     """``--gpus-per-trial 0.25`` packs four trials on one GPU (Ray's fractional GPUs): on a head with one
     logical GPU and one CPU, four trials at 0.25 GPU and 0.25 CPU run at once (their MLflow runs
-    overlap in time) and all finish. No CUDA here: the trials compute on the CPU, Ray only counts."""
+    overlap in time) and all finish. No CUDA here: the trials compute on the CPU, Ray only counts.
+    The search joins the head with ``ray_address="auto"`` (``--ray-address auto``), as a user on the
+    machine where ``ray start --head`` ran."""
     from mlflow.tracking import MlflowClient
 
     token = secrets.token_hex(32)
@@ -259,12 +262,13 @@ def test_four_trials_share_one_logical_gpu(tmp_path):
     env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"})
     head, port = start_head(env, tmp_path / "head.log", extra=("--num-gpus=1",))
     try:
-        cluster = {"address": f"127.0.0.1:{port}", "token": token}
+        cluster = {"address": "auto", "token": token}  # `--ray-address auto`: the cluster started on this machine
         proc = _search(tmp_path, cluster, 4, "quarter-gpus", cpus_per_trial=0.25, gpus_per_trial=0.25)
         trials = _finish(proc, tmp_path, "quarter-gpus", timeout=400)
     finally:
         _stop(head)
     log = (tmp_path / "quarter-gpus.log").read_text()
+    assert re.search(rf"Connecting to existing Ray cluster at address: \S+:{port}\b", log), log[-3000:]  # joined it
     assert "0.25 CPU / 0.25 GPU per trial, 4 at a time" in log
     trained = [t for t in trials if t["trial_id"].startswith("trial_") and t["status"] in ("finished", "stopped_early")]
     assert len(trained) == 4, trials
