@@ -37,7 +37,7 @@ from autopeft.searching.runs import (  # noqa: F401
 class SearchSettingsError(AutopeftError, ValueError):
     """Search settings that cannot work, caught before anything starts: a ``--name`` that is not a
     plain folder name, resources no trial can get, a budget below the space's smallest configuration,
-    a preset (counting-only) backbone."""
+    a preset (counting-only) backbone, a Ray Client (``ray://``) address."""
 
 
 #: A search name is one folder below ``output_dir``.
@@ -52,6 +52,10 @@ def _check_search_settings(name: str | None, backbone: Any, cpus: float, gpus: f
     if isinstance(backbone, dict) and "preset" in backbone:
         raise SearchSettingsError(f"backbone preset {backbone['preset']!r} describes sizes for counting only (random "
                                   "weights): search with a Hugging Face id, a local folder or minilm-l6")
+    if ray_address and ray_address.strip().lower().startswith("ray://"):
+        raise SearchSettingsError(f"--ray-address {ray_address} goes through Ray Client, which runs Ray Tune on the "
+                                  "head node, so the search's trial records would stay there: run autopeft on a "
+                                  "machine of the cluster with --ray-address <head-ip>:6379 (or auto)")
     if ray_address:  # a cluster's resources are checked once connected (autopeft.searching.tune.run_tune)
         return
     have_cpus, have_gpus = os.cpu_count() or 1, _cuda_devices()
@@ -190,7 +194,8 @@ def search(task: str = "sst2", budget: str | Budget = "0.5%", backbone: str | di
         tracking_uri: MLflow URI (default ``$MLFLOW_TRACKING_URI`` or ``sqlite:///./mlflow.db``).
         experiment: MLflow experiment name.
         name: search name (default: ``<task>-<timestamp>``); results go to ``output_dir/name``.
-        ray_address: an existing Ray cluster; default a local one.
+        ray_address: an existing Ray cluster (``host:port`` of its head or ``auto``; ``ray://`` is refused);
+            default a local one.
         cpus_per_trial / gpus_per_trial: Ray resources per trial (default: see :func:`default_resources`).
         seed: seeds the sampler and every trial.
         training: overrides of the trials' training settings (e.g. ``{"batch_size": 16}``).

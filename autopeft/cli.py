@@ -129,8 +129,9 @@ def search(
     experiment: str = typer.Option("autopeft", help="MLflow experiment name."),
     name: Optional[str] = typer.Option(None, help="Search name (default <task>-<timestamp>)."),
     output_dir: str = typer.Option(RUNS_DIR, help="Where search folders go."),
-    ray_address: Optional[str] = typer.Option(None, help="Existing Ray cluster: host:port of `ray start --head`, auto, or ray://host:10001 "
-                                               "(token authentication: see the README's cluster section)."),
+    ray_address: Optional[str] = typer.Option(None, help="Existing Ray cluster: host:port of `ray start --head`, or auto (the "
+                                               "cluster started on this machine); not ray:// (token authentication: see the "
+                                               "README's cluster section)."),
     cpus_per_trial: Optional[float] = typer.Option(None, min=0.1, help="CPUs per trial (default: all cores on CPU; on GPUs the cores shared among the trials)."),
     gpus_per_trial: Optional[float] = typer.Option(None, min=0, help="GPUs per trial (default: as many trials per GPU as fit its memory, at most 8; 0.25 = four per GPU)."),
     seed: int = typer.Option(0, help="Seed of the sampler and of every trial."),

@@ -56,6 +56,17 @@ def test_a_preset_backbone_counts_but_never_searches(tmp_path):
     _nothing_started(tmp_path)
 
 
+def test_a_ray_client_address_is_refused_before_anything_starts(tmp_path):
+    """Through Ray Client (``ray://``) Ray Tune runs on the head node, so the driver's trial records
+    stayed there: tried on a head with ``ray[client]``, the search exited 0 with an empty trials.json."""
+    with pytest.raises(SearchSettingsError) as err:
+        _search(tmp_path, ray_address="ray://10.0.0.9:10001")
+    assert str(err.value) == ("--ray-address ray://10.0.0.9:10001 goes through Ray Client, which runs Ray Tune on the "
+                              "head node, so the search's trial records would stay there: run autopeft on a machine "
+                              "of the cluster with --ray-address <head-ip>:6379 (or auto)")
+    _nothing_started(tmp_path)
+
+
 def test_cluster_resources_are_checked_against_the_connected_cluster(monkeypatch):
     import ray
 

@@ -78,7 +78,8 @@ class TuneSettings:
         num_samples: trials to sample (including start points).
         time_budget_s: wall-clock cap of the whole search, seconds (``None``: none).
         cpus_per_trial / gpus_per_trial: Ray resources of one trial.
-        ray_address: an existing cluster (``auto`` or ``ray://host:port``); ``None`` starts a local one.
+        ray_address: an existing cluster (``host:port`` of its head, or ``auto``; not Ray Client's ``ray://``,
+            refused by :func:`autopeft.api.search`); ``None`` starts a local one.
         seed: seeds the sampler.
         storage_path: where Ray keeps its experiment folder (absolute).
         device: forced trial device (``cpu``/``cuda``), default: CUDA if the trial got a GPU.
