@@ -53,6 +53,22 @@ def test_mo_asha_keeps_a_smaller_slightly_weaker_configuration():
     assert 0.84 < np.percentile(scores, 100 * (1 - 1 / 3))
 
 
+def test_mo_asha_rung_without_signal_stops_nobody_until_a_score_differs():
+    """CoLA benchmark, seed 0, first rung: every trial scored MCC 0, and size alone stopped LoRA q/v."""
+    from autopeft.searching.scheduler import MultiObjectiveASHA
+
+    row = lambda s, p, m: {"examples_seen": 2592, "score": s, "trainable_params": p, "peak_memory_bytes": m}
+    mo = MultiObjectiveASHA([2592, 7712, 23088], reduction_factor=3)
+    assert mo.decide("lora_ffn", row(0.0, 92_160, 500)) == "continue"
+    assert mo.decide("adapter", row(0.0, 57_672, 400)) == "continue"
+    assert mo.decide("lora_qv", row(0.0, 73_728, 450)) == "continue"  # ranked: 1 of 3 ahead (adapter) -> stop
+    assert mo.decide("bigger", row(0.0, 108_368, 600)) == "continue"
+    # one score differs: the rung ranks again, every result recorded at it included
+    assert mo.decide("learns", row(0.12, 200_000, 900)) == "continue"   # best score: front 0
+    assert mo.decide("late", row(0.0, 99_000, 550)) == "stop"          # behind learns, adapter, ... (ceil(6/3) = 2)
+    assert mo.decisions[-1] == ("late", 2592, "stop") and len(mo.recorded[2592]) == 6
+
+
 def test_mo_asha_stops_failed_and_nan_reports_without_recording_them():
     from autopeft.searching.scheduler import MultiObjectiveASHA
 

@@ -14,6 +14,13 @@ the ``n`` recorded results rank strictly ahead of it, else it stops (ties never 
 the extremes of the first front, which all have infinite crowding distance, continue). The first
 trial at a rung always continues.
 
+A rung without signal decides nothing: while every score recorded at a rung is the same value, as
+when every trial so far predicts one class there (the majority class's accuracy, MCC 0), the trial
+continues. Ranking such a rung would stop trials by size alone: in the CoLA benchmark (seed 0, first
+rung 2,592 examples) every trial scored MCC 0 there, and LoRA r=8 on W_q/W_v was stopped because a
+smaller adapter tied with it, though at more examples it learns (MCC 0.142 at 32,512). Once one
+score differs, the rung ranks as above, every result recorded at it included.
+
 Why this rule: the search's answer is a Pareto front at the top fidelity, so promotion has to
 keep a smaller, slightly weaker configuration alive when nothing at the rung dominates it;
 ranking by score alone (plain ASHA) stops it at the first rung. Crowding distance is the
@@ -53,6 +60,7 @@ class MultiObjectiveASHA(_scheduler_base()):
 
     Attributes:
         milestones: the rungs where a trial may be stopped (all but the top).
+        score_index: which objective is the task score (the first), read by the no-signal rule.
         recorded: ``{milestone: {trial_id: objective vector (minimisation form)}}``.
         decisions: ``(trial_id, milestone, "continue"|"stop")`` in the order they were taken.
 
@@ -72,6 +80,7 @@ class MultiObjectiveASHA(_scheduler_base()):
         self.eta = reduction_factor
         self.time_attr = time_attr
         self.objectives = tuple(objectives)
+        self.score_index = 0  # the task score: the first objective (OBJECTIVES' order)
         self.recorded: dict[int, dict[str, list[float]]] = {m: {} for m in self.milestones}
         self.decisions: list[tuple[str, int, str]] = []
 
@@ -100,6 +109,9 @@ class MultiObjectiveASHA(_scheduler_base()):
             return "continue"
         rung = self.recorded[t]
         rung[trial_id] = vec
+        if len({v[self.score_index] for v in rung.values()}) == 1:  # no signal at this rung (yet)
+            self.decisions.append((trial_id, int(t), "continue"))
+            return "continue"
         ids = list(rung)
         keys = rank_keys(np.array([rung[i] for i in ids]))
         mine = keys[ids.index(trial_id)]
