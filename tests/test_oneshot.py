@@ -140,3 +140,28 @@ def test_a_one_shot_search_tries_the_proposals_right_after_the_start_points(tmp_
         scalars = {k: v for k, v in proposal.items() if not isinstance(v, (list, dict))}
         assert {k: trial["config"][k] for k in scalars} == scalars, (proposal, trial["config"])
     assert len(result.pareto) >= 1 and all(t["status"] != "failed" for t in result.trials)
+
+
+def test_importance_is_each_components_mean_gate_value(space, tiny_glue):
+    """Gates set to known constants (``W_G = 0``, ``b = logit(v)``: every gate outputs ``v``) read back as
+    each component's importance, so gates are attributed to the component that owns them."""
+    import math
+
+    import torch
+
+    from autopeft.composition.gates import Gate
+    from autopeft.composition.recipe import build_model
+    from autopeft.searching.oneshot import _read_importance, _start_settings
+
+    keys, recipe, gates = _supernet(space, BASE, list(SPACE["components"]), 64, _start_settings(space), print)
+    assert set(keys) == COMPONENTS and all(gates[k] for k in keys)
+    want = {"adapter": 0.2, "lora": 0.5, "prefix_tuning": 0.9}
+    model = build_model(recipe)
+    owner = {name: key for key, names in gates.items() for name in names}
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, Gate):
+                module.proj.weight.zero_()
+                module.proj.bias.fill_(math.log(want[owner[name]] / (1 - want[owner[name]])))
+    got = _read_importance(model, recipe, gates, tiny_glue)
+    assert got == pytest.approx(want, abs=1e-6)
