@@ -219,7 +219,7 @@ def _supernet(space: SearchSpace, base: dict[str, Any], keys: list[str], example
     accepted: list[str] = []
     recipe, gates = None, {}
     for key in keys:
-        trial = accepted + [key]
+        trial = sorted(accepted + [key], key=space.methods.index)  # the recipe's order: gates are attributed by it
         try:
             r = _supernet_recipe(space, base, trial, examples, shared)
             if [c.method for c in r.components] != [space.component_methods.get(k, k) for k in trial]:
