@@ -1,4 +1,4 @@
-"""Small helpers shared across layers (a leaf module: it imports nothing from autopeft).
+"""Small helpers shared across layers (it imports only the leaf module :mod:`autopeft.errors`).
 
 * :func:`is_finite`: is a JSON value a real, finite number (scores, parameter counts, memory).
 * :func:`read_yaml`: parse a YAML file, a syntax error raised as the caller's own one-line error.
@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 from typing import Any
+
+from autopeft.errors import first_line
 
 
 def is_finite(x: Any) -> bool:
@@ -29,4 +31,4 @@ def read_yaml(path: str | Path, error: type[Exception]) -> Any:
     try:
         return yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise error(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        raise error(f"{path}: not valid YAML ({first_line(exc)})") from None

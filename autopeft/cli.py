@@ -20,7 +20,7 @@ from rich.markup import escape
 from rich.table import Table
 from typer.core import TyperGroup
 
-from autopeft.errors import AutopeftError
+from autopeft.errors import AutopeftError, first_line
 from autopeft.searching.runs import RUNS_DIR
 
 
@@ -67,7 +67,7 @@ class _UserError(AutopeftError):
 
 
 def _fail(exc: BaseException, code: int) -> None:
-    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    msg = first_line(exc)
     err.print(f"[bold red]error:[/] {escape(msg)}", markup=True, soft_wrap=True)  # a message's [..] is text
     raise typer.Exit(code)
 
@@ -315,7 +315,7 @@ def empty_front_advice(result, smallest: tuple[str, int] | None = None) -> str:
     where = f"see {Path(result.path) / 'trials.json'}"
 
     def first_error(trials) -> str:
-        err = next((str(t["error"]).strip().splitlines()[0] for t in trials if t.get("error")), "")
+        err = next((first_line(t["error"]) for t in trials if first_line(str(t.get("error") or ""))), "")
         return f" (first: {err[:200]}{'…' if len(err) > 200 else ''})" if err else ""
 
     if not statuses:

@@ -39,3 +39,25 @@ class ExportError(AutopeftError, ValueError):
 
 class TaskError(AutopeftError, ValueError):
     """Unknown task or missing data."""
+
+
+def first_line(error: BaseException | str, with_type: bool = False) -> str:
+    """The first non-blank line of an error's message (or of a recorded error text), stripped; an
+    exception with an empty message gives its class name, an empty text ``""``. ``with_type``: an
+    exception's line as ``"<ExceptionClass>: <line>"``. Never raises (``str(exc).splitlines()[0]``
+    raised IndexError on an empty message and lost the real error)."""
+    line = next((s.strip() for s in str(error).splitlines() if s.strip()), "")
+    if not isinstance(error, BaseException):
+        return line
+    name = type(error).__name__
+    if not line:
+        return name
+    return f"{name}: {line}" if with_type else line
+
+
+def one_line(exc: BaseException) -> str:
+    """``"<ExceptionClass>: <whole message on one line>"`` (whitespace runs, newlines included, made one
+    space); the class name alone for an empty message. For records (a failed confirm seed, the
+    reference run) where the whole message matters but the record is one line."""
+    msg = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__

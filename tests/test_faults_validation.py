@@ -353,3 +353,30 @@ def test_a_tracking_store_that_cannot_open_is_one_line_and_leaves_no_search_fold
     assert len(lines) == 1 and lines[0].startswith(
         "error: cannot open MLflow experiment 'autopeft' at tracking URI 'sqlit:///m.db': "), res.output
     assert not (tmp_path / "typo").exists()  # nothing half-made: the same command with the right URI runs
+
+
+def test_error_lines_never_raise_on_an_empty_message():
+    """``str(exc).splitlines()[0]`` raised IndexError on an exception without a message (an ``OSError()``
+    from a backbone's weights): the one-line error became a traceback. One helper now, everywhere."""
+    from autopeft.errors import first_line, one_line
+
+    assert first_line(OSError()) == "OSError" and first_line(OSError(), with_type=True) == "OSError"
+    assert first_line(ValueError("\n  bad value \nmore")) == "bad value"
+    assert first_line(ValueError("bad\nmore"), with_type=True) == "ValueError: bad"
+    assert first_line("  \n") == "" and first_line("x\ny") == "x"
+    assert one_line(RuntimeError("loss became nan\n  at step 2")) == "RuntimeError: loss became nan at step 2"
+    assert one_line(KeyError()) == "KeyError"
+
+
+def test_weights_that_fail_to_load_without_a_message_are_one_line(monkeypatch):
+    from transformers import AutoModelForSequenceClassification
+
+    from autopeft.backbones import BackboneError, load_model
+
+    def broken(*args, **kwargs):
+        raise OSError()
+
+    monkeypatch.setattr(AutoModelForSequenceClassification, "from_pretrained", broken)
+    with pytest.raises(BackboneError) as err:
+        load_model("minilm-l6", 2)
+    assert str(err.value) == "cannot load weights of 'minilm-l6': OSError"

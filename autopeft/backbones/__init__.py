@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from autopeft.errors import AutopeftError
+from autopeft.errors import AutopeftError, first_line
 
 MINILM = "minilm-l6"
 
@@ -171,7 +171,7 @@ def bare_config(spec: dict, num_labels: int):
     try:
         config = AutoConfig.for_model(model_type, num_labels=num_labels, **spec)
     except ValueError as exc:
-        raise BackboneError(str(exc).splitlines()[0]) from None
+        raise BackboneError(first_line(exc)) from None
     if getattr(config, "pad_token_id", None) is None:
         config.pad_token_id = 0  # the bundled BERT tokenizer's [PAD]; decoders' heads need a pad id
     return config
@@ -229,7 +229,7 @@ def load_model(backbone: str | dict, num_labels: int, device: str | torch.device
         model = AutoModelForSequenceClassification.from_pretrained(_source(backbone), config=config,
                                                                    **_hub_kwargs(_source(backbone)))
     except OSError as exc:
-        raise BackboneError(f"cannot load weights of {backbone!r}: {str(exc).splitlines()[0]}") from None
+        raise BackboneError(f"cannot load weights of {backbone!r}: {first_line(exc)}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
     return model.to(device)
@@ -247,4 +247,4 @@ def load_tokenizer(backbone: str | dict):
         tokenizer.padding_side = "right"  # last-token pooling reads the last attended position
         return tokenizer
     except OSError as exc:
-        raise BackboneError(f"cannot load the tokenizer of {backbone!r}: {str(exc).splitlines()[0]}") from None
+        raise BackboneError(f"cannot load the tokenizer of {backbone!r}: {first_line(exc)}") from None

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from autopeft.errors import TaskError
+from autopeft.errors import TaskError, first_line
 from autopeft.data.splits import Split, cell_texts
 
 #: File suffix -> format.
@@ -180,7 +180,7 @@ def _read_file(path: Path, as_text: bool = False):
     except Exception as exc:  # a file that does not parse
         if "No columns to parse" in str(exc):
             raise TaskError(f"the data file {path.name} is empty") from None
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        msg = first_line(exc)
         raise TaskError(f"cannot read {path.name} as {fmt}: {msg}") from None
 
 
@@ -197,7 +197,7 @@ def _hf_tables(source: str) -> dict[str, Any]:
                 raise
             dd = datasets.load_dataset(path, config or None)  # another builder (Parquet, JSON): typed already
     except Exception as exc:
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        msg = first_line(exc)
         raise TaskError(f"cannot load the Hugging Face dataset {name!r}: "
                         f"{msg[:300]}{'…' if len(msg) > 300 else ''}") from None
     if not hasattr(dd, "keys"):
@@ -284,7 +284,7 @@ def _held_out_indices(n: int, label_ids, held, where: str) -> tuple[np.ndarray, 
                                   stratify=stratify)
     except ValueError as exc:
         raise TaskError(f"cannot hold out a {'stratified ' if stratify is not None else ''}{held.fraction:.0%} "
-                        f"validation split of the {n} rows of {where}: {str(exc).splitlines()[0]} "
+                        f"validation split of the {n} rows of {where}: {first_line(exc)} "
                         "(give a validation file, or more rows per class)") from None
     return np.sort(tr), np.sort(va)
 

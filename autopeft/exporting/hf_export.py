@@ -88,6 +88,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from autopeft.errors import first_line
 from autopeft.backbones.arch import is_causal
 from autopeft.methods.base import PeftTarget, available_methods, get_method
 from autopeft.searching.runs import (  # noqa: F401  (TRAINED_ON_FILE: its old home)
@@ -1024,9 +1025,8 @@ def _write_verified(model, recipe: Recipe, prov: Provenance, fmt: str, out: Path
         try:
             diff = _verify(model, recipe, partial, fmt)
         except Exception as exc:  # noqa: BLE001 - the export is unusable whatever failed; say so in one line
-            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             raise ExportError(f"the exported {fmt} folder could not be run by "
-                              f"{'peft' if fmt == 'peft' else 'transformers'} ({type(exc).__name__}: {msg}); "
+                              f"{'peft' if fmt == 'peft' else 'transformers'} ({first_line(exc, with_type=True)}); "
                               "nothing was written") from exc
         if not diff <= VERIFY_TOL:
             raise ExportError(f"the exported {fmt} folder gives logits {diff:.2e} away from autopeft's model "

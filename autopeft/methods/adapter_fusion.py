@@ -52,7 +52,7 @@ from torch import nn
 
 from autopeft.methods.adapter import AdapterConfig, make_adapter
 from autopeft.methods.base import MethodConfig, TrainedFolder, register
-from autopeft.errors import CompositionError
+from autopeft.errors import CompositionError, first_line
 
 #: Name of the adapter inside a stage-1 model (``apply_adapter``'s default slot name).
 STAGE1_ADAPTER_NAME = "adapter"
@@ -288,7 +288,7 @@ def apply_adapter_fusion(model, cfg: AdapterFusionConfig) -> None:
                         if module.gate is not None:
                             module.gate.module.load_state_dict(gate_state, strict=True)
                     except RuntimeError as exc:
-                        first = str(exc).splitlines()[0]
+                        first = first_line(exc)
                         raise CompositionError(f"adapter_fusion: weights in {path} do not fit this backbone "
                                                f"at layer {layer} {which}: {first}") from None
                 module.requires_grad_(False)

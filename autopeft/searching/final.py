@@ -21,6 +21,7 @@ import statistics
 from pathlib import Path
 from typing import Any, Callable
 
+from autopeft.errors import one_line
 from autopeft._util import is_finite
 from autopeft.searching.runs import TRAINED_SUBDIR, kept_dir  # noqa: F401  (their old home)
 
@@ -60,7 +61,7 @@ def score_front_on_test(front: list[dict], search_dir: str | Path, data_dir: str
             recipe = Recipe.model_validate(row["recipe"])
             row.update(_test_fields(score_test(load_trained(folder), recipe, data_dir)))
         except Exception as exc:  # recorded on its row; the other points are still scored
-            row.update(test_score=None, test_note=f"test scoring failed: {_one_line(exc)}")
+            row.update(test_score=None, test_note=f"test scoring failed: {one_line(exc)}")
             if log:
                 log(f"test: {row['trial_id']} {row['test_note']}")
             continue
@@ -100,7 +101,7 @@ def confirm_seeds(front: list[dict], k: int, data_dir: str | None, device: str |
             try:
                 result, _ = run_trial(again, data_dir, device=device, test=True)
             except Exception as exc:  # recorded; the other seeds and points still run
-                failed[seed] = _one_line(exc)
+                failed[seed] = one_line(exc)
                 dev.append(None)
                 test.append(None)
                 if log:
@@ -127,10 +128,6 @@ def _std(xs: list[float]) -> float:
 def _finite(xs: list) -> list[float]:
     return [x for x in xs if is_finite(x)]
 
-
-def _one_line(exc: BaseException) -> str:
-    """``Type: message`` on one line (a failed after-search run's record)."""
-    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
 
 
 def reference_recipe(kind: str, base: dict[str, Any]) -> dict[str, Any]:
@@ -168,8 +165,8 @@ def train_reference(kind: str, base: dict[str, Any], data_dir: str | None, devic
         result, _ = run_trial(recipe, data_dir, device=device, test=True)
     except Exception as exc:
         if log:
-            log(f"reference {kind} failed: {_one_line(exc)}")
-        return {"kind": kind, "recipe": recipe.model_dump(mode="json"), "status": "failed", "error": _one_line(exc)}
+            log(f"reference {kind} failed: {one_line(exc)}")
+        return {"kind": kind, "recipe": recipe.model_dump(mode="json"), "status": "failed", "error": one_line(exc)}
     out = {"kind": kind, "recipe": recipe.model_dump(mode="json"), "status": "finished", "score": result.score,
            "score_low": result.score_low, "score_high": result.score_high, "test_score": result.test_score,
            "test_low": result.test_low, "test_high": result.test_high, "test_metrics": result.test_metrics,

@@ -52,7 +52,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from autopeft.errors import AutopeftError
+from autopeft.errors import AutopeftError, one_line
 # The run folder's file names (the driver's resume state; the arguments and MLflow parent run).
 from autopeft.searching.runs import CHECKPOINT_FILE, REQUEST_FILE, RESULT_FILE, SEARCH_FILE, write_json
 
@@ -213,7 +213,7 @@ def load_checkpoint(folder: str | Path) -> dict[str, Any] | None:
         with open(path, "rb") as f:
             state = pickle.load(f)
     except Exception as exc:  # noqa: BLE001 - a truncated or foreign file: one line
-        raise ResumeError(f"cannot read the resume state {path}: {type(exc).__name__}: {exc}") from None
+        raise ResumeError(f"cannot read the resume state {path}: {one_line(exc)}") from None
     if not isinstance(state, dict) or state.get("version") != _VERSION:
         raise ResumeError(f"{path} was written by another autopeft version; it cannot be resumed")
     return state

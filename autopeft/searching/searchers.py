@@ -63,7 +63,7 @@ import optuna
 from optuna.trial import TrialState
 
 from autopeft.searching.space import Dim, SearchSpace
-from autopeft.errors import AutopeftError
+from autopeft.errors import AutopeftError, first_line
 from autopeft._util import is_finite
 
 #: Consecutive samples that were rejected or duplicates after which the searcher gives up (the
@@ -194,7 +194,7 @@ def check_point(space: SearchSpace, config: dict[str, Any], base: dict[str, Any]
     try:
         recipe = space.to_recipe(config, base)
     except (RecipeError, ValueError) as exc:
-        return Verdict("invalid", error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        return Verdict("invalid", error=first_line(exc))
     as_dict = recipe.model_dump(mode="json")
     if not recipe.components:
         return Verdict("empty", as_dict, 0)
@@ -202,8 +202,7 @@ def check_point(space: SearchSpace, config: dict[str, Any], base: dict[str, Any]
         params = count_recipe(recipe).trainable_params
     except Exception as exc:  # noqa: BLE001 - CompositionError, limits at build time, or a method's bug:
         # recorded as invalid with its reason; the search goes on
-        msg = str(exc).splitlines()[0] if str(exc) else ""
-        return Verdict("invalid", as_dict, error=f"{type(exc).__name__}: {msg}" if not isinstance(exc, ValueError) else msg)
+        return Verdict("invalid", as_dict, error=first_line(exc, with_type=not isinstance(exc, ValueError)))
     if params > param_limit:
         return Verdict("over_budget", as_dict, params)
     return Verdict("ok", as_dict, params)

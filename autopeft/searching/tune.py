@@ -43,7 +43,7 @@ from autopeft.searching.runs import TRIALS_FILE, write_json
 from autopeft.searching.space import SearchSpace
 from autopeft.searching.progress import PROGRESS_DIR, progress_file
 from autopeft.searching.tracking import cut_value
-from autopeft.errors import AutopeftError
+from autopeft.errors import AutopeftError, first_line
 
 @dataclass
 class TrialRecord:
@@ -253,7 +253,7 @@ def start_ray(ray_address: str | None) -> None:
             hint = ("; if the head runs with token authentication, give this machine its token "
                     "(copy the head's ~/.ray/auth_token, or set RAY_AUTH_TOKEN) and RAY_AUTH_MODE=token")
         raise RayStartError(f"cannot start Ray ({'address ' + ray_address if ray_address else 'local'}): "
-                           f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}{hint}") from None
+                           f"{first_line(exc)}{hint}") from None
 
 
 def _use_token_if_available() -> bool:
