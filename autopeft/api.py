@@ -288,7 +288,8 @@ def search(task: str = "sst2", budget: str | Budget = "0.5%", backbone: str | di
     before_s = elapsed_before(out) if stored else 0.0  # seconds the earlier sessions ran (a resume)
     settings = {"task": task_value, "budget": str(budget), "param_limit": limit, "backbone": backbone,
                 "backbone_params": backbone_params, "space": sp.name,
-                "space_source": str(Path(sp.source).resolve()) if sp.source else sp.source, "trials": trials,
+                "space_source": str(Path(sp.source).resolve()) if sp.source else sp.source,
+                "space_fingerprint": sp.fingerprint, "trials": trials,
                 "time_budget_s": time_budget_s,
                 "rungs": sp.fidelity.search_rungs(int(base["training"].get("batch_size", 32))), "seed": seed,
                 "searcher": searcher, "scheduler": f"MO-ASHA (reduction factor {sp.fidelity.reduction_factor})",

@@ -435,3 +435,32 @@ def test_elapsed_before_is_the_checkpoint_clock(tmp_path):
 
     with pytest.raises(ResumeError, match="cannot read the resume state"):
         elapsed_before(tmp_path)
+
+
+def test_a_space_changed_since_the_search_started_refuses_the_resume(tmp_path):
+    """search.json recorded the space's name and path only: an edited YAML (or a shipped space changed
+    by an upgrade) resumed silently with other dimensions. The space's fingerprint is now compared."""
+    import yaml
+
+    from autopeft.searching.resume import ResumeError, check_same_settings
+    from autopeft.searching.space import SearchSpace
+
+    data = yaml.safe_load(open(SearchSpace.load("default").source).read())
+    same = SearchSpace.from_dict(data)
+    assert same.fingerprint == SearchSpace.load("default").fingerprint and len(same.fingerprint) == 16
+    data["start_points"][1]["training.learning_rate"] = 5.0e-3
+    edited = SearchSpace.from_dict(data)
+    assert edited.fingerprint != same.fingerprint
+    assert SearchSpace.load("full").fingerprint != same.fingerprint
+
+    settings = {"space": "default", "space_source": "/x/default.yaml", "space_fingerprint": same.fingerprint}
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "search.json").write_text(json.dumps(settings))
+    check_same_settings(tmp_path / "s", settings)
+    with pytest.raises(ResumeError) as err:
+        check_same_settings(tmp_path / "s", {**settings, "space_fingerprint": edited.fingerprint})
+    assert str(err.value) == ("search 's': its search space /x/default.yaml changed since the search started (its "
+                              "dimensions, values or start points); restore it to resume, or start a new search")
+    # a folder written before fingerprints: resumed as before
+    (tmp_path / "s" / "search.json").write_text(json.dumps({k: v for k, v in settings.items() if k != "space_fingerprint"}))
+    check_same_settings(tmp_path / "s", {**settings, "space_fingerprint": edited.fingerprint})

@@ -369,8 +369,14 @@ def check_same_settings(out: Path, settings: dict[str, Any]) -> None:
     """
     stored = json.loads((Path(out) / SEARCH_FILE).read_text())
     now = json.loads(json.dumps(settings, default=str))
+    if "space_fingerprint" not in stored:  # a search folder from before spaces were fingerprinted
+        now.pop("space_fingerprint", None)
     for key in sorted(set(stored) | set(now)):
         if key in MAY_CHANGE_ON_RESUME or stored.get(key) == now.get(key):
             continue
+        if key == "space_fingerprint":
+            raise ResumeError(f"search {Path(out).name!r}: its search space {now.get('space_source') or now.get('space')} "
+                              "changed since the search started (its dimensions, values or start points); "
+                              "restore it to resume, or start a new search")
         raise ResumeError(f"search {Path(out).name!r} was started with {key}={stored.get(key)!r}, not "
                           f"{now.get(key)!r}: repeat its options, or run `autopeft resume {Path(out).name}`")

@@ -42,6 +42,7 @@ within MLflow's 250 characters; ``training`` keys must be training settings of a
 
 from __future__ import annotations
 
+import hashlib
 import importlib.resources
 import json
 import math
@@ -168,6 +169,19 @@ class SearchSpace:
     num_layers: int | None = None
     groups: dict[str, str] = field(default_factory=dict)  # component -> one_of group
 
+    @property
+    def fingerprint(self) -> str:
+        """What the search samples from, as 16 hex digits of a SHA-256: the dimensions and their
+        values, the fidelity, the start points, the components and groups. Two spaces with the same
+        fingerprint propose the same points; a YAML file edited (or a shipped space changed by an
+        upgrade) between a search and its resume changes it (``search.json`` records it)."""
+        doc = {"dims": {k: [d.kind, list(d.values)] for k, d in sorted(self.dims.items())},
+               "fidelity": [self.fidelity.max_train_examples, self.fidelity.min_train_examples,
+                            self.fidelity.reduction_factor],
+               "start_points": self.start_points, "methods": self.methods, "component_methods": self.component_methods,
+               "groups": self.groups, "num_layers": self.num_layers}
+        return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
     @classmethod
     def load(cls, name_or_path: str | Path = "default") -> "SearchSpace":
         """Load a shipped space by name (``default``, ``full``, ``autopeft_paper``) or a YAML path.
@@ -239,7 +253,8 @@ class SearchSpace:
             fid = Fidelity(**(data.get("fidelity") or {}))
         except TypeError as exc:
             raise SearchSpaceError(f"fidelity: {exc}; valid: max_train_examples, min_train_examples, reduction_factor") from None
-        space = cls(data.get("name", Path(source).stem or "custom"), dims, fid, list(data.get("start_points") or []),
+        starts = [dict(p) if isinstance(p, dict) else p for p in data.get("start_points") or []]  # not the caller's dicts
+        space = cls(data.get("name", Path(source).stem or "custom"), dims, fid, starts,
                     methods, source, component_methods, num_layers, groups)
         for point in space.start_points:
             unknown = set(point) - set(dims)
