@@ -1333,11 +1333,14 @@ def main(argv: list[str] | None = None) -> int:
     epoch = {t: DEFAULT_MAX_TRAIN_EXAMPLES.get(t, splits[t]["train"]) for t in tasks}
     m = _parse_per_task(a.max_train_examples, tasks, epoch, "--max-train-examples")
     lrs = _parse_lrs(a.baseline_lr)
+    from autopeft.searching.space import SearchSpace
+
+    fingerprint = SearchSpace.load(a.space).fingerprint
     settings = {
         "command": "python benchmarks/search_quality.py" + (" " + shlex.join(argv) if argv else ""),
         "backbone": BACKBONE, "tasks": tasks, "seeds": seeds, "trials": a.trials, "max_train_examples": m,
-        "budget": a.budget, "space": a.space, "searchers": searchers, "baselines": baselines,
-        "baseline_lr": {b: lrs[b] for b in baselines}, "lr_multipliers": mult,
+        "budget": a.budget, "space": a.space, "space_fingerprint": fingerprint, "searchers": searchers,
+        "baselines": baselines, "baseline_lr": {b: lrs[b] for b in baselines}, "lr_multipliers": mult,
         "baseline_components": {b: BASELINES[b] for b in baselines}, "baseline_pooling": BASELINE_POOLING,
         "splits": {t: {k: v for k, v in s.items() if k != "dev_split"} for t, s in splits.items()},
         "data_dir": data_dir, "out": str(out), "machine": _machine(), "notes": [],
@@ -1364,7 +1367,9 @@ def main(argv: list[str] | None = None) -> int:
     for i, (kind, task, name, seed) in enumerate(plan, 1):
         key = run_key(kind, task, name, seed)
         if kind == "search":
-            config = {"trials": a.trials, "max_train_examples": m[task], "budget": a.budget, "space": a.space}
+            # the space's fingerprint: a search recorded with another content of the same space name is run again
+            config = {"trials": a.trials, "max_train_examples": m[task], "budget": a.budget, "space": a.space,
+                      "space_fingerprint": fingerprint}
         else:
             d = runs.get(run_key("search", task, searchers[0], seed)) or {}
             if d.get("status") != "ok":

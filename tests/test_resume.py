@@ -448,7 +448,7 @@ def test_a_space_changed_since_the_search_started_refuses_the_resume(tmp_path):
     data = yaml.safe_load(open(SearchSpace.load("default").source).read())
     same = SearchSpace.from_dict(data)
     assert same.fingerprint == SearchSpace.load("default").fingerprint and len(same.fingerprint) == 16
-    data["start_points"][1]["training.learning_rate"] = 5.0e-3
+    data["start_points"][1]["training.learning_rate"] = 4.0e-3
     edited = SearchSpace.from_dict(data)
     assert edited.fingerprint != same.fingerprint
     assert SearchSpace.load("full").fingerprint != same.fingerprint
