@@ -380,3 +380,15 @@ def test_weights_that_fail_to_load_without_a_message_are_one_line(monkeypatch):
     with pytest.raises(BackboneError) as err:
         load_model("minilm-l6", 2)
     assert str(err.value) == "cannot load weights of 'minilm-l6': OSError"
+
+
+def test_no_module_cuts_an_error_to_its_first_line_by_hand():
+    """The kind stays fixed: every place that shortens an error uses errors.first_line / one_line."""
+    from pathlib import Path
+
+    import autopeft
+
+    root = Path(autopeft.__file__).parent
+    offenders = [str(p.relative_to(root)) for p in root.rglob("*.py")
+                 if p.name != "errors.py" and "splitlines()[0]" in p.read_text()]
+    assert offenders == []
