@@ -108,7 +108,8 @@ def time_breakdown(trials: list[dict], timings: dict[str, float], wall_s: float)
     (the last session's);
     ``training_s``, ``trial_setup_s`` and ``trial_eval_s`` sum every trial's last rung row
     (``train_time_s``, ``setup_time_s``, ``eval_time_s``: training steps, data and model build before
-    the first step, scoring the rungs); ``outside_training_share`` is ``1 - training_s / wall_s``
+    the first step, scoring the rungs); a trial cut by the time budget between rungs counts its
+    training up to the cut (``cut.train_time_s``), which no row holds; ``outside_training_share`` is ``1 - training_s / wall_s``
     (issue 16's target: at most 0.10). Trials that ran at once overlap, so on a GPU packing several
     trials the sums can exceed ``tune_s``.
     """
@@ -118,6 +119,9 @@ def time_breakdown(trials: list[dict], timings: dict[str, float], wall_s: float)
     for key, row_key in (("training_s", "train_time_s"), ("trial_setup_s", "setup_time_s"),
                          ("trial_eval_s", "eval_time_s")):
         out[key] = float(sum(r.get(row_key) or 0.0 for r in last))
+    out["training_s"] = float(sum(max((t["rows"][-1].get("train_time_s") or 0.0) if t.get("rows") else 0.0,
+                                      (t.get("cut") or {}).get("train_time_s") or 0.0)
+                                  for t in trials))
     out["outside_training_share"] = 1.0 - out["training_s"] / wall_s if wall_s > 0 else float("nan")
     return out
 

@@ -573,7 +573,7 @@ def trial_row(backbone_name: str, backbone: str | dict, data_dir: Path | None, d
             check_recipe(recipe, for_training=True)
             losses: list[float] = []
             result, model = run_trial(recipe, str(data_dir), device=str(dev),
-                                      on_step=lambda seen, loss: losses.append(float(loss)))
+                                      on_step=lambda seen, loss, secs: losses.append(float(loss)))
             del model
         row.losses, row.trainable_params = losses, result.trainable_params
         row.ms_per_step = result.train_time_s / max(1, result.steps) * 1e3

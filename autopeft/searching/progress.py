@@ -11,10 +11,13 @@ node reaches; elsewhere the live bars stay empty and the per-rung lines still pr
 A progress file (all fields JSON numbers or strings)::
 
     {"trial_id": "a1b2c3", "examples_seen": 1536, "top": 3000, "rungs": [352, 1024, 3000],
-     "rung": 2, "loss": 0.4213, "started": 1790000000.0, "updated": 1790000042.5}
+     "rung": 2, "loss": 0.4213, "train_time_s": 38.2, "started": 1790000000.0, "updated": 1790000042.5}
 
 ``rung`` is the 0-based index of the rung being trained towards (the first rung not yet passed);
-``started`` / ``updated`` are Unix times in seconds.
+``train_time_s``: seconds of training steps so far (evaluation and setup excluded; absent when the
+caller gave none); ``started`` / ``updated`` are Unix times in seconds. The driver reads the file of a
+trial cut by the search's time budget before deleting it: that trial's training past its last rung is
+recorded (``TrialRecord.cut``) and counted as training in ``result.json``'s ``time_s``.
 """
 
 from __future__ import annotations
@@ -70,8 +73,9 @@ class TrialProgressWriter:
         self._last_rung = -1
         self.enabled = True
 
-    def __call__(self, examples_seen: int, loss: float) -> None:
-        """Record ``examples_seen`` training examples and the last step's training ``loss``."""
+    def __call__(self, examples_seen: int, loss: float, train_time_s: float | None = None) -> None:
+        """Record ``examples_seen`` training examples, the last step's training ``loss`` and the
+        seconds of training steps so far (``train_time_s``, optional)."""
         if not self.enabled:
             return
         now = time.time()
@@ -83,6 +87,8 @@ class TrialProgressWriter:
         state = {"trial_id": self.trial_id, "examples_seen": int(examples_seen), "top": self.rungs[-1],
                  "rungs": self.rungs, "rung": rung, "loss": float(loss), "started": self.started,
                  "updated": now}
+        if train_time_s is not None:
+            state["train_time_s"] = float(train_time_s)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             write_json(self.path, state, indent=None)

@@ -41,7 +41,7 @@ from autopeft._util import is_finite
 from autopeft.searching.interrupt import GracefulStop, SearchInterrupted, signal_name
 from autopeft.searching.runs import TRIALS_FILE, write_json
 from autopeft.searching.space import SearchSpace
-from autopeft.searching.progress import PROGRESS_DIR, progress_file
+from autopeft.searching.progress import PROGRESS_DIR, progress_file, read_progress
 from autopeft.searching.tracking import cut_value
 from autopeft.errors import AutopeftError, first_line
 
@@ -59,6 +59,9 @@ class TrialRecord:
     node_id: str | None = None  #: the Ray node it ran on (hex id), as the trial reported it
     hostname: str | None = None  #: that node's host name
     duplicate_of: str | None = None  #: a ``duplicate`` sample: the trial whose recipe it repeats
+    #: a trial cut by the time budget between rungs: ``{"examples_seen", "train_time_s"}`` where its last
+    #: progress file left it (its training past the last rung, which no row holds)
+    cut: dict[str, float] | None = None
 
     def row_at(self, examples: int) -> dict[str, Any] | None:
         """The measurement at fidelity ``examples`` (training examples seen), if reached."""
@@ -67,7 +70,8 @@ class TrialRecord:
     def as_dict(self) -> dict[str, Any]:
         return {"trial_id": self.trial_id, "status": self.status, "error": self.error, "config": self.config,
                 "recipe": self.recipe, "trainable_params": self.trainable_params, "rows": self.rows,
-                "node_id": self.node_id, "hostname": self.hostname, "duplicate_of": self.duplicate_of}
+                "node_id": self.node_id, "hostname": self.hostname, "duplicate_of": self.duplicate_of,
+                "cut": self.cut}
 
 
 @dataclass
@@ -519,10 +523,14 @@ def run_tune(space: SearchSpace, base: dict[str, Any], param_limit: int, setting
             shutil.rmtree(Path(settings.storage_path) / PROGRESS_DIR, ignore_errors=True)
             raise SearchInterrupted(stop.signum, Path(settings.storage_path), recorded=True)
     timings["tune_s"] = time.time() - t_fit
-    shutil.rmtree(Path(settings.storage_path) / PROGRESS_DIR, ignore_errors=True)  # trials cut by the time budget
+    left = read_progress(settings.storage_path)  # trials cut by the time budget: how far they trained
+    shutil.rmtree(Path(settings.storage_path) / PROGRESS_DIR, ignore_errors=True)
     for rec in records.values():  # trials cut by the time budget
         if rec.status == "running":
             rec.status = "stopped_early"
+            p = left.get(rec.trial_id) or {}
+            if is_finite(p.get("train_time_s")) and is_finite(p.get("examples_seen")):
+                rec.cut = {"examples_seen": int(p["examples_seen"]), "train_time_s": float(p["train_time_s"])}
     if searcher.exhausted:
         say(f"the searcher stopped: {searcher.stop_reason}")
     _save_progress()

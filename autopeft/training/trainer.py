@@ -482,7 +482,7 @@ def set_precision(model: PeftModel, recipe: Recipe, device: torch.device | str) 
 def run_trial(recipe: Recipe, data_dir: str | Path | None = None, rungs: list[int] | None = None,
               report: Callable[[dict], None] | None = None, device: str | None = None,
               log: Callable[[str], None] | None = None,
-              on_step: Callable[[int, float], None] | None = None, keep_dir: str | Path | None = None,
+              on_step: Callable[[int, float, float], None] | None = None, keep_dir: str | Path | None = None,
               test: bool = False) -> tuple[TrialResult, PeftModel]:
     """Train and evaluate one recipe.
 
@@ -499,7 +499,8 @@ def run_trial(recipe: Recipe, data_dir: str | Path | None = None, rungs: list[in
         device: ``cpu``, ``cuda``, ... (default: CUDA when available).
         log: receives one-line progress messages.
         on_step: called after every optimiser step with (training examples seen, that step's
-            training loss incl. regularisation) — live progress (:class:`autopeft.searching.progress.TrialProgressWriter`).
+            training loss incl. regularisation, seconds of training steps so far: evaluation and setup
+            excluded) — live progress (:class:`autopeft.searching.progress.TrialProgressWriter`).
         keep_dir: when the trial reaches ``recipe.training.max_train_examples``, its trained weights are
             saved there (:func:`save_trained`) *before* that rung is reported, so a search keeps
             every top-fidelity model even when the report ends the trial.
@@ -569,7 +570,7 @@ def run_trial(recipe: Recipe, data_dir: str | Path | None = None, rungs: list[in
             if not math.isfinite(loss_value):
                 raise FloatingPointError(f"training loss became {loss_value} at step {step}")
             if on_step is not None:
-                on_step(seen, loss_value)
+                on_step(seen, loss_value, train_time + time.perf_counter() - t0)
         train_time += time.perf_counter() - t0
         t0 = time.perf_counter()
         scored = score_split(model, task, val_b, tr.eval_batch_size, tr.max_eval_examples, seed=tr.seed)
