@@ -1163,6 +1163,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR), help="local GLUE folder (../shared/data/glue)")
     p.add_argument("--out", default=str(DEFAULT_OUT), help="output folder (JSON, Markdown, plots, runs/, mlflow.db)")
     p.add_argument("--fresh", action="store_true", help="ignore results already in the JSON (rerun everything)")
+    p.add_argument("--reuse", default=None, metavar="JSON",
+                   help="an earlier benchmark's JSON: a baseline run recorded there with exactly the config this "
+                        "run needs (compute, learning rates, components, pooling, dev split) is copied, not re-run "
+                        "(a baseline does not read the search space, so a changed space keeps its baselines)")
     p.add_argument("--report-only", action="store_true", help="only re-render the Markdown and plots from the JSON")
     p.add_argument("--verbose", action="store_true", help="echo every search progress line (always in runs/<name>.log)")
     return p
@@ -1333,13 +1337,14 @@ def main(argv: list[str] | None = None) -> int:
     epoch = {t: DEFAULT_MAX_TRAIN_EXAMPLES.get(t, splits[t]["train"]) for t in tasks}
     m = _parse_per_task(a.max_train_examples, tasks, epoch, "--max-train-examples")
     lrs = _parse_lrs(a.baseline_lr)
+    reuse = load_results(Path(a.reuse)) if a.reuse else {}
     from autopeft.searching.space import SearchSpace
 
     fingerprint = SearchSpace.load(a.space).fingerprint
     settings = {
         "command": "python benchmarks/search_quality.py" + (" " + shlex.join(argv) if argv else ""),
         "backbone": BACKBONE, "tasks": tasks, "seeds": seeds, "trials": a.trials, "max_train_examples": m,
-        "budget": a.budget, "space": a.space, "space_fingerprint": fingerprint, "searchers": searchers,
+        "budget": a.budget, "space": a.space, "space_fingerprint": fingerprint, "reuse": a.reuse, "searchers": searchers,
         "baselines": baselines, "baseline_lr": {b: lrs[b] for b in baselines}, "lr_multipliers": mult,
         "baseline_components": {b: BASELINES[b] for b in baselines}, "baseline_pooling": BASELINE_POOLING,
         "splits": {t: {k: v for k, v in s.items() if k != "dev_split"} for t, s in splits.items()},
@@ -1386,6 +1391,15 @@ def main(argv: list[str] | None = None) -> int:
         prev = runs.get(key)
         if prev and prev.get("status") == "ok" and prev.get("config") == config:
             say(f"({i}/{len(plan)}) {key}: already in {JSON_NAME}, skipped")
+            continue
+        earlier = reuse.get("runs", {}).get(key) if kind == "baseline" else None
+        if earlier and earlier.get("status") == "ok" and earlier.get("config") == config:
+            runs[key] = {**earlier, "notes": [*earlier.get("notes", []), f"copied from {a.reuse}: the same config"]}
+            task_gold = reuse.get("test_labels", {}).get(task)
+            if task_gold is not None:
+                data["test_labels"].setdefault(task, task_gold)
+            say(f"({i}/{len(plan)}) {key}: the same config in {a.reuse}, copied")
+            save_results(path, data)
             continue
         rec: dict[str, Any] = {"kind": kind, "task": task, "name": name, "seed": seed, "config": config}
         t0 = time.time()
