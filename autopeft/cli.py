@@ -271,7 +271,10 @@ def _print_front(result) -> None:
     counts = {}
     for t in result.trials:
         counts[t["status"]] = counts.get(t["status"], 0) + 1
-    console.print(f"trials: {', '.join(f'{v} {k}' for k, v in sorted(counts.items()))}; "
+    cut = [t for t in result.trials if t.get("cut")]
+    where = ", ".join(f"{t['cut']['examples_seen']:,}" for t in cut)
+    cut_note = f" ({len(cut)} cut by the time budget, at {where} examples)" if cut else ""
+    console.print(f"trials: {', '.join(f'{v} {k}' for k, v in sorted(counts.items()))}{cut_note}; "
                   f"hypervolume {result.hypervolume:.4f}; {result.wall_time_s / 60:.1f} min", markup=False)
     console.print(f"results: {result.path}  (MLflow parent run {result.mlflow_run_id})", markup=False)
     if result.pareto:

@@ -392,3 +392,14 @@ def test_no_module_cuts_an_error_to_its_first_line_by_hand():
     offenders = [str(p.relative_to(root)) for p in root.rglob("*.py")
                  if p.name != "errors.py" and "splitlines()[0]" in p.read_text()]
     assert offenders == []
+
+
+def test_the_summary_says_which_trials_the_time_budget_cut(tmp_path, capsys):
+    from autopeft import cli
+
+    result = _result(["stopped_early", "finished", "stopped_early"], tmp_path, settings={"task": "sst2", "budget": "0.5%"})
+    result.trials[0]["cut"] = {"examples_seen": 20_000, "train_time_s": 90.0}
+    result.pareto, result.reference = [], None
+    cli._print_front(result)
+    out = capsys.readouterr().out
+    assert "trials: 1 finished, 2 stopped_early (1 cut by the time budget, at 20,000 examples); hypervolume" in out
