@@ -116,8 +116,7 @@ def time_breakdown(trials: list[dict], timings: dict[str, float], wall_s: float)
     last = [t["rows"][-1] for t in trials if t.get("rows")]
     out = {k: float(v) for k, v in timings.items()}
     out["wall_s"] = float(wall_s)
-    for key, row_key in (("training_s", "train_time_s"), ("trial_setup_s", "setup_time_s"),
-                         ("trial_eval_s", "eval_time_s")):
+    for key, row_key in (("trial_setup_s", "setup_time_s"), ("trial_eval_s", "eval_time_s")):
         out[key] = float(sum(r.get(row_key) or 0.0 for r in last))
     out["training_s"] = float(sum(max((t["rows"][-1].get("train_time_s") or 0.0) if t.get("rows") else 0.0,
                                       (t.get("cut") or {}).get("train_time_s") or 0.0)

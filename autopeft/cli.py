@@ -318,7 +318,7 @@ def empty_front_advice(result, smallest: tuple[str, int] | None = None) -> str:
     where = f"see {Path(result.path) / 'trials.json'}"
 
     def first_error(trials) -> str:
-        err = next((first_line(t["error"]) for t in trials if first_line(str(t.get("error") or ""))), "")
+        err = next((line for t in trials if (line := first_line(t.get("error") or ""))), "")
         return f" (first: {err[:200]}{'…' if len(err) > 200 else ''})" if err else ""
 
     if not statuses:
