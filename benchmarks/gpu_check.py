@@ -12,7 +12,7 @@ What it checks, one table row each (every row in its own try/except: a failure i
   activations), the last training loss and whether every loss was finite. The
   model is built, cast and optimised the way ``autopeft.training.trainer.run_trial`` does it
   (``check_recipe``, ``build_model``, ``set_precision``: float32 trainable weights, frozen Linear
-  weights in the compute dtype, autocast in ``PeftModel.forward``; ``make_optimizer``: a paged AdamW
+  weights in the compute dtype, autocast in ``ComposedModel.forward``; ``make_optimizer``: a paged AdamW
   for QLoRA on CUDA; the methods' regularisation and step hooks). Families: lora, adalora, adapter
   (Houlsby serial and Pfeiffer parallel), prefix_tuning, p_tuning, p_tuning_v2, bitfit, unipelt,
   mam, adapter_drop (over a Pfeiffer adapter), full_finetuning, qlora (NF4 via bitsandbytes; its

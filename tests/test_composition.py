@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from autopeft.methods import available_methods
-from autopeft.composition.model import CompositionError, PeftModel, count_parameters
+from autopeft.composition.model import CompositionError, ComposedModel, count_parameters
 from autopeft.composition.recipe import RecipeError, build_model
 from autopeft.training.trainer import load_trained, save_trained
 from conftest import TINY_BERT, TINY_ROBERTA, tiny_inputs, tiny_recipe
@@ -140,9 +140,18 @@ def test_layer_out_of_range_is_a_composition_error():
         build_model(tiny_recipe([{"method": "lora", "layers": [5]}]))
 
 
-def test_peft_model_rejects_non_bert_family():
+def test_composed_model_rejects_non_bert_family():
     with pytest.raises(ValueError, match="not supported"):
-        PeftModel(torch.nn.Linear(2, 2))
+        ComposedModel(torch.nn.Linear(2, 2))
+
+
+def test_the_old_name_peft_model_still_imports_with_a_deprecation_warning():
+    import autopeft.composition.model as model_module
+
+    with pytest.warns(DeprecationWarning, match="now ComposedModel"):
+        assert model_module.PeftModel is ComposedModel
+    with pytest.raises(AttributeError, match="no attribute 'PeftModle'"):
+        model_module.PeftModle
 
 
 def test_gated_lora_on_the_ffn_output_reads_the_layer_input():

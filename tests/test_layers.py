@@ -140,7 +140,7 @@ def test_the_checks_catch_an_upward_import_and_a_circle(tmp_path):
         (pkg / folder).mkdir(parents=True)
         (pkg / folder / "__init__.py").write_text("")
     (pkg / "__init__.py").write_text("")
-    (pkg / "methods" / "lora.py").write_text("def f():\n    from autopeft.composition.model import PeftModel\n")
+    (pkg / "methods" / "lora.py").write_text("def f():\n    from autopeft.composition.model import ComposedModel\n")
     (pkg / "composition" / "model.py").write_text("from autopeft.methods.lora import f\n")
     (pkg / "training" / "trainer.py").write_text(
         "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import autopeft.api\n")

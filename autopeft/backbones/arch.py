@@ -1,7 +1,7 @@
 """Where the method modules attach, per architecture family: one table per family.
 
 No method module spells out an architecture: each asks :class:`Encoder` (through
-:class:`autopeft.composition.model.PeftModel`) for a canonical slot, and the family table below says where that
+:class:`autopeft.composition.model.ComposedModel`) for a canonical slot, and the family table below says where that
 slot is. Canonical Linear targets (with the usual aliases, e.g. peft's ``q_proj``)::
 
     query key value qkv attention_output ffn_gate ffn_in ffn_out

@@ -69,7 +69,7 @@ def _bnb():
 
 
 def is_quantized(module: nn.Module) -> bool:
-    """Whether ``module`` (a backbone or an :class:`autopeft.composition.model.PeftModel`) holds NF4 weights."""
+    """Whether ``module`` (a backbone or an :class:`autopeft.composition.model.ComposedModel`) holds NF4 weights."""
     return _NF4_CLASS is not None and any(isinstance(m, _NF4_CLASS) for m in module.modules())
 
 

@@ -1,5 +1,5 @@
 """Adapter hosts: the modules that replace a residual sublayer to hold its serial and parallel adapters
-(and AdapterFusion over them); :meth:`autopeft.composition.model.PeftModel.add_adapter` installs them.
+(and AdapterFusion over them); :meth:`autopeft.composition.model.ComposedModel.add_adapter` installs them.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """UniPELT gates: one gate per gated component and transformer layer, read from the layer's input.
 
 Mao et al. 2022, "UniPELT", arXiv:2110.07577, eq. 1-3: ``G = sigmoid(W_G x)`` averaged over the
-sequence. :meth:`autopeft.composition.model.PeftModel.layer_gate` installs a layer's
+sequence. :meth:`autopeft.composition.model.ComposedModel.layer_gate` installs a layer's
 :class:`LayerGates` and hands each gated module a :class:`GateHandle`.
 """
 
@@ -39,7 +39,7 @@ class LayerGates(nn.Module):
     Mao et al., arXiv:2110.07577, section 3.2 and eq. (1)-(3): each sub-method ``m`` of a layer gets
     one gate ``G_m = sigmoid(W_m x)`` (``G_P``, ``G_L``, ``G_A``), where ``x`` (B, T, d) is the
     layer's input hidden state. Installed as ``encoder.layer[i].peft_gates`` by
-    :meth:`PeftModel.layer_gate`; a forward pre-hook on the layer records ``x``, and each gate is
+    :meth:`ComposedModel.layer_gate`; a forward pre-hook on the layer records ``x``, and each gate is
     evaluated at most once per layer forward (:meth:`value`), so a component that wraps several
     matrices of the layer (LoRA on W_q and W_v, Houlsby's two adapters) scales all of them by the
     same (B, 1, 1) value. Between forward passes it holds only the last input (see :meth:`release`).

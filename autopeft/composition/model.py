@@ -1,6 +1,6 @@
 """Composition: one combined model from any set of method components (UniPELT style).
 
-This is the one place where methods meet. :class:`PeftModel` wraps a frozen Hugging Face
+This is the one place where methods meet. :class:`ComposedModel` wraps a frozen Hugging Face
 sequence-classification backbone and offers the method modules four attachment points:
 
 * ``wrap_linear``  - replace a Linear sublayer (query/key/value/attention_output/ffn_in/ffn_out)
@@ -14,7 +14,7 @@ sequence-classification backbone and offers the method modules four attachment p
 plus optional per-component gates ``G = sigmoid(W_G x)`` averaged over the sequence, as in UniPELT
 (Mao et al. 2022, arXiv:2110.07577, eq. 1-3) - one gate per gated component and layer, read from the
 layer's input hidden states and shared by every module the component puts in that layer
-(:meth:`PeftModel.layer_gate`) - and hooks for methods that act during training
+(:meth:`ComposedModel.layer_gate`) - and hooks for methods that act during training
 (``add_regularizer`` for extra loss terms, ``add_step_hook`` called after every optimiser step).
 
 Every slot can be claimed once; a second claim by another component is a :class:`CompositionError`
@@ -61,8 +61,11 @@ class InputPrompt:
     position: int
 
 
-class PeftModel(nn.Module):
+class ComposedModel(nn.Module):
     """A frozen backbone plus any set of PEFT components; the task head stays trainable.
+
+    (Named ``PeftModel`` before 2026-12: it was renamed so it cannot be mistaken for ``peft.PeftModel``,
+    which the exported folders load into; the old name still imports, with a ``DeprecationWarning``.)
 
     Args:
         backbone: a Hugging Face ``*ForSequenceClassification`` of a family in
@@ -497,7 +500,7 @@ class ParameterCount:
         }
 
 
-def count_parameters(model: PeftModel) -> ParameterCount:
+def count_parameters(model: ComposedModel) -> ParameterCount:
     """Count trainable parameters of ``model`` (units: parameters, not bytes).
 
     Parameters shared between modules count once. Works on meta-device models.
@@ -514,3 +517,18 @@ def count_parameters(model: PeftModel) -> ParameterCount:
     if pooling == "pooler" and model.family.causal:
         pooling = "last"  # what a decoder's own head reads
     return ParameterCount(trainable, model.backbone_params, head, pooling)
+
+
+def __getattr__(name: str):
+    """The old name of :class:`ComposedModel` (``PeftModel``), with a ``DeprecationWarning``.
+
+    Raises:
+        AttributeError: for any other missing name.
+    """
+    if name == "PeftModel":
+        import warnings
+
+        warnings.warn("autopeft.composition.model.PeftModel is now ComposedModel (peft's PeftModel is another class)",
+                      DeprecationWarning, stacklevel=2)
+        return ComposedModel
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,5 +1,5 @@
 """Prefix attention: a layer's self-attention with learned key/value vectors prepended (prefix tuning,
-P-Tuning v2, MAM, UniPELT); :meth:`autopeft.composition.model.PeftModel.attention` installs it.
+P-Tuning v2, MAM, UniPELT); :meth:`autopeft.composition.model.ComposedModel.attention` installs it.
 """
 
 from __future__ import annotations

@@ -266,7 +266,7 @@ def check_recipe(recipe: Recipe, config: Any = None, for_training: bool = False)
 
 
 def build_model(recipe: Recipe, device: str = "cpu", after_component=None):
-    """Build the backbone and apply every component: returns a :class:`autopeft.composition.model.PeftModel`.
+    """Build the backbone and apply every component: returns a :class:`autopeft.composition.model.ComposedModel`.
 
     ``after_component(index, model)``, if given, is called after component ``index`` is applied
     (e.g. to attribute the modules each component created).
@@ -280,7 +280,7 @@ def build_model(recipe: Recipe, device: str = "cpu", after_component=None):
         BackboneError, CompositionError, TaskError: as their names say.
     """
     from autopeft.backbones import load_model
-    from autopeft.composition.model import PeftModel
+    from autopeft.composition.model import ComposedModel
     from autopeft.data.tasks import get_task
 
     task = get_task(recipe.task)
@@ -292,7 +292,7 @@ def build_model(recipe: Recipe, device: str = "cpu", after_component=None):
     import torch
 
     torch.manual_seed(recipe.training.seed)
-    model = PeftModel(backbone, gating=recipe.gating, pooling=recipe.pooling, read_folder=read_trained_folder)
+    model = ComposedModel(backbone, gating=recipe.gating, pooling=recipe.pooling, read_folder=read_trained_folder)
     for i, component in enumerate(recipe.components):
         model.add_component(component)
         if after_component is not None:

@@ -718,8 +718,8 @@ def write_pooling_code(backbone: nn.Module, pooling: str, out: Path) -> str:
     """Make the merged folder ``out`` run autopeft's head input ``pooling`` (``mean`` or ``cls``).
 
     Writes :data:`POOLING_CODE_FILE` (a subclass of the backbone's ``*ForSequenceClassification`` and of
-    its config class whose forward pools as :meth:`autopeft.composition.model.PeftModel.forward` does, the head
-    modules run in the same order as :meth:`autopeft.composition.model.PeftModel._head`) and points ``config.json``
+    its config class whose forward pools as :meth:`autopeft.composition.model.ComposedModel.forward` does, the head
+    modules run in the same order as :meth:`autopeft.composition.model.ComposedModel._head`) and points ``config.json``
     at it: ``model_type`` becomes ``autopeft_pooled_<type>`` (unknown to transformers, so loading without
     ``trust_remote_code=True`` fails instead of silently running the backbone's own head), ``auto_map``
     names the two classes, ``autopeft_pooling`` the pooling. The weights are unchanged.

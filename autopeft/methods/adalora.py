@@ -9,7 +9,7 @@ arXiv:2303.10512 (ICLR 2023).
   update is scaled by ``lora_alpha / init_r`` (as the authors' code and Hugging Face peft do).
 * Orthogonality (eq. 4): ``R(P, Q) = ||P^T P - I||_F + ||Q Q^T - I||_F``, added to the loss as
   ``orth_reg_weight * sum_k R(P_k, Q_k) / (2 n)`` over the ``n`` wrapped matrices
-  (:meth:`autopeft.composition.model.PeftModel.add_regularizer`). This is the normalisation of the authors' code
+  (:meth:`autopeft.composition.model.ComposedModel.add_regularizer`). This is the normalisation of the authors' code
   and of peft (the mean of the unsquared norms), with which the paper's ``orth_reg_weight`` values were
   tuned; eq. 4 as printed (squared norms, summed) is ~50x larger at initialisation on MiniLM and
   swamps the task loss (on MiniLM-L6, 4,000 SST-2 examples at lr 3e-3: 53.0% validation accuracy
@@ -31,7 +31,7 @@ arXiv:2303.10512 (ICLR 2023).
 Gradients for eq. 7 are captured when ``backward`` accumulates them (a post-accumulate-grad hook on
 every P, E, Q), so the step hook works whatever the training loop does with ``zero_grad``; the
 sensitivity uses the weights at which the gradient was taken. The training loop
-(:func:`autopeft.training.trainer.run_trial`) calls :meth:`PeftModel.after_step` after every optimiser step and
+(:func:`autopeft.training.trainer.run_trial`) calls :meth:`ComposedModel.after_step` after every optimiser step and
 sets ``model.total_steps`` (its schedule length), which is used when ``total_step`` is not given.
 
 Saved state (:func:`autopeft.training.trainer.save_trained` / ``load_trained``): besides P, E, Q, the rank
@@ -43,7 +43,7 @@ finished schedule keeps its final allocation (re-applied after every step), so p
 pruned. The importance EMAs (eq. 8-9) are not saved; they restart from zero.
 
 Trainable parameters per wrapped Linear: ``init_r * (d_in + d_out + 1)``, + ``d + 1`` per selected
-layer with a gate (one UniPELT gate per layer, :meth:`autopeft.composition.model.PeftModel.layer_gate`); they do
+layer with a gate (one UniPELT gate per layer, :meth:`autopeft.composition.model.ComposedModel.layer_gate`); they do
 not shrink when ranks are pruned (the paper's masking keeps the vectors).
 """
 

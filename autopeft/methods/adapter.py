@@ -12,7 +12,7 @@ Sources:
 ``2 * d * m + m + d`` for bottleneck ``m = d / reduction_factor`` (+1 for a learned scaling);
 Houlsby adds the two LayerNorms, ``4 d`` per layer. Gated, the component has ONE gate per layer
 (``d + 1``), shared by its adapters in that layer (Houlsby's two) and read from the layer's input
-(:meth:`autopeft.composition.model.PeftModel.layer_gate`; UniPELT, arXiv:2110.07577, eq. 1-3).
+(:meth:`autopeft.composition.model.ComposedModel.layer_gate`; UniPELT, arXiv:2110.07577, eq. 1-3).
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ class BottleneckAdapter(nn.Module):
 
 def make_adapter(model, cfg: AdapterConfig, placement: str, layer: int, gate_key: str | None = None) -> BottleneckAdapter:
     """A new adapter for ``layer`` of ``model``; gated by the component's layer gate (key ``gate_key``,
-    default :meth:`autopeft.composition.model.PeftModel.gate_key`) when ``cfg`` is gated."""
+    default :meth:`autopeft.composition.model.ComposedModel.gate_key`) when ``cfg`` is gated."""
     d = model.encoder.hidden_size
     return BottleneckAdapter(d, cfg.bottleneck(d), cfg.non_linearity, cfg.scaling,
                              residual=placement == "serial", gate=model.layer_gate(cfg, layer, gate_key))

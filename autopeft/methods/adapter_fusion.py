@@ -56,7 +56,7 @@ from autopeft.errors import CompositionError, first_line
 
 #: Name of the adapter inside a stage-1 model (``apply_adapter``'s default slot name).
 STAGE1_ADAPTER_NAME = "adapter"
-#: Key of a gated stage-1 adapter's layer gate (``PeftModel.gate_key`` of the only component).
+#: Key of a gated stage-1 adapter's layer gate (``ComposedModel.gate_key`` of the only component).
 STAGE1_GATE_KEY = "adapter_0"
 
 
@@ -166,7 +166,7 @@ def _default_names(tasks: Iterable[str]) -> list[str]:
 @dataclass
 class Stage1Adapter:
     """A stage-1 adapter as the fusion needs it (:func:`stage1_of` a folder the model read through
-    :meth:`autopeft.composition.model.PeftModel.trained_folder`, so this module never reads files).
+    :meth:`autopeft.composition.model.ComposedModel.trained_folder`, so this module never reads files).
 
     Attributes:
         path: the folder. task: the stage-1 task (default slot name). config: its adapter component,

@@ -4,7 +4,7 @@ A method is a module with
 
 * a config class (``MethodConfig`` subclass, pydantic) whose ``method`` field is the canonical
   recipe name and whose other fields are its hyperparameters with documented defaults;
-* an ``apply(model, config)`` function that injects the method into an :class:`autopeft.composition.model.PeftModel`
+* an ``apply(model, config)`` function that injects the method into an :class:`autopeft.composition.model.ComposedModel`
   through that model's composition API (``wrap_linear``, ``add_adapter``, ``add_prefix``, ...),
   leaving exactly the method's new parameters trainable.
 
@@ -30,7 +30,7 @@ from autopeft.backbones.arch import canonical_target, canonical_targets, resolve
 TargetModules = Annotated[list[str], AfterValidator(canonical_targets)]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from autopeft.composition.model import PeftModel
+    from autopeft.composition.model import ComposedModel
 
 
 class MethodConfig(BaseModel):
@@ -157,7 +157,7 @@ class BackboneLimits:
 @dataclass(frozen=True)
 class TrainedFolder:
     """A folder written by :func:`autopeft.training.trainer.save_trained` that a component reads (AdapterFusion's
-    stage-one adapters), as :meth:`autopeft.composition.model.PeftModel.trained_folder` hands it to a method:
+    stage-one adapters), as :meth:`autopeft.composition.model.ComposedModel.trained_folder` hands it to a method:
     methods never read files themselves; the edge that builds the model reads them.
 
     Attributes:
@@ -178,7 +178,7 @@ class PeftTarget:
     """What the peft export (:mod:`autopeft.exporting.hf_export`) hands a method's :attr:`PeftMapping.build`.
 
     Attributes:
-        model: the trained autopeft ``PeftModel``.
+        model: the trained autopeft ``ComposedModel``.
         recipe: its recipe.
         wrappers: backbone path -> the model's LoRA-like ``LinearWrapper`` there (peft's ``target_modules``).
         extras: ``model.extras`` by name (prompt / prefix encoders).
@@ -245,7 +245,7 @@ class MethodSpec:
 
     name: str
     config_cls: type[MethodConfig]
-    apply: Callable[["PeftModel", Any], None]
+    apply: Callable[["ComposedModel", Any], None]
     paper: str
     peft: PeftMapping | None = None
     why_not_peft: str = ""

@@ -15,7 +15,7 @@ away from what was merged, and the next unmerge would subtract the wrong update)
 
 Trainable parameters per wrapped Linear: ``r * (d_in + d_out)``; gated, + ``d + 1`` per selected
 layer: one gate per layer shared by the layer's wrapped Linears, read from the layer's input
-(:meth:`autopeft.composition.model.PeftModel.layer_gate`; UniPELT, arXiv:2110.07577, eq. 1-3).
+(:meth:`autopeft.composition.model.ComposedModel.layer_gate`; UniPELT, arXiv:2110.07577, eq. 1-3).
 """
 
 from __future__ import annotations

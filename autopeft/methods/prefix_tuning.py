@@ -83,7 +83,7 @@ class PrefixEncoder(nn.Module):
 
 
 class _LayerSource:
-    """Callable handed to ``PeftModel.add_prefix``: layer ``index``'s slice of the encoder's output."""
+    """Callable handed to ``ComposedModel.add_prefix``: layer ``index``'s slice of the encoder's output."""
 
     def __init__(self, encoder: PrefixEncoder, index: int) -> None:
         self.encoder, self.index = encoder, index

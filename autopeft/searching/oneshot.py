@@ -6,7 +6,7 @@ gated as in UniPELT (Mao et al., "UniPELT: A Unified Framework for Parameter-Eff
 Model Tuning", arXiv:2110.07577, eq. 1-3: each component's output is scaled by
 ``G = sigmoid(W_G x)``), trains it briefly, and reads each component's **importance**: the mean gate
 value, over a few dev batches (the search's dev split) in eval mode, over the component's gates (one per layer, see
-``PeftModel.layer_gate``). Components are ranked by importance and the best within-budget subsets
+``ComposedModel.layer_gate``). Components are ranked by importance and the best within-budget subsets
 (top-1, top-1 + top-2, ... greedily, shrinking or skipping what does not fit) become extra start
 points of the search. The idea of learning which modules matter in one training run, rather than
 by trial and error, follows S3Delta (Hu et al., "Sparse Structure Search for Delta Tuning",

@@ -2,8 +2,8 @@
 
 The loop is deliberately small and deterministic on CPU (seeded shuffling with a private generator,
 seeded initialisation, evaluation without randomness), so ``autopeft train`` reproduces a search
-trial's score. Methods that act during training plug in through ``PeftModel.regularization`` (extra
-loss) and ``PeftModel.after_step`` (e.g. AdaLoRA's rank allocation): no user call is needed.
+trial's score. Methods that act during training plug in through ``ComposedModel.regularization`` (extra
+loss) and ``ComposedModel.after_step`` (e.g. AdaLoRA's rank allocation): no user call is needed.
 
 Peak training memory (bytes):
 * on CUDA, ``torch.cuda.max_memory_allocated`` over the training steps;
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from autopeft.backbones.precision import cast_for_training, compute_dtype, grad_scaler, resolve_precision
-from autopeft.composition.model import PeftModel, count_parameters
+from autopeft.composition.model import ComposedModel, count_parameters
 from autopeft.composition.recipe import ADAPTER_FILE, Recipe, build_model, recipe_as_built
 from autopeft.data.tasks import Split, Task, get_task, load_split
 
@@ -352,7 +352,7 @@ def padding_fraction(lengths: np.ndarray, order: np.ndarray, batch_size: int) ->
 
 
 @torch.no_grad()
-def predict_ids(model: PeftModel, task: Task, batches: Batches, batch_size: int, limit: int | None = None) -> np.ndarray:
+def predict_ids(model: ComposedModel, task: Task, batches: Batches, batch_size: int, limit: int | None = None) -> np.ndarray:
     """Predictions on ``batches.split`` (the first ``limit`` examples if given), in split order.
 
     Returns:
@@ -374,7 +374,7 @@ def predict_ids(model: PeftModel, task: Task, batches: Batches, batch_size: int,
     return pred
 
 
-def evaluate(model: PeftModel, task: Task, batches: Batches, batch_size: int, limit: int | None = None) -> dict[str, float]:
+def evaluate(model: ComposedModel, task: Task, batches: Batches, batch_size: int, limit: int | None = None) -> dict[str, float]:
     """All task metrics on ``batches.split`` (the first ``limit`` examples if given)."""
     pred = predict_ids(model, task, batches, batch_size, limit)
     return task.score(pred, batches.split.labels[:len(pred)])
@@ -396,7 +396,7 @@ class Scored:
     examples: int
 
 
-def score_split(model: PeftModel, task: Task, batches: Batches, batch_size: int, limit: int | None = None,
+def score_split(model: ComposedModel, task: Task, batches: Batches, batch_size: int, limit: int | None = None,
                 seed: int = 0) -> Scored:
     """:func:`evaluate` plus the primary metric's 95% bootstrap interval (seeded,
     :func:`autopeft.data.uncertainty.bootstrap_ci`)."""
@@ -426,7 +426,7 @@ def trial_splits(recipe: Recipe, data_dir: str | Path | None = None) -> tuple[Sp
     return train_split, load_split(task, "validation", data_dir), "validation"
 
 
-def score_test(model: PeftModel, recipe: Recipe, data_dir: str | Path | None = None, device: str | None = None,
+def score_test(model: ComposedModel, recipe: Recipe, data_dir: str | Path | None = None, device: str | None = None,
                tokenizer=None) -> Scored:
     """Score a trained model once on the recipe's untouched test split: the task's validation split
     (user data without one: its seeded ``held_out`` part). Evaluation only; seeded interval.
@@ -447,7 +447,7 @@ def score_test(model: PeftModel, recipe: Recipe, data_dir: str | Path | None = N
 CHECKPOINTING_FROM = 1_000_000_000
 
 
-def set_gradient_checkpointing(model: PeftModel, recipe: Recipe) -> bool:
+def set_gradient_checkpointing(model: ComposedModel, recipe: Recipe) -> bool:
     """Turn on the backbone's gradient checkpointing when the recipe asks for it (``None``: when the
     backbone has over :data:`CHECKPOINTING_FROM` parameters); returns whether it is on.
 
@@ -464,7 +464,7 @@ def set_gradient_checkpointing(model: PeftModel, recipe: Recipe) -> bool:
     return bool(want)
 
 
-def set_precision(model: PeftModel, recipe: Recipe, device: torch.device | str) -> str:
+def set_precision(model: ComposedModel, recipe: Recipe, device: torch.device | str) -> str:
     """Put ``model`` in the recipe's precision (``training.precision`` resolved for ``device``, and
     ``training.backbone_dtype``; :func:`autopeft.backbones.precision.cast_for_training`) and make its forward run
     under autocast in it, for training and every evaluation alike. On CUDA, float32 matmuls (what
@@ -483,7 +483,7 @@ def run_trial(recipe: Recipe, data_dir: str | Path | None = None, rungs: list[in
               report: Callable[[dict], None] | None = None, device: str | None = None,
               log: Callable[[str], None] | None = None,
               on_step: Callable[[int, float, float], None] | None = None, keep_dir: str | Path | None = None,
-              test: bool = False) -> tuple[TrialResult, PeftModel]:
+              test: bool = False) -> tuple[TrialResult, ComposedModel]:
     """Train and evaluate one recipe.
 
     The loop over rungs stays in one piece (the setup and the result's parts are helpers): each step
@@ -594,7 +594,7 @@ def run_trial(recipe: Recipe, data_dir: str | Path | None = None, rungs: list[in
     return result, model
 
 
-def _optimizer_and_schedule(model: PeftModel, tr, dev: torch.device, log: Callable[[str], None] | None):
+def _optimizer_and_schedule(model: ComposedModel, tr, dev: torch.device, log: Callable[[str], None] | None):
     """``(optimizer, scheduler)`` of a trial: the trainable parameters in two groups (the method's at
     ``learning_rate``, the head's at ``head_learning_rate``; :func:`make_optimizer`) and a linear warm-up
     then linear decay over ``schedule_examples``; sets ``model.total_steps`` to that horizon (methods
@@ -630,7 +630,7 @@ def _rung_result(scored, counts, peak: int, seen: int, step: int, train_time: fl
         setup_time_s=setup_time, eval_time_s=eval_time)
 
 
-def _add_test_score(result: TrialResult, model: PeftModel, recipe: Recipe, data_dir: str | Path | None,
+def _add_test_score(result: TrialResult, model: ComposedModel, recipe: Recipe, data_dir: str | Path | None,
                     dev: torch.device, tokenizer, metric: str, log: Callable[[str], None] | None) -> None:
     """Score the trained model once on the untouched test split, into ``result``'s ``test_*`` fields."""
     t = score_test(model, recipe, data_dir, str(dev), tokenizer)
@@ -665,7 +665,7 @@ def train_and_save(recipe: Recipe | str | Path, data_dir: str | Path | None = No
     return result
 
 
-def make_optimizer(model: PeftModel, groups: list[dict], weight_decay: float, device: torch.device,
+def make_optimizer(model: ComposedModel, groups: list[dict], weight_decay: float, device: torch.device,
                    log: Callable[[str], None] | None = None) -> torch.optim.Optimizer:
     """AdamW; a paged 32-bit AdamW (bitsandbytes) for NF4-quantised models on CUDA (QLoRA, arXiv:2305.14314 §3).
 
@@ -693,7 +693,7 @@ def make_optimizer(model: PeftModel, groups: list[dict], weight_decay: float, de
     return optimizer
 
 
-def peak_memory_bytes(model: PeftModel, optimizer: torch.optim.Optimizer, meter: _SavedTensorMeter,
+def peak_memory_bytes(model: ComposedModel, optimizer: torch.optim.Optimizer, meter: _SavedTensorMeter,
                       device: torch.device) -> int:
     """Peak training memory in bytes (see the module docstring)."""
     if device.type == "cuda":
@@ -705,10 +705,10 @@ def peak_memory_bytes(model: PeftModel, optimizer: torch.optim.Optimizer, meter:
     return int(params + grads + state + meter.peak)
 
 
-def save_trained(model: PeftModel, recipe: Recipe, result: TrialResult | None, out_dir: str | Path) -> Path:
+def save_trained(model: ComposedModel, recipe: Recipe, result: TrialResult | None, out_dir: str | Path) -> Path:
     """Write everything that defines the trained adapter to ``out_dir``; returns ``out_dir``.
 
-    * ``adapter_model.safetensors``: :meth:`PeftModel.adapter_state_dict` - every trainable tensor
+    * ``adapter_model.safetensors``: :meth:`ComposedModel.adapter_state_dict` - every trainable tensor
       plus the method modules' persistent state (AdaLoRA's rank masks and allocator step,
       AdapterDrop's inference ``n``, ...);
     * ``recipe.yaml``: the recipe of the model as it is now - after
@@ -734,7 +734,7 @@ def is_trained_folder(path: str | Path) -> bool:
     return (p / "recipe.yaml").is_file() and (p / ADAPTER_FILE).is_file()
 
 
-def load_trained(path: str | Path, device: str = "cpu", precision: str | None = None) -> PeftModel:
+def load_trained(path: str | Path, device: str = "cpu", precision: str | None = None) -> ComposedModel:
     """Rebuild a model saved by :func:`save_trained`: fresh backbone + recipe + saved tensors.
 
     ``precision``: ``None`` (default) rebuilds it in the precision it was trained in (a bf16 model
