@@ -493,3 +493,12 @@ def test_bundled_minilm_is_named_by_its_hub_id(tmp_path):
     card = (res.path / "README.md").read_text()
     assert "base_model: sentence-transformers/all-MiniLM-L6-v2" in card and str(minilm_path()) in card
     assert "from_pretrained('sentence-transformers/all-MiniLM-L6-v2', num_labels=2)" in card
+
+
+def test_the_folder_formats_checked_are_the_formats_written():
+    """checks.py refuses a format by the same list hf_export writes (they live in two modules)."""
+    from autopeft.exporting import checks, hf_export
+
+    assert tuple(hf_export._WRITERS) == checks.FOLDER_FORMATS == ("peft", "merged")
+    with pytest.raises(ExportError, match="unknown export format 'onnx' for a model; valid: peft, merged"):
+        checks.check_exportable(tiny_recipe([{"method": "lora", "r": 2}]), "onnx", "hint")
