@@ -115,7 +115,8 @@ if str(PROJECT_ROOT) not in sys.path:  # run as a script from anywhere
 
 from autopeft.searching.final import FULL_FT_LEARNING_RATE  # noqa: E402
 from autopeft.searching.pareto import hypervolume  # noqa: E402
-from autopeft._util import is_finite
+from autopeft._util import is_finite  # noqa: E402
+from autopeft.errors import first_line  # noqa: E402
 
 DEFAULT_DATA_DIR = PROJECT_ROOT.parent / "shared" / "data" / "glue"
 DEFAULT_OUT = PROJECT_ROOT / "experiments"
@@ -1424,7 +1425,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         except Exception as exc:  # record, go on with the other runs
             rec["status"] = "error"
-            rec["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+            rec["error"] = first_line(exc, with_type=True)[:500]
             rec["traceback"] = traceback.format_exc()[-3000:]
         rec["run_time_s"] = time.time() - t0
         runs[key] = rec
