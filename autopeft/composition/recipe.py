@@ -78,6 +78,11 @@ class TrainingConfig(BaseModel):
     #: 2016, arXiv:1604.06174): less memory, ~1.3x the step time. ``None``: on for backbones over
     #: :data:`autopeft.training.trainer.CHECKPOINTING_FROM` (1B) parameters.
     gradient_checkpointing: bool | None = None
+    #: Dropout probability of the frozen backbone's own dropout modules while training (embeddings,
+    #: attention probabilities, hidden states, the task head's): ``None`` keeps the backbone's config
+    #: values (BERT, MiniLM: 0.1); ``0.0`` switches them off, which also makes a step cheaper. Method
+    #: modules keep their own settings (``lora_dropout``, ...). Evaluation never drops either way.
+    backbone_dropout: float | None = Field(None, ge=0, lt=1)
 
     @model_validator(mode="after")
     def _half_weights_need_half_compute(self) -> "TrainingConfig":

@@ -464,6 +464,37 @@ def set_gradient_checkpointing(model: ComposedModel, recipe: Recipe) -> bool:
     return bool(want)
 
 
+def set_backbone_dropout(model: ComposedModel, p: float | None) -> int:
+    """Set the probability of every dropout module of the frozen backbone (``training.backbone_dropout``)
+    to ``p``: embeddings, attention probabilities, hidden states and the task head's, including those of
+    backbone modules an autopeft wrapper holds (``base_layer`` / ``base``); the method modules' own
+    dropout (``lora_dropout``, ...) is theirs to set. ``None`` changes nothing. transformers' attention
+    reads its ``nn.Dropout``'s ``p`` at each call (``dropout=self.dropout.p``), so the change reaches the
+    fused attention kernels too. Returns how many modules were set.
+
+    Dropout: Srivastava et al. 2014 (JMLR 15, eq. 2-3); the lever's effect on SST-2 is measured in
+    experiments/gap_to_full_ft.md."""
+    if p is None:
+        return 0
+    count = 0
+
+    def walk(module: torch.nn.Module) -> None:
+        nonlocal count
+        if type(module).__module__.startswith("autopeft."):
+            inner = module._modules.get("base_layer") or module._modules.get("base")
+            if inner is not None:
+                walk(inner)
+            return
+        if isinstance(module, torch.nn.Dropout):
+            module.p = float(p)
+            count += 1
+        for child in module.children():
+            walk(child)
+
+    walk(model.backbone)
+    return count
+
+
 def set_precision(model: ComposedModel, recipe: Recipe, device: torch.device | str) -> str:
     """Put ``model`` in the recipe's precision (``training.precision`` resolved for ``device``, and
     ``training.backbone_dtype``; :func:`autopeft.backbones.precision.cast_for_training`) and make its forward run
@@ -527,6 +558,7 @@ def run_trial(recipe: Recipe, data_dir: str | Path | None = None, rungs: list[in
     counts = count_parameters(model)
     precision = set_precision(model, recipe, dev)
     set_gradient_checkpointing(model, recipe)
+    set_backbone_dropout(model, tr.backbone_dropout)
     scaler = grad_scaler(dev, precision)
     train_b = Batches(train_split, tokenizer, tr.max_seq_length, dev)
     val_b = Batches(val_split, tokenizer, tr.max_seq_length, dev)
