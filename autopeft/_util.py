@@ -18,17 +18,34 @@ def is_finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
+def require_file(path: Path, what: str, error: type[Exception]) -> None:
+    """Refuse a ``path`` that is not a file, in one line that says whether it is a folder or missing.
+
+    Raises:
+        error: ``"<what> '<path>' is a folder: give the YAML file"`` (naming ``recipe.yaml`` inside a
+            trained output) or ``"<what> '<path>' does not exist"``.
+    """
+    if path.is_dir():
+        hint = " (a trained output: its recipe is recipe.yaml inside it)" if (path / "recipe.yaml").is_file() else ""
+        raise error(f"{what} {str(path)!r} is a folder: give the YAML file{hint}")
+    if not path.is_file():
+        raise error(f"{what} {str(path)!r} does not exist")
+
+
 def read_yaml(path: str | Path, error: type[Exception]) -> Any:
     """The parsed content of YAML file ``path`` (``None`` for an empty file).
 
     Raises:
-        error: the file is not valid YAML; one line, ``"<path>: not valid YAML (<first line of the reason>)"``.
+        error: the file is not valid YAML, or not UTF-8 text; one line, ``"<path>: not valid YAML (<first
+            line of the reason>)"`` / ``"<path>: not a UTF-8 text file (...)"``.
         OSError: the file cannot be read.
     """
     import yaml
 
     path = Path(path)
     try:
-        return yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise error(f"{path}: not valid YAML ({first_line(exc)})") from None
+    except UnicodeDecodeError as exc:  # a binary file given as YAML: name the file, not just the byte
+        raise error(f"{path}: not a UTF-8 text file ({first_line(exc)})") from None

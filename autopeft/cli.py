@@ -381,7 +381,8 @@ def export(
                                            help="GLUE folder for training a search point first (default: the search's)."),
     train: bool = typer.Option(True, "--train/--no-train",
                                help="peft/merged from a search: train the point first when it has no trained weights."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing non-empty output folder."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing recipe file or non-empty output folder "
+                                                                 "(never the search or model being exported)."),
 ) -> None:
     """Write one Pareto point as a training recipe, a peft adapter folder (--format peft) or a merged model (--merge).
 
@@ -397,7 +398,7 @@ def export(
     form = EXPORT_FORMATS["merged" if merge else fmt or "recipe"]
     if not form.folder:
         recipe = _run(api.export, search, pick=pick or "best", output=output or Path("best.yaml"),
-                      output_dir=output_dir, fmt=form.name)
+                      output_dir=output_dir, fmt=form.name, overwrite=overwrite)
         methods = ", ".join(c.method for c in recipe.components) or "head only"
         console.print(f"wrote {output or 'best.yaml'} ({methods}; {recipe.training.max_train_examples:,} training examples)",
                       markup=False)
@@ -470,6 +471,9 @@ def predict(
         _fail(_UserError(f"{str(trained)!r} is not a trained output (no recipe.yaml; see autopeft train -o)"), 2)
     if output is not None and output.is_dir():  # checked before predicting: no predictions thrown away
         _fail(_UserError(f"-o {str(output)!r} is a folder: give the CSV file to write"), 2)
+    if output is not None and input_file is not None and output.resolve() == input_file.resolve():
+        _fail(_UserError(f"-o {str(output)!r} is the --input file: writing there would replace its data; "
+                         "give another file"), 2)
     task = _run(lambda: get_task(load_recipe(trained / "recipe.yaml").task))
     if input_file is not None:
         rows = _run(read_texts, input_file, task.text_columns)

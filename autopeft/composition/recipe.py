@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationErr
 
 from autopeft.methods.base import MethodConfig, parse_component, spec_of
 from autopeft.data.tasks import DevSplit, TaskSpec
-from autopeft._util import read_yaml
+from autopeft._util import read_yaml, require_file
 from autopeft.errors import AutopeftError, CompositionError
 
 
@@ -181,8 +181,7 @@ def load_recipe(path: str | Path, check: bool = True) -> Recipe:
             not compose.
     """
     path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"recipe file {str(path)!r} does not exist")
+    require_file(path, "recipe file", RecipeError)
     recipe = recipe_from_dict(read_yaml(path, RecipeError))
     if check:
         check_composition(recipe)

@@ -44,7 +44,7 @@ class ExportFormat:
 
 
 def write_recipe(source: str | Path, *, pick: str | None = None, output: str | Path | None = None,
-                 output_dir: str | Path = RUNS_DIR, **_: Any):
+                 output_dir: str | Path = RUNS_DIR, overwrite: bool = False, **_: Any):
     """The training recipe of one search point (``pick``, as :func:`autopeft.searching.runs.pick_point`), or
     of a trained folder's own model; written to ``output`` (a search point's recipe with a provenance
     comment) when given.
@@ -53,12 +53,18 @@ def write_recipe(source: str | Path, *, pick: str | None = None, output: str | P
         The :class:`autopeft.composition.recipe.Recipe`.
 
     Raises:
-        SearchNotFoundError: no such search or an empty front; ValueError: unknown ``pick``.
+        SearchNotFoundError: no such search or an empty front; ValueError: unknown ``pick``;
+        ExportError: ``output`` is a folder, or an existing file and not ``overwrite`` (checked before
+            anything is read); a ``pick`` other than ``best`` for a trained folder (it holds one model).
     """
     from autopeft.composition.recipe import Recipe, load_recipe
     from autopeft.training.trainer import is_trained_folder
 
+    if output is not None:
+        check_output_file(Path(output), overwrite)
     if is_trained_folder(source):  # a trained folder's own recipe
+        if pick not in (None, "best"):
+            raise ExportError(f"{source} holds one trained model; --pick applies to searches")
         recipe = load_recipe(Path(source) / "recipe.yaml")
         if output:
             recipe.save(output)
@@ -69,6 +75,18 @@ def write_recipe(source: str | Path, *, pick: str | None = None, output: str | P
         recipe.save(output)
         Path(output).write_text(provenance_comment(folder, row) + Path(output).read_text())
     return recipe
+
+
+def check_output_file(output: Path, overwrite: bool) -> None:
+    """Refuse to write a file where a folder is, or over an existing file unless ``overwrite``.
+
+    Raises:
+        ExportError: one line, with what to do instead.
+    """
+    if output.is_dir():
+        raise ExportError(f"-o {output} is a folder: give the recipe file to write (e.g. {output / 'best.yaml'})")
+    if output.exists() and not overwrite:
+        raise ExportError(f"{output} exists: pick another -o, or pass --overwrite to replace it")
 
 
 def provenance_comment(folder: Path, row: dict) -> str:

@@ -98,7 +98,9 @@ from autopeft.exporting.model_card import model_card
 from autopeft.exporting.pooling_code import (  # noqa: F401  (re-exported: their old home)
     POOLED_MODEL_TYPE_PREFIX, POOLING_CODE_FILE, write_pooling_code,
 )
-from autopeft.exporting.sources import Provenance, fill_metrics, trained_source, training_inputs  # noqa: F401
+from autopeft.exporting.sources import (  # noqa: F401  (training_inputs: re-exported, its old home)
+    Provenance, check_not_inside, fill_metrics, trained_source, training_inputs,
+)
 from autopeft.methods.base import PeftTarget, get_method
 from autopeft.searching.runs import RUNS_DIR, TRAINED_ON_FILE  # noqa: F401  (TRAINED_ON_FILE: its old home)
 from autopeft.training.trainer import is_trained_folder  # noqa: F401  (re-exported: its old home)
@@ -400,12 +402,14 @@ def export_model(source: str | Path, fmt: str = "peft", output: str | Path | Non
     if is_trained_folder(source):
         if pick not in (None, "best"):
             raise ExportError(f"{source} holds one trained model; --pick applies to searches")
+        check_not_inside(out, Path(source))
         folder = Path(source)
         recipe = load_recipe(folder / "recipe.yaml")
         check_exportable(recipe, fmt, f"{folder} itself, loaded with autopeft.training.trainer.load_trained")
         prov = fill_metrics(Provenance(trained_dir=str(folder.resolve())), folder)
     else:
-        folder, prov = trained_source(source, pick or "best", output_dir, fmt, data_dir, train, log, train_with)
+        folder, prov = trained_source(source, pick or "best", output_dir, fmt, data_dir, train, log, train_with,
+                                      output=out)
         recipe = load_recipe(folder / "recipe.yaml")
     model = load_trained(folder, precision="fp32")  # an export holds float32 weights whatever the training's
     partial = out.with_name(f".{out.name}.partial-{os.getpid()}")

@@ -50,6 +50,22 @@ class Provenance:
     test_metrics: dict[str, float] = field(default_factory=dict)
 
 
+def check_not_inside(out: Path, source: Path, search: bool = False) -> None:
+    """Refuse an export folder that is the source folder or holds it, or (``search``) lies inside the
+    search folder: replacing it (``--overwrite``) would delete the model or search being exported, or
+    the weights a search keeps.
+
+    Raises:
+        ExportError: one line.
+    """
+    o, src = Path(out).resolve(), Path(source).resolve()
+    if o == src or o in src.parents:
+        raise ExportError(f"-o {out} {'is' if o == src else 'holds'} {source}, which is being exported: "
+                          "pick another -o")
+    if search and src in o.parents:
+        raise ExportError(f"-o {out} is inside the search folder {source}: pick a folder outside it")
+
+
 def fmt_score(x: float | None) -> str:
     """A score with 4 decimals, or ``unknown``."""
     return "unknown" if x is None else f"{x:.4f}"
@@ -151,7 +167,8 @@ def fill_metrics(prov: Provenance, folder: Path, row: dict | None = None) -> Pro
 def trained_source(search: str | Path, pick: str = "best", output_dir: str | Path = RUNS_DIR,
                    fmt: str = "peft", data_dir: str | None = None, train: bool = True,
                    log: Callable[[str], None] | None = print,
-                   train_with: Callable[..., Any] | None = None) -> tuple[Path, Provenance]:
+                   train_with: Callable[..., Any] | None = None,
+                   output: Path | None = None) -> tuple[Path, Provenance]:
     """The trained-weights folder of a search point (training it first when needed) and its provenance.
 
     Checks that the point can be exported as ``fmt`` *before* training. The weights go to
@@ -159,6 +176,7 @@ def trained_source(search: str | Path, pick: str = "best", output_dir: str | Pat
     reused when that folder already holds the same recipe. ``data_dir`` defaults to the search's own.
     ``train_with(recipe, data_dir=, output_dir=, log=)`` trains it (default
     :func:`autopeft.training.trainer.train_and_save`; :func:`autopeft.api.export` passes :func:`autopeft.api.train`).
+    ``output``: the export's folder, refused before any training when it is the search folder or holds it.
 
     Raises:
         SearchNotFoundError, ValueError: no such search / point; ExportError: not exportable as
@@ -167,6 +185,8 @@ def trained_source(search: str | Path, pick: str = "best", output_dir: str | Pat
     from autopeft.composition.recipe import load_recipe
 
     folder, row = pick_point(search, pick, output_dir)
+    if output is not None:
+        check_not_inside(output, folder, search=True)
     recipe = Recipe.model_validate(row["recipe"])
     prov = _provenance_of_search(folder, row)
     tid = str(row.get("trial_id") or pick)

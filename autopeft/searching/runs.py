@@ -24,6 +24,7 @@ A search is named by its folder, by a name under ``output_dir`` (``autopeft_runs
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -88,7 +89,8 @@ def find_search(search: str | Path, output_dir: str | Path = RUNS_DIR, finished:
     for cand in (p, Path(output_dir) / p):
         if (cand / marker).is_file():
             return cand
-    raise error(f"no {kind} {str(search)!r} (looked for {p}/{marker} and {Path(output_dir) / p}/{marker})")
+    looked = list(dict.fromkeys(str(c / marker) for c in (p, Path(output_dir) / p)))  # an absolute path once
+    raise error(f"no {kind} {str(search)!r} (looked for {' and '.join(looked)})")
 
 
 def kept_dir(search_dir: str | Path, trial_id: str) -> Path:
@@ -151,23 +153,28 @@ def pick_point(search: str | Path, pick: str = "best", output_dir: str | Path = 
             first), or a trial id. Every pick reads dev scores only, never test.
 
     Raises:
-        SearchNotFoundError: no such search or an empty front; ValueError: unknown ``pick``.
+        SearchNotFoundError: no such search or an empty front; ValueError: unknown ``pick``;
+        SearchFolderError: its ``pareto.json`` cannot be read or is not a list of points.
     """
     folder = find_search(search, output_dir)
-    front = [r for r in json.loads((folder / PARETO_FILE).read_text()) if is_finite(r.get("score"))]
+    rows = read_json(folder / PARETO_FILE, [])
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise SearchFolderError(f"cannot read {folder / PARETO_FILE}: not a list of Pareto points")
+    front = [r for r in rows if is_finite(r.get("score"))]
     if not front:
         raise SearchNotFoundError(f"search {folder} has an empty Pareto front (no trial finished within budget)")
     if pick == "best":
         row = max(front, key=lambda r: (r["score"], -r["trainable_params"]))
     elif pick == "smallest":
         row = min(front, key=lambda r: (r["trainable_params"], -r["score"]))
-    elif pick == "leanest":
-        row = min(front, key=lambda r: (r["peak_memory_bytes"], -r["score"]))
+    elif pick == "leanest":  # a row without a memory figure (an older search) is never the leanest
+        row = min(front, key=lambda r: (r.get("peak_memory_bytes") if is_finite(r.get("peak_memory_bytes"))
+                                        else math.inf, -r["score"]))
     elif pick == "smallest-within-noise":
         from autopeft.data.uncertainty import within_noise
 
         row = min(within_noise(front), key=lambda r: (r["trainable_params"], -r["score"]))
-    elif pick.isdigit():
+    elif pick.isascii() and pick.isdigit():  # str.isdigit() is true for '²', which int() refuses
         if int(pick) >= len(front):
             raise ValueError(f"pick {pick} is out of range: the front has {len(front)} point{'s' if len(front) != 1 else ''} (0-{len(front) - 1})")
         row = front[int(pick)]

@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 from autopeft.methods.adapter import AdapterConfig
 from autopeft.methods.adapter_fusion import AdapterFusionConfig, stage1_adapter_config
 from autopeft.composition.recipe import Recipe, RecipeError, check_recipe, load_recipe, recipe_from_dict
-from autopeft._util import read_yaml
+from autopeft._util import read_yaml, require_file
 
 RecipeLike = Recipe | dict | str | Path | None
 
@@ -51,8 +51,7 @@ def as_recipe(recipe: RecipeLike, defaults: dict[str, Any] | None = None) -> Rec
         data = dict(recipe)
     else:
         path = Path(recipe)
-        if not path.is_file():
-            raise RecipeError(f"recipe file {str(path)!r} does not exist")
+        require_file(path, "recipe file", RecipeError)
         data = read_yaml(path, RecipeError) or {}
         if not isinstance(data, dict):
             raise RecipeError(f"{path}: a recipe is a mapping")
