@@ -46,11 +46,15 @@ PROBES: dict[str, tuple[str, list, dict, dict]] = {
     "lora4_ffn_head1e-2": ("head learning rate 1e-2 (LoRA r=4 FFN)", [lora(4, FFN)], {}, {"head_learning_rate": 1e-2}),
     "lora3_ffn_bitfit": ("LayerNorm and bias tuning: LoRA r=3 FFN + BitFit (all biases)",
                          [lora(3, FFN), {"method": "bitfit"}], {}, {}),
-    "lora4_ffn_nodrop": ("backbone dropout off (LoRA r=4 FFN)", [lora(4, FFN)], {"_no_dropout": True}, {}),
+    "lora4_ffn_nodrop": ("backbone dropout off (LoRA r=4 FFN)", [lora(4, FFN)], {}, {"backbone_dropout": 0.0}),
     "lora8_ffn_top3": ("per-layer placement: LoRA r=8 FFN on layers 3-5 only", [lora(8, FFN, layers=[3, 4, 5])], {}, {}),
     "adapter_rf16": ("capacity: parallel FFN adapter rf 16 (113,040)", [adapter(16)], {}, {}),
     "lora4_ffn_lr6e-3": ("learning rate 6e-3 (LoRA r=4 FFN)", [lora(4, FFN)], {}, {"learning_rate": 6e-3}),
     "lora4_ffn_warmup0": ("no warm-up (LoRA r=4 FFN)", [lora(4, FFN)], {}, {"warmup_ratio": 0.0}),
+    "lora4_ffn_nodrop_warmup0": ("backbone dropout off and no warm-up (LoRA r=4 FFN)", [lora(4, FFN)], {},
+                                 {"backbone_dropout": 0.0, "warmup_ratio": 0.0}),
+    "adapter_rf32_nodrop": ("backbone dropout off (parallel FFN adapter rf 32)", [adapter(32)], {},
+                            {"backbone_dropout": 0.0}),
 }
 
 
