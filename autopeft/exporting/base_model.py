@@ -87,20 +87,6 @@ def backbone_config(recipe: Recipe) -> Any:
     return load_config(recipe.backbone, num_labels(recipe))
 
 
-def _is_autopeft(module: nn.Module) -> bool:
-    return type(module).__module__.startswith("autopeft.")
-
-
-def _wrapped(module: nn.Module) -> nn.Module | None:
-    """The backbone module an autopeft wrapper holds (``base_layer`` of LoRA-like wrappers, ``base``
-    of the composition wrappers), else ``None``."""
-    for name in ("base_layer", "base"):
-        inner = module._modules.get(name)
-        if inner is not None:
-            return inner
-    return None
-
-
 def backbone_paths(backbone: nn.Module) -> tuple[dict[int, str], dict[int, str]]:
     """Paths in the *unmodified* backbone of the modules and parameters of a modified one.
 
@@ -112,24 +98,16 @@ def backbone_paths(backbone: nn.Module) -> tuple[dict[int, str], dict[int, str]]
     Returns:
         ``(modules, parameters)``: ``id(module) -> path`` and ``id(parameter) -> state_dict name``.
     """
+    from autopeft.composition.walk import backbone_modules, is_autopeft_module
+
     modules: dict[int, str] = {}
     params: dict[int, str] = {}
-
-    def walk(module: nn.Module, path: str) -> None:
+    for path, module in backbone_modules(backbone):
         modules.setdefault(id(module), path)
-        if _is_autopeft(module):
-            inner = _wrapped(module)
-            if inner is not None:
-                walk(inner, path)
-            return
-        for name, p in module._parameters.items():
-            if p is not None:
-                params.setdefault(id(p), f"{path}.{name}" if path else name)
-        for name, child in module._modules.items():
-            if child is not None:
-                walk(child, f"{path}.{name}" if path else name)
-
-    walk(backbone, "")
+        if not is_autopeft_module(module):
+            for name, p in module._parameters.items():
+                if p is not None:
+                    params.setdefault(id(p), f"{path}.{name}" if path else name)
     return modules, params
 
 
