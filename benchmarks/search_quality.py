@@ -1349,7 +1349,9 @@ def main(argv: list[str] | None = None) -> int:
         "baselines": baselines, "baseline_lr": {b: lrs[b] for b in baselines}, "lr_multipliers": mult,
         "baseline_components": {b: BASELINES[b] for b in baselines}, "baseline_pooling": BASELINE_POOLING,
         "splits": {t: {k: v for k, v in s.items() if k != "dev_split"} for t, s in splits.items()},
-        "data_dir": data_dir, "out": str(out), "machine": _machine(), "notes": [],
+        "data_dir": data_dir, "out": str(out), "machine": _machine(),
+        # notes written by hand about recorded runs (e.g. a run starved of CPU) outlive a resume
+        "notes": [] if a.fresh else list(data.get("settings", {}).get("notes", [])),
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
         "majority_score": {t: majority_score(t, data_dir) for t in tasks},
     }

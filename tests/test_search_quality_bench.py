@@ -439,3 +439,22 @@ def test_shared_samples_notes_name_the_prefix_two_searchers_sampled_alike():
     assert "tpe and random" in notes[0] and "sst2 s0: first 3 of 4/5" in notes[0] and "s1" not in notes[0]
     assert "random and nsga2" in notes[2] and "sst2 s0: first 5 of 5/5" in notes[2]
     assert sq.shared_samples_notes([search("tpe", 0, [1]), search("random", 0, [2])], ["tpe", "random"]) == []
+
+
+def test_a_resumed_benchmark_keeps_the_notes_written_about_its_recorded_runs(tmp_path, monkeypatch, glue_dir):
+    """settings.notes (written by hand, e.g. a run's wall time starved of CPU) survive a resume; --fresh drops them.
+    The searches fail at once here (recorded as errors), so only the settings are exercised."""
+    def no_search(*args, **kwargs):
+        raise RuntimeError("no search in this test")
+
+    monkeypatch.setattr(sq, "run_search", no_search)
+    data = {"format": sq.FORMAT, "settings": {"notes": ["search/sst2/tpe/s0 ran starved"]}, "runs": {}, "test_labels": {}}
+    (tmp_path / "search_quality.json").write_text(json.dumps(data))
+    argv = ["--tasks", "sst2", "--seeds", "0", "--searchers", "tpe", "--baselines", "none", "--out", str(tmp_path),
+            "--data-dir", str(glue_dir)]
+    sq.main(argv)
+    stored = sq.load_results(tmp_path / "search_quality.json")
+    assert stored["settings"]["notes"] == ["search/sst2/tpe/s0 ran starved"]
+    assert stored["runs"]["search/sst2/tpe/s0"]["error"] == "RuntimeError: no search in this test"
+    sq.main([*argv, "--fresh"])
+    assert sq.load_results(tmp_path / "search_quality.json")["settings"]["notes"] == []
