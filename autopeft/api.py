@@ -40,6 +40,13 @@ class SearchSettingsError(AutopeftError, ValueError):
     a preset (counting-only) backbone, a Ray Client (``ray://``) address."""
 
 
+#: Dev examples a search's trials score at a rung below the top fidelity (a seeded sample, the same for
+#: every trial; the top rung reads all of dev): ``training.rung_eval_examples`` of the trials' recipes,
+#: unless ``training`` sets it (``None``: all of dev at every rung). Scoring all 2,000 SST-2 dev examples
+#: at every rung was the largest part of a default run outside training; why 500 and what it costs the
+#: scheduler's decisions: ``experiments/search_overhead.md``.
+RUNG_EVAL_EXAMPLES = 500
+
 #: A search name is one folder below ``output_dir``.
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
@@ -201,7 +208,8 @@ def search(task: str = "sst2", budget: str | Budget = "0.5%", backbone: str | di
             default a local one.
         cpus_per_trial / gpus_per_trial: Ray resources per trial (default: see :func:`default_resources`).
         seed: seeds the sampler and every trial.
-        training: overrides of the trials' training settings (e.g. ``{"batch_size": 16}``).
+        training: overrides of the trials' training settings (e.g. ``{"batch_size": 16}``;
+            ``{"rung_eval_examples": None}`` scores all of dev at every rung, see :data:`RUNG_EVAL_EXAMPLES`).
         max_train_examples: top fidelity (training examples) instead of the space's; the first rung
             scales with it (``max / reduction_factor^2``). Small values make quick, rough searches.
         searcher: ``tpe`` (default), ``random``, ``nsga2`` or ``qnehvi`` (see :mod:`autopeft.searching.searchers`).
@@ -264,7 +272,8 @@ def search(task: str = "sst2", budget: str | Budget = "0.5%", backbone: str | di
     _check_after_search_options(confirm_seeds, reference)
     base = {"backbone": backbone, "task": task_value,
             "training": {"max_train_examples": sp.fidelity.max_train_examples,
-                         "schedule_examples": sp.fidelity.max_train_examples, "seed": seed, **(training or {})}}
+                         "schedule_examples": sp.fidelity.max_train_examples, "seed": seed,
+                         "rung_eval_examples": RUNG_EVAL_EXAMPLES, **(training or {})}}
     backbone_params = _checked_backbone_params(base, backbone)
     limit = budget.limit(backbone_params)
     packing = None
@@ -446,6 +455,10 @@ def _announce(progress: Callable[[str], None], settings: dict[str, Any], name: s
     progress(f"splits: train {splits['train']:,} / dev {splits['dev']:,} (carved from train, seed {seed}, "
              f"{'stratified' if task_obj.num_labels > 1 else 'random'}; every search decision reads it) / "
              f"test {splits['test']:,} ({splits['test_source']}; read once, after the search)")
+    rung_n = settings["training"].get("rung_eval_examples")
+    if rung_n is not None and rung_n < splits["dev"] and len(settings["rungs"]) > 1:
+        progress(f"rungs: {', '.join(f'{r:,}' for r in settings['rungs'])} training examples; the lower ones score a "
+                 f"seeded {rung_n:,} of the dev examples (the same for every trial), the top one all {splits['dev']:,}")
     for note in space_notes:
         progress(f"note: {note}")
 

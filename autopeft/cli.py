@@ -111,6 +111,16 @@ def _check_precision(precision: str | None) -> None:
         _fail(_UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}"), 2)
 
 
+def _parse_rung_eval_examples(value: str) -> int | None:
+    """``--rung-eval-examples``: a positive count, or ``all`` (``None``: every dev example at every rung)."""
+    v = value.strip().lower()
+    if v == "all":
+        return None
+    if not (v.isascii() and v.isdigit()) or int(v) < 1:
+        _fail(_UserError(f"--rung-eval-examples must be a positive number of examples or all, got {value!r}"), 2)
+    return int(v)
+
+
 @app.command()
 def search(
     task: str = typer.Option("sst2", help="Task: a GLUE name (sst2, cola, mrpc, rte, stsb, wnli, qnli, qqp, mnli, mnli-mm), "
@@ -137,6 +147,9 @@ def search(
     seed: int = typer.Option(0, help="Seed of the sampler and of every trial."),
     batch_size: Optional[int] = typer.Option(None, help="Training batch size of the trials."),
     precision: Optional[str] = typer.Option(None, help=PRECISION_HELP),
+    rung_eval_examples: Optional[str] = typer.Option(None, help="Dev examples scored at the rungs below the top (a seeded "
+                                                     "sample, the same for every trial; default 500), or all. The top "
+                                                     "rung always scores all of dev."),
     searcher: str = typer.Option("tpe", help="Sampler: tpe (multi-objective TPE), random, nsga2, qnehvi (BoTorch)."),
     one_shot: bool = typer.Option(False, "--one-shot/--no-one-shot",
                                   help="Train one gated model with every component first; add its best subsets as start points."),
@@ -159,11 +172,13 @@ def search(
             _fail(_UserError(f"{opt} must be at least 1, got {value}"), 2)
     seconds = _run(_parse_duration, time_budget) if time_budget else None
     _check_precision(precision)
-    training = {k: v for k, v in (("batch_size", batch_size), ("precision", precision)) if v} or None
+    training = {k: v for k, v in (("batch_size", batch_size), ("precision", precision)) if v}
+    if rung_eval_examples is not None:
+        training["rung_eval_examples"] = _parse_rung_eval_examples(rung_eval_examples)
     result = _run(api.search, task=task, budget=b, backbone=backbone, space=space, trials=trials,
                   time_budget_s=seconds, data_dir=data_dir, tracking_uri=tracking_uri, experiment=experiment,
                   name=name, output_dir=output_dir, ray_address=ray_address, cpus_per_trial=cpus_per_trial,
-                  gpus_per_trial=gpus_per_trial, seed=seed, training=training,
+                  gpus_per_trial=gpus_per_trial, seed=seed, training=training or None,
                   max_train_examples=max_train_examples, searcher=searcher, one_shot=one_shot,
                   text_columns=text_columns, label_column=label_column, metric=metric,
                   progress=None if quiet else _live_progress(), resume=resume, confirm_seeds=confirm_seeds,

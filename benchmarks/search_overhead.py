@@ -60,6 +60,35 @@ def alone(recipe: dict, examples: int, threads: int, data_dir: str) -> dict:
             "examples_seen": result.examples_seen}
 
 
+def wall_parts(spent: dict, trials: list) -> list[tuple[str, float]]:
+    """``(part, seconds)`` of a search's wall time, from its result.json ``time_s`` and trials.json."""
+    trial_walls = sum(t["rows"][-1]["wall_time_s"] for t in trials if t.get("rows"))
+    return [
+        ("training steps (every trial)", spent["training_s"]),
+        ("trial setup: data, model build, optimiser", spent["trial_setup_s"]),
+        ("trial evaluation on dev at each rung", spent["trial_eval_s"]),
+        ("trial other (saving the top-rung weights, reports)",
+         trial_walls - spent["training_s"] - spent["trial_setup_s"] - spent["trial_eval_s"]),
+        ("driver: settings, splits, MLflow parent, start points", spent["prepare_s"]),
+        ("Ray start", spent["ray_start_s"]),
+        ("Ray Tune loop outside trials (scheduling, MLflow, searcher, worker start)", spent["tune_s"] - trial_walls),
+        ("driver finish: front scored on test, files, MLflow", spent["finish_s"]),
+    ]
+
+
+def print_table(cmd: list[str], spent: dict, trials: list, call_s: float, parts: list[tuple[str, float]]) -> None:
+    """The wall-time table: each part's seconds and share, and the outside-training share."""
+    wall = spent["wall_s"]
+    print(f"search: {' '.join(cmd[3:])}")
+    print(f"  {sum(1 for t in trials if t.get('rows'))} trials trained, wall {wall:.1f} s "
+          f"(the CLI process: {call_s:.1f} s, Python start and imports included)\n")
+    print("| where the search's wall time went | seconds | share of wall |\n|---|---:|---:|")
+    for name, sec in parts:
+        print(f"| {name} | {sec:.1f} | {sec / wall:.1%} |")
+    print(f"| **outside training** | {wall - spent['training_s']:.1f} | **{spent['outside_training_share']:.1%}** "
+          f"(target <= 10%) |\n")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data-dir", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "glue"))
@@ -68,11 +97,12 @@ def main() -> int:
     ap.add_argument("--default", action="store_true",
                     help="the default search (README command 1: default fidelity, trials and 26-minute cap)")
     ap.add_argument("--repeats", type=int, default=1,
-                    help="interleaved (search, alone) pairs; the ratio printed is their median")
+                    help="interleaved (search, alone) pairs; the ratio printed is their median; 0: the search "
+                         "only (its wall-time table, no trial alone)")
     ap.add_argument("--json", default=None, help="also write the measurements here")
     args = ap.parse_args()
-    if args.repeats < 1:
-        ap.error("--repeats must be at least 1")
+    if args.repeats < 0:
+        ap.error("--repeats must be at least 0")
     data_dir = os.path.abspath(args.data_dir)
     work = Path(tempfile.mkdtemp(prefix="autopeft-overhead-"))
     cmd = [sys.executable, "-m", "autopeft", "search", "--task", "sst2", "--budget", "0.5%", "--data-dir", data_dir,
@@ -93,6 +123,15 @@ def main() -> int:
         return (json.loads((folder / "result.json").read_text())["time_s"],
                 json.loads((folder / "trials.json").read_text()), call)
 
+    if args.repeats == 0:
+        spent, trials, call_s = search(0)
+        parts = wall_parts(spent, trials)
+        print_table(cmd, spent, trials, call_s, parts)
+        print(f"search folder: {work / 'runs' / 'overhead-0'}")
+        if args.json:
+            Path(args.json).write_text(json.dumps({"command": cmd[3:], "time_s": spent, "cli_call_s": call_s,
+                                                   "parts": dict(parts)}, indent=2))
+        return 0
     pairs = []  # (in-search row, alone run) per repeat
     spent = trials = None
     runs: list[dict] = []
@@ -118,27 +157,8 @@ def main() -> int:
     ratio_train = statistics.median(ratios)
     ratio_wall = statistics.median(r["wall_time_s"] / a["wall_time_s"] for r, a in pairs)
 
-    wall = spent["wall_s"]
-    trial_walls = sum(t["rows"][-1]["wall_time_s"] for t in trials if t.get("rows"))
-    parts = [
-        ("training steps (every trial)", spent["training_s"]),
-        ("trial setup: data, model build, optimiser", spent["trial_setup_s"]),
-        ("trial evaluation on dev at each rung", spent["trial_eval_s"]),
-        ("trial other (saving the top-rung weights, reports)",
-         trial_walls - spent["training_s"] - spent["trial_setup_s"] - spent["trial_eval_s"]),
-        ("driver: settings, splits, MLflow parent, start points", spent["prepare_s"]),
-        ("Ray start", spent["ray_start_s"]),
-        ("Ray Tune loop outside trials (scheduling, MLflow, searcher, worker start)", spent["tune_s"] - trial_walls),
-        ("driver finish: front scored on test, files, MLflow", spent["finish_s"]),
-    ]
-    print(f"search: {' '.join(cmd[3:])}")
-    print(f"  {sum(1 for t in trials if t.get('rows'))} trials trained, wall {wall:.1f} s "
-          f"(the CLI process: {call_s:.1f} s, Python start and imports included)\n")
-    print(f"| where the search's wall time went | seconds | share of wall |\n|---|---:|---:|")
-    for name, s in parts:
-        print(f"| {name} | {s:.1f} | {s / wall:.1%} |")
-    print(f"| **outside training** | {wall - spent['training_s']:.1f} | **{spent['outside_training_share']:.1%}** "
-          f"(target <= 10%) |\n")
+    parts = wall_parts(spent, trials)
+    print_table(cmd, spent, trials, call_s, parts)
     print(f"first trial ({first['trial_id']}, {row['examples_seen']:,} examples, {int(row['threads'])} threads): "
           f"training {row['train_time_s']:.1f} s in the search vs {solo['train_time_s']:.1f} s alone "
           f"(alone runs: {', '.join(format(r['train_time_s'], '.1f') for r in runs)} s) -> in-search/alone "

@@ -1069,7 +1069,10 @@ def run_search(task: str, searcher: str, seed: int, trials: int, examples: int, 
         set_aside()
     kwargs = dict(task=task, budget=budget, space=space, trials=trials, time_budget_s=math.inf, data_dir=data_dir, seed=seed,
                   searcher=searcher, max_train_examples=examples, progress=log, name=name, output_dir=runs,
-                  tracking_uri=f"sqlite:///{out}/mlflow.db", experiment="search-quality")
+                  tracking_uri=f"sqlite:///{out}/mlflow.db", experiment="search-quality",
+                  # every rung scores all of dev, as the searches recorded before RUNG_EVAL_EXAMPLES did: one
+                  # benchmark, one scheduler (a resumed benchmark must not mix two)
+                  training={"rung_eval_examples": None})
     t0 = time.time()
     try:
         result = autopeft.search(**kwargs, resume=resume)

@@ -288,6 +288,15 @@ def test_search_cli_passes_precision_and_no_time_cap_to_the_api(monkeypatch, tmp
     assert seen["training"] == {"precision": "bf16"} and seen["time_budget_s"] == math.inf
     bad = CliRunner().invoke(app, ["search", "--precision", "fp8", "--output-dir", str(tmp_path)])
     assert bad.exit_code == 2 and len(bad.output.strip().splitlines()) == 1 and "--precision must be one of" in bad.output
+    # --rung-eval-examples: a count, or all (None: every dev example at every rung); else one line, exit 2
+    for value, want in (("200", 200), ("all", None), ("ALL", None)):
+        seen.clear()
+        CliRunner().invoke(app, ["search", "--rung-eval-examples", value, "--output-dir", str(tmp_path)])
+        assert seen["training"] == {"rung_eval_examples": want}
+    for value in ("0", "-5", "²", "half"):
+        bad = CliRunner().invoke(app, ["search", "--rung-eval-examples", value, "--output-dir", str(tmp_path)])
+        assert bad.exit_code == 2 and len(bad.output.strip().splitlines()) == 1, bad.output
+        assert "--rung-eval-examples must be a positive number" in bad.output
 
 
 def test_p_tuning_lstm_encoder_runs_under_bf16_autocast():

@@ -45,3 +45,4 @@ def test_default_search_ignores_a_cluster_started_earlier(throwaway_head, tmp_pa
     ray.shutdown()
     trained = [t for t in result.trials if t["status"] in ("finished", "stopped_early")]
     assert len(trained) == 1 and trained[0]["rows"][-1]["examples_seen"] == 64
+    assert result.settings["training"]["rung_eval_examples"] == autopeft.api.RUNG_EVAL_EXAMPLES == 500  # the default

@@ -73,7 +73,7 @@ def _args(tmp: Path, glue: Path, name: str, searcher: str) -> dict:
     return {"task": "sst2", "budget": "1500", "backbone": TINY_BERT, "space": str(tmp / "space.yaml"),
             "trials": TRIALS, "data_dir": str(glue), "tracking_uri": f"sqlite:///{tmp / (name + '.db')}",
             "experiment": name, "name": name, "output_dir": str(tmp / "runs"), "seed": 5, "searcher": searcher,
-            "training": {"max_eval_examples": 48}, "time_budget_s": 3600}
+            "training": {"max_eval_examples": 48, "rung_eval_examples": 16}, "time_budget_s": 3600}
 
 
 @pytest.fixture(scope="module", params=SEARCHERS)
@@ -127,6 +127,11 @@ def test_each_searcher_completes_a_search_through_ray(searched):
     assert json.loads((folder / "pareto.json").read_text()), "empty Pareto front"
     assert f"searcher {searched['name']}" in searched["killed_out"]
     assert len({json.dumps(t["recipe"], sort_keys=True) for t in trained}) == TRIALS  # none trained twice
+    # the lower rungs score the seeded 16-example sample of dev, the top rung all 48 (max_eval_examples)
+    top = json.loads((folder / "search.json").read_text())["rungs"][-1]
+    assert {(r["examples_seen"] == top, r["eval_examples"]) for t in trained for r in t["rows"]} \
+        <= {(False, 16), (True, 48)}
+    assert any(r["eval_examples"] == 16 for t in trained for r in t["rows"])
     study = _study(folder)
     complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
     assert complete and all(set(t.constraints) == {"budget", "nonempty", "valid"} for t in complete)

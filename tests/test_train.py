@@ -29,6 +29,29 @@ def test_same_seed_same_result_and_rungs_do_not_change_training(glue_dir):
         assert torch.equal(p, q), n
 
 
+def test_lower_rungs_score_the_seeded_sample_and_the_top_rung_all_of_it(glue_dir):
+    """``training.rung_eval_examples``: a rung below the top scores that many seeded rows of the eval
+    split (the same rows as evaluating the model on ``Split.sample`` directly), the top rung the whole
+    split; training is unchanged, so the top score equals the run without rungs."""
+    from autopeft.backbones import load_tokenizer
+    from autopeft.data.tasks import get_task, load_split
+    from autopeft.training.trainer import Batches
+
+    plain, _ = run_trial(recipe(LORA), glue_dir)
+    r = recipe(LORA, rung_eval_examples=24)
+    staged, _ = run_trial(r, glue_dir, rungs=[48])
+    _, half = run_trial(recipe(LORA, rung_eval_examples=24, max_train_examples=48, schedule_examples=96), glue_dir)
+    assert [(h["examples_seen"], h["eval_examples"]) for h in staged.history] == [(48, 24), (96, 64)]
+    assert staged.score == plain.score and staged.eval_examples == 64
+    val = load_split(get_task("sst2"), "validation", glue_dir)
+    first = type(val)(val.texts[:64], val.labels[:64])
+    sample = first.sample(24, seed=0)
+    assert sample.texts == first.sample(24, seed=0).texts and sample.texts != first.sample(24, seed=1).texts
+    assert len(sample) == 24 and set(sample.texts) <= set(first.texts)
+    b = Batches(sample, load_tokenizer(r.backbone), 32, torch.device("cpu"))
+    assert staged.history[0]["accuracy"] == evaluate(half, get_task("sst2"), b, 128)["accuracy"]
+
+
 def test_training_changes_method_weights_but_not_the_backbone(glue_dir):
     from autopeft.composition.recipe import build_model
 

@@ -66,6 +66,13 @@ class TrainingConfig(BaseModel):
     #: padding, so 2-3x faster steps on short-sentence tasks such as SST-2.
     group_by_length: bool = True
     max_eval_examples: int | None = Field(None, ge=1)
+    #: Examples of the eval split scored at a rung below the top fidelity (``max_train_examples``): a
+    #: seeded sample (:meth:`autopeft.data.splits.Split.sample`, seeded by the dev split's seed), the
+    #: same for every trial, so the scheduler still compares trials on the same examples. ``None``: all of
+    #: it. The top rung, the score a search selects and reports on, always reads the whole split (up to
+    #: ``max_eval_examples``). A search sets it to :data:`autopeft.api.RUNG_EVAL_EXAMPLES` (500) unless
+    #: told otherwise (``--rung-eval-examples``): ``experiments/search_overhead.md`` measures why.
+    rung_eval_examples: int | None = Field(None, ge=1)
     seed: int = 0
     #: Compute precision (:mod:`autopeft.backbones.precision`): ``auto`` (bf16 where the hardware runs it fast,
     #: fp16 on older CUDA, else fp32), ``fp32``, ``bf16`` or ``fp16``. Trainable parameters, their

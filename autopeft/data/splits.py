@@ -19,6 +19,17 @@ class Split:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def sample(self, n: int, seed: int = 0) -> "Split":
+        """``n`` seeded rows of this split (all of it when ``n >= len(self)``), in their original order.
+
+        The same ``(n, seed)`` gives the same rows whatever else runs, so every trial of a search scores
+        its lower rungs on the same sample (:attr:`autopeft.composition.recipe.TrainingConfig.rung_eval_examples`).
+        """
+        if n >= len(self):
+            return self
+        idx = np.sort(np.random.default_rng(seed).choice(len(self), size=n, replace=False))
+        return Split([self.texts[i] for i in idx], np.asarray(self.labels)[idx])
+
 
 def cell_texts(series) -> list[str]:
     """The cells of a data column as texts: a missing cell (``None``, NaN, ``pd.NA``: an empty cell of

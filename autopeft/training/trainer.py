@@ -476,23 +476,13 @@ def set_backbone_dropout(model: ComposedModel, p: float | None) -> int:
     experiments/gap_to_full_ft.md."""
     if p is None:
         return 0
-    count = 0
+    from autopeft.composition.walk import backbone_modules, is_autopeft_module
 
-    def walk(module: torch.nn.Module) -> None:
-        nonlocal count
-        if type(module).__module__.startswith("autopeft."):
-            inner = module._modules.get("base_layer") or module._modules.get("base")
-            if inner is not None:
-                walk(inner)
-            return
-        if isinstance(module, torch.nn.Dropout):
-            module.p = float(p)
-            count += 1
-        for child in module.children():
-            walk(child)
-
-    walk(model.backbone)
-    return count
+    dropouts = [m for _, m in backbone_modules(model.backbone)
+                if isinstance(m, torch.nn.Dropout) and not is_autopeft_module(m)]
+    for m in dropouts:
+        m.p = float(p)
+    return len(dropouts)
 
 
 def set_precision(model: ComposedModel, recipe: Recipe, device: torch.device | str) -> str:
@@ -525,7 +515,9 @@ def run_trial(recipe: Recipe, data_dir: str | Path | None = None, rungs: list[in
         recipe: the trial.
         data_dir: local GLUE folder (else ``$AUTOPEFT_DATA_DIR``, else the hub).
         rungs: examples-seen milestones at which to evaluate and call ``report`` (the last
-            milestone is always ``recipe.training.max_train_examples``).
+            milestone is always ``recipe.training.max_train_examples``). A milestone below the last
+            scores ``training.rung_eval_examples`` seeded rows of the eval split when set; the last
+            always scores the whole split.
         report: called with a metrics dict at every rung; it may raise to stop the trial (Ray Tune).
         device: ``cpu``, ``cuda``, ... (default: CUDA when available).
         log: receives one-line progress messages.
@@ -562,6 +554,7 @@ def run_trial(recipe: Recipe, data_dir: str | Path | None = None, rungs: list[in
     scaler = grad_scaler(dev, precision)
     train_b = Batches(train_split, tokenizer, tr.max_seq_length, dev)
     val_b = Batches(val_split, tokenizer, tr.max_seq_length, dev)
+    rung_b = _rung_batches(val_split, recipe, tokenizer, dev)  # lower rungs: a seeded sample (or val_b)
 
     optimizer, scheduler = _optimizer_and_schedule(model, tr, dev, log)
     if tr.group_by_length:
@@ -605,7 +598,9 @@ def run_trial(recipe: Recipe, data_dir: str | Path | None = None, rungs: list[in
                 on_step(seen, loss_value, train_time + time.perf_counter() - t0)
         train_time += time.perf_counter() - t0
         t0 = time.perf_counter()
-        scored = score_split(model, task, val_b, tr.eval_batch_size, tr.max_eval_examples, seed=tr.seed)
+        top = milestone >= tr.max_train_examples
+        scored = score_split(model, task, val_b if top or rung_b is None else rung_b, tr.eval_batch_size,
+                             tr.max_eval_examples, seed=tr.seed)
         eval_time += time.perf_counter() - t0
         peak = peak_memory_bytes(model, optimizer, meter, dev)
         result = _rung_result(scored, counts, peak, seen, step, train_time, time.perf_counter() - t_start, history,
@@ -624,6 +619,19 @@ def run_trial(recipe: Recipe, data_dir: str | Path | None = None, rungs: list[in
     if test and recipe.dev is not None:
         _add_test_score(result, model, recipe, data_dir, dev, tokenizer, task.metric, log)
     return result, model
+
+
+def _rung_batches(val_split: Split, recipe: Recipe, tokenizer, dev: torch.device) -> "Batches | None":
+    """The batches a rung below the top scores: ``training.rung_eval_examples`` seeded rows of the eval
+    split (seeded by the dev split's seed, so every trial of a search reads the same rows), or ``None``
+    when the whole split is read there too (unset, or not smaller than the split after ``max_eval_examples``)."""
+    tr = recipe.training
+    n = min(len(val_split), tr.max_eval_examples or len(val_split))
+    if tr.rung_eval_examples is None or tr.rung_eval_examples >= n:
+        return None
+    first = val_split if n == len(val_split) else Split(val_split.texts[:n], np.asarray(val_split.labels)[:n])
+    seed = recipe.dev.seed if recipe.dev is not None else 0
+    return Batches(first.sample(tr.rung_eval_examples, seed), tokenizer, tr.max_seq_length, dev)
 
 
 def _optimizer_and_schedule(model: ComposedModel, tr, dev: torch.device, log: Callable[[str], None] | None):
