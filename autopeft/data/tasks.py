@@ -117,7 +117,8 @@ class DevSplit(BaseModel):
 #: :data:`DEV_MIN_EXAMPLES` rows (never more than half of train). Why these numbers:
 #: ``experiments/gap_to_full_ft.md`` (a dev of 2,000 SST-2 examples has a standard error of 0.7
 #: points at 88% accuracy, against 1.1 for the 872 of validation, and one evaluation of it costs a few
-#: seconds on 2 cores; rungs evaluate it three times per trial).
+#: seconds on 2 cores; a search's top rung reads all of it, its lower rungs a seeded 500 of it:
+#: :data:`autopeft.api.RUNG_EVAL_EXAMPLES`).
 DEV_FRACTION = 0.1
 DEV_MAX_EXAMPLES = 2000
 DEV_MIN_EXAMPLES = 100
