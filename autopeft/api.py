@@ -296,6 +296,8 @@ def search(task: str = "sst2", budget: str | Budget = "0.5%", backbone: str | di
     name = name or f"{task_obj.name}-{datetime.now():%Y%m%d-%H%M%S}"
     out = Path(output_dir).resolve() / name
     stored = open_search_folder(out, resume)  # an existing search is never overwritten
+    if stored:
+        _as_started(base["training"], out, training or {})
     splits, base["dev"] = _splits(task_obj, root, seed)  # fails fast on a folder without the task
     before_s = elapsed_before(out) if stored else 0.0  # seconds the earlier sessions ran (a resume)
     settings = {"task": task_value, "budget": str(budget), "param_limit": limit, "backbone": backbone,
@@ -444,6 +446,15 @@ def _check_budget_fits(sp, base: dict[str, Any], budget: Budget, limit: int) -> 
         raise SearchSettingsError(f"budget {budget} = {limit:,} trainable parameters is below the smallest configuration "
                                   f"of space {sp.name!r} on this backbone ({sp.describe_point(point)}: {smallest:,}): "
                                   f"raise --budget to at least {smallest:,}")
+
+
+def _as_started(base_training: dict[str, Any], out: Path, training: dict[str, Any]) -> None:
+    """A resumed search keeps the defaults it started with: a search started before
+    :data:`RUNG_EVAL_EXAMPLES` (no ``rung_eval_examples`` in its ``search.json`` training) goes on
+    scoring all of dev at every rung, unless the user sets it (then the settings check names the change)."""
+    started = json.loads((out / SEARCH_FILE).read_text()).get("training") or {}
+    if "rung_eval_examples" not in started and "rung_eval_examples" not in training:
+        base_training.pop("rung_eval_examples", None)
 
 
 def _announce(progress: Callable[[str], None], settings: dict[str, Any], name: str, task_obj, budget: Budget,

@@ -464,3 +464,29 @@ def test_a_space_changed_since_the_search_started_refuses_the_resume(tmp_path):
     # a folder written before fingerprints: resumed as before
     (tmp_path / "s" / "search.json").write_text(json.dumps({k: v for k, v in settings.items() if k != "space_fingerprint"}))
     check_same_settings(tmp_path / "s", {**settings, "space_fingerprint": edited.fingerprint})
+
+
+def test_a_search_started_before_the_rung_sample_resumes_as_it_started(tmp_path):
+    """A search folder from before RUNG_EVAL_EXAMPLES (its training settings lack rung_eval_examples) is
+    resumed scoring all of dev at every rung, as it started, and passes the settings check; one started
+    with the sample keeps it; a user's explicit setting is kept (and the settings check then names it)."""
+    from autopeft import api
+    from autopeft.searching.resume import ResumeError, check_same_settings
+
+    old = {"training": {"max_train_examples": 24000, "seed": 0}}
+    (tmp_path / "search.json").write_text(json.dumps(old))
+    base = {"max_train_examples": 24000, "seed": 0, "rung_eval_examples": api.RUNG_EVAL_EXAMPLES}
+    api._as_started(base, tmp_path, {})
+    assert base == old["training"]
+    check_same_settings(tmp_path, old)
+    new = {"training": {**old["training"], "rung_eval_examples": 500}}
+    (tmp_path / "search.json").write_text(json.dumps(new))
+    base = {**new["training"]}
+    api._as_started(base, tmp_path, {})
+    assert base == new["training"]
+    (tmp_path / "search.json").write_text(json.dumps(old))
+    base = {**old["training"], "rung_eval_examples": 200}
+    api._as_started(base, tmp_path, {"rung_eval_examples": 200})
+    assert base["rung_eval_examples"] == 200
+    with pytest.raises(ResumeError, match="was started with training="):
+        check_same_settings(tmp_path, {"training": base})
