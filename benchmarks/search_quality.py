@@ -88,7 +88,7 @@ the same ``C``: rerunning the default search reruns its baselines), and a search
 killed in continues from its last finished trial (``autopeft.search(resume=True)``); ``--fresh`` ignores
 earlier results; ``--report-only`` re-renders the Markdown and plots from the JSON.
 
-    python benchmarks/search_quality.py                         # the defaults: ~15-18 h on 2 cores (resumable)
+    python benchmarks/search_quality.py                         # the defaults: ~18-22 h on 2 cores (resumable)
     python benchmarks/search_quality.py --quick --out /tmp/sq   # smoke test of every step: ~2-3 min
     python benchmarks/search_quality.py --report-only           # re-render experiments/search_quality.md
 """
