@@ -449,12 +449,20 @@ def _check_budget_fits(sp, base: dict[str, Any], budget: Budget, limit: int) -> 
 
 
 def _as_started(base_training: dict[str, Any], out: Path, training: dict[str, Any]) -> None:
-    """A resumed search keeps the defaults it started with: a search started before
-    :data:`RUNG_EVAL_EXAMPLES` (no ``rung_eval_examples`` in its ``search.json`` training) goes on
-    scoring all of dev at every rung, unless the user sets it (then the settings check names the change)."""
+    """A resumed search keeps the rung sample it started with (its ``search.json`` training).
+
+    Without the user's ``rung_eval_examples``: the started value (a search from before
+    :data:`RUNG_EVAL_EXAMPLES` has none: all of dev at every rung), so a changed default never refuses
+    a resume. With it: the user's value; ``None`` on a search from before is the same as how it started;
+    another value is a changed setting, which the settings check names."""
     started = json.loads((out / SEARCH_FILE).read_text()).get("training") or {}
-    if "rung_eval_examples" not in started and "rung_eval_examples" not in training:
-        base_training.pop("rung_eval_examples", None)
+    key = "rung_eval_examples"
+    if key in training and not (training[key] is None and key not in started):
+        return
+    if key in started:
+        base_training[key] = started[key]
+    else:
+        base_training.pop(key, None)
 
 
 def _announce(progress: Callable[[str], None], settings: dict[str, Any], name: str, task_obj, budget: Budget,
@@ -467,9 +475,11 @@ def _announce(progress: Callable[[str], None], settings: dict[str, Any], name: s
              f"{'stratified' if task_obj.num_labels > 1 else 'random'}; every search decision reads it) / "
              f"test {splits['test']:,} ({splits['test_source']}; read once, after the search)")
     rung_n = settings["training"].get("rung_eval_examples")
-    if rung_n is not None and rung_n < splits["dev"] and len(settings["rungs"]) > 1:
+    scored = min(splits["dev"], settings["training"].get("max_eval_examples") or splits["dev"])  # at the top rung
+    if rung_n is not None and rung_n < scored and len(settings["rungs"]) > 1:
+        top = f"all {scored:,}" if scored == splits["dev"] else f"the first {scored:,} (max_eval_examples)"
         progress(f"rungs: {', '.join(f'{r:,}' for r in settings['rungs'])} training examples; the lower ones score a "
-                 f"seeded {rung_n:,} of the dev examples (the same for every trial), the top one all {splits['dev']:,}")
+                 f"seeded {rung_n:,} of the dev examples (the same for every trial), the top one {top}")
     for note in space_notes:
         progress(f"note: {note}")
 

@@ -138,6 +138,13 @@ def test_pareto_plot_shows_budget_memory_colour_and_rungs(tmp_path, monkeypatch)
     rung1, rung2 = ax.collections[:2]
     assert rung1.get_offsets().tolist() == [[5000, 0.7]] and rung2.get_offsets().tolist() == [[1000, 0.8]]
     assert rung1.get_array().tolist() == [30.0] and rung2.get_array().tolist() == [10.0]  # colour = MiB
+    # rows that say how many dev examples they scored (the lower rungs: the search's sample) name it
+    for t in trials:
+        for r in t["rows"]:
+            r["eval_examples"] = 2000 if r["examples_seen"] == 300 else 500
+    pareto_plot(tmp_path / "q.png", trials, [{"trainable_params": 1000, "score": 0.8}], "accuracy", 4000, [100, 300])
+    assert [c.get_label() for c in figs[1].axes[0].collections][:2] == ["rung 1: 100 examples, dev on 500",
+                                                                        "rung 2: 300 examples, dev on 2,000"]
     assert rung1.norm.vmin == 10 and rung1.norm.vmax == 30
     [budget] = ax.lines
     assert list(budget.get_xdata()) == [4000, 4000] and budget.get_label() == "budget 4,000"

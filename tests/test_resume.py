@@ -484,9 +484,47 @@ def test_a_search_started_before_the_rung_sample_resumes_as_it_started(tmp_path)
     base = {**new["training"]}
     api._as_started(base, tmp_path, {})
     assert base == new["training"]
+    base = {**new["training"], "rung_eval_examples": 300}  # a later version's default: the started one stands
+    api._as_started(base, tmp_path, {})
+    assert base == new["training"]
     (tmp_path / "search.json").write_text(json.dumps(old))
+    base = {**old["training"], "rung_eval_examples": None}  # --rung-eval-examples all: how it started
+    api._as_started(base, tmp_path, {"rung_eval_examples": None})
+    assert base == old["training"]
+    check_same_settings(tmp_path, old)
     base = {**old["training"], "rung_eval_examples": 200}
     api._as_started(base, tmp_path, {"rung_eval_examples": 200})
     assert base["rung_eval_examples"] == 200
     with pytest.raises(ResumeError, match="was started with training="):
         check_same_settings(tmp_path, {"training": base})
+
+
+def test_a_searcher_state_saved_before_a_recipe_field_existed_still_finds_its_recipes(tmp_path):
+    """The searcher's record of trained recipes is keyed by the recipe's JSON; a state saved by a version
+    without a field added since (``training.rung_eval_examples``, ``training.backbone_dropout``) is read
+    with that field's default filled in, so a resumed search answers the same point as a duplicate instead
+    of training it again."""
+    import copy
+
+    from autopeft.searching.searchers import SpaceSearcher, _key, make_sampler
+    from autopeft.searching.space import SearchSpace
+
+    (tmp_path / "space.yaml").write_text(SPACE)
+    space = SearchSpace.load(str(tmp_path / "space.yaml"))
+    base = {"backbone": TINY_BERT, "task": "sst2", "training": {"max_train_examples": 64, "seed": 0}}
+
+    def searcher():
+        return SpaceSearcher(space, base, 1500, make_sampler("tpe", 5, n_startup_trials=2), 64, space.start_points)
+
+    a = searcher()
+    a.suggest("t0")
+    state = a.get_state()
+    [(key, origin)] = state["origins"].items()
+    old = json.loads(key)
+    for field in ("rung_eval_examples", "backbone_dropout"):
+        old["training"].pop(field)
+    old_state = copy.copy(state)
+    old_state["origins"] = {_key(old): origin}
+    b = searcher()
+    b.set_state(old_state)
+    assert b._origins == {key: tuple(origin)}

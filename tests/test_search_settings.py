@@ -134,3 +134,28 @@ def test_time_budget_none_means_no_cap_on_cpu_and_bad_values_are_refused(tmp_pat
     assert _parse_duration("none") == math.inf and _parse_duration("30m") == 1800
     with pytest.raises(Exception, match="invalid time budget 'nan'"):
         _parse_duration("nan")
+
+
+def test_the_rung_line_names_what_each_rung_scores():
+    """The start's "rungs:" line: the lower rungs' sample and what the top rung scores, which
+    max_eval_examples caps (the line said "all 2,000" while every rung scored the same 48)."""
+    from types import SimpleNamespace
+
+    from autopeft import api
+    from autopeft.searching.budget import parse_budget
+
+    def lines(training):
+        out = []
+        settings = {"splits": {"train": 65349, "dev": 2000, "test": 872, "test_source": "validation"}, "seed": 0,
+                    "param_limit": 1, "backbone_params": 2, "rungs": [2688, 8064, 24000], "training": training}
+        api._announce(out.append, settings, "s", SimpleNamespace(name="sst2", num_labels=2), parse_budget("1"),
+                      "sqlite://", "id", [])
+        return [x for x in out if x.startswith("rungs:")]
+
+    assert lines({"rung_eval_examples": 500}) == [
+        "rungs: 2,688, 8,064, 24,000 training examples; the lower ones score a seeded 500 of the dev examples "
+        "(the same for every trial), the top one all 2,000"]
+    assert lines({"rung_eval_examples": 500, "max_eval_examples": 1000})[0].endswith(
+        "the top one the first 1,000 (max_eval_examples)")
+    assert lines({"rung_eval_examples": 500, "max_eval_examples": 48}) == []  # every rung scores the same 48
+    assert lines({"rung_eval_examples": None}) == [] == lines({})

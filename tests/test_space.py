@@ -32,6 +32,21 @@ def test_disabled_components_and_training_dims():
     assert [c.method for c in recipe.components] == ["bitfit"] and recipe.training.learning_rate == 0.002
 
 
+@pytest.mark.parametrize("name,where", [("max_train_examples", "--max-train-examples"),
+                                        ("schedule_examples", "top fidelity"), ("seed", "--seed"),
+                                        ("max_eval_examples", "max_eval_examples"),
+                                        ("rung_eval_examples", "--rung-eval-examples")])
+def test_settings_every_trial_shares_are_refused_in_a_space(name, where):
+    """A space that searched (or fixed) training.rung_eval_examples made trials score their lower rungs on
+    different examples, and the search's own settings still named its default: the scheduler compared
+    trials on different footing. Every setting all trials must share is refused, with where it is set."""
+    with pytest.raises(SearchSpaceError) as err:
+        SearchSpace.from_dict({"components": {"lora": {}}, "training": {name: [100, 500]}})
+    msg = str(err.value)
+    assert msg.startswith(f"training.{name} is a setting of the whole search, not of a trial") and where in msg
+    assert "\n" not in msg
+
+
 @pytest.mark.parametrize("spec,kind", [([1, 2], "choice"), (3, "fixed"), ([4], "fixed"), ({"int": [1, 4]}, "int"),
                                        ({"loguniform": [1e-4, 1e-2]}, "loguniform"), ({"choice": [[1], [2]]}, "choice")])
 def test_dim_forms(spec, kind):

@@ -50,6 +50,9 @@ def test_lower_rungs_score_the_seeded_sample_and_the_top_rung_all_of_it(glue_dir
     assert len(sample) == 24 and set(sample.texts) <= set(first.texts)
     b = Batches(sample, load_tokenizer(r.backbone), 32, torch.device("cpu"))
     assert staged.history[0]["accuracy"] == evaluate(half, get_task("sst2"), b, 128)["accuracy"]
+    # a rung within one batch of the top ends at the top (batches of 16: 80 -> 96): scored as the top, on all 64
+    edge, _ = run_trial(r, glue_dir, rungs=[90])
+    assert [(h["examples_seen"], h["eval_examples"]) for h in edge.history] == [(96, 64), (96, 64)]
 
 
 def test_training_changes_method_weights_but_not_the_backbone(glue_dir):

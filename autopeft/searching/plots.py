@@ -17,7 +17,8 @@ def pareto_plot(path: str | Path, trials: list[dict[str, Any]], front: list[dict
     """Draw dev score against trainable parameters for every trained trial, at the last rung it reached.
 
     * colour: peak training memory (MiB, colour bar; the same scale for every point);
-    * marker: the rung the point was measured at (legend ``rung k: n examples``);
+    * marker: the rung the point was measured at (legend ``rung k: n examples, dev on m``: the dev
+      examples scored there, fewer below the top rung, ``training.rung_eval_examples``);
     * a black ring: the point is on the Pareto front (top fidelity, within budget);
     * a dashed vertical line: the budget ``param_limit`` (trainable parameters without the head);
     * error bars: the front's 95% dev intervals (``score_low``/``score_high``), and beside each front
@@ -46,7 +47,7 @@ def pareto_plot(path: str | Path, trials: list[dict[str, Any]], front: list[dict
         if not row or not all(is_finite(row.get(k)) for k in ("trainable_params", "score", "peak_memory_bytes")):
             continue
         points.append((row["trainable_params"], row["score"], row["peak_memory_bytes"] / 2**20,
-                       int(row.get("examples_seen") or 0)))
+                       int(row.get("examples_seen") or 0), row.get("eval_examples")))
     rungs = sorted(rungs or {p[3] for p in points})
     fig, ax = plt.subplots(figsize=(7, 4.5))
     if points:
@@ -55,9 +56,11 @@ def pareto_plot(path: str | Path, trials: list[dict[str, Any]], front: list[dict
         for k, rung in enumerate(rungs):
             at = [p for p in points if p[3] == rung or (k == 0 and p[3] not in rungs)]
             if at:
+                scored = {p[4] for p in at}  # dev examples scored there (lower rungs: the search's sample)
+                on = f", dev on {scored.pop():,}" if len(scored) == 1 and isinstance(next(iter(scored)), int) else ""
                 ax.scatter([p[0] for p in at], [p[1] for p in at], c=[p[2] for p in at], cmap="viridis",
                            norm=norm, marker=RUNG_MARKERS[min(k, len(RUNG_MARKERS) - 1)], s=40,
-                           label=f"rung {k + 1}: {rung:,} examples", edgecolors="none")
+                           label=f"rung {k + 1}: {rung:,} examples{on}", edgecolors="none")
         fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap="viridis"), ax=ax,
                      label="peak training memory (MiB)")
     if front:

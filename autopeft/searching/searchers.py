@@ -354,7 +354,7 @@ class SpaceSearcher(_ray_searcher_base()):
         self.study = state["study"]
         self._live = {tid: optuna.trial.Trial(self.study, storage_id) for tid, storage_id in state["live"].items()}
         self.rejected, self.exhausted = int(state["rejected"]), bool(state["exhausted"])
-        self._origins = {k: (str(v[0]), int(v[1])) for k, v in state.get("origins", {}).items()}
+        self._origins = {_current_recipe_key(k): (str(v[0]), int(v[1])) for k, v in state.get("origins", {}).items()}
         self._waiting = {k: [int(n) for n in v] for k, v in state.get("waiting", {}).items()}
         self.duplicates = int(state.get("duplicates", 0))
         self.stop_reason = state.get("stop_reason")
@@ -383,6 +383,19 @@ class SpaceSearcher(_ray_searcher_base()):
 
 def _key(d: dict[str, Any]) -> str:
     return json.dumps(d, sort_keys=True, default=str)
+
+
+def _current_recipe_key(key: str) -> str:
+    """A saved recipe key as this version's :class:`~autopeft.composition.recipe.Recipe` writes it (the
+    defaults of fields added since filled in), so a search saved by an earlier version and resumed by this
+    one still finds the recipes it trained and never trains one again; a key that does not validate is
+    kept as it is."""
+    from autopeft.composition.recipe import Recipe
+
+    try:
+        return _key(Recipe.model_validate(json.loads(key)).model_dump(mode="json"))
+    except Exception:  # noqa: BLE001 - only ever a lookup key: at worst the recipe is trained again
+        return key
 
 
 def _set_constraints(trial, verdict: Verdict, param_limit: int) -> None:

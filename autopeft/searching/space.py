@@ -81,6 +81,18 @@ def shipped_spaces() -> list[str]:
 _KINDS = ("choice", "uniform", "loguniform", "int", "logint")
 
 
+#: Training settings a space may not set: every trial of a search shares them (the fidelity and its
+#: schedule, the seed, the examples every rung is scored on, so that the scheduler and the front compare
+#: trials on the same footing); where each is set instead.
+SEARCH_LEVEL_TRAINING = {
+    "max_train_examples": "the space's fidelity.max_train_examples or --max-train-examples sets it",
+    "schedule_examples": "the top fidelity sets it (one schedule for every rung)",
+    "seed": "--seed sets it",
+    "max_eval_examples": "search(training={'max_eval_examples': N}) sets it",
+    "rung_eval_examples": "--rung-eval-examples sets it",
+}
+
+
 class SearchSpaceError(AutopeftError, ValueError):
     """An invalid search-space file."""
 
@@ -247,6 +259,9 @@ class SearchSpace:
         for pname, pspec in (data.get("training") or {}).items():
             if pname not in TrainingConfig.model_fields:
                 raise SearchSpaceError(f"training has no setting {str(pname)!r}; valid: {', '.join(TrainingConfig.model_fields)}")
+            if pname in SEARCH_LEVEL_TRAINING:
+                raise SearchSpaceError(f"training.{pname} is a setting of the whole search, not of a trial: "
+                                       f"{SEARCH_LEVEL_TRAINING[pname]}")
             dims[f"training.{pname}"] = Dim.parse(f"training.{pname}", pspec)
         _check_param_keys(dims)
         try:

@@ -554,7 +554,6 @@ def run_trial(recipe: Recipe, data_dir: str | Path | None = None, rungs: list[in
     scaler = grad_scaler(dev, precision)
     train_b = Batches(train_split, tokenizer, tr.max_seq_length, dev)
     val_b = Batches(val_split, tokenizer, tr.max_seq_length, dev)
-    rung_b = _rung_batches(val_split, recipe, tokenizer, dev)  # lower rungs: a seeded sample (or val_b)
 
     optimizer, scheduler = _optimizer_and_schedule(model, tr, dev, log)
     if tr.group_by_length:
@@ -562,6 +561,8 @@ def run_trial(recipe: Recipe, data_dir: str | Path | None = None, rungs: list[in
     else:
         order = train_order(len(train_split), tr.max_train_examples, tr.seed)
     milestones = sorted({r for r in (rungs or []) if 0 < r < tr.max_train_examples} | {tr.max_train_examples})
+    # the rungs below the top: a seeded sample of the eval split (None: the whole split, as the top)
+    rung_b = _rung_batches(val_split, recipe, tokenizer, dev) if len(milestones) > 1 else None
     meter = _SavedTensorMeter()
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
@@ -598,7 +599,7 @@ def run_trial(recipe: Recipe, data_dir: str | Path | None = None, rungs: list[in
                 on_step(seen, loss_value, train_time + time.perf_counter() - t0)
         train_time += time.perf_counter() - t0
         t0 = time.perf_counter()
-        top = milestone >= tr.max_train_examples
+        top = seen >= tr.max_train_examples  # a rung within a batch of the top ends there: scored as the top
         scored = score_split(model, task, val_b if top or rung_b is None else rung_b, tr.eval_batch_size,
                              tr.max_eval_examples, seed=tr.seed)
         eval_time += time.perf_counter() - t0
