@@ -528,3 +528,28 @@ def test_a_searcher_state_saved_before_a_recipe_field_existed_still_finds_its_re
     b = searcher()
     b.set_state(old_state)
     assert b._origins == {key: tuple(origin)}
+
+
+def test_todays_recipe_keys_are_left_as_they_are():
+    """Re-reading a key through Recipe must not change a key today's searcher wrote (else every resumed
+    search would retrain its points): the key of one recipe per method family, and of the default and full
+    spaces' start points, is a fixed point."""
+    from autopeft.composition.recipe import RecipeError, recipe_from_dict
+    from autopeft.methods.base import available_methods
+    from autopeft.searching.searchers import _current_recipe_key, _key
+    from autopeft.searching.space import SearchSpace
+
+    recipes = []
+    for name in available_methods():
+        try:
+            recipes.append(recipe_from_dict({"backbone": TINY_BERT, "components": [{"method": name}],
+                                             "training": {"seed": 1, "rung_eval_examples": 500}}))
+        except RecipeError:  # a method that needs arguments (AdapterFusion's adapters)
+            continue
+    base = {"backbone": "minilm-l6", "task": "sst2", "training": {"seed": 0}}
+    for space in (SearchSpace.load("default"), SearchSpace.load("full")):
+        recipes += [space.to_recipe(space.complete_point(p), base) for p in space.start_points]
+    assert len(recipes) >= 12
+    for r in recipes:
+        key = _key(r.model_dump(mode="json"))
+        assert _current_recipe_key(key) == key, key
