@@ -317,17 +317,20 @@ def test_resume_errors_are_one_line(argv, text, tmp_path):
 
 # ---- the state that makes a resume continue exactly -----------------------------------------------
 
-def test_searcher_state_round_trip_continues_the_same_proposals(tmp_path):
+def _tiny_searcher_factory(tmp_path):
+    """A function making fresh TPE searchers (seed 5) over the tiny SPACE, alike in everything."""
     from autopeft.searching.searchers import SpaceSearcher, make_sampler
     from autopeft.searching.space import SearchSpace
 
     (tmp_path / "space.yaml").write_text(SPACE)
     space = SearchSpace.load(str(tmp_path / "space.yaml"))
     base = {"backbone": TINY_BERT, "task": "sst2", "training": {"max_train_examples": 64, "seed": 0}}
+    return lambda: SpaceSearcher(space, base, 1500, make_sampler("tpe", 5, n_startup_trials=2), 64,
+                                 space.start_points)
 
-    def searcher():
-        return SpaceSearcher(space, base, 1500, make_sampler("tpe", 5, n_startup_trials=2), 64, space.start_points)
 
+def test_searcher_state_round_trip_continues_the_same_proposals(tmp_path):
+    searcher = _tiny_searcher_factory(tmp_path)
     a = searcher()
     for i in range(4):
         a.suggest(f"t{i}")
@@ -506,16 +509,9 @@ def test_a_searcher_state_saved_before_a_recipe_field_existed_still_finds_its_re
     of training it again."""
     import copy
 
-    from autopeft.searching.searchers import SpaceSearcher, _key, make_sampler
-    from autopeft.searching.space import SearchSpace
+    from autopeft.searching.searchers import _key
 
-    (tmp_path / "space.yaml").write_text(SPACE)
-    space = SearchSpace.load(str(tmp_path / "space.yaml"))
-    base = {"backbone": TINY_BERT, "task": "sst2", "training": {"max_train_examples": 64, "seed": 0}}
-
-    def searcher():
-        return SpaceSearcher(space, base, 1500, make_sampler("tpe", 5, n_startup_trials=2), 64, space.start_points)
-
+    searcher = _tiny_searcher_factory(tmp_path)
     a = searcher()
     a.suggest("t0")
     state = a.get_state()
