@@ -1,5 +1,5 @@
 """Render one search from the MLflow store as a single HTML page: the Pareto front, every trial with
-its status and per-rung scores, and the front's plot.
+its status and per-rung dev scores (with how many dev examples each read), and the front's plot.
 
 MLflow's own pages show runs one at a time; this puts a whole search side by side.
 
@@ -50,7 +50,9 @@ def build_report(tracking_uri: str, experiment: str = "autopeft", run_id: str | 
     trials = []
     for c in sorted(children, key=lambda r: r.info.start_time):
         hist = client.get_metric_history(c.info.run_id, "score")
-        rungs = ", ".join(f"{m.step}: {m.value:.3f}" for m in sorted(hist, key=lambda m: m.step))
+        scored = {m.step: int(m.value) for m in client.get_metric_history(c.info.run_id, "eval_examples")}
+        rungs = ", ".join(f"{m.step}: {m.value:.3f}" + (f" on {scored[m.step]:,}" if m.step in scored else "")
+                          for m in sorted(hist, key=lambda m: m.step))
         trials.append(f"<tr><td>{e(c.data.tags.get('trial_id', ''))}</td><td>{e(c.data.tags.get('status', ''))}</td>"
                       f"<td>{e(c.data.tags.get('pareto', ''))}</td><td>{int(c.data.metrics.get('trainable_params', 0)):,}</td>"
                       f"<td>{e(rungs)}</td></tr>")
@@ -69,7 +71,7 @@ def build_report(tracking_uri: str, experiment: str = "autopeft", run_id: str | 
 <h2>Pareto front</h2><p>Scores with 95% bootstrap intervals: dev (carved from train; every search decision read it)
 and test (the task's validation split, read once after the search).</p>
 <table><tr><th>trial</th><th>dev score</th><th>test score</th><th>test mean ± std (seeds)</th><th>trainable params</th><th>peak MiB</th><th>methods</th></tr>{rows}</table>{reference}
-{img}<h2>Trials</h2><table><tr><th>trial</th><th>status</th><th>pareto</th><th>params</th><th>score per rung (examples: score)</th></tr>
+{img}<h2>Trials</h2><table><tr><th>trial</th><th>status</th><th>pareto</th><th>params</th><th>dev score per rung (examples trained: score on N dev examples; a rung below the top may score a seeded sample of dev)</th></tr>
 {''.join(trials)}</table></body></html>"""
 
 

@@ -198,6 +198,11 @@ def test_the_search_report_shows_dev_and_test_side_by_side(twin_searches, tmp_pa
     assert "<th>dev score</th><th>test score</th>" in page
     assert f"{best['score']:.4f} [{best['score_low']:.4f}, {best['score_high']:.4f}]" in page
     assert f"{best['test_score']:.4f} [{best['test_low']:.4f}, {best['test_high']:.4f}]" in page
+    # each rung's dev score names how many dev examples it read (all 120 here: fewer than the rung sample)
+    rows = [r for t in result.trials for r in t["rows"]]
+    assert rows
+    for row in rows:
+        assert f"{row['examples_seen']}: {row['score']:.3f} on 120" in page
 
 
 def test_cli_confirm_seeds_and_full_reference_are_reported(glue_dir, tmp_path):
