@@ -731,7 +731,9 @@ def predict(trained: str | Path, texts, device: str | None = None, batch_size: i
     """
     from autopeft.backbones import load_tokenizer
     from autopeft.data.tasks import Split, get_task
-    from autopeft.training.trainer import Batches, load_trained, pick_device, predict_ids
+    from autopeft.training.batches import Batches, pick_device
+    from autopeft.training.saved import load_trained
+    from autopeft.training.scoring import predict_ids
 
     folder = Path(trained)
     if not (folder / "recipe.yaml").is_file():

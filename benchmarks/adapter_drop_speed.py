@@ -43,7 +43,7 @@ from autopeft.training.fusion import stage2_recipe  # noqa: E402
 from autopeft.methods.adapter_drop import set_adapter_drop  # noqa: E402
 from autopeft.composition.recipe import build_model, recipe_from_dict  # noqa: E402
 from autopeft.data.tasks import get_task, load_split  # noqa: E402
-from autopeft.training.trainer import save_trained  # noqa: E402
+from autopeft.training.saved import save_trained  # noqa: E402
 
 
 def randomize_adapters(model, seed: int) -> None:

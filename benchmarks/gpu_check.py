@@ -294,7 +294,7 @@ def load_batches(data_dir: Path | None, device: torch.device, n_batches: int = N
         from autopeft.backbones import MINILM, load_tokenizer
         from autopeft.data.splits import Split
         from autopeft.data.tasks import get_task, load_split
-        from autopeft.training.trainer import Batches, length_grouped_order
+        from autopeft.training.batches import Batches, length_grouped_order
 
         full = load_split(get_task("sst2"), "train", data_dir)
         n = min(len(full), 4096)
@@ -345,7 +345,8 @@ def build_ours(backbone: str | dict, components: list[dict], precision: str, dev
     from autopeft.composition.model import count_parameters
     from autopeft.backbones.precision import grad_scaler
     from autopeft.composition.recipe import build_model, check_recipe, recipe_from_dict
-    from autopeft.training.trainer import make_optimizer, set_gradient_checkpointing, set_precision
+    from autopeft.training.setup import set_gradient_checkpointing, set_precision
+    from autopeft.training.trainer import make_optimizer
 
     full = any(c["method"] == "full_finetuning" for c in components)
     recipe = recipe_from_dict({"backbone": backbone, "task": "sst2", "components": components, "pooling": "mean",

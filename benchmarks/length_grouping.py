@@ -4,8 +4,8 @@
 
 On SST-2's training split (less nothing: every row), tokenised as the trainer tokenises it, compares the
 trainer's two example orders for one trial of ``--examples`` examples in batches of 32:
-:func:`autopeft.training.trainer.length_grouped_order` (the default, ``training.group_by_length``) and
-:func:`autopeft.training.trainer.train_order` (a plain shuffle). It prints each order's padding share
+:func:`autopeft.training.batches.length_grouped_order` (the default, ``training.group_by_length``) and
+:func:`autopeft.training.batches.train_order` (a plain shuffle). It prints each order's padding share
 (padded token slots / all slots, over the whole trial) and the median time of one LoRA r=8 q/v training
 step (forward, loss, backward, AdamW; MiniLM-L6, fp32) over ``--steps`` batches of each order, taken in
 turn (one grouped step, one shuffled step, ...) so that the machine's drift hits both alike, and their
@@ -33,7 +33,7 @@ def main() -> int:
     from autopeft.backbones import MINILM, load_tokenizer
     from autopeft.composition.recipe import build_model, recipe_from_dict
     from autopeft.data.tasks import get_task, load_split
-    from autopeft.training.trainer import Batches, length_grouped_order, padding_fraction, train_order
+    from autopeft.training.batches import Batches, length_grouped_order, padding_fraction, train_order
 
     batch = 32
     split = load_split(get_task("sst2"), "train", os.path.abspath(args.data_dir))

@@ -954,11 +954,12 @@ def majority_score(task: str, data_dir: str) -> float | None:
 
 def predict_test(model, recipe, data_dir: str) -> dict[str, Any]:
     """Score ``model`` once on the test split, keeping its per-example predictions: ``{"score", "low",
-    "high", "metrics", "examples", "predictions", "gold"}`` (as ``autopeft.training.trainer.score_test``, seeded
+    "high", "metrics", "examples", "predictions", "gold"}`` (as ``autopeft.training.scoring.score_test``, seeded
     by the recipe's seed)."""
     from autopeft.backbones import load_tokenizer
     from autopeft.data.tasks import get_task, load_split
-    from autopeft.training.trainer import Batches, pick_device, predict_ids
+    from autopeft.training.batches import Batches, pick_device
+    from autopeft.training.scoring import predict_ids
     from autopeft.data.uncertainty import bootstrap_ci
 
     task = get_task(recipe.task)
@@ -1045,7 +1046,7 @@ def run_search(task: str, searcher: str, seed: int, trials: int, examples: int, 
     import autopeft
     from autopeft.searching.runs import kept_dir
     from autopeft.composition.recipe import Recipe
-    from autopeft.training.trainer import is_trained_folder, load_trained
+    from autopeft.training.saved import is_trained_folder, load_trained
 
     try:
         import ray

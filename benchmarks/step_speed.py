@@ -4,7 +4,7 @@ MiniLM-L6 on real SST-2 batches of 32 grouped by length as the trainer groups th
 ``length_grouped_order``), one AdamW step each (forward, loss, backward, optimiser), for:
 
 * autopeft's LoRA r=8 (alpha 16) on query/value, a parallel FFN adapter (Pfeiffer, rf 32), full
-  fine-tuning, each through ``autopeft.training.trainer.set_precision`` (the trainer's own precision path);
+  fine-tuning, each through ``autopeft.training.setup.set_precision`` (the trainer's own precision path);
 * peft's LoRA r=8 on query/value (``peft.get_peft_model``; bf16: base weights in bf16, adapters float32,
   autocast: peft's own recipe) as the reference implementation.
 
@@ -71,7 +71,7 @@ def step_flops(lengths: np.ndarray, layers: int, d: int, d_ff: int, full: bool) 
 def batches(n_batches: int, seed: int = 0):
     from autopeft.backbones import MINILM, load_tokenizer
     from autopeft.data.tasks import get_task, load_split
-    from autopeft.training.trainer import Batches, length_grouped_order
+    from autopeft.training.batches import Batches, length_grouped_order
 
     split = load_split(get_task("sst2"), "train", DATA)
     b = Batches(split, load_tokenizer(MINILM), 128, torch.device("cpu"))
@@ -85,7 +85,7 @@ def batches(n_batches: int, seed: int = 0):
 
 def ours(components, precision: str):
     from autopeft.composition.recipe import build_model, recipe_from_dict
-    from autopeft.training.trainer import set_precision
+    from autopeft.training.setup import set_precision
 
     r = recipe_from_dict({"backbone": "minilm-l6", "task": "sst2", "components": components, "pooling": "mean",
                           "training": {"precision": precision}})

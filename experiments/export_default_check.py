@@ -45,7 +45,7 @@ def main(search: Path, work: Path) -> int:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from autopeft.data.tasks import get_task, load_split
-    from autopeft.training.trainer import load_trained
+    from autopeft.training.saved import load_trained
 
     front = json.loads((search / "pareto.json").read_text())
     best = max(front, key=lambda r: (r["score"], -r["trainable_params"]))

@@ -40,7 +40,7 @@ def main(work: Path) -> None:
     from autopeft.backbones import load_tokenizer, minilm_path
     from autopeft.composition.recipe import Recipe
     from autopeft.data.tasks import get_task, load_split
-    from autopeft.training.trainer import load_trained
+    from autopeft.training.saved import load_trained
 
     default = work / "default-run-tpe"
     default.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,7 @@ from autopeft.training.fusion import stage2_recipe
 from autopeft.methods.adapter_drop import set_adapter_drop
 from autopeft.composition.model import CompositionError, count_parameters
 from autopeft.composition.recipe import RecipeError, build_model, recipe_from_dict
-from autopeft.training.trainer import save_trained
+from autopeft.training.saved import save_trained
 from conftest import TINY_BERT, tiny_inputs, tiny_recipe
 
 L = TINY_BERT["num_hidden_layers"]

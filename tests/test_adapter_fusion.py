@@ -10,7 +10,9 @@ from autopeft.methods.adapter_fusion import (
 )
 from autopeft.composition.model import CompositionError, count_parameters
 from autopeft.composition.recipe import build_model, recipe_from_dict
-from autopeft.training.trainer import ADAPTER_FILE, load_trained, run_trial, save_trained
+from autopeft.training.saved import load_trained, save_trained
+from autopeft.composition.recipe import ADAPTER_FILE
+from autopeft.training.trainer import run_trial
 from conftest import TINY_BERT, tiny_inputs
 
 D, L = TINY_BERT["hidden_size"], TINY_BERT["num_hidden_layers"]

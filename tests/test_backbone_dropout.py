@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from autopeft.composition.recipe import RecipeError, build_model, recipe_from_dict
-from autopeft.training.trainer import run_trial, set_backbone_dropout
+from autopeft.training.setup import set_backbone_dropout
+from autopeft.training.trainer import run_trial
 from conftest import TINY_BERT, tiny_inputs
 from test_precision import CHECKPOINTED, SMALL_BERT, recipe
 
@@ -46,7 +47,7 @@ def test_training_equals_a_backbone_configured_without_dropout(glue_dir, tmp_pat
     from typer.testing import CliRunner
 
     from autopeft.cli import app
-    from autopeft.training.trainer import load_trained
+    from autopeft.training.saved import load_trained
 
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(recipe(backbone_dropout=0.0).model_dump(mode="json")))

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from autopeft.data.tasks import Split
-from autopeft.training.trainer import Batches, encode_split, length_grouped_order, padding_fraction, train_order
+from autopeft.training.batches import Batches, encode_split, length_grouped_order, padding_fraction, train_order
 
 
 def test_length_grouped_order_sees_every_example_once_per_epoch_and_is_seeded():
@@ -53,7 +53,7 @@ def test_evaluation_order_does_not_change_the_score(glue_dir):
     from autopeft.backbones import load_tokenizer
     from autopeft.composition.recipe import build_model, recipe_from_dict
     from autopeft.data.tasks import get_task, load_split
-    from autopeft.training.trainer import evaluate
+    from autopeft.training.scoring import evaluate
 
     task = get_task("sst2")
     split = load_split(task, "validation", glue_dir)

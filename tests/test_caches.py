@@ -16,7 +16,7 @@ import pytest
 
 from autopeft.backbones import load_tokenizer, minilm_path
 from autopeft.data.tasks import Split
-from autopeft.training.trainer import encode_split
+from autopeft.training.batches import encode_split
 
 
 @pytest.fixture
@@ -116,7 +116,7 @@ def test_a_search_points_trained_weights_are_reused_only_for_the_data_they_were_
     from autopeft import api
     from autopeft.cli import app
     from autopeft.composition.recipe import build_model
-    from autopeft.training.trainer import save_trained
+    from autopeft.training.saved import save_trained
     from conftest import tiny_recipe
 
     recipe = tiny_recipe([{"method": "lora", "r": 2}])

@@ -6,7 +6,7 @@ import torch
 from autopeft.methods import available_methods
 from autopeft.composition.model import CompositionError, ComposedModel, count_parameters
 from autopeft.composition.recipe import RecipeError, build_model
-from autopeft.training.trainer import load_trained, save_trained
+from autopeft.training.saved import load_trained, save_trained
 from conftest import TINY_BERT, TINY_ROBERTA, tiny_inputs, tiny_recipe
 
 #: Small settings per method so that every method builds on the tiny backbones.

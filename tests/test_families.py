@@ -241,7 +241,7 @@ def _train_step(model, seed=0):
 
 
 def _stage1(fam, tmp_path, name):
-    from autopeft.training.trainer import save_trained
+    from autopeft.training.saved import save_trained
 
     recipe = _recipe(TINY[fam], [{"method": "adapter", "variant": "pfeiffer", "placement": "serial",
                                           "reduction_factor": 8}])
@@ -253,7 +253,7 @@ def _stage1(fam, tmp_path, name):
 @pytest.mark.parametrize("fam", list(TINY))
 @pytest.mark.parametrize("method", list(METHODS))
 def test_every_method_trains_saves_and_reloads_on_every_family(fam, method, tmp_path):
-    from autopeft.training.trainer import load_trained, save_trained
+    from autopeft.training.saved import load_trained, save_trained
 
     components = METHODS[method]
     if method == "adapter_fusion":

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from autopeft.cli import app
 from autopeft.composition.recipe import build_model
-from autopeft.training.trainer import is_trained_folder, save_trained
+from autopeft.training.saved import is_trained_folder, save_trained
 from conftest import tiny_recipe
 
 runner = CliRunner()

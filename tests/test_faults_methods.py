@@ -16,7 +16,9 @@ from autopeft.methods.adalora import adalora_modules, adalora_rank, rank_pattern
 from autopeft.methods.lora import LinearWrapper, MergedAdapterError, merge_lora, unmerge_lora
 from autopeft.composition.model import Gate, count_parameters
 from autopeft.composition.recipe import build_model, count_recipe, recipe_from_dict
-from autopeft.training.trainer import ADAPTER_FILE, load_trained, make_optimizer, save_trained
+from autopeft.training.saved import load_trained, save_trained
+from autopeft.composition.recipe import ADAPTER_FILE
+from autopeft.training.trainer import make_optimizer
 from conftest import TINY_BERT, tiny_inputs, tiny_recipe
 
 D, L, FF = TINY_BERT["hidden_size"], TINY_BERT["num_hidden_layers"], TINY_BERT["intermediate_size"]

@@ -19,7 +19,7 @@ from autopeft.backbones import load_model
 from autopeft.cli import app
 from autopeft.exporting.hf_export import ExportError, export_model, peft_logits
 from autopeft.composition.recipe import build_model
-from autopeft.training.trainer import load_trained, save_trained
+from autopeft.training.saved import load_trained, save_trained
 from conftest import TINY_BERT, TINY_ROBERTA, tiny_inputs, tiny_recipe
 from test_families import TINY
 

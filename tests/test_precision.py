@@ -10,7 +10,9 @@ from typer.testing import CliRunner
 
 from autopeft.backbones import precision as prec
 from autopeft.composition.recipe import build_model, recipe_from_dict
-from autopeft.training.trainer import load_trained, predict_ids, run_trial, save_trained
+from autopeft.training.saved import load_trained, save_trained
+from autopeft.training.scoring import predict_ids
+from autopeft.training.trainer import run_trial
 
 SMALL_BERT = {"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
               "intermediate_size": 37, "vocab_size": 30522, "max_position_embeddings": 128}
@@ -114,7 +116,7 @@ def test_bf16_trial_trains_scores_and_reloads_as_trained(glue_dir, tmp_path):
     assert again.compute_dtype == torch.bfloat16
     from autopeft.backbones import load_tokenizer
     from autopeft.data.tasks import get_task, load_split
-    from autopeft.training.trainer import Batches
+    from autopeft.training.batches import Batches
 
     task = get_task("sst2")
     b = Batches(load_split(task, "validation", glue_dir), load_tokenizer(SMALL_BERT), 32, torch.device("cpu"))
@@ -184,7 +186,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(name):
     (dropout on: the recomputation draws the same masks)."""
     from conftest import TINY_BERT, tiny_inputs
 
-    from autopeft.training.trainer import set_gradient_checkpointing
+    from autopeft.training.setup import set_gradient_checkpointing
 
     def grads(checkpointing: bool):
         r = recipe_from_dict({"backbone": TINY_BERT, "task": "sst2", "components": CHECKPOINTED[name],
@@ -203,7 +205,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(name):
 
 
 def test_gradient_checkpointing_defaults_on_above_a_billion_parameters():
-    from autopeft.training.trainer import CHECKPOINTING_FROM, set_gradient_checkpointing
+    from autopeft.training.setup import CHECKPOINTING_FROM, set_gradient_checkpointing
 
     r = recipe()
     model = build_model(r)
@@ -307,7 +309,7 @@ def test_p_tuning_lstm_encoder_runs_under_bf16_autocast():
     r = recipe_from_dict({"backbone": TINY_BERT, "task": "sst2", "training": {"precision": "bf16"},
                           "components": [{"method": "p_tuning", "num_virtual_tokens": 4}]})
     model = build_model(r).train()
-    from autopeft.training.trainer import set_precision
+    from autopeft.training.setup import set_precision
 
     assert set_precision(model, r, "cpu") == "bf16"
     ids, mask = tiny_inputs()
@@ -320,7 +322,7 @@ def test_p_tuning_lstm_encoder_runs_under_bf16_autocast():
 def test_cuda_trials_turn_on_tf32_matmuls(monkeypatch):
     """On CUDA the trainer lets float32 matmuls use TF32 (set_float32_matmul_precision("high")); on the
     CPU it leaves the setting alone. (The model itself never moves here: only the setting is read.)"""
-    from autopeft.training.trainer import set_precision
+    from autopeft.training.setup import set_precision
 
     before = torch.get_float32_matmul_precision()
     try:

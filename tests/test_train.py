@@ -3,7 +3,9 @@
 import torch
 
 from autopeft.composition.recipe import recipe_from_dict
-from autopeft.training.trainer import evaluate, load_trained, run_trial, save_trained
+from autopeft.training.saved import load_trained, save_trained
+from autopeft.training.scoring import evaluate
+from autopeft.training.trainer import run_trial
 
 SMALL_BERT = {"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
               "intermediate_size": 37, "vocab_size": 30522, "max_position_embeddings": 128}
@@ -35,7 +37,7 @@ def test_lower_rungs_score_the_seeded_sample_and_the_top_rung_all_of_it(glue_dir
     split; training is unchanged, so the top score equals the run without rungs."""
     from autopeft.backbones import load_tokenizer
     from autopeft.data.tasks import get_task, load_split
-    from autopeft.training.trainer import Batches
+    from autopeft.training.batches import Batches
 
     plain, _ = run_trial(recipe(LORA), glue_dir)
     r = recipe(LORA, rung_eval_examples=24)
@@ -80,7 +82,7 @@ def test_cpu_memory_account_is_deterministic_and_grows_with_batch(glue_dir):
 def test_saved_weights_reload_to_the_same_score(glue_dir, tmp_path):
     from autopeft.backbones import load_tokenizer
     from autopeft.data.tasks import get_task, load_split
-    from autopeft.training.trainer import Batches
+    from autopeft.training.batches import Batches
 
     r = recipe(LORA + [{"method": "adapter", "reduction_factor": 8}])
     result, model = run_trial(r, glue_dir)

@@ -250,7 +250,7 @@ def test_bad_data_is_one_error_line_and_exit_2_before_anything_starts(case, args
 def test_predict_returns_the_original_label_strings(csv, tmp_path):
     from autopeft import api
     from autopeft.backbones import load_tokenizer
-    from autopeft.training.trainer import load_trained
+    from autopeft.training.saved import load_trained
 
     spec = resolve_task(str(csv), "review", "sentiment")
     recipe = recipe_from_dict({"backbone": SMALL_BERT, "task": spec,

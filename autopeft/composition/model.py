@@ -439,7 +439,7 @@ class ComposedModel(nn.Module):
         return out
 
     def adapter_state_dict(self) -> dict[str, Any]:
-        """What :func:`autopeft.training.trainer.save_trained` writes: :meth:`trainable_state_dict` plus
+        """What :func:`autopeft.training.saved.save_trained` writes: :meth:`trainable_state_dict` plus
         :meth:`method_state_dict` (tensors by name; ``load_state_dict(..., strict=False)`` restores them)."""
         return {**self.trainable_state_dict(), **self.method_state_dict()}
 

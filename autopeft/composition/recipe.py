@@ -34,7 +34,7 @@ from autopeft._util import read_yaml, require_file
 from autopeft.errors import AutopeftError, CompositionError
 
 
-#: The weights file of a trained folder (beside its ``recipe.yaml``; :func:`autopeft.training.trainer.save_trained`).
+#: The weights file of a trained folder (beside its ``recipe.yaml``; :func:`autopeft.training.saved.save_trained`).
 ADAPTER_FILE = "adapter_model.safetensors"
 
 
@@ -83,7 +83,7 @@ class TrainingConfig(BaseModel):
     backbone_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     #: Recompute each layer's activations in the backward pass instead of keeping them (Chen et al.
     #: 2016, arXiv:1604.06174): less memory, ~1.3x the step time. ``None``: on for backbones over
-    #: :data:`autopeft.training.trainer.CHECKPOINTING_FROM` (1B) parameters.
+    #: :data:`autopeft.training.setup.CHECKPOINTING_FROM` (1B) parameters.
     gradient_checkpointing: bool | None = None
     #: Dropout probability of the frozen backbone's own dropout modules while training (embeddings,
     #: attention probabilities, hidden states, the task head's): ``None`` keeps the backbone's config
@@ -312,7 +312,7 @@ def build_model(recipe: Recipe, device: str = "cpu", after_component=None):
 
 
 def read_trained_folder(folder: str | Path, with_tensors: bool = True, kind: str = "trained folder"):
-    """Read a folder written by :func:`autopeft.training.trainer.save_trained` as an
+    """Read a folder written by :func:`autopeft.training.saved.save_trained` as an
     :class:`autopeft.methods.base.TrainedFolder`: its recipe, task, backbone config (``None`` if it
     cannot be loaded) and, with ``with_tensors``, its saved tensors. The reader
     :func:`build_model` hands the model, so that methods never read files (``kind`` names the
@@ -348,7 +348,7 @@ def read_trained_folder(folder: str | Path, with_tensors: bool = True, kind: str
 def recipe_as_built(model, recipe: Recipe) -> Recipe:
     """``recipe`` as ``model`` now stands: each component through its method's ``as_built`` hook
     (:class:`autopeft.methods.base.MethodSpec`; e.g. AdapterFusion lists only the adapters still fused
-    after pruning). Returns ``recipe`` itself when nothing changed; :func:`autopeft.training.trainer.save_trained`
+    after pruning). Returns ``recipe`` itself when nothing changed; :func:`autopeft.training.saved.save_trained`
     writes what it returns.
 
     Raises:

@@ -1,6 +1,6 @@
 """The backbone's own modules in a model autopeft modified, each with its path in the unmodified backbone.
 
-One walk, two readers: :func:`autopeft.training.trainer.set_backbone_dropout` (every backbone dropout
+One walk, two readers: :func:`autopeft.training.setup.set_backbone_dropout` (every backbone dropout
 module, those a wrapper holds included) and :func:`autopeft.exporting.base_model.backbone_paths` (the
 names peft's ``target_modules`` and transformers' state dicts use).
 """

@@ -58,7 +58,7 @@ def write_recipe(source: str | Path, *, pick: str | None = None, output: str | P
             anything is read); a ``pick`` other than ``best`` for a trained folder (it holds one model).
     """
     from autopeft.composition.recipe import Recipe, load_recipe
-    from autopeft.training.trainer import is_trained_folder
+    from autopeft.training.saved import is_trained_folder
 
     if output is not None:
         check_output_file(Path(output), overwrite)

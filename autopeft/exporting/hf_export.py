@@ -59,7 +59,7 @@ one peft config cannot hold, and a ``mean`` (or non-native ``cls``) pooling head
 backbone's own head and would give other logits (``--merge`` takes it). Non-linear components cannot be merged.
 
 Where the weights come from: exports need *trained* weights. The main path is a folder written by
-``autopeft train`` (:func:`autopeft.training.trainer.save_trained`). A search keeps the trained weights
+``autopeft train`` (:func:`autopeft.training.saved.save_trained`). A search keeps the trained weights
 of every trial that reached the top fidelity in ``<search>/trained/<trial id>/``; exporting a search
 point uses them when they were trained on the same data and backbone (:data:`TRAINED_ON_FILE` holds
 the content hashes of what they were trained on). Without them (a search from an autopeft that kept
@@ -103,7 +103,7 @@ from autopeft.exporting.sources import (  # noqa: F401  (training_inputs: re-exp
 )
 from autopeft.methods.base import PeftTarget, get_method
 from autopeft.searching.runs import RUNS_DIR, TRAINED_ON_FILE  # noqa: F401  (TRAINED_ON_FILE: its old home)
-from autopeft.training.trainer import is_trained_folder  # noqa: F401  (re-exported: its old home)
+from autopeft.training.saved import is_trained_folder  # noqa: F401  (re-exported: its old home)
 
 #: Largest max-abs logit difference an export may show against autopeft's model (float32).
 VERIFY_TOL = 1e-4
@@ -370,7 +370,7 @@ def export_model(source: str | Path, fmt: str = "peft", output: str | Path | Non
     """Export a trained model, or a search point, as a peft adapter folder or a merged transformers model.
 
     Args:
-        source: a folder written by ``autopeft train`` / :func:`autopeft.training.trainer.save_trained` (the
+        source: a folder written by ``autopeft train`` / :func:`autopeft.training.saved.save_trained` (the
             main path), or a search (folder, name under ``output_dir``, or ``latest``).
         fmt: ``peft`` or ``merged`` (``recipe``: use :func:`autopeft.api.export`).
         output: the folder to write; it must not exist or be empty unless ``overwrite``.
@@ -390,7 +390,7 @@ def export_model(source: str | Path, fmt: str = "peft", output: str | Path | Non
         SearchNotFoundError, ValueError, RecipeError: bad source or pick.
     """
     from autopeft.composition.recipe import load_recipe
-    from autopeft.training.trainer import load_trained
+    from autopeft.training.saved import load_trained
 
     if fmt not in _WRITERS:
         raise ExportError(f"unknown export format {fmt!r} for a model folder; valid: {', '.join(_WRITERS)}")
@@ -405,7 +405,7 @@ def export_model(source: str | Path, fmt: str = "peft", output: str | Path | Non
         check_not_inside(out, Path(source))
         folder = Path(source)
         recipe = load_recipe(folder / "recipe.yaml")
-        check_exportable(recipe, fmt, f"{folder} itself, loaded with autopeft.training.trainer.load_trained")
+        check_exportable(recipe, fmt, f"{folder} itself, loaded with autopeft.training.saved.load_trained")
         prov = fill_metrics(Provenance(trained_dir=str(folder.resolve())), folder)
     else:
         folder, prov = trained_source(source, pick or "best", output_dir, fmt, data_dir, train, log, train_with,

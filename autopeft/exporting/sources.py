@@ -14,7 +14,8 @@ from autopeft.composition.recipe import Recipe
 from autopeft.errors import ExportError
 from autopeft.exporting.checks import check_exportable
 from autopeft.searching.runs import RUNS_DIR, TRAINED_ON_FILE, kept_dir, pick_point, settings_of, write_json
-from autopeft.training.trainer import is_trained_folder, train_and_save
+from autopeft.training.saved import is_trained_folder
+from autopeft.training.trainer import train_and_save
 
 
 @dataclass
@@ -172,7 +173,7 @@ def trained_source(search: str | Path, pick: str = "best", output_dir: str | Pat
     """The trained-weights folder of a search point (training it first when needed) and its provenance.
 
     Checks that the point can be exported as ``fmt`` *before* training. The weights go to
-    ``<search>/trained/<trial id>/`` (autopeft's format, :func:`autopeft.training.trainer.save_trained`) and are
+    ``<search>/trained/<trial id>/`` (autopeft's format, :func:`autopeft.training.saved.save_trained`) and are
     reused when that folder already holds the same recipe. ``data_dir`` defaults to the search's own.
     ``train_with(recipe, data_dir=, output_dir=, log=)`` trains it (default
     :func:`autopeft.training.trainer.train_and_save`; :func:`autopeft.api.export` passes :func:`autopeft.api.train`).

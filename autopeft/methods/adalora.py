@@ -34,7 +34,7 @@ sensitivity uses the weights at which the gradient was taken. The training loop
 (:func:`autopeft.training.trainer.run_trial`) calls :meth:`ComposedModel.after_step` after every optimiser step and
 sets ``model.total_steps`` (its schedule length), which is used when ``total_step`` is not given.
 
-Saved state (:func:`autopeft.training.trainer.save_trained` / ``load_trained``): besides P, E, Q, the rank
+Saved state (:func:`autopeft.training.saved.save_trained` / ``load_trained``): besides P, E, Q, the rank
 allocation is part of a trained adapter: every :class:`SVDLinear`'s ``rank_mask`` and the component's
 :class:`AdaLoraState` (``model.extras["adalora_state_<i>"]``: the optimiser steps the allocator has
 taken) are persistent buffers, saved and restored with the weights. A reloaded adapter therefore

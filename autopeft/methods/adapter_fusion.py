@@ -5,7 +5,7 @@ arXiv:2005.00247, section 3.2, eq. (3)-(6). Two stages:
 
 1. *knowledge extraction*: one Pfeiffer adapter per source task, each trained on its own (ordinary
    ``adapter`` recipes, ``placement: serial``; see :func:`autopeft.training.fusion.train_adapters`) and saved
-   with :func:`autopeft.training.trainer.save_trained`;
+   with :func:`autopeft.training.saved.save_trained`;
 2. *knowledge composition* (this method): the recipe lists the stage-1 folders in ``adapters``; their
    adapter weights are loaded, frozen, into the serial slot of the same sublayers (the FFN for the
    Pfeiffer placement), and every such sublayer gets a fusion layer ``Psi_l`` with ``Q_l, K_l, V_l``
@@ -64,7 +64,7 @@ class AdapterFusionConfig(MethodConfig):
     """AdapterFusion (stage 2) hyperparameters.
 
     Attributes:
-        adapters: folders written by :func:`autopeft.training.trainer.save_trained` for stage-1 ``adapter``
+        adapters: folders written by :func:`autopeft.training.saved.save_trained` for stage-1 ``adapter``
             recipes (absolute paths, or relative to the working directory).
         names: slot names of the loaded adapters (default: each stage-1 recipe's task, made unique).
         sublayers: restrict fusion to these sublayers (default: wherever the stage-1 adapters sit).

@@ -156,7 +156,7 @@ class BackboneLimits:
 
 @dataclass(frozen=True)
 class TrainedFolder:
-    """A folder written by :func:`autopeft.training.trainer.save_trained` that a component reads (AdapterFusion's
+    """A folder written by :func:`autopeft.training.saved.save_trained` that a component reads (AdapterFusion's
     stage-one adapters), as :meth:`autopeft.composition.model.ComposedModel.trained_folder` hands it to a method:
     methods never read files themselves; the edge that builds the model reads them.
 

@@ -68,7 +68,7 @@ class PrefixEncoder(nn.Module):
         self.projection = False
 
     def adapt_to_saved(self, prefix: str, tensors: dict[str, torch.Tensor]) -> None:
-        """Called by :func:`autopeft.training.trainer.load_trained` before loading ``tensors``: if they hold the
+        """Called by :func:`autopeft.training.saved.load_trained` before loading ``tensors``: if they hold the
         table of an encoder saved after :meth:`freeze_to_table` (``<prefix>embedding.weight`` of shape
         (P, L * 2 * d), no MLP), freeze this one to a table too, so the saved tensors fit."""
         table = tensors.get(prefix + "embedding.weight")

@@ -50,7 +50,8 @@ def score_front_on_test(front: list[dict], search_dir: str | Path, data_dir: str
         ``front``, the same list, its rows updated.
     """
     from autopeft.composition.recipe import Recipe
-    from autopeft.training.trainer import is_trained_folder, load_trained, score_test
+    from autopeft.training.saved import is_trained_folder, load_trained
+    from autopeft.training.scoring import score_test
 
     for row in front:
         folder = kept_dir(search_dir, row["trial_id"])

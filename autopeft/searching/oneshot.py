@@ -242,7 +242,8 @@ def _read_importance(model, recipe: Recipe, gates: dict[str, list[str]], data_di
     """Mean gate value per component over the first batches of the eval split (dev in a search), in eval mode."""
     from autopeft.backbones import load_tokenizer
     from autopeft.composition.gates import Gate
-    from autopeft.training.trainer import Batches, trial_splits
+    from autopeft.training.batches import Batches
+    from autopeft.training.scoring import trial_splits
 
     modules = {n: m for n, m in model.named_modules() if isinstance(m, Gate)}
     expected = {n for names in gates.values() for n in names}

@@ -1,7 +1,7 @@
 """The two stages of AdapterFusion (Pfeiffer et al., arXiv:2005.00247, section 3) as Python calls.
 
 Stage 1 (:func:`train_adapters`): one serial Pfeiffer adapter per source task, each trained alone
-with :func:`autopeft.training.trainer.run_trial` and saved with :func:`autopeft.training.trainer.save_trained` to
+with :func:`autopeft.training.trainer.run_trial` and saved with :func:`autopeft.training.saved.save_trained` to
 ``<out_dir>/<task>/``. Stage 2 (:func:`stage2_recipe`, whose ``.save(path)``
 writes it as YAML, and :func:`train_fusion`): a recipe whose first component is ``adapter_fusion`` listing those folders
 (absolute paths), trained on the target task. A stage-2 model saved with ``save_trained`` holds only
@@ -103,7 +103,8 @@ def train_adapters(tasks: Sequence[str], base_recipe: RecipeLike = None, out_dir
         ValueError: no task, or a task listed twice.
         RecipeError, TaskError, CompositionError: bad recipe, task or data.
     """
-    from autopeft.training.trainer import run_trial, save_trained
+    from autopeft.training.saved import save_trained
+    from autopeft.training.trainer import run_trial
 
     if not tasks:
         raise ValueError("train_adapters needs at least one task")
@@ -190,7 +191,8 @@ def train_fusion(adapters: Sequence[str | Path], task: str, out_dir: str | Path,
     Raises:
         as :func:`stage2_recipe` and :func:`autopeft.training.trainer.run_trial`.
     """
-    from autopeft.training.trainer import run_trial, save_trained
+    from autopeft.training.saved import save_trained
+    from autopeft.training.trainer import run_trial
 
     recipe = stage2_recipe(adapters, task, base_recipe, **fusion_options)
     check_recipe(recipe, for_training=True)
