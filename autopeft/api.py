@@ -222,11 +222,6 @@ def search(task: str = "sst2", budget: str | Budget = "0.5%", backbone: str | di
         reference: ``"full"``: after the search, train full fine-tuning at the top fidelity on the same
             splits and report its dev and test scores beside the front (:func:`autopeft.searching.final.train_reference`).
 
-    Splits: trials train on train less a seeded, stratified **dev** split
-    (:func:`autopeft.data.tasks.default_dev_examples` rows) and are scored on dev; every search decision
-    reads dev only. The task's validation split is the **test** split (user data without one: its
-    seeded held-out part), read once after the search, for the front's kept models
-    (:mod:`autopeft.searching.final`). The sizes are in ``search.json`` (``splits``) and on the MLflow parent run.
         resume: continue the interrupted search ``name`` in ``output_dir`` (the same options, except
             resources; or use :func:`resume`): finished trials are kept with their ids and scores, the
             trial that was running is re-run from the start under its id, the sampler and scheduler
@@ -236,6 +231,12 @@ def search(task: str = "sst2", budget: str | Budget = "0.5%", backbone: str | di
             of user data (defaults ``text`` or ``sentence``, and ``label``).
         metric: the metric to maximise (default: the task's first; user data: ``accuracy`` for
             classes, ``pearson`` for regression; also ``f1_macro``, ``mcc``, ``spearman``).
+
+    Splits: trials train on train less a seeded, stratified **dev** split
+    (:func:`autopeft.data.tasks.default_dev_examples` rows) and are scored on dev; every search decision
+    reads dev only. The task's validation split is the **test** split (user data without one: its
+    seeded held-out part), read once after the search, for the front's kept models
+    (:mod:`autopeft.searching.final`). The sizes are in ``search.json`` (``splits``) and on the MLflow parent run.
 
     Raises:
         BudgetError, TaskError, BackboneError, SearchSpaceError, SearcherError: bad input, before
