@@ -189,7 +189,8 @@ def search(task: str = "sst2", budget: str | Budget = "0.5%", backbone: str | di
 
     (Its body stays one sequence, longer than most: the checks in the order they fail, then the
     folder, MLflow run and heartbeat that two ``try`` blocks must end whatever happens; the steps that
-    stand alone are the ``_search_space`` ... ``_front_of`` helpers below it.)
+    stand alone are the ``_search_space`` ... ``_finish_front`` helpers below it; the front itself is
+    :func:`autopeft.searching.pareto.search_front`.)
 
     Args:
         task: a built-in task name (GLUE, ``mnli``/``mnli-mm``, ``qqp``, ``superglue-boolq``/``-cb``/``-rte``),
@@ -250,7 +251,7 @@ def search(task: str = "sst2", budget: str | Budget = "0.5%", backbone: str | di
             search (:mod:`autopeft.searching.interrupt`).
     """
     from autopeft.backbones import load_config
-    from autopeft.searching.pareto import front_hypervolume
+    from autopeft.searching.pareto import front_hypervolume, search_front
     from autopeft.searching.tune import TuneSettings, run_tune
     from autopeft.data.tasks import get_task, resolve_data_dir
     from autopeft.data.userdata import resolve_task
@@ -352,7 +353,7 @@ def search(task: str = "sst2", budget: str | Budget = "0.5%", backbone: str | di
     try:  # the results: a failure here still ends the parent run and the heartbeat
         trials_out = [r.as_dict() for r in records.values()]
         top = sp.fidelity.max_train_examples
-        front = _front_of(records, top, limit)
+        front = search_front(records, top, limit)
         hv = front_hypervolume(front, limit)  # of the dev scores: what the search optimised
         _finish_front(front, out, base, str(root) if root else None, confirm_seeds, reference, tracker, progress)
         _write_results(out, trials_out, front, task_obj.metric, limit, settings["rungs"])
@@ -500,18 +501,6 @@ def _start_points(sp, one_shot: bool, resumed: bool, out: Path, base: dict[str, 
                                          "examples": shot.examples, "wall_time_s": shot.wall_time_s})
         start_points += shot.proposals
     return start_points
-
-
-def _front_of(records: dict, top: int, limit: int) -> list[dict[str, Any]]:
-    """The Pareto front of the finished trials' rows at the top fidelity ``top`` within ``limit``."""
-    from autopeft.searching.pareto import pareto_front
-
-    candidates = []
-    for r in records.values():
-        row = r.row_at(top)
-        if row is not None and r.status == "finished" and row["trainable_params"] <= limit and is_finite(row.get("score")):
-            candidates.append({"trial_id": r.trial_id, **row, "recipe": r.recipe})
-    return [candidates[i] for i in pareto_front(candidates)]
 
 
 def _interrupted(exc: KeyboardInterrupt, out: Path, tracker, beacon):
@@ -732,7 +721,8 @@ def predict(trained: str | Path, texts, device: str | None = None, batch_size: i
     """
     from autopeft.backbones import load_tokenizer
     from autopeft.data.tasks import Split, get_task
-    from autopeft.training.batches import Batches, pick_device
+    from autopeft.training.batches import Batches
+    from autopeft.training.setup import pick_device
     from autopeft.training.saved import load_trained
     from autopeft.training.scoring import predict_ids
 

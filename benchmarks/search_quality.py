@@ -958,7 +958,8 @@ def predict_test(model, recipe, data_dir: str) -> dict[str, Any]:
     by the recipe's seed)."""
     from autopeft.backbones import load_tokenizer
     from autopeft.data.tasks import get_task, load_split
-    from autopeft.training.batches import Batches, pick_device
+    from autopeft.training.batches import Batches
+    from autopeft.training.setup import pick_device
     from autopeft.training.scoring import predict_ids
     from autopeft.data.uncertainty import bootstrap_ci
 

@@ -168,6 +168,39 @@ def test_lora_over_a_quantised_base_refuses_to_merge():
         merge_lora(model)
 
 
+@pytest.mark.parametrize("component", [{"method": "lora", "r": 2}, {"method": "adalora", "init_r": 4, "target_r": 2,
+                                                                        "total_step": 10}], ids=["lora", "adalora"])
+def test_merged_weight_is_the_one_merge_formula(component):
+    """``merged_weight`` is ``W0 + Delta W`` and leaves the base as it is; ``merge`` writes exactly it."""
+    from autopeft.methods.lora import LinearWrapper
+
+    model = build_model(tiny_recipe([component]))
+    perturb(model)
+    wrapper = next(m for m in model.modules() if isinstance(m, LinearWrapper))
+    w0 = wrapper.base_layer.weight.detach().clone()
+    merged = wrapper.merged_weight()
+    assert torch.equal(merged, w0 + wrapper.delta_weight().detach())
+    assert not torch.equal(merged, w0) and torch.equal(wrapper.base_layer.weight, w0)
+    wrapper.merge()
+    assert torch.equal(wrapper.base_layer.weight, merged)
+
+
+def test_a_non_finite_update_neither_merges_nor_exports_merged(tmp_path):
+    from autopeft.exporting.hf_export import ExportError, _write_merged
+    from autopeft.methods.lora import LinearWrapper
+
+    recipe = tiny_recipe([{"method": "lora", "r": 2}])
+    model = build_model(recipe)
+    wrapper = next(m for m in model.modules() if isinstance(m, LinearWrapper))
+    with torch.no_grad():
+        wrapper.lora_B.weight.fill_(float("inf"))
+    with pytest.raises(RuntimeError, match="non-finite weights; the adapter is left unmerged"):
+        wrapper.merge()
+    assert not wrapper.merged and torch.isfinite(wrapper.base_layer.weight).all()
+    with pytest.raises(ExportError, match=r"^bert\.encoder\.layer\.0\.\S+: merging LoraLinear gave non-finite weights$"):
+        _write_merged(model, recipe, tmp_path / "merged")
+
+
 def test_loading_a_recipe_file_checks_the_composition(tmp_path):
     from autopeft.composition.recipe import load_recipe
 

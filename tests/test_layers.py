@@ -23,7 +23,7 @@ LAYERS = {
     "autopeft.methods": 2,
     # 3 composition (recipe, model)
     "autopeft.composition": 3,
-    # 4 training (trainer, fusion)
+    # 4 training (trainer, batches, scoring, setup, saved, fusion)
     "autopeft.training": 4,
     # 5 search (space, searchers, tune, ..., the run folder, progress, MLflow)
     "autopeft.searching": 5,

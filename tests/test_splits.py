@@ -360,3 +360,12 @@ def test_every_report_formats_a_score_and_its_interval_one_way():
     assert fmt_ci(None) == fmt_ci(float("nan"), 0.1, 0.2) == fmt_ci(float("inf")) == fmt_ci(True) == "n/a"
     row = {"score": 0.8, "score_low": 0.7, "score_high": 0.9, "test_score": float("inf"), "test_low": 0.1}
     assert (_fmt_ci(row, "score"), _fmt_ci(row, "test")) == ("0.8000 [0.7000, 0.9000]", "n/a")  # was "inf"
+
+
+def test_the_tune_loop_refuses_trials_without_a_dev_split():
+    """Trials scored without ``dev`` would read the validation split, the search's test split: refused
+    before Ray starts (``api.search`` always sets it; this guards any other caller of the loop)."""
+    from autopeft.searching.tune import run_tune
+
+    with pytest.raises(ValueError, match=r"no dev split|would read the test split"):
+        run_tune(None, {"task": "sst2", "dev": None}, 1000, None, None)

@@ -62,7 +62,7 @@ class TrainingConfig(BaseModel):
     warmup_ratio: float = Field(0.06, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     max_seq_length: int = Field(128, ge=8)
-    #: Batches of examples of similar length (seeded; see ``trainer.length_grouped_order``): far less
+    #: Batches of examples of similar length (seeded; see ``autopeft.training.batches.length_grouped_order``): far less
     #: padding, so 2-3x faster steps on short-sentence tasks such as SST-2.
     group_by_length: bool = True
     max_eval_examples: int | None = Field(None, ge=1)

@@ -233,9 +233,10 @@ def _write_merged(model, recipe: Recipe, out: Path) -> list[str]:
     with torch.no_grad():
         for path, wrapper in parts.wrappers.items():
             base = backbone.get_submodule(path)
-            merged = wrapper.base_layer.weight.detach() + wrapper.delta_weight().detach().to(base.weight.dtype)
-            if not torch.isfinite(merged).all():
-                raise ExportError(f"merging {path} gave non-finite weights")
+            try:
+                merged = wrapper.merged_weight().to(base.weight.dtype)
+            except RuntimeError as exc:
+                raise ExportError(f"{path}: {exc}") from None
             base.weight.copy_(merged.T if _is_conv1d(base) else merged)  # (d_out, d_in); Conv1D (d_in, d_out)
     backbone.save_pretrained(str(out))
     if pooling_blocker(recipe) is not None:

@@ -102,11 +102,26 @@ class LinearWrapper(nn.Module):
         if self.merged:
             return
         self._check_mergeable()
-        merged = self.base_layer.weight.data + self.delta_weight().detach().to(self.base_layer.weight.dtype)
-        if not torch.isfinite(merged).all():
-            raise RuntimeError(f"merging {type(self).__name__} gave non-finite weights; the adapter is left unmerged")
+        try:
+            merged = self.merged_weight()
+        except RuntimeError as exc:
+            raise RuntimeError(f"{exc}; the adapter is left unmerged") from None
         self.base_layer.weight.data = merged
         self.merged = True
+
+    def merged_weight(self) -> torch.Tensor:
+        """``W0 + Delta W`` (d_out, d_in), detached, in the base weight's dtype; the base layer is left as
+        it is. The one merge formula: :meth:`merge` writes it in place, the merged export
+        (:mod:`autopeft.exporting.hf_export`) into a fresh backbone. Hu et al., arXiv:2106.09685, section 4.2.
+
+        Raises:
+            RuntimeError: the result is not finite.
+        """
+        w = self.base_layer.weight.detach()
+        merged = w + self.delta_weight().detach().to(w.dtype)
+        if not torch.isfinite(merged).all():
+            raise RuntimeError(f"merging {type(self).__name__} gave non-finite weights")
+        return merged
 
     def unmerge(self) -> None:
         """Undo :meth:`merge` (``W -= Delta W``)."""

@@ -42,6 +42,20 @@ def pareto_front(rows: Sequence[dict], objectives=OBJECTIVES) -> list[int]:
     return [valid[i] for i in sorted(keep, key=lambda i: tuple(pts[i]))]
 
 
+def search_front(records: dict, top: int, limit: int) -> list[dict]:
+    """The Pareto front a search reports: of every trial record (``trial id -> TrialRecord``) that
+    ``finished``, its row at the top fidelity ``top`` (training examples) when that row's trainable
+    parameters are within ``limit`` and its dev score is finite; then :func:`pareto_front` of those
+    rows. Each returned row carries ``trial_id`` and ``recipe``. Rows of lower rungs, stopped, failed,
+    rejected and over-budget trials never enter it."""
+    candidates = []
+    for r in records.values():
+        row = r.row_at(top)
+        if row is not None and r.status == "finished" and row["trainable_params"] <= limit and is_finite(row.get("score")):
+            candidates.append({"trial_id": r.trial_id, **row, "recipe": r.recipe})
+    return [candidates[i] for i in pareto_front(candidates)]
+
+
 def hypervolume(points_min: np.ndarray, reference: Sequence[float]) -> float:
     """Exact hypervolume of ``points_min`` (n, k), all objectives minimised, w.r.t. ``reference`` (k,).
 

@@ -302,7 +302,12 @@ def run_tune(space: SearchSpace, base: dict[str, Any], param_limit: int, setting
         SearchInterrupted: SIGINT (Ctrl-C) or SIGTERM while the trials ran: the running trials are
             recorded ``interrupted`` (their MLflow runs and the parent ended ``KILLED``), the resume
             checkpoint and ``trials.json`` written; ``recorded`` is true (:mod:`autopeft.searching.interrupt`).
+        ValueError: ``base`` has no ``dev`` split: its trials would be scored on the task's validation
+            split, which is the search's untouched test split.
     """
+    if not base.get("dev"):
+        raise ValueError("a search's trials are scored on a dev split carved from train, and base has none "
+                         "(base['dev']): they would read the test split")
     import optuna
     from ray import tune
     from ray.tune.logger import JsonLoggerCallback

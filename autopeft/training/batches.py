@@ -19,13 +19,6 @@ import torch
 from autopeft.data.tasks import Split
 
 
-def pick_device(device: str | None = None) -> torch.device:
-    """``device`` if given, else CUDA when available, else CPU."""
-    if device:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 #: Environment variable naming the token cache folder (default ``~/.cache/autopeft/tokens``).
 CACHE_ENV = "AUTOPEFT_CACHE_DIR"
 #: Examples per length-sorted mega-batch, in batches (``group_by_length`` in transformers uses 50).

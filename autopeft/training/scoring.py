@@ -15,7 +15,8 @@ import torch
 from autopeft.composition.model import ComposedModel
 from autopeft.composition.recipe import Recipe
 from autopeft.data.tasks import Split, Task, get_task, load_split
-from autopeft.training.batches import Batches, pick_device
+from autopeft.training.batches import Batches
+from autopeft.training.setup import pick_device
 
 
 @torch.no_grad()

@@ -1,5 +1,6 @@
 """What a built model gets before its first training step, from its recipe's ``training`` settings:
-gradient checkpointing, the frozen backbone's dropout, and the precision (stored dtypes and autocast).
+the device it runs on, gradient checkpointing, the frozen backbone's dropout, and the precision
+(stored dtypes and autocast).
 
 The trainer applies them to every trial, and :func:`autopeft.training.saved.load_trained` applies the
 precision to a model read back, so it scores as it was trained.
@@ -12,6 +13,13 @@ import torch
 from autopeft.backbones.precision import cast_for_training, compute_dtype, resolve_precision
 from autopeft.composition.model import ComposedModel
 from autopeft.composition.recipe import Recipe
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    """``device`` if given, else CUDA when available, else CPU."""
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 #: Backbone size (parameters) from which ``training.gradient_checkpointing: null`` turns checkpointing on.

@@ -6,7 +6,8 @@ trial's score. Methods that act during training plug in through ``ComposedModel.
 loss) and ``ComposedModel.after_step`` (e.g. AdaLoRA's rank allocation): no user call is needed.
 
 Peak training memory (bytes):
-* on CUDA, ``torch.cuda.max_memory_allocated`` over the training steps;
+* on CUDA, ``torch.cuda.max_memory_allocated`` over the training steps (the peak counter is read before
+  each rung's evaluation and reset after it, so scoring never sets the peak);
 * on CPU, a deterministic account: parameter bytes as stored + gradient bytes + optimiser-state
   bytes + the peak, over steps, of the bytes of distinct tensors saved for backward (measured with
   ``torch.autograd.graph.saved_tensors_hooks``).
@@ -32,12 +33,12 @@ from autopeft.data.tasks import Split, get_task
 # user code and saved scripts that import them from ``autopeft.training.trainer`` keep working.
 from autopeft.training.batches import (  # noqa: F401
     CACHE_ENV, MEGABATCH_MULT, TOKEN_CACHE_VERSION, Batches, Encoded, encode_split, length_grouped_order,
-    padding_fraction, pick_device, token_cache_dir, token_cache_key, tokenizer_fingerprint, train_order)
+    padding_fraction, token_cache_dir, token_cache_key, tokenizer_fingerprint, train_order)
 from autopeft.training.saved import is_trained_folder, load_trained, save_trained  # noqa: F401
 from autopeft.training.scoring import (  # noqa: F401
     Scored, evaluate, predict_ids, score_split, score_test, trial_splits)
 from autopeft.training.setup import (  # noqa: F401
-    CHECKPOINTING_FROM, set_backbone_dropout, set_gradient_checkpointing, set_precision)
+    CHECKPOINTING_FROM, pick_device, set_backbone_dropout, set_gradient_checkpointing, set_precision)
 
 
 @dataclass
@@ -202,7 +203,7 @@ def run_trial(recipe: Recipe, data_dir: str | Path | None = None, rungs: list[in
     model.train()
     history: list[dict] = []
     train_time = eval_time = 0.0
-    seen = step = 0
+    seen = step = cuda_peak = 0
     result: TrialResult | None = None
     setup_time = time.perf_counter() - t_start
     for milestone in milestones:
@@ -231,12 +232,16 @@ def run_trial(recipe: Recipe, data_dir: str | Path | None = None, rungs: list[in
             if on_step is not None:
                 on_step(seen, loss_value, train_time + time.perf_counter() - t0)
         train_time += time.perf_counter() - t0
+        if dev.type == "cuda":
+            cuda_peak = max(cuda_peak, int(torch.cuda.max_memory_allocated(dev)))
         t0 = time.perf_counter()
         top = seen >= tr.max_train_examples  # a rung within a batch of the top ends there: scored as the top
         scored = score_split(model, task, val_b if top or rung_b is None else rung_b, tr.eval_batch_size,
                              tr.max_eval_examples, seed=tr.seed)
         eval_time += time.perf_counter() - t0
-        peak = peak_memory_bytes(model, optimizer, meter, dev)
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)  # the evaluation's own peak is not training memory
+        peak = peak_memory_bytes(model, optimizer, meter, dev, cuda_peak)
         result = _rung_result(scored, counts, peak, seen, step, train_time, time.perf_counter() - t_start, history,
                               eval_name, precision, setup_time, eval_time)
         row = {k: v for k, v in result.as_dict().items()
@@ -368,10 +373,11 @@ def make_optimizer(model: ComposedModel, groups: list[dict], weight_decay: float
 
 
 def peak_memory_bytes(model: ComposedModel, optimizer: torch.optim.Optimizer, meter: _SavedTensorMeter,
-                      device: torch.device) -> int:
-    """Peak training memory in bytes (see the module docstring)."""
+                      device: torch.device, cuda_peak: int = 0) -> int:
+    """Peak training memory in bytes (see the module docstring); on CUDA ``cuda_peak``, the largest
+    ``torch.cuda.max_memory_allocated`` the training steps reached."""
     if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
+        return int(cuda_peak)
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     grads = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     state = sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values()
