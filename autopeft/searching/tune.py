@@ -437,7 +437,8 @@ def run_tune(space: SearchSpace, base: dict[str, Any], param_limit: int, setting
                 tracker.log_rung(trial.trial_id, row, int(row["examples_seen"]))
                 if row.get("precision") and len(rec.rows) == 1:
                     tracker.tag_trial(trial.trial_id, {"precision": row["precision"]})
-            say(f"trial {trial.trial_id} rung {row['examples_seen']:>6} examples: score={row['score']:.4f} "
+            scored_on = f" ({row['eval_examples']:,} dev)" if row.get("eval_examples") else ""
+            say(f"trial {trial.trial_id} rung {row['examples_seen']:>6} examples: score={row['score']:.4f}{scored_on} "
                 f"params={row['trainable_params']:,} mem={row['peak_memory_bytes'] / 2**20:.0f}MiB")
 
         def on_trial_complete(self, iteration, trials, trial, **info):
