@@ -134,13 +134,9 @@ def search_status(folder: str | Path, now: float | None = None) -> SearchStatus:
 def _metric_name(settings: dict) -> str:
     """The task's selection metric (``accuracy``, ``pearson``, ...), from ``search.json``'s ``task``
     (a built-in name or a user-data spec); ``score`` when it cannot be told."""
-    from autopeft.data.tasks import get_task
-    from autopeft.errors import AutopeftError
+    from autopeft.data.tasks import metric_name
 
-    try:
-        return get_task(settings["task"]).metric
-    except (AutopeftError, KeyError, TypeError, ValueError):
-        return "score"
+    return metric_name(settings.get("task"))
 
 
 def format_status(st: SearchStatus) -> list[str]:

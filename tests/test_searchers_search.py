@@ -215,8 +215,8 @@ def test_a_space_of_two_configurations_trains_each_once(tmp_path, monkeypatch):
     # every point sampled (2 x 2, the adapter's reduction factor never reaching a recipe): ended, not spinning
     assert any("the searcher stopped: all 4 points of the space were sampled" in n for n in notes), notes
     # each rung line says how many dev examples its score read (48: max_eval_examples, under the rung sample)
-    rung_lines = [n for n in notes if " rung " in n and "score=" in n]
-    assert rung_lines and all(re.search(r"examples: score=\d\.\d{4} \(48 dev\) params=", n) for n in rung_lines), rung_lines
+    rung_lines = [n for n in notes if " rung " in n and "examples: " in n]
+    assert rung_lines and all(re.search(r"examples: accuracy=\d\.\d{4} \(48 dev\) params=", n) for n in rung_lines), rung_lines
     saved = json.loads((tmp_path / "runs" / "two" / "result.json").read_text())
     assert saved["counts"]["duplicate"] == len(dups)
     # where the wall time went: the trials' own clocks summed, the driver's phases inside the wall

@@ -124,6 +124,18 @@ DEV_MAX_EXAMPLES = 2000
 DEV_MIN_EXAMPLES = 100
 
 
+def metric_name(task) -> str:
+    """The selection metric's name of ``task`` (a built-in name or a user-data spec, as ``search.json``
+    records it): ``accuracy``, ``pearson``, ``mcc``, ...; ``score`` when it cannot be told (an unknown
+    task or a malformed spec). For messages: never raises."""
+    from autopeft.errors import AutopeftError
+
+    try:
+        return get_task(task).metric
+    except (AutopeftError, KeyError, TypeError, ValueError):
+        return "score"
+
+
 def default_dev_examples(n_train: int) -> int:
     """Rows of train to carve as dev: ``clip(round(0.1 n), 100, 2000)``, at most ``n // 2``.
 

@@ -308,6 +308,9 @@ def run_tune(space: SearchSpace, base: dict[str, Any], param_limit: int, setting
     if not base.get("dev"):
         raise ValueError("a search's trials are scored on a dev split carved from train, and base has none "
                          "(base['dev']): they would read the test split")
+    from autopeft.data.tasks import metric_name
+
+    metric = metric_name(base.get("task"))  # named in the rung lines (accuracy=, mcc=, pearson=, ...)
     import optuna
     from ray import tune
     from ray.tune.logger import JsonLoggerCallback
@@ -438,7 +441,7 @@ def run_tune(space: SearchSpace, base: dict[str, Any], param_limit: int, setting
                 if row.get("precision") and len(rec.rows) == 1:
                     tracker.tag_trial(trial.trial_id, {"precision": row["precision"]})
             scored_on = f" ({row['eval_examples']:,} dev)" if row.get("eval_examples") else ""
-            say(f"trial {trial.trial_id} rung {row['examples_seen']:>6} examples: score={row['score']:.4f}{scored_on} "
+            say(f"trial {trial.trial_id} rung {row['examples_seen']:>6} examples: {metric}={row['score']:.4f}{scored_on} "
                 f"params={row['trainable_params']:,} mem={row['peak_memory_bytes'] / 2**20:.0f}MiB")
 
         def on_trial_complete(self, iteration, trials, trial, **info):
