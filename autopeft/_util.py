@@ -2,6 +2,7 @@
 
 * :func:`is_finite`: is a JSON value a real, finite number (scores, parameter counts, memory).
 * :func:`read_yaml`: parse a YAML file, a syntax error raised as the caller's own one-line error.
+* :func:`validation_message`: every field a pydantic validation found bad, in one line.
 """
 
 from __future__ import annotations
@@ -11,6 +12,17 @@ from pathlib import Path
 from typing import Any
 
 from autopeft.errors import first_line
+
+
+def validation_message(exc: Any, prefix: str = "", whole: str = "") -> str:
+    """One line naming every field a pydantic ``ValidationError`` found bad, in its order:
+    ``<prefix><field.path>: <message>`` joined by ``"; "`` (``whole`` stands for the path of an error
+    about the whole object). A user fixing a file sees every bad field at once, not one per try."""
+    parts = []
+    for e in exc.errors():
+        where = ".".join(str(x) for x in e["loc"]) or whole
+        parts.append(f"{prefix}{where}: {e['msg'].removeprefix('Value error, ')}")
+    return "; ".join(parts)
 
 
 def is_finite(x: Any) -> bool:

@@ -406,3 +406,30 @@ def test_the_summary_says_which_trials_the_time_budget_cut(tmp_path, capsys):
     cli._print_front(result)
     out = capsys.readouterr().out
     assert "trials: 1 finished, 2 stopped_early (1 cut by the time budget, at 20,000 examples); hypervolume" in out
+
+
+def test_a_recipe_error_names_every_bad_field_in_one_line(tmp_path):
+    """A recipe with four bad fields: one line naming all four, not the first one per try."""
+    bad = {"backbone": MINILM, "task": "sst2", "components": [{"method": "lora", "r": -4, "bogus": 1}],
+           "training": {"learning_rate": -1, "batch_size": 0}}
+    with pytest.raises(RecipeError) as err:
+        recipe_from_dict(bad)
+    assert str(err.value) == ("components: [0] lora.r: Input should be greater than or equal to 1; "
+                              "[0] lora.bogus: Extra inputs are not permitted; "
+                              "training.learning_rate: Input should be greater than 0; "
+                              "training.batch_size: Input should be greater than or equal to 1")
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(bad))
+    res = runner.invoke(app, ["count", str(tmp_path / "r.yaml")])
+    assert res.exit_code == 2 and len(res.output.strip().splitlines()) == 1, res.output
+    assert "lora.bogus" in res.output and "training.batch_size" in res.output
+
+
+@pytest.mark.parametrize("task, msg", [
+    ({"name": "x", "source": "a.csv", "text_columns": ["t"], "labels": ["a", "b"], "regression": "maybe"},
+     "task: regression: Input should be a valid boolean, unable to interpret input"),
+    (5, "task: a task name or a task spec mapping, got int 5"),
+])
+def test_a_bad_task_spec_names_the_spec_field_not_the_union_member(task, msg):
+    with pytest.raises(RecipeError) as err:
+        recipe_from_dict({"backbone": MINILM, "task": task, "components": []})
+    assert str(err.value) == msg

@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationErr
 
 from autopeft.methods.base import MethodConfig, parse_component, spec_of
 from autopeft.data.tasks import DevSplit, TaskSpec
-from autopeft._util import read_yaml, require_file
+from autopeft._util import read_yaml, require_file, validation_message
 from autopeft.errors import AutopeftError, CompositionError
 
 
@@ -135,10 +135,22 @@ class Recipe(BaseModel):
             try:
                 out.append(parse_component(c))
             except ValidationError as exc:
-                err = exc.errors()[0]
-                where = ".".join(str(x) for x in err["loc"])
-                raise ValueError(f"[{i}] {c.get('method')}.{where}: {err['msg'].removeprefix('Value error, ')}") from None
+                raise ValueError(validation_message(exc, prefix=f"[{i}] {c.get('method')}.", whole="component")) from None
         return out
+
+    @field_validator("task", mode="before")
+    @classmethod
+    def _task_spec(cls, v):
+        """A spec mapping is read as a :class:`TaskSpec` here, so its errors name the spec's fields
+        (``task: regression: ...``), not the members of the ``str | TaskSpec`` union."""
+        if isinstance(v, dict):
+            try:
+                return TaskSpec.model_validate(v)
+            except ValidationError as exc:
+                raise ValueError(validation_message(exc, whole="spec")) from None
+        if not isinstance(v, (str, TaskSpec)):
+            raise ValueError(f"a task name or a task spec mapping, got {type(v).__name__} {v!r}")
+        return v
 
     @field_validator("task")
     @classmethod
@@ -170,10 +182,7 @@ def recipe_from_dict(data: dict[str, Any]) -> Recipe:
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(x) for x in err["loc"]) or "recipe"
-        msg = err["msg"].removeprefix("Value error, ")
-        raise RecipeError(f"{where}: {msg}") from None
+        raise RecipeError(validation_message(exc, whole="recipe")) from None
     except ValueError as exc:
         raise RecipeError(str(exc)) from None
 

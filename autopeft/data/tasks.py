@@ -315,9 +315,9 @@ def get_task(name: "str | TaskSpec | dict") -> Task:
         try:
             name = TaskSpec.model_validate(name)
         except ValidationError as exc:
-            e = exc.errors()[0]
-            raise TaskError(f"task.{'.'.join(str(x) for x in e['loc']) or 'spec'}: "
-                            f"{e['msg'].removeprefix('Value error, ')}") from None
+            from autopeft._util import validation_message
+
+            raise TaskError(validation_message(exc, prefix="task.", whole="spec")) from None
     if isinstance(name, TaskSpec):
         return _task_of_spec(name)
     key = _key(name)
