@@ -13,6 +13,11 @@ package: ``autopeft.hpo.X`` is ``autopeft.searching.X``) with the real module it
 * nothing is imported until an old name is.
 
 The package's own code imports the new paths only; this table is for code outside it.
+
+A name that later moved out of a module stays importable from it (``autopeft.training.trainer`` re-exports
+what moved to ``batches``, ``scoring``, ``setup`` and ``saved``), but patch a name where it is defined:
+``mock.patch("autopeft.training.saved.load_trained")`` reaches its callers, a patch of the re-exported
+``autopeft.trainer.load_trained`` does not.
 """
 
 from __future__ import annotations

@@ -183,6 +183,19 @@ def test_merged_weight_is_the_one_merge_formula(component):
     assert not torch.equal(merged, w0) and torch.equal(wrapper.base_layer.weight, w0)
     wrapper.merge()
     assert torch.equal(wrapper.base_layer.weight, merged)
+    assert torch.equal(wrapper.merged_weight(), merged)  # merged already: the base weight is the sum (not W0 + 2 dW)
+
+
+def test_merged_weight_of_a_bf16_base_adds_in_float32_and_rounds_once():
+    from autopeft.methods.lora import LinearWrapper
+
+    model = build_model(tiny_recipe([{"method": "lora", "r": 2}]))
+    perturb(model)
+    wrapper = next(m for m in model.modules() if isinstance(m, LinearWrapper))
+    wrapper.base_layer.weight.data = wrapper.base_layer.weight.data.to(torch.bfloat16)
+    exact = wrapper.base_layer.weight.float() + wrapper.delta_weight().detach().float()
+    assert torch.equal(wrapper.merged_weight(torch.float32), exact)
+    assert torch.equal(wrapper.merged_weight(), exact.to(torch.bfloat16))
 
 
 def test_a_non_finite_update_neither_merges_nor_exports_merged(tmp_path):

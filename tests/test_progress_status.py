@@ -156,7 +156,8 @@ def test_status_of_a_running_search(tmp_path):
     assert lines[1] == "trials: 5 (2 finished, 1 over_budget, 1 running, 1 stopped_early)"
     # the task's metric by name (was always "score=": search.json holds the task, not the metric)
     assert lines[2] == "best at the top fidelity: trial b accuracy=0.8400 (90,000 trainable parameters)"
-    for task, metric in (("stsb", "pearson"), ("cola", "mcc"), ("no-such-task", "score")):
+    for task, metric in (("stsb", "pearson"), ("cola", "mcc"), ("no-such-task", "score"), (None, "score"), (5, "score"),
+                         (["x"], "score"), ({"name": "x", "source": "a.csv"}, "score")):
         st.settings["task"] = task
         assert format_status(st)[2].startswith(f"best at the top fidelity: trial b {metric}=0.8400"), task
     assert lines[3].startswith("running: trial d 640/3,000 examples, rung 2/3, loss 0.4321, updated ")

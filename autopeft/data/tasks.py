@@ -130,9 +130,11 @@ def metric_name(task) -> str:
     task or a malformed spec). For messages: never raises."""
     from autopeft.errors import AutopeftError
 
+    if not isinstance(task, (str, dict, TaskSpec)):  # absent (None) or not a task at all
+        return "score"
     try:
         return get_task(task).metric
-    except (AutopeftError, KeyError, TypeError, ValueError):
+    except (AutopeftError, AttributeError, KeyError, TypeError, ValueError):
         return "score"
 
 
@@ -317,7 +319,7 @@ def get_task(name: "str | TaskSpec | dict") -> Task:
         except ValidationError as exc:
             from autopeft._util import validation_message
 
-            raise TaskError(validation_message(exc, prefix="task.", whole="spec")) from None
+            raise TaskError(f"task: {validation_message(exc, whole='spec')}") from None
     if isinstance(name, TaskSpec):
         return _task_of_spec(name)
     key = _key(name)

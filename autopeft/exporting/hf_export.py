@@ -227,6 +227,8 @@ def _write_peft(model, recipe: Recipe, out: Path) -> list[str]:
 
 def _write_merged(model, recipe: Recipe, out: Path) -> list[str]:
     """A fresh backbone with every trained backbone tensor copied and every LoRA-like update added."""
+    from autopeft.methods.lora import NonFiniteMergeError
+
     parts = _parts(model)
     backbone = fresh_backbone(recipe)
     _write_backbone_tensors(backbone, parts.backbone_tensors)
@@ -234,8 +236,8 @@ def _write_merged(model, recipe: Recipe, out: Path) -> list[str]:
         for path, wrapper in parts.wrappers.items():
             base = backbone.get_submodule(path)
             try:
-                merged = wrapper.merged_weight().to(base.weight.dtype)
-            except RuntimeError as exc:
+                merged = wrapper.merged_weight(base.weight.dtype)
+            except NonFiniteMergeError as exc:
                 raise ExportError(f"{path}: {exc}") from None
             base.weight.copy_(merged.T if _is_conv1d(base) else merged)  # (d_out, d_in); Conv1D (d_in, d_out)
     backbone.save_pretrained(str(out))

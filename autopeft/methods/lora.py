@@ -61,6 +61,10 @@ class MergedAdapterError(AutopeftError, RuntimeError):
     user_error = False
 
 
+class NonFiniteMergeError(RuntimeError):
+    """``W0 + Delta W`` has a NaN or an infinity (:meth:`LinearWrapper.merged_weight`)."""
+
+
 class LinearWrapper(nn.Module):
     """Base of the modules that wrap a Linear sublayer, kept as ``base_layer`` (LoRA, AdaLoRA, QLoRA).
 
@@ -104,23 +108,27 @@ class LinearWrapper(nn.Module):
         self._check_mergeable()
         try:
             merged = self.merged_weight()
-        except RuntimeError as exc:
-            raise RuntimeError(f"{exc}; the adapter is left unmerged") from None
+        except NonFiniteMergeError as exc:
+            raise NonFiniteMergeError(f"{exc}; the adapter is left unmerged") from None
         self.base_layer.weight.data = merged
         self.merged = True
 
-    def merged_weight(self) -> torch.Tensor:
-        """``W0 + Delta W`` (d_out, d_in), detached, in the base weight's dtype; the base layer is left as
-        it is. The one merge formula: :meth:`merge` writes it in place, the merged export
+    def merged_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``W0 + Delta W`` (d_out, d_in), detached, added in float32 and cast once to ``dtype`` (default:
+        the base weight's); the base layer is left as it is (already merged: its weight is the sum).
+        The one merge formula: :meth:`merge` writes it in place, the merged export
         (:mod:`autopeft.exporting.hf_export`) into a fresh backbone. Hu et al., arXiv:2106.09685, section 4.2.
 
         Raises:
-            RuntimeError: the result is not finite.
+            NonFiniteMergeError: the result is not finite.
         """
         w = self.base_layer.weight.detach()
-        merged = w + self.delta_weight().detach().to(w.dtype)
+        dtype = dtype or w.dtype
+        if self.merged:
+            return w.to(dtype)
+        merged = (w.float() + self.delta_weight().detach().float()).to(dtype)
         if not torch.isfinite(merged).all():
-            raise RuntimeError(f"merging {type(self).__name__} gave non-finite weights")
+            raise NonFiniteMergeError(f"merging {type(self).__name__} gave non-finite weights")
         return merged
 
     def unmerge(self) -> None:

@@ -159,7 +159,7 @@ def run_trial(recipe: Recipe, data_dir: str | Path | None = None, rungs: list[in
             training loss incl. regularisation, seconds of training steps so far: evaluation and setup
             excluded) — live progress (:class:`autopeft.searching.progress.TrialProgressWriter`).
         keep_dir: when the trial reaches ``recipe.training.max_train_examples``, its trained weights are
-            saved there (:func:`save_trained`) *before* that rung is reported, so a search keeps
+            saved there (:func:`autopeft.training.saved.save_trained`) *before* that rung is reported, so a search keeps
             every top-fidelity model even when the report ends the trial.
         test: after training, score the model once on the untouched test split (only meaningful
             with ``recipe.dev``: without it the test split is the split the trial was scored on).
@@ -373,11 +373,11 @@ def make_optimizer(model: ComposedModel, groups: list[dict], weight_decay: float
 
 
 def peak_memory_bytes(model: ComposedModel, optimizer: torch.optim.Optimizer, meter: _SavedTensorMeter,
-                      device: torch.device, cuda_peak: int = 0) -> int:
+                      device: torch.device, cuda_peak: int | None = None) -> int:
     """Peak training memory in bytes (see the module docstring); on CUDA ``cuda_peak``, the largest
-    ``torch.cuda.max_memory_allocated`` the training steps reached."""
+    ``torch.cuda.max_memory_allocated`` the training steps reached (``None``: the counter as it stands)."""
     if device.type == "cuda":
-        return int(cuda_peak)
+        return int(torch.cuda.max_memory_allocated(device) if cuda_peak is None else cuda_peak)
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     grads = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     state = sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values()
