@@ -131,18 +131,12 @@ def search_status(folder: str | Path, now: float | None = None) -> SearchStatus:
     return SearchStatus(folder, state, elapsed, counts, best, best_any, running, settings)
 
 
-def _metric_name(settings: dict) -> str:
-    """The task's selection metric (``accuracy``, ``pearson``, ...), from ``search.json``'s ``task``
-    (a built-in name or a user-data spec); ``score`` when it cannot be told."""
-    from autopeft.data.tasks import metric_name
-
-    return metric_name(settings.get("task"))
-
-
 def format_status(st: SearchStatus) -> list[str]:
     """The lines ``autopeft status`` prints."""
+    from autopeft.data.tasks import metric_name  # lazily: `status` stays quick to import
+
     s = st.settings
-    metric = _metric_name(s)
+    metric = metric_name(s.get("task"))
     state = (f"interrupted (the driver is gone; continue with `autopeft resume {st.path.name}`)"
              if st.state == "interrupted" else st.state)
     lines = [f"search {st.path.name}: {state}, {st.elapsed_s / 60:.1f} min; task {s.get('task')}, budget "

@@ -130,8 +130,6 @@ def metric_name(task) -> str:
     task or a malformed spec). For messages: never raises."""
     from autopeft.errors import AutopeftError
 
-    if not isinstance(task, (str, dict, TaskSpec)):  # absent (None) or not a task at all
-        return "score"
     try:
         return get_task(task).metric
     except (AutopeftError, AttributeError, KeyError, TypeError, ValueError):
