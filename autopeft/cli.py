@@ -125,7 +125,7 @@ def _parse_rung_eval_examples(value: str) -> int | None:
 def search(
     task: str = typer.Option("sst2", help="Task: a GLUE name (sst2, cola, mrpc, rte, stsb, wnli, qnli, qqp, mnli, mnli-mm), "
                              "superglue-boolq/-cb/-rte, a .csv/.tsv/.jsonl/.parquet file or folder, or hf:<dataset id>."),
-    text_columns: Optional[str] = typer.Option(None, help="Text column(s) of your data: review, or premise,hypothesis (default text or sentence)."),
+    text_columns: Optional[str] = typer.Option(None, help="Text column(s) of your data: review, or premise,hypothesis (default text, sentence, or the pair sentence1,sentence2)."),
     label_column: Optional[str] = typer.Option(None, help="Label column of your data (default label); float labels make a regression task."),
     metric: Optional[str] = typer.Option(None, help="Metric to maximise: accuracy (default for classes), f1_macro, mcc; pearson, spearman for regression."),
     budget: str = typer.Option("0.5%", help="Trainable-parameter budget without the head: 0.5%, 0.005 or 120k."),
