@@ -6,6 +6,7 @@ before anything starts; a failure during a run prints one line and exits with co
 
 from __future__ import annotations
 
+import atexit
 import json
 import math
 import os
@@ -79,13 +80,15 @@ def _run(fn, *args, **kwargs):
     except typer.Exit:
         raise
     except KeyboardInterrupt as exc:  # Ctrl-C; a search's SearchInterrupted also on SIGTERM: 128 + signal
-        from autopeft.searching.interrupt import SearchInterrupted
+        from autopeft.searching.interrupt import SearchInterrupted, exit_on_next_signal
 
-        if isinstance(exc, SearchInterrupted):
-            err.print(str(exc), markup=False, soft_wrap=True)
-            raise typer.Exit(exc.exit_code)
-        err.print("interrupted")
-        raise typer.Exit(130)
+        code = exc.exit_code if isinstance(exc, SearchInterrupted) else 130
+        # the work is saved: another Ctrl-C while the process exits ends it at once. At exit, not now: this
+        # hook runs before those registered earlier (Ray's shut-down), and a caller in this process (a test's
+        # CliRunner) keeps its own handlers
+        atexit.register(exit_on_next_signal, code)
+        err.print(str(exc) if isinstance(exc, SearchInterrupted) else "interrupted", markup=False, soft_wrap=True)
+        raise typer.Exit(code)
     except Exception as exc:  # noqa: BLE001 - one line, never a traceback
         if isinstance(exc, (ValueError, FileNotFoundError)) or (isinstance(exc, AutopeftError) and exc.user_error):
             _fail(exc, 2)

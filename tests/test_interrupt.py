@@ -264,3 +264,37 @@ def test_the_cli_maps_an_interrupted_search_to_128_plus_the_signal(monkeypatch, 
         assert res.exit_code == code
         assert res.output.strip() == (f"interrupted by {sig.name}: search s1 saved; continue it with "
                                       "`autopeft resume s1`")
+
+
+#: The CLI's ending of an interrupted search in a process whose exit is slow (an exit hook registered
+#: first, as Ray registers its shut-down): prints ``hook`` once the exit hooks run.
+SLOW_EXIT = """
+import atexit, sys, time, typer
+from pathlib import Path
+atexit.register(lambda: (print("hook", flush=True), time.sleep(60)))
+from autopeft.cli import _run
+from autopeft.searching.interrupt import SearchInterrupted
+def stopped():
+    raise SearchInterrupted(int(sys.argv[1]), Path(sys.argv[2]), recorded=True)
+try:
+    _run(stopped)
+except typer.Exit as exc:
+    sys.exit(exc.exit_code)
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_while_an_interrupted_search_exits_ends_it_with_the_code_and_no_traceback(tmp_path, sig):
+    """A second Ctrl-C that landed in Ray's exit hook printed a KeyboardInterrupt traceback and the
+    process died of SIGSEGV (exit -11; seen in the ``double`` case above on a loaded machine)."""
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_EXIT, str(int(sig)), str(tmp_path / "runs" / "s1")],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    first = proc.stdout.readline().strip()
+    assert first == f"interrupted by {sig.name}: search s1 saved; continue it with `autopeft resume s1 --output-dir " \
+                    f"{tmp_path / 'runs'}`"
+    assert proc.stdout.readline().strip() == "hook"  # exiting: Ray's shut-down would run now
+    t0 = time.time()
+    proc.send_signal(sig)
+    out = proc.stdout.read()
+    assert proc.wait(timeout=30) == 128 + sig and time.time() - t0 < 20
+    assert "Traceback" not in out and "KeyboardInterrupt" not in out, out

@@ -16,7 +16,10 @@ owns SIGINT and SIGTERM:
 3. a signal while those records are written is ignored; one during Ray's own clean-up stops waiting
    for it (a second Ctrl-C: the search is already saved);
 4. :class:`SearchInterrupted` is raised; the CLI prints one line and exits 128 + the signal's number
-   (130 for SIGINT, 143 for SIGTERM). ``autopeft resume`` re-runs the interrupted trials from the
+   (130 for SIGINT, 143 for SIGTERM). A further signal while the process exits (Ray's own shut-down runs
+   at exit and can take seconds on a loaded machine) ends it at once with that code
+   (:func:`exit_on_next_signal`, installed by the CLI at exit): it printed a ``KeyboardInterrupt`` traceback from Ray's exit hook and
+   then died of SIGSEGV (exit -11). ``autopeft resume`` re-runs the interrupted trials from the
    start under their ids (:mod:`autopeft.searching.resume`) and ends as an uninterrupted search would.
 
 Outside Tune's loop (before it, in the one-shot phase, while results are written),
@@ -94,6 +97,29 @@ def raise_on_stop_signals() -> Callable[[], None]:
         previous.clear()
 
     return restore
+
+
+def exit_on_next_signal(code: int) -> None:
+    """From now on, SIGINT or SIGTERM ends the process at once with exit code ``code``, after flushing
+    stdout and stderr: for a process that has saved its work and is only exiting (the CLI after a search
+    was interrupted and saved), so a further Ctrl-C never lands in an exit hook (Ray's shut-down) as a
+    traceback. Main thread only (Python's rule); elsewhere a no-op."""
+    import os
+    import sys
+
+    if not _main_thread():
+        return
+
+    def handler(signum, frame):
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:  # noqa: BLE001 - a closed stream: nothing left to flush
+                pass
+        os._exit(code)
+
+    for s in STOP_SIGNALS:
+        signal.signal(s, handler)
 
 
 class GracefulStop:
