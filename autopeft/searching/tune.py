@@ -22,8 +22,9 @@
 * Ray: without ``ray_address`` the search always starts its own local Ray instance
   (``address="local"``), whatever cluster another Ray user left on the machine.
 
-Every trial's record (config, recipe, status, per-rung rows) is collected on the driver by a
-:class:`ray.tune.Callback`, which also writes MLflow through :class:`autopeft.searching.tracking.SearchTracker`.
+Every trial's record (config, recipe, status, per-rung rows) is kept on the driver by a
+:class:`SearchDriver`: the searcher's events and Ray Tune's (through a :class:`ray.tune.Callback`) update it,
+and it writes MLflow through :class:`autopeft.searching.tracking.SearchTracker` and the resume checkpoint.
 """
 
 from __future__ import annotations
@@ -280,6 +281,237 @@ def _use_token_if_available() -> bool:
         log.setLevel(level)
 
 
+class _StopTune(Exception):
+    """Raised at the next step of Tune's loop after the interruption is recorded: ends the loop (Tune
+    then stops the trials' actors)."""
+
+
+class SearchDriver:
+    """The driver's side of a running search: the record of every trial and rejected sample, and what
+    each event does to it, to MLflow, to the progress lines and to the resume checkpoint.
+
+    Events come from two places: the :class:`autopeft.searching.searchers.SpaceSearcher`, before Ray
+    sees a sample (:meth:`on_reject`, :meth:`on_duplicate`, :meth:`on_accept`), and Ray Tune's callback
+    (:meth:`tune_callback`: the loop's next step, a trial started, a rung result, completed, errored).
+    Every event that ends a trial or a sample writes the resume checkpoint and ``trials.json``
+    (:meth:`save_progress`), so a killed search loses no finished trial.
+
+    Attributes:
+        records: every trial and rejected / duplicate sample, by id, in creation order.
+        searcher / scheduler / generator: set by :func:`run_tune` once built (the searcher needs this
+            driver's ``on_*`` methods); the checkpoint pickles them.
+        stop: the SIGINT / SIGTERM handler (:class:`autopeft.searching.interrupt.GracefulStop`); its
+            first signal freezes the generator (no new sample; the sampler keeps the running trials).
+        t0: when the search started (seconds since the epoch); a resumed search moves it back by the
+            time already searched.
+    """
+
+    def __init__(self, space: SearchSpace, param_limit: int, settings: TuneSettings, tracker,
+                 progress: Callable[[str], None] | None, metric: str, top_fidelity: int):
+        self.space, self.param_limit, self.settings, self.tracker = space, param_limit, settings, tracker
+        self.progress, self.metric, self.top_fidelity = progress, metric, top_fidelity
+        self.records: dict[str, TrialRecord] = {}
+        self.searcher = self.scheduler = self.generator = None
+        self.t0 = time.time()
+        self.stop = GracefulStop(on_first=lambda signum: setattr(self.generator, "frozen", True))
+
+    def say(self, msg: str) -> None:
+        """One progress line, stamped with the seconds since the search started."""
+        if self.progress:
+            self.progress(f"[{time.time() - self.t0:6.0f}s] {msg}")
+
+    def save_progress(self, force: bool = False) -> None:
+        """Keep ``trials.json`` current, so an interrupted search loses no finished trial."""
+        from autopeft.searching.resume import save_checkpoint  # imports Ray: only once a search runs
+
+        # The resume state first: trials.json never shows a trial that a resume would not know.
+        save_checkpoint(self.settings.storage_path, self.records, self.searcher, self.scheduler, self.generator,
+                        time.time() - self.t0, force=force)
+        write_json(Path(self.settings.storage_path) / TRIALS_FILE, [r.as_dict() for r in self.records.values()])
+
+    # --- the searcher's events: a sample before Ray sees it ---
+
+    def _next_id(self, prefix: str) -> str:
+        return f"{prefix}_{sum(1 for r in self.records.values() if r.trial_id.startswith(prefix + '_')) + 1:04d}"
+
+    def on_reject(self, config: dict[str, Any], verdict) -> None:
+        """A sample over budget, empty or invalid: recorded (and in MLflow), never trained."""
+        rid = self._next_id("rejected")
+        rec = self.records[rid] = TrialRecord(rid, self.space.decode(config), verdict.recipe, verdict.status,
+                                              verdict.error, verdict.trainable_params)
+        if self.tracker:
+            self.tracker.start_trial(rid, rec.config, rec.recipe)
+            if rec.trainable_params:
+                self.tracker.log_rung(rid, {"trainable_params": rec.trainable_params}, 0)
+            self.tracker.end_trial(rid, rec.status, rec.error)
+        why = rec.error or (f"{rec.trainable_params:,} params > limit {self.param_limit:,}"
+                            if rec.status == "over_budget" else "no PEFT component")
+        self.say(f"sample {rid} rejected ({rec.status}): {_summary(rec.recipe)}: {why}")
+        self.save_progress()
+
+    def on_duplicate(self, config: dict[str, Any], verdict) -> None:
+        """A sample whose recipe a trial already has: recorded the way a rejected sample is, never trained."""
+        did = self._next_id("duplicate")
+        rec = self.records[did] = TrialRecord(did, self.space.decode(config), verdict.recipe, "duplicate", None,
+                                              verdict.trainable_params, duplicate_of=verdict.duplicate_of)
+        if self.tracker:
+            self.tracker.start_trial(did, rec.config, rec.recipe)
+            self.tracker.tag_trial(did, {"duplicate_of": rec.duplicate_of})
+            if rec.trainable_params:
+                self.tracker.log_rung(did, {"trainable_params": rec.trainable_params}, 0)
+            self.tracker.end_trial(did, rec.status)
+        self.say(f"sample {did} duplicates {rec.duplicate_of}: {_summary(rec.recipe)}: answered from "
+                 f"{rec.duplicate_of}, not trained")
+        self.save_progress()
+
+    def on_accept(self, trial_id: str, config: dict[str, Any], verdict) -> None:
+        """A sample that becomes Ray trial ``trial_id``: recorded ``running``."""
+        self.records[trial_id] = TrialRecord(trial_id, self.space.decode(config), verdict.recipe, "running", None,
+                                             verdict.trainable_params)
+
+    # --- Ray Tune's events ---
+
+    def record_interruption(self) -> None:
+        """Every trial still running: ``interrupted``, its MLflow run ``KILLED``; checkpoint and
+        ``trials.json`` written whatever the checkpoint memo says; the parent marked interrupted."""
+        stop, tracker = self.stop, self.tracker
+        stop.phase = "recording"
+        name = signal_name(stop.signum)
+        cut = [rec for rec in self.records.values() if rec.status == "running"]
+        for rec in cut:
+            rec.status = "interrupted"
+            rec.error = f"interrupted by {name}: `autopeft resume` runs it again from the start"
+            if tracker and rec.trial_id in tracker.trial_runs:
+                tracker.end_trial(rec.trial_id, "interrupted", rec.error)
+            progress_file(self.settings.storage_path, rec.trial_id).unlink(missing_ok=True)
+        self.save_progress(force=True)
+        if tracker:
+            tracker.interrupt(f"{name}: {len(cut)} running trial(s) interrupted; `autopeft resume` continues")
+        self.say(f"interrupted by {name}: {', '.join(r.trial_id for r in cut) or 'no trial'} running, recorded "
+                 "'interrupted'; the search is saved for `autopeft resume`")
+        stop.phase = "cleanup"
+
+    def _record(self, trial) -> TrialRecord:
+        rec = self.records.get(trial.trial_id)
+        if rec is None:  # not seen by on_accept (should not happen): rebuild from the config
+            rec = self.records[trial.trial_id] = TrialRecord(trial.trial_id, self.space.decode(dict(trial.config)))
+        return rec
+
+    def step_begin(self) -> None:
+        """Tune's loop takes its next step: after a signal, record the interruption and end the loop.
+
+        Raises:
+            _StopTune: a signal came and the interruption is recorded.
+        """
+        if self.stop.requested and self.stop.phase == "running":
+            self.record_interruption()
+            raise _StopTune()
+
+    def trial_started(self, trial) -> None:
+        rec = self._record(trial)
+        if rec.status == "interrupted":
+            return
+        if self.tracker:
+            self.tracker.start_trial(trial.trial_id, rec.config, rec.recipe, rec.trainable_params)
+        self.say(f"trial {trial.trial_id} started: {_summary(rec.recipe)} ({rec.trainable_params:,} params)"
+                 if rec.trainable_params is not None else f"trial {trial.trial_id} started")
+
+    def trial_result(self, trial, result: dict[str, Any]) -> None:
+        """A trial's report: a rung's row (kept, to MLflow, one progress line), or its failure."""
+        rec, tracker = self._record(trial), self.tracker
+        if rec.status == "interrupted":
+            return
+        if result.get("node_id") and result["node_id"] != rec.node_id:  # where it runs (cluster)
+            rec.node_id, rec.hostname = result["node_id"], result.get("hostname")
+            if tracker:
+                tracker.tag_trial(trial.trial_id, {"node_id": rec.node_id, "hostname": rec.hostname})
+        if result.get("status") == "failed":
+            rec.status, rec.error = "failed", result.get("error")
+            self.say(f"trial {trial.trial_id} failed: {rec.error}")
+            return
+        row = {k: v for k, v in result.items() if k in _ROW_KEYS or k in _metric_keys(result)}
+        rec.rows.append(row)
+        rec.trainable_params = row.get("trainable_params", rec.trainable_params)
+        if tracker:
+            tracker.log_rung(trial.trial_id, row, int(row["examples_seen"]))
+            if row.get("precision") and len(rec.rows) == 1:
+                tracker.tag_trial(trial.trial_id, {"precision": row["precision"]})
+        scored_on = f" ({row['eval_examples']:,} dev)" if row.get("eval_examples") else ""
+        self.say(f"trial {trial.trial_id} rung {row['examples_seen']:>6} examples: "
+                 f"{self.metric}={row['score']:.4f}{scored_on} "
+                 f"params={row['trainable_params']:,} mem={row['peak_memory_bytes'] / 2**20:.0f}MiB")
+
+    def trial_complete(self, trial) -> None:
+        """A trial ended by itself or by MO-ASHA: ``finished`` at the top fidelity, else ``stopped_early``."""
+        rec = self._record(trial)
+        if rec.status == "interrupted":  # recorded already; Ray is only stopping it
+            return
+        if rec.status == "running":
+            reached = max((r["examples_seen"] for r in rec.rows), default=0)
+            rec.status = "finished" if reached >= self.top_fidelity else "stopped_early"
+            if rec.rows and rec.status == "stopped_early":
+                self.say(f"trial {trial.trial_id} stopped early by MO-ASHA at {reached} examples")
+        if self.tracker:
+            self.tracker.end_trial(trial.trial_id, rec.status, rec.error)
+        progress_file(self.settings.storage_path, trial.trial_id).unlink(missing_ok=True)
+        self.save_progress()
+
+    def trial_error(self, trial) -> None:
+        """A trial died outside ``_trial_fn`` (its worker or its node): ``failed``, with Ray's reason."""
+        rec, tracker = self._record(trial), self.tracker
+        if rec.status == "interrupted" or (self.stop.requested and rec.status == "running"):
+            return  # its worker got the Ctrl-C too (the terminal's process group): interrupted, not failed
+        rec.status = "failed"
+        rec.error = rec.error or _ray_error(trial)
+        lost_node = re.search(r"node has died\. Node Id: ([0-9a-f]+)", rec.error)
+        if lost_node and rec.node_id is None:  # killed before its first report: Ray names the node
+            rec.node_id = lost_node.group(1)
+        self.say(f"trial {trial.trial_id} failed: {rec.error}")
+        if tracker:
+            if rec.node_id:
+                tracker.tag_trial(trial.trial_id, {"node_id": rec.node_id, "hostname": rec.hostname or ""})
+            tracker.end_trial(trial.trial_id, "failed", rec.error)
+        progress_file(self.settings.storage_path, trial.trial_id).unlink(missing_ok=True)
+        self.save_progress()
+
+    def tune_callback(self):
+        """A :class:`ray.tune.Callback` that hands Tune's events to this driver."""
+        from ray import tune
+
+        driver = self
+
+        class _Recorder(tune.Callback):
+            def on_step_begin(self, iteration, trials, **info):
+                driver.step_begin()
+
+            def on_trial_start(self, iteration, trials, trial, **info):
+                driver.trial_started(trial)
+
+            def on_trial_result(self, iteration, trials, trial, result, **info):
+                driver.trial_result(trial, result)
+
+            def on_trial_complete(self, iteration, trials, trial, **info):
+                driver.trial_complete(trial)
+
+            def on_trial_error(self, iteration, trials, trial, **info):
+                driver.trial_error(trial)
+
+        return _Recorder()
+
+    def finish(self, cut_progress: dict[str, dict]) -> None:
+        """After Tune's loop: trials still ``running`` were cut by the time budget, ``stopped_early``, with
+        how far they trained (``cut_progress``: their last progress files, by trial id)."""
+        for rec in self.records.values():
+            if rec.status == "running":
+                rec.status = "stopped_early"
+                p = cut_progress.get(rec.trial_id) or {}
+                if is_finite(p.get("train_time_s")) and is_finite(p.get("examples_seen")):
+                    rec.cut = {"examples_seen": int(p["examples_seen"]), "train_time_s": float(p["train_time_s"])}
+        if self.searcher.exhausted:
+            self.say(f"the searcher stopped: {self.searcher.stop_reason}")
+        self.save_progress()
+
+
 def run_tune(space: SearchSpace, base: dict[str, Any], param_limit: int, settings: TuneSettings,
              data_dir: str | None, tracker=None, progress: Callable[[str], None] | None = None,
              timings: dict[str, float] | None = None) -> dict[str, TrialRecord]:
@@ -292,9 +524,8 @@ def run_tune(space: SearchSpace, base: dict[str, Any], param_limit: int, setting
     also has a ``watch(search_dir)`` context manager (:class:`autopeft.searching.progress.LiveProgress`), Ray
     Tune runs inside it, which draws a live bar per running trial from the trials' progress files.
 
-    Long on purpose: the driver's callbacks (rejected and duplicate samples, Tune's trial events, the
-    interruption) are closures over one mutable state (the records, searcher, scheduler, generator,
-    clock and stop flag) that they update together; split apart they would pass all of it around.
+    What each event does to the records lives in :class:`SearchDriver`; this function builds the
+    sampler, searcher, scheduler and Tuner around it and runs Tune's loop.
 
     Raises:
         RuntimeError: Ray could not start or reach the cluster.
@@ -310,13 +541,12 @@ def run_tune(space: SearchSpace, base: dict[str, Any], param_limit: int, setting
                          "(base['dev']): they would read the test split")
     from autopeft.data.tasks import metric_name
 
-    metric = metric_name(base.get("task"))  # named in the rung lines (accuracy=, mcc=, pearson=, ...)
     import optuna
     from ray import tune
     from ray.tune.logger import JsonLoggerCallback
     from ray.tune.search import ConcurrencyLimiter
 
-    from autopeft.searching.resume import NumberedSearchGenerator, resume_search, save_checkpoint
+    from autopeft.searching.resume import NumberedSearchGenerator, resume_search
     from autopeft.searching.scheduler import MultiObjectiveASHA
     from autopeft.searching.searchers import SpaceSearcher, make_sampler
 
@@ -334,162 +564,20 @@ def run_tune(space: SearchSpace, base: dict[str, Any], param_limit: int, setting
     timings = {} if timings is None else timings
     timings["ray_start_s"] = time.time() - t_ray
 
-    records: dict[str, TrialRecord] = {}
-    t0 = time.time()
-    # Ctrl-C / SIGTERM while Tune runs: the handler only freezes the generator (no new sample, the
-    # sampler keeps the running trials live); the next step of Tune's loop records the interruption.
-    stop = GracefulStop(on_first=lambda signum: setattr(generator, "frozen", True))
-
-    def say(msg: str) -> None:
-        if progress:
-            progress(f"[{time.time() - t0:6.0f}s] {msg}")
-
-    def on_reject(config: dict[str, Any], verdict) -> None:
-        rid = f"rejected_{sum(1 for r in records.values() if r.trial_id.startswith('rejected_')) + 1:04d}"
-        rec = records[rid] = TrialRecord(rid, space.decode(config), verdict.recipe, verdict.status, verdict.error,
-                                         verdict.trainable_params)
-        if tracker:
-            tracker.start_trial(rid, rec.config, rec.recipe)
-            if rec.trainable_params:
-                tracker.log_rung(rid, {"trainable_params": rec.trainable_params}, 0)
-            tracker.end_trial(rid, rec.status, rec.error)
-        why = rec.error or (f"{rec.trainable_params:,} params > limit {param_limit:,}" if rec.status == "over_budget"
-                            else "no PEFT component")
-        say(f"sample {rid} rejected ({rec.status}): {_summary(rec.recipe)}: {why}")
-        _save_progress()
-
-    def on_duplicate(config: dict[str, Any], verdict) -> None:
-        """A sample whose recipe a trial already has: recorded the way a rejected sample is, never trained."""
-        did = f"duplicate_{sum(1 for r in records.values() if r.trial_id.startswith('duplicate_')) + 1:04d}"
-        rec = records[did] = TrialRecord(did, space.decode(config), verdict.recipe, "duplicate", None,
-                                         verdict.trainable_params, duplicate_of=verdict.duplicate_of)
-        if tracker:
-            tracker.start_trial(did, rec.config, rec.recipe)
-            tracker.tag_trial(did, {"duplicate_of": rec.duplicate_of})
-            if rec.trainable_params:
-                tracker.log_rung(did, {"trainable_params": rec.trainable_params}, 0)
-            tracker.end_trial(did, rec.status)
-        say(f"sample {did} duplicates {rec.duplicate_of}: {_summary(rec.recipe)}: answered from "
-            f"{rec.duplicate_of}, not trained")
-        _save_progress()
-
-    def on_accept(trial_id: str, config: dict[str, Any], verdict) -> None:
-        records[trial_id] = TrialRecord(trial_id, space.decode(config), verdict.recipe, "running", None,
-                                        verdict.trainable_params)
-
-    class _StopTune(Exception):
-        """Raised from the recorder after the interruption is recorded: ends Tune's loop (Tune then
-        stops the trials' actors)."""
-
-    def _record_interruption() -> None:
-        """Every trial still running: ``interrupted``, its MLflow run ``KILLED``; checkpoint and
-        ``trials.json`` written whatever the checkpoint memo says; the parent marked interrupted."""
-        stop.phase = "recording"
-        name = signal_name(stop.signum)
-        cut = [rec for rec in records.values() if rec.status == "running"]
-        for rec in cut:
-            rec.status = "interrupted"
-            rec.error = f"interrupted by {name}: `autopeft resume` runs it again from the start"
-            if tracker and rec.trial_id in tracker.trial_runs:
-                tracker.end_trial(rec.trial_id, "interrupted", rec.error)
-            progress_file(settings.storage_path, rec.trial_id).unlink(missing_ok=True)
-        _save_progress(force=True)
-        if tracker:
-            tracker.interrupt(f"{name}: {len(cut)} running trial(s) interrupted; `autopeft resume` continues")
-        say(f"interrupted by {name}: {', '.join(r.trial_id for r in cut) or 'no trial'} running, recorded "
-            "'interrupted'; the search is saved for `autopeft resume`")
-        stop.phase = "cleanup"
-
-    class _Recorder(tune.Callback):
-        def on_step_begin(self, iteration, trials, **info):
-            if stop.requested and stop.phase == "running":
-                _record_interruption()
-                raise _StopTune()
-
-        def _record(self, trial) -> TrialRecord:
-            rec = records.get(trial.trial_id)
-            if rec is None:  # not seen by on_accept (should not happen): rebuild from the config
-                rec = records[trial.trial_id] = TrialRecord(trial.trial_id, space.decode(dict(trial.config)))
-            return rec
-
-        def on_trial_start(self, iteration, trials, trial, **info):
-            rec = self._record(trial)
-            if rec.status == "interrupted":
-                return
-            if tracker:
-                tracker.start_trial(trial.trial_id, rec.config, rec.recipe, rec.trainable_params)
-            say(f"trial {trial.trial_id} started: {_summary(rec.recipe)} ({rec.trainable_params:,} params)"
-                if rec.trainable_params is not None else f"trial {trial.trial_id} started")
-
-        def on_trial_result(self, iteration, trials, trial, result, **info):
-            rec = self._record(trial)
-            if rec.status == "interrupted":
-                return
-            if result.get("node_id") and result["node_id"] != rec.node_id:  # where it runs (cluster)
-                rec.node_id, rec.hostname = result["node_id"], result.get("hostname")
-                if tracker:
-                    tracker.tag_trial(trial.trial_id, {"node_id": rec.node_id, "hostname": rec.hostname})
-            if result.get("status") == "failed":
-                rec.status, rec.error = "failed", result.get("error")
-                say(f"trial {trial.trial_id} failed: {rec.error}")
-                return
-            row = {k: v for k, v in result.items() if k in _ROW_KEYS or k in _metric_keys(result)}
-            rec.rows.append(row)
-            rec.trainable_params = row.get("trainable_params", rec.trainable_params)
-            if tracker:
-                tracker.log_rung(trial.trial_id, row, int(row["examples_seen"]))
-                if row.get("precision") and len(rec.rows) == 1:
-                    tracker.tag_trial(trial.trial_id, {"precision": row["precision"]})
-            scored_on = f" ({row['eval_examples']:,} dev)" if row.get("eval_examples") else ""
-            say(f"trial {trial.trial_id} rung {row['examples_seen']:>6} examples: {metric}={row['score']:.4f}{scored_on} "
-                f"params={row['trainable_params']:,} mem={row['peak_memory_bytes'] / 2**20:.0f}MiB")
-
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            rec = self._record(trial)
-            if rec.status == "interrupted":  # recorded already; Ray is only stopping it
-                return
-            if rec.status == "running":
-                reached = max((r["examples_seen"] for r in rec.rows), default=0)
-                rec.status = "finished" if reached >= fid.max_train_examples else "stopped_early"
-                if rec.rows and rec.status == "stopped_early":
-                    say(f"trial {trial.trial_id} stopped early by MO-ASHA at {reached} examples")
-            if tracker:
-                tracker.end_trial(trial.trial_id, rec.status, rec.error)
-            progress_file(settings.storage_path, trial.trial_id).unlink(missing_ok=True)
-            _save_progress()
-
-        def on_trial_error(self, iteration, trials, trial, **info):
-            rec = self._record(trial)
-            if rec.status == "interrupted" or (stop.requested and rec.status == "running"):
-                return  # its worker got the Ctrl-C too (the terminal's process group): interrupted, not failed
-            rec.status = "failed"
-            rec.error = rec.error or _ray_error(trial)
-            lost_node = re.search(r"node has died\. Node Id: ([0-9a-f]+)", rec.error)
-            if lost_node and rec.node_id is None:  # killed before its first report: Ray names the node
-                rec.node_id = lost_node.group(1)
-            say(f"trial {trial.trial_id} failed: {rec.error}")
-            if tracker:
-                if rec.node_id:
-                    tracker.tag_trial(trial.trial_id, {"node_id": rec.node_id, "hostname": rec.hostname or ""})
-                tracker.end_trial(trial.trial_id, "failed", rec.error)
-            progress_file(settings.storage_path, trial.trial_id).unlink(missing_ok=True)
-            _save_progress()
-
-    def _save_progress(force: bool = False) -> None:
-        """Keep ``trials.json`` current, so an interrupted search loses no finished trial."""
-        # The resume state first: trials.json never shows a trial that a resume would not know.
-        save_checkpoint(settings.storage_path, records, searcher, scheduler, generator, time.time() - t0, force=force)
-        write_json(Path(settings.storage_path) / TRIALS_FILE, [r.as_dict() for r in records.values()])
-
-    searcher = SpaceSearcher(space, base, param_limit, sampler, fid.max_train_examples, start_points,
-                             on_reject=on_reject, on_accept=on_accept, on_duplicate=on_duplicate)
+    # the rung lines name the task's metric (accuracy=, mcc=, pearson=, ...)
+    driver = SearchDriver(space, param_limit, settings, tracker, progress, metric_name(base.get("task")),
+                          fid.max_train_examples)
+    driver.searcher = SpaceSearcher(space, base, param_limit, sampler, fid.max_train_examples, start_points,
+                                    on_reject=driver.on_reject, on_accept=driver.on_accept,
+                                    on_duplicate=driver.on_duplicate)
     concurrent = _concurrent_trials(settings)
-    scheduler = MultiObjectiveASHA(rungs, reduction_factor=fid.reduction_factor)
-    generator = NumberedSearchGenerator(ConcurrencyLimiter(searcher, max_concurrent=concurrent))
+    driver.scheduler = MultiObjectiveASHA(rungs, reduction_factor=fid.reduction_factor)
+    driver.generator = NumberedSearchGenerator(ConcurrencyLimiter(driver.searcher, max_concurrent=concurrent))
     time_budget_s = settings.time_budget_s
     if settings.resume:  # records, sampler, scheduler and trial counter as at the last checkpoint
-        elapsed = resume_search(settings.storage_path, records, searcher, scheduler, generator, tracker, say)
-        t0 -= elapsed
+        elapsed = resume_search(settings.storage_path, driver.records, driver.searcher, driver.scheduler,
+                                driver.generator, tracker, driver.say)
+        driver.t0 -= elapsed
         if time_budget_s is not None:
             time_budget_s = max(time_budget_s - elapsed, 1e-3)
     resources = {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial}
@@ -498,8 +586,8 @@ def run_tune(space: SearchSpace, base: dict[str, Any], param_limit: int, setting
                              device=settings.device, search_dir=settings.storage_path), resources)
     tuner = tune.Tuner(
         trainable,
-        tune_config=tune.TuneConfig(search_alg=generator, scheduler=scheduler, num_samples=settings.num_samples,
-                                    time_budget_s=time_budget_s,
+        tune_config=tune.TuneConfig(search_alg=driver.generator, scheduler=driver.scheduler,
+                                    num_samples=settings.num_samples, time_budget_s=time_budget_s,
                                     # the next trial runs in the finished one's worker: no new process to
                                     # start and import torch/transformers in, and the data, tokenizer and
                                     # backbone files already read (experiments/search_overhead.md: ~6 s a
@@ -508,14 +596,15 @@ def run_tune(space: SearchSpace, base: dict[str, Any], param_limit: int, setting
         run_config=tune.RunConfig(name="ray", storage_path=settings.storage_path, verbose=0,
                                   # result.json per trial, on the driver: Tune's end-of-run analysis reads it
                                   # ("Could not fetch metrics ... result.json and progress.csv were not found")
-                                  callbacks=[_Recorder(), JsonLoggerCallback()],
+                                  callbacks=[driver.tune_callback(), JsonLoggerCallback()],
                                   failure_config=tune.FailureConfig(max_failures=0)),
     )
-    say(f"Ray Tune: {settings.num_samples} trials, searcher {settings.searcher} (seed {settings.seed}), "
-        f"MO-ASHA rungs {rungs} examples, {settings.cpus_per_trial:g} CPU / {settings.gpus_per_trial:g} GPU per trial, "
-        f"{concurrent} at a time")
+    driver.say(f"Ray Tune: {settings.num_samples} trials, searcher {settings.searcher} (seed {settings.seed}), "
+               f"MO-ASHA rungs {rungs} examples, {settings.cpus_per_trial:g} CPU / {settings.gpus_per_trial:g} GPU "
+               f"per trial, {concurrent} at a time")
     shutil.rmtree(Path(settings.storage_path) / PROGRESS_DIR, ignore_errors=True)  # stale: a killed earlier driver
     watch = getattr(progress, "watch", None)  # a LiveProgress: bars per running trial while Tune runs
+    stop = driver.stop
     with stop:
         t_fit = time.time()
         try:
@@ -528,22 +617,14 @@ def run_tune(space: SearchSpace, base: dict[str, Any], param_limit: int, setting
                 raise
         if stop.requested:
             if stop.phase == "running":  # the signal came as Tune's loop ended by itself
-                _record_interruption()
+                driver.record_interruption()
             shutil.rmtree(Path(settings.storage_path) / PROGRESS_DIR, ignore_errors=True)
             raise SearchInterrupted(stop.signum, Path(settings.storage_path), recorded=True)
     timings["tune_s"] = time.time() - t_fit
     left = read_progress(settings.storage_path)  # trials cut by the time budget: how far they trained
     shutil.rmtree(Path(settings.storage_path) / PROGRESS_DIR, ignore_errors=True)
-    for rec in records.values():  # trials cut by the time budget
-        if rec.status == "running":
-            rec.status = "stopped_early"
-            p = left.get(rec.trial_id) or {}
-            if is_finite(p.get("train_time_s")) and is_finite(p.get("examples_seen")):
-                rec.cut = {"examples_seen": int(p["examples_seen"]), "train_time_s": float(p["train_time_s"])}
-    if searcher.exhausted:
-        say(f"the searcher stopped: {searcher.stop_reason}")
-    _save_progress()
-    return records
+    driver.finish(left)
+    return driver.records
 
 
 def _concurrent_trials(settings: TuneSettings) -> int:
