@@ -6,7 +6,6 @@ before anything starts; a failure during a run prints one line and exits with co
 
 from __future__ import annotations
 
-import atexit
 import json
 import math
 import os
@@ -63,6 +62,12 @@ console = Console(highlight=False, width=None if sys.stdout.isatty() else 140, s
 err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 200, soft_wrap=True)
 
 
+#: Whether the CLI owns this process (the ``autopeft`` console script, :func:`main`), and so may
+#: change how it answers signals while it exits; not when ``app`` runs inside another program
+#: (a test's ``CliRunner``).
+_OWN_PROCESS = False
+
+
 class _UserError(AutopeftError):
     """Bad command-line input found by the CLI itself (exit 2)."""
 
@@ -83,10 +88,8 @@ def _run(fn, *args, **kwargs):
         from autopeft.searching.interrupt import SearchInterrupted, exit_on_next_signal
 
         code = exc.exit_code if isinstance(exc, SearchInterrupted) else 130
-        # the work is saved: another Ctrl-C while the process exits ends it at once. At exit, not now: this
-        # hook runs before those registered earlier (Ray's shut-down), and a caller in this process (a test's
-        # CliRunner) keeps its own handlers
-        atexit.register(exit_on_next_signal, code)
+        if _OWN_PROCESS:  # the process only exits now: a further Ctrl-C (in Ray's shut-down) ends it at once
+            exit_on_next_signal(code)
         err.print(str(exc) if isinstance(exc, SearchInterrupted) else "interrupted", markup=False, soft_wrap=True)
         raise typer.Exit(code)
     except Exception as exc:  # noqa: BLE001 - one line, never a traceback
@@ -611,6 +614,8 @@ def ui(
 
 def main() -> None:
     """Console-script entry point."""
+    global _OWN_PROCESS
+    _OWN_PROCESS = True
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if not sys.stdout.isatty() and "COLUMNS" not in os.environ:  # piped help: rich would cut cells at 80
         import typer.rich_utils

@@ -266,20 +266,21 @@ def test_the_cli_maps_an_interrupted_search_to_128_plus_the_signal(monkeypatch, 
                                       "`autopeft resume s1`")
 
 
-#: The CLI's ending of an interrupted search in a process whose exit is slow (an exit hook registered
-#: first, as Ray registers its shut-down): prints ``hook`` once the exit hooks run.
+#: ``autopeft search`` as the console script runs it (:func:`autopeft.cli.main`), its search
+#: interrupted and saved, in a process whose exit is slow (an exit hook, as Ray's shut-down): prints
+#: ``hook`` once the exit hooks run.
 SLOW_EXIT = """
-import atexit, sys, time, typer
+import atexit, sys, time
 from pathlib import Path
 atexit.register(lambda: (print("hook", flush=True), time.sleep(60)))
-from autopeft.cli import _run
+from autopeft import api, cli
 from autopeft.searching.interrupt import SearchInterrupted
-def stopped():
-    raise SearchInterrupted(int(sys.argv[1]), Path(sys.argv[2]), recorded=True)
-try:
-    _run(stopped)
-except typer.Exit as exc:
-    sys.exit(exc.exit_code)
+signum, folder = int(sys.argv[1]), Path(sys.argv[2])
+def stopped(**kw):
+    raise SearchInterrupted(signum, folder, recorded=True)
+api.search = stopped
+sys.argv = ["autopeft", "search", "--name", "s1"]
+cli.main()
 """
 
 
@@ -288,7 +289,7 @@ def test_a_signal_while_an_interrupted_search_exits_ends_it_with_the_code_and_no
     """A second Ctrl-C that landed in Ray's exit hook printed a KeyboardInterrupt traceback and the
     process died of SIGSEGV (exit -11; seen in the ``double`` case above on a loaded machine)."""
     proc = subprocess.Popen([sys.executable, "-c", SLOW_EXIT, str(int(sig)), str(tmp_path / "runs" / "s1")],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
     first = proc.stdout.readline().strip()
     assert first == f"interrupted by {sig.name}: search s1 saved; continue it with `autopeft resume s1 --output-dir " \
                     f"{tmp_path / 'runs'}`"
@@ -298,3 +299,33 @@ def test_a_signal_while_an_interrupted_search_exits_ends_it_with_the_code_and_no
     out = proc.stdout.read()
     assert proc.wait(timeout=30) == 128 + sig and time.time() - t0 < 20
     assert "Traceback" not in out and "KeyboardInterrupt" not in out, out
+
+
+def test_the_cli_inside_another_program_leaves_its_signal_handlers_alone(monkeypatch, tmp_path):
+    """Only the console script changes how the process answers signals while it exits: a program
+    that runs the CLI's ``app`` in its own process (here CliRunner) keeps its handlers."""
+    from autopeft import api
+    from autopeft.searching.interrupt import SearchInterrupted
+
+    def stopped(**kw):
+        raise SearchInterrupted(signal.SIGINT, tmp_path / "autopeft_runs" / "s1", recorded=True)
+
+    monkeypatch.setattr(api, "search", stopped)
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    assert CliRunner().invoke(app, ["search", "--name", "s1"]).exit_code == 130
+    assert {s: signal.getsignal(s) for s in before} == before
+
+
+def test_starting_ray_keeps_the_callers_sigterm_handler():
+    """ray.init put its own SIGTERM handler (sys.exit(15)) in place of the search's: a SIGTERM outside
+    Tune's loop (the resume step, the results) exited 15 instead of being recorded, 143."""
+    code = ("import signal, ray\n"
+            "from autopeft.searching.tune import start_ray\n"
+            "def mine(signum, frame):\n"
+            "    pass\n"
+            "signal.signal(signal.SIGTERM, mine)\n"
+            "start_ray(None)\n"
+            "print('KEPT', signal.getsignal(signal.SIGTERM) is mine)\n"
+            "ray.shutdown()\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert "KEPT True" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]

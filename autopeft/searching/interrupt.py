@@ -9,8 +9,8 @@ owns SIGINT and SIGTERM:
 1. the first signal is only noted (a handler must not write files or MLflow mid-step) and the trial
    generator is frozen: no new sample, and the sampler is told nothing more, so the trials that were
    running stay live in it;
-2. at the next step of Tune's loop, :func:`autopeft.searching.tune.run_tune` records every running trial
-   ``interrupted``, ends its MLflow run ``KILLED``, writes the resume checkpoint and ``trials.json``,
+2. at the next step of Tune's loop, the search's driver (:class:`autopeft.searching.tune.SearchDriver`)
+   records every running trial ``interrupted``, ends its MLflow run ``KILLED``, writes the resume checkpoint and ``trials.json``,
    marks the parent run interrupted (tag ``status=interrupted``, ``KILLED``), and lets Ray stop the
    trials;
 3. a signal while those records are written is ignored; one during Ray's own clean-up stops waiting
@@ -18,13 +18,14 @@ owns SIGINT and SIGTERM:
 4. :class:`SearchInterrupted` is raised; the CLI prints one line and exits 128 + the signal's number
    (130 for SIGINT, 143 for SIGTERM). A further signal while the process exits (Ray's own shut-down runs
    at exit and can take seconds on a loaded machine) ends it at once with that code
-   (:func:`exit_on_next_signal`, installed by the CLI at exit): it printed a ``KeyboardInterrupt`` traceback from Ray's exit hook and
+   (:func:`exit_on_next_signal`, installed by the ``autopeft`` command): it printed a ``KeyboardInterrupt`` traceback from Ray's exit hook and
    then died of SIGSEGV (exit -11). ``autopeft resume`` re-runs the interrupted trials from the
    start under their ids (:mod:`autopeft.searching.resume`) and ends as an uninterrupted search would.
 
 Outside Tune's loop (before it, in the one-shot phase, while results are written),
 :func:`raise_on_stop_signals` makes SIGTERM raise :class:`SearchInterrupted` as Ctrl-C raises
-``KeyboardInterrupt``, so the driver always ends its runs. Handlers are installed from the main
+``KeyboardInterrupt``, so the driver always ends its runs (``ray.init`` puts its own SIGTERM handler,
+``sys.exit(15)``, in place of it: :func:`autopeft.searching.tune.start_ray` puts it back). Handlers are installed from the main
 thread only (Python's rule); elsewhere the defaults stay.
 """
 
@@ -103,7 +104,9 @@ def exit_on_next_signal(code: int) -> None:
     """From now on, SIGINT or SIGTERM ends the process at once with exit code ``code``, after flushing
     stdout and stderr: for a process that has saved its work and is only exiting (the CLI after a search
     was interrupted and saved), so a further Ctrl-C never lands in an exit hook (Ray's shut-down) as a
-    traceback. Main thread only (Python's rule); elsewhere a no-op."""
+    traceback. ``os._exit`` skips the exit hooks still to run (Ray's shut-down: its processes end with
+    the driver; MLflow's: the search's runs are ended already). Main thread only (Python's rule);
+    elsewhere a no-op."""
     import os
     import sys
 

@@ -33,6 +33,8 @@ import contextlib
 import os
 import re
 import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -232,6 +234,8 @@ def start_ray(ray_address: str | None) -> None:
     ``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``), the driver sends it, as ``ray start --head``
     would (:func:`_use_token_if_available`); a cluster without authentication ignores it.
 
+    The caller's SIGTERM handler stays: ``ray.init`` would put its own (``sys.exit(15)``) in its place.
+
     Raises:
         RayStartError: Ray could not start or reach the cluster (one line; for a cluster address,
             with what to check about the token).
@@ -240,6 +244,9 @@ def start_ray(ray_address: str | None) -> None:
 
     if ray.is_initialized():
         return
+    # ray.init puts its SIGTERM handler (sys.exit(15)) in place of the search's, which raises
+    # SearchInterrupted (autopeft.searching.interrupt): a SIGTERM outside Tune's loop exited 15, unrecorded
+    sigterm = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
     try:
         if ray_address:
             _use_token_if_available()
@@ -259,6 +266,9 @@ def start_ray(ray_address: str | None) -> None:
                     "(copy the head's ~/.ray/auth_token, or set RAY_AUTH_TOKEN) and RAY_AUTH_MODE=token")
         raise RayStartError(f"cannot start Ray ({'address ' + ray_address if ray_address else 'local'}): "
                            f"{first_line(exc)}{hint}") from None
+    finally:
+        if sigterm is not None:
+            signal.signal(signal.SIGTERM, sigterm)
 
 
 def _use_token_if_available() -> bool:
@@ -293,13 +303,14 @@ class SearchDriver:
     Events come from two places: the :class:`autopeft.searching.searchers.SpaceSearcher`, before Ray
     sees a sample (:meth:`on_reject`, :meth:`on_duplicate`, :meth:`on_accept`), and Ray Tune's callback
     (:meth:`tune_callback`: the loop's next step, a trial started, a rung result, completed, errored).
-    Every event that ends a trial or a sample writes the resume checkpoint and ``trials.json``
+    Every event that ends a trial or a sample writes ``trials.json`` and the resume checkpoint (for
+    rejected and duplicate samples at most every few seconds: :func:`autopeft.searching.resume.save_checkpoint`)
     (:meth:`save_progress`), so a killed search loses no finished trial.
 
     Attributes:
         records: every trial and rejected / duplicate sample, by id, in creation order.
         searcher / scheduler / generator: set by :func:`run_tune` once built (the searcher needs this
-            driver's ``on_*`` methods); the checkpoint pickles them.
+            driver's ``on_*`` methods); the resume checkpoint holds their states (``get_state``).
         stop: the SIGINT / SIGTERM handler (:class:`autopeft.searching.interrupt.GracefulStop`); its
             first signal freezes the generator (no new sample; the sampler keeps the running trials).
         t0: when the search started (seconds since the epoch); a resumed search moves it back by the
