@@ -99,8 +99,11 @@ def test_peft_from_pretrained_gives_autopeft_logits(case, tmp_path):
     ids, mask = tiny_inputs()
     ours = _ours(trained, ids, mask)
     if peft_type == "PREFIX_TUNING":
-        with pytest.raises(ValueError, match="does not support past key values"):  # peft 0.21 + transformers 5
-            pm(input_ids=ids, attention_mask=mask)
+        try:  # peft's own forward: refused by peft 0.21 on transformers 5; peft 0.22 runs it, with the
+            with torch.no_grad():  # encoder's position ids shifted by the prefix (0.36 off autopeft's here)
+                pm(input_ids=ids, attention_mask=mask)
+        except ValueError as exc:
+            assert "does not support past key values" in str(exc)
         theirs = peft_logits(pm, ids, mask)
     else:
         with torch.no_grad():
