@@ -9,24 +9,25 @@ owns SIGINT and SIGTERM:
 1. the first signal is only noted (a handler must not write files or MLflow mid-step) and the trial
    generator is frozen: no new sample, and the sampler is told nothing more, so the trials that were
    running stay live in it;
-2. at the next step of Tune's loop, the search's driver (:class:`autopeft.searching.tune.SearchDriver`)
-   records every running trial ``interrupted``, ends its MLflow run ``KILLED``, writes the resume checkpoint and ``trials.json``,
-   marks the parent run interrupted (tag ``status=interrupted``, ``KILLED``), and lets Ray stop the
-   trials;
+2. at the next step of Tune's loop, the search's driver
+   (:class:`autopeft.searching.tune.SearchDriver`) records every running trial ``interrupted``, ends
+   its MLflow run ``KILLED``, writes the resume checkpoint and ``trials.json``, marks the parent run
+   interrupted (tag ``status=interrupted``, ``KILLED``), and lets Ray stop the trials;
 3. a signal while those records are written is ignored; one during Ray's own clean-up stops waiting
    for it (a second Ctrl-C: the search is already saved);
 4. :class:`SearchInterrupted` is raised; the CLI prints one line and exits 128 + the signal's number
    (130 for SIGINT, 143 for SIGTERM). A further signal while the process exits (Ray's own shut-down runs
    at exit and can take seconds on a loaded machine) ends it at once with that code
-   (:func:`exit_on_next_signal`, installed by the ``autopeft`` command): it printed a ``KeyboardInterrupt`` traceback from Ray's exit hook and
-   then died of SIGSEGV (exit -11). ``autopeft resume`` re-runs the interrupted trials from the
+   (:func:`exit_on_next_signal`, installed by the ``autopeft`` command); before, it printed a
+   ``KeyboardInterrupt`` traceback from Ray's exit hook and then died of SIGSEGV (exit -11).
+   ``autopeft resume`` re-runs the interrupted trials from the
    start under their ids (:mod:`autopeft.searching.resume`) and ends as an uninterrupted search would.
 
 Outside Tune's loop (before it, in the one-shot phase, while results are written),
 :func:`raise_on_stop_signals` makes SIGTERM raise :class:`SearchInterrupted` as Ctrl-C raises
 ``KeyboardInterrupt``, so the driver always ends its runs (``ray.init`` puts its own SIGTERM handler,
-``sys.exit(15)``, in place of it: :func:`autopeft.searching.tune.start_ray` puts it back). Handlers are installed from the main
-thread only (Python's rule); elsewhere the defaults stay.
+``sys.exit(15)``, in place of it: :func:`autopeft.searching.tune.start_ray` puts it back). Handlers
+are installed from the main thread only (Python's rule); elsewhere the defaults stay.
 """
 
 from __future__ import annotations
@@ -74,7 +75,8 @@ def signal_name(signum: int) -> str:
         return f"signal {signum}"
 
 
-def _main_thread() -> bool:
+def on_main_thread() -> bool:
+    """True on the interpreter's main thread, the only one that may install signal handlers."""
     return threading.current_thread() is threading.main_thread()
 
 
@@ -82,7 +84,7 @@ def raise_on_stop_signals() -> Callable[[], None]:
     """Make SIGTERM raise :class:`SearchInterrupted` (SIGINT: the same, instead of a bare
     ``KeyboardInterrupt``) in the main thread; returns the function that puts the previous
     handlers back (a no-op off the main thread, where nothing is installed)."""
-    if not _main_thread():
+    if not on_main_thread():
         return lambda: None
 
     def handler(signum, frame):
@@ -110,7 +112,7 @@ def exit_on_next_signal(code: int) -> None:
     import os
     import sys
 
-    if not _main_thread():
+    if not on_main_thread():
         return
 
     def handler(signum, frame):
@@ -164,7 +166,7 @@ class GracefulStop:
     def __enter__(self) -> GracefulStop:
         import os
 
-        if _main_thread():
+        if on_main_thread():
             self._previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
             for s in STOP_SIGNALS:
                 signal.signal(s, self._handle)

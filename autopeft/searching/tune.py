@@ -34,14 +34,13 @@ import os
 import re
 import shutil
 import signal
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from autopeft._util import is_finite
-from autopeft.searching.interrupt import GracefulStop, SearchInterrupted, signal_name
+from autopeft.searching.interrupt import GracefulStop, SearchInterrupted, on_main_thread, signal_name
 from autopeft.searching.runs import TRIALS_FILE, write_json
 from autopeft.searching.space import SearchSpace
 from autopeft.searching.progress import PROGRESS_DIR, progress_file, read_progress
@@ -246,7 +245,7 @@ def start_ray(ray_address: str | None) -> None:
         return
     # ray.init puts its SIGTERM handler (sys.exit(15)) in place of the search's, which raises
     # SearchInterrupted (autopeft.searching.interrupt): a SIGTERM outside Tune's loop exited 15, unrecorded
-    sigterm = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
+    sigterm = signal.getsignal(signal.SIGTERM) if on_main_thread() else None
     try:
         if ray_address:
             _use_token_if_available()
@@ -350,11 +349,7 @@ class SearchDriver:
         rid = self._next_id("rejected")
         rec = self.records[rid] = TrialRecord(rid, self.space.decode(config), verdict.recipe, verdict.status,
                                               verdict.error, verdict.trainable_params)
-        if self.tracker:
-            self.tracker.start_trial(rid, rec.config, rec.recipe)
-            if rec.trainable_params:
-                self.tracker.log_rung(rid, {"trainable_params": rec.trainable_params}, 0)
-            self.tracker.end_trial(rid, rec.status, rec.error)
+        self._record_sample(rec)
         why = rec.error or (f"{rec.trainable_params:,} params > limit {self.param_limit:,}"
                             if rec.status == "over_budget" else "no PEFT component")
         self.say(f"sample {rid} rejected ({rec.status}): {_summary(rec.recipe)}: {why}")
@@ -365,15 +360,22 @@ class SearchDriver:
         did = self._next_id("duplicate")
         rec = self.records[did] = TrialRecord(did, self.space.decode(config), verdict.recipe, "duplicate", None,
                                               verdict.trainable_params, duplicate_of=verdict.duplicate_of)
-        if self.tracker:
-            self.tracker.start_trial(did, rec.config, rec.recipe)
-            self.tracker.tag_trial(did, {"duplicate_of": rec.duplicate_of})
-            if rec.trainable_params:
-                self.tracker.log_rung(did, {"trainable_params": rec.trainable_params}, 0)
-            self.tracker.end_trial(did, rec.status)
+        self._record_sample(rec, tags={"duplicate_of": rec.duplicate_of})
         self.say(f"sample {did} duplicates {rec.duplicate_of}: {_summary(rec.recipe)}: answered from "
                  f"{rec.duplicate_of}, not trained")
         self.save_progress()
+
+    def _record_sample(self, rec: TrialRecord, tags: dict[str, str] | None = None) -> None:
+        """An untrained sample's MLflow run: its config, recipe, ``tags`` and parameter count, ended
+        with its status at once."""
+        if not self.tracker:
+            return
+        self.tracker.start_trial(rec.trial_id, rec.config, rec.recipe)
+        if tags:
+            self.tracker.tag_trial(rec.trial_id, tags)
+        if rec.trainable_params:
+            self.tracker.log_rung(rec.trial_id, {"trainable_params": rec.trainable_params}, 0)
+        self.tracker.end_trial(rec.trial_id, rec.status, rec.error)
 
     def on_accept(self, trial_id: str, config: dict[str, Any], verdict) -> None:
         """A sample that becomes Ray trial ``trial_id``: recorded ``running``."""
