@@ -9,8 +9,8 @@ failed trial (``user_error = False``) take the generic path (one line, exit 1).
 Where each class lives: with the module that raises it (``autopeft.composition.recipe.RecipeError``,
 ``autopeft.searching.budget.BudgetError``, ...); those that modules of two layers raise live here
 (:class:`CompositionError`: the methods and the composition; :class:`TaskError`: the task table and
-the user-data reader; :class:`ExportError`: the export registry and the exporter), re-exported from
-their old homes.
+the user-data reader; :class:`ExportError`: the export registry and the exporter;
+:class:`OutputPathError`: training, the search and the exporters), re-exported from their old homes.
 """
 
 from __future__ import annotations
@@ -39,6 +39,11 @@ class ExportError(AutopeftError, ValueError):
 
 class TaskError(AutopeftError, ValueError):
     """Unknown task or missing data."""
+
+
+class OutputPathError(AutopeftError, OSError):
+    """An output folder or file that cannot be written (a file in the way, no permission), found
+    before the work that would fill it (:func:`autopeft._util.check_can_write`)."""
 
 
 def first_line(error: BaseException | str, with_type: bool = False) -> str:

@@ -79,15 +79,16 @@ def search_status(folder: str | Path, now: float | None = None) -> SearchStatus:
     """Read the state of the search in ``folder`` (see :class:`SearchStatus`).
 
     Raises:
-        SearchFolderError: no ``search.json``, or a file that is not JSON.
+        SearchFolderError: no ``search.json``, or a file that is not JSON or not of its shape (an object,
+            a list of records).
     """
     folder = Path(folder)
     now = time.time() if now is None else now
     if not (folder / SEARCH_FILE).is_file():
         raise SearchFolderError(f"{folder} is not a search folder (no search.json)")
-    settings = read_json(folder / SEARCH_FILE, {})
-    trials = read_json(folder / TRIALS_FILE, [])
-    result = read_json(folder / RESULT_FILE, None)
+    settings = read_json(folder / SEARCH_FILE, {}, shape="object")
+    trials = read_json(folder / TRIALS_FILE, [], shape="records")
+    result = read_json(folder / RESULT_FILE, None, shape="object")
     progress = read_progress(folder)
     counts: dict[str, int] = {}
     for t in trials:

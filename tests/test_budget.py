@@ -9,7 +9,8 @@ def test_budget_limits_on_minilm(text, limit):
     assert parse_budget(text).limit(22_713_216) == limit
 
 
-@pytest.mark.parametrize("text", ["-1", "0", "0%", "101%", "abc", "1.5", "", "5 params", "-0.5%", "1e-9k"])
+@pytest.mark.parametrize("text", ["-1", "0", "0%", "101%", "abc", "1.5", "", "5 params", "-0.5%", "1e-9k", "1e999",
+                                  "1e999k"])
 def test_bad_budgets_are_one_line_errors(text):
     with pytest.raises(BudgetError) as exc:
         parse_budget(text)

@@ -84,12 +84,22 @@ def test_pick_on_a_trained_folder_is_refused_in_every_format(tmp_path):
         assert line.endswith("holds one trained model; --pick applies to searches")
 
 
-@pytest.mark.parametrize("content,what", [("{", "Expecting property name"), ('{"a": 1}', "not a list of Pareto points"),
-                                          ('["x"]', "not a list of Pareto points")])
+@pytest.mark.parametrize("content,what", [("{", "Expecting property name"), ('{"a": 1}', "not a list of records"),
+                                          ('["x"]', "not a list of records")])
 def test_a_broken_pareto_json_is_named_in_one_line(tmp_path, content, what):
     folder = _search(tmp_path, content)
     line = _one_error_line(runner.invoke(app, ["export", str(folder), "-o", str(tmp_path / "x.yaml")]))
     assert line.startswith(f"error: cannot read {folder / 'pareto.json'}: ") and what in line
+
+
+@pytest.mark.parametrize("fmt,out", [("recipe", "file/x.yaml"), ("peft", "file/x"), ("peft", "file")])
+def test_an_export_under_a_file_is_one_line_naming_the_file(tmp_path, fmt, out):
+    """Was: ``FileExistsError: [Errno 17] File exists: '.../file'`` (exit 1) for a file in the -o path."""
+    (tmp_path / "file").write_text("x")
+    line = _one_error_line(runner.invoke(app, ["export", str(_trained(tmp_path)), "--format", fmt, "--overwrite",
+                                               "-o", str(tmp_path / out)]))
+    assert line.endswith("is a file, not a folder") and repr(str(tmp_path / "file")) in line, line
+    assert (tmp_path / "file").read_text() == "x"
 
 
 def test_odd_picks(tmp_path):

@@ -7,6 +7,8 @@ B. Names a user writes in a search space become MLflow parameter keys: invalid o
    rejected at load, and the tracker never sends invalid or duplicate keys.
 C. When every sampled configuration is over budget, the CLI names the budget and the space's smallest
    configuration (``SearchSpace.smallest_point``).
+D. ``train``'s output folder and device are checked before training: a file in the ``-o`` path failed
+   at the save, after training (the weights lost), and ``--device tpu`` gave torch's RuntimeError (exit 1).
 """
 
 import types
@@ -433,3 +435,43 @@ def test_a_bad_task_spec_names_the_spec_field_not_the_union_member(task, msg):
     with pytest.raises(RecipeError) as err:
         recipe_from_dict({"backbone": MINILM, "task": task, "components": []})
     assert str(err.value) == msg
+
+
+# --- D. train's output folder and device, before any training ---
+
+def _trainable_recipe_file(tmp_path):
+    from test_precision import recipe as trainable  # a backbone with the tokenizer's 30,522 ids: trainable
+
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(trainable().model_dump(mode="json")))
+    return path
+
+
+@pytest.mark.parametrize("where", ["afile", "afile/sub"])
+def test_train_refuses_an_output_under_a_file_before_training(tmp_path, monkeypatch, where):
+    import autopeft.training.trainer as trainer
+
+    path = _trainable_recipe_file(tmp_path)
+    (tmp_path / "afile").write_text("x")
+    monkeypatch.setattr(trainer, "run_trial", lambda *a, **k: pytest.fail("trained before the output was checked"))
+    res = runner.invoke(app, ["train", "--recipe", str(path), "-o", str(tmp_path / where)])
+    why = "is a file, not a folder" if where == "afile" else f"cannot be created: {str(tmp_path / 'afile')!r} is a file"
+    one_line_error(res, f"output folder {str(tmp_path / where)!r} {why}" + ("" if where == "afile" else ", not a folder"))
+
+
+@pytest.mark.parametrize("device,msg", [("tpu", "unknown device 'tpu': use cpu, cuda or cuda:N"),
+                                        ("cuda:99", "device 'cuda:99': ")])
+def test_train_refuses_a_device_it_cannot_use_in_one_line(tmp_path, device, msg):
+    from autopeft.training.setup import DeviceError, pick_device
+
+    assert pick_device(None).type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(DeviceError, match=msg):
+        pick_device(device)
+    if not torch.cuda.is_available():
+        with pytest.raises(DeviceError, match="sees no CUDA GPU; use --device cpu"):
+            pick_device("cuda")
+    path = _trainable_recipe_file(tmp_path)
+    res = runner.invoke(app, ["train", "--recipe", str(path), "--device", device, "--data-dir", str(tmp_path),
+                              "-o", str(tmp_path / "out")])
+    assert res.exit_code == 2 and msg in res.output and len(res.output.strip().splitlines()) == 1, res.output
+    assert not (tmp_path / "out").exists()

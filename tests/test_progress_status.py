@@ -198,6 +198,22 @@ def test_status_cli(tmp_path, monkeypatch):
     assert out.exit_code == 0 and json.loads(out.output)["counts"]["finished"] == 2, out.output
 
 
+@pytest.mark.parametrize("name,content,shape", [("trials.json", '{"a": 1}', "a list of records (JSON objects)"),
+                                                 ("trials.json", '["x", 3, null]', "a list of records (JSON objects)"),
+                                                 ("trials.json", "null", "a list of records (JSON objects)"),
+                                                 ("search.json", "[1, 2]", "a JSON object"),
+                                                 ("result.json", '"done"', "a JSON object")])
+def test_status_of_a_folder_whose_file_has_the_wrong_shape_is_one_line(tmp_path, monkeypatch, name, content, shape):
+    """Valid JSON of the wrong shape (was: exit 1, ``AttributeError: 'str' object has no attribute 'get'``)."""
+    from autopeft.cli import app
+
+    folder = _folder(tmp_path)
+    (folder / name).write_text(content)
+    monkeypatch.chdir(tmp_path)
+    out = CliRunner().invoke(app, ["status", "s1"])
+    assert out.exit_code == 2 and out.output == f"error: cannot read autopeft_runs/s1/{name}: not {shape}\n", out.output
+
+
 def test_live_progress_adds_updates_and_drops_bars(tmp_path):
     from rich.console import Console
     from rich.progress import Progress

@@ -301,6 +301,17 @@ def test_existing_name_without_resume_is_a_one_line_error_and_nothing_is_overwri
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
 
 
+@pytest.mark.parametrize("where", ["file", "file/sub"])
+def test_an_output_dir_under_a_file_is_refused_before_mlflow(tmp_path, monkeypatch, where):
+    """Was: every check passed, MLflow's parent run was made, then the folder failed (exit 1)."""
+    (tmp_path / "file").write_text("x")
+    monkeypatch.chdir(tmp_path)
+    res = cli.invoke(app, ["search", "--name", "s", "--output-dir", str(tmp_path / where), "--budget", "1%"])
+    _one_line(res, 2, f"error: search folder {str(tmp_path / where / 's')!r} cannot be created: "
+                      f"{str(tmp_path / 'file')!r} is a file, not a folder")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # no mlflow.db, no folder
+
+
 @pytest.mark.parametrize("argv,text", [
     (["resume", "nope"], "no search 'nope' to resume"),
     (["search", "--resume", "--name", "nope"], "no search 'nope' to resume"),

@@ -59,6 +59,9 @@ def test_dim_forms(spec, kind):
     ({"components": {"lora": {"r": {"int": [8, 4]}}}}, "low < high"),
     ({"components": {"lora": {}}, "start_points": [{"lora.rr": 1}]}, "unknown dimensions"),
     ({}, "needs a 'components'"),
+    # a recipe given as a space (was: AttributeError: 'list' object has no attribute 'items')
+    ({"task": "rte", "components": [{"method": "lora", "r": 8}]}, "maps names to parameter ranges, not a list"),
+    ({"components": {"lora": [4, 8]}}, "component 'lora': its parameters must be a mapping"),
     ({"components": {"adapter": {"reduction_factor": [16, 32]}}, "start_points": [{"adapter.reduction_factor": 4}]},
      r"start point adapter.reduction_factor=4 is not one of the space's choices \(16, 32\)"),
     ({"components": {"lora": {}}, "training": {"learning_rate": {"loguniform": [1e-4, 1e-2]}},

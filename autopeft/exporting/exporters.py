@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from autopeft._util import is_finite
+from autopeft._util import check_can_write, is_finite
 from autopeft.data.uncertainty import fmt_ci
 from autopeft.errors import ExportError
 from autopeft.searching.runs import RUNS_DIR, pick_point, settings_of
@@ -87,6 +87,7 @@ def check_output_file(output: Path, overwrite: bool) -> None:
         raise ExportError(f"-o {output} is a folder: give the recipe file to write (e.g. {output / 'best.yaml'})")
     if output.exists() and not overwrite:
         raise ExportError(f"{output} exists: pick another -o, or pass --overwrite to replace it")
+    check_can_write(output, "-o", ExportError, folder=False)
 
 
 def provenance_comment(folder: Path, row: dict) -> str:

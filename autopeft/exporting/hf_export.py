@@ -86,6 +86,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from autopeft._util import check_can_write
 from autopeft.backbones.arch import is_causal
 from autopeft.composition.recipe import Recipe
 from autopeft.errors import ExportError, first_line
@@ -403,6 +404,7 @@ def export_model(source: str | Path, fmt: str = "peft", output: str | Path | Non
     out = Path(output)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise ExportError(f"{out} exists and is not empty: remove it, pick another -o, or pass --overwrite")
+    check_can_write(out, "-o", ExportError)
     if is_trained_folder(source):
         if pick not in (None, "best"):
             raise ExportError(f"{source} holds one trained model; --pick applies to searches")

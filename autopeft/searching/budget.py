@@ -5,6 +5,7 @@ The budget limits trainable parameters without the task head (see ``ParameterCou
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -42,7 +43,7 @@ def parse_budget(text: str | float | int) -> Budget:
     suffix is an absolute parameter count.
 
     Raises:
-        BudgetError: empty, negative, zero, above 100%, a fractional count, or not a number.
+        BudgetError: empty, negative, zero, above 100%, infinite, a fractional count, or not a number.
     """
     s = str(text).strip().lower().replace("_", "").replace(",", "")
     m = re.fullmatch(r"([+-]?(?:\d+\.?\d*|\.\d+)(?:e[+-]?\d+)?)\s*(%|k|m|b)?", s)
@@ -51,6 +52,8 @@ def parse_budget(text: str | float | int) -> Budget:
     value, unit = float(m.group(1)), m.group(2) or ""
     if value <= 0:
         raise BudgetError(f"invalid budget {text!r}: it must be positive")
+    if not math.isfinite(value * _SUFFIX[unit] if unit != "%" else value):  # 1e999: float("inf")
+        raise BudgetError(f"invalid budget {text!r}: it must be a finite number")
     if unit == "%":
         if value > 100:
             raise BudgetError(f"invalid budget {text!r}: a percentage cannot exceed 100%")

@@ -333,9 +333,14 @@ def open_search_folder(out: Path, resume: bool) -> dict[str, Any] | None:
         ResumeError: without ``resume``, the folder already holds a search (never overwritten);
             with it, there is no such search, it was started by an autopeft without resume, or it
             already finished.
+        OutputPathError: a new search's folder cannot be written (a file in its way, no permission).
     """
+    from autopeft._util import check_can_write
+    from autopeft.errors import OutputPathError
+
     out = Path(out)
     if not resume:
+        check_can_write(out, "search folder", OutputPathError)  # before MLflow's parent run is made
         if out.exists() and any(out.iterdir()):
             raise ResumeError(f"search {out.name!r} already exists in {out.parent}: add --resume to continue it, "
                               "or pick another --name")

@@ -98,18 +98,30 @@ def kept_dir(search_dir: str | Path, trial_id: str) -> Path:
     return Path(search_dir) / TRAINED_SUBDIR / trial_id
 
 
-def read_json(path: Path, default: Any = None) -> Any:
+_SHAPES = {"object": ("a JSON object", lambda v: isinstance(v, dict)),
+           "records": ("a list of records (JSON objects)",
+                       lambda v: isinstance(v, list) and all(isinstance(r, dict) for r in v))}
+
+
+def read_json(path: Path, default: Any = None, shape: str | None = None) -> Any:
     """The JSON in ``path``, or ``default`` when there is no such file.
 
+    Args:
+        shape: ``"object"`` (``search.json``, ``result.json``) or ``"records"`` (``trials.json``,
+            ``pareto.json``): the file must hold that, or it is not the search's file.
+
     Raises:
-        SearchFolderError: the file exists but cannot be read or is not JSON.
+        SearchFolderError: the file exists but cannot be read, is not JSON, or is not of ``shape``.
     """
     if not path.is_file():
         return default
     try:
-        return json.loads(path.read_text())
+        value = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise SearchFolderError(f"cannot read {path}: {exc}") from None
+    if shape is not None and not _SHAPES[shape][1](value):
+        raise SearchFolderError(f"cannot read {path}: not {_SHAPES[shape][0]}")
+    return value
 
 
 def write_json(path: Path, obj: Any, indent: int | None = 2) -> None:
@@ -135,7 +147,7 @@ def settings_of(folder: Path) -> dict[str, Any]:
     """The settings a search started with (its ``search.json``), for messages and model cards: ``{}``
     when there is none or it cannot be read."""
     try:
-        return read_json(Path(folder) / SEARCH_FILE, {}) or {}
+        return read_json(Path(folder) / SEARCH_FILE, {}, shape="object")
     except SearchFolderError:
         return {}
 
@@ -154,12 +166,10 @@ def pick_point(search: str | Path, pick: str = "best", output_dir: str | Path = 
 
     Raises:
         SearchNotFoundError: no such search or an empty front; ValueError: unknown ``pick``;
-        SearchFolderError: its ``pareto.json`` cannot be read or is not a list of points.
+        SearchFolderError: its ``pareto.json`` cannot be read or is not a list of points (records).
     """
     folder = find_search(search, output_dir)
-    rows = read_json(folder / PARETO_FILE, [])
-    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
-        raise SearchFolderError(f"cannot read {folder / PARETO_FILE}: not a list of Pareto points")
+    rows = read_json(folder / PARETO_FILE, [], shape="records")
     front = [r for r in rows if is_finite(r.get("score"))]
     if not front:
         raise SearchNotFoundError(f"search {folder} has an empty Pareto front (no trial finished within budget)")

@@ -215,8 +215,14 @@ class SearchSpace:
         dims: dict[str, Dim] = {}
         methods = []
         component_methods: dict[str, str] = {}
-        for key, params in (data.get("components") or {}).items():
+        components = data.get("components") or {}
+        if not isinstance(components, dict):  # a recipe's components are a list of configured methods
+            raise SearchSpaceError("a search space's 'components' maps names to parameter ranges, not a list "
+                                   "(a recipe's list: `autopeft train --recipe` takes a recipe)")
+        for key, params in components.items():
             _check_name("component", key)
+            if params is not None and not isinstance(params, dict):
+                raise SearchSpaceError(f"component {key!r}: its parameters must be a mapping, not {params!r}")
             params = dict(params or {})
             method = params.pop("method", key)
             try:

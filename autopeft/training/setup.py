@@ -10,16 +10,40 @@ from __future__ import annotations
 
 import torch
 
+from autopeft.errors import AutopeftError
 from autopeft.backbones.precision import cast_for_training, compute_dtype, resolve_precision
 from autopeft.composition.model import ComposedModel
 from autopeft.composition.recipe import Recipe
 
 
+class DeviceError(AutopeftError, ValueError):
+    """A device this machine cannot compute on: an unknown name, or CUDA/MPS where there is none."""
+
+
 def pick_device(device: str | None = None) -> torch.device:
-    """``device`` if given, else CUDA when available, else CPU."""
-    if device:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """``device`` if given, else CUDA when available, else CPU.
+
+    Raises:
+        DeviceError: ``device`` is not a name torch knows (``tpu``), asks for CUDA where this torch
+            sees no GPU or for a GPU index past the last, or for MPS where there is none: one line,
+            before any data or model is loaded (was: torch's multi-clause RuntimeError, or an
+            AssertionError at the model's move, exit 1).
+    """
+    if not device:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise DeviceError(f"unknown device {device!r}: use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise DeviceError(f"device {device!r}: this torch ({torch.__version__}) sees no CUDA GPU; use --device cpu")
+        if dev.index is not None and dev.index >= n:
+            raise DeviceError(f"device {device!r}: this machine has {n} CUDA GPU(s), cuda:0 to cuda:{n - 1}")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise DeviceError(f"device {device!r}: MPS is not available here; use --device cpu")
+    return dev
 
 
 #: Backbone size (parameters) from which ``training.gradient_checkpointing: null`` turns checkpointing on.

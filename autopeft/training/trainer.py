@@ -328,8 +328,11 @@ def train_and_save(recipe: Recipe | str | Path, data_dir: str | Path | None = No
 
     Raises:
         ValueError: ``cpus`` below 1. RecipeError, TaskError, BackboneError, CompositionError: bad input.
+        OutputPathError: ``output_dir`` cannot be written (checked before training).
     """
+    from autopeft._util import check_can_write
     from autopeft.composition.recipe import check_recipe, load_recipe
+    from autopeft.errors import OutputPathError
     from autopeft.backbones.threads import limit_threads, threads_for
 
     if cpus is not None and cpus < 1:
@@ -337,6 +340,8 @@ def train_and_save(recipe: Recipe | str | Path, data_dir: str | Path | None = No
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
     check_recipe(recipe, for_training=True)  # limits of the backbone/task/training: one line, before any data
+    if output_dir is not None:
+        check_can_write(output_dir, "output folder", OutputPathError)  # before training, not at the save
     limit_threads(threads_for(cpus))
     result, model = run_trial(recipe, data_dir, device=device, log=log, test=True)
     if output_dir is not None:
