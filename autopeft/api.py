@@ -29,7 +29,7 @@ from autopeft._util import is_finite
 # The run folder's owner; re-exported here, their old home.
 from autopeft.searching.runs import (  # noqa: F401
     BEST_RECIPE_FILE, PARETO_CSV, PARETO_FILE, PARETO_PLOT, PICKS, REFERENCE_FILE, RESULT_FILE, RUNS_DIR, SEARCH_FILE,
-    ONE_SHOT_FILE, TRIALS_FILE, SearchNotFoundError, find_search, pick_point, write_json,
+    ONE_SHOT_FILE, TRIALS_FILE, SearchNotFoundError, find_search, pick_point, read_json, write_json,
 )
 
 
@@ -457,7 +457,7 @@ def _as_started(base_training: dict[str, Any], out: Path, training: dict[str, An
     :data:`RUNG_EVAL_EXAMPLES` has none: all of dev at every rung), so a changed default never refuses
     a resume. With it: the user's value; ``None`` on a search from before is the same as how it started;
     another value is a changed setting, which the settings check names."""
-    started = json.loads((out / SEARCH_FILE).read_text()).get("training") or {}
+    started = read_json(out / SEARCH_FILE, {}, shape="object").get("training") or {}
     key = "rung_eval_examples"
     if key in training and not (training[key] is None and key not in started):
         return
@@ -492,7 +492,7 @@ def _start_points(sp, one_shot: bool, resumed: bool, out: Path, base: dict[str, 
     ``one_shot.json``; a resumed search reads the ones it made before)."""
     start_points = list(sp.start_points)
     if one_shot and resumed and (out / ONE_SHOT_FILE).is_file():  # resumed: the proposals made before
-        start_points += json.loads((out / ONE_SHOT_FILE).read_text())["proposals"]
+        start_points += read_json(out / ONE_SHOT_FILE, {}, shape="object").get("proposals") or []
     elif one_shot:
         from autopeft.searching.oneshot import propose
 

@@ -326,6 +326,22 @@ def test_resume_errors_are_one_line(argv, text, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["done"]
 
 
+@pytest.mark.parametrize("name,content,text", [
+    ("resume.json", "[1]", "resume.json: not a search's request"),
+    ("resume.json", '{"request": {"budget": "1%"}, "mlflow": {}}', "resume.json: not a search's request"),
+    ("resume.json", '{"request": "x", "mlflow": {"tracking_uri": "u", "parent_run_id": "p"}}', "not a search's request"),
+    ("search.json", "[1, 2]", "search.json: not a JSON object"),
+])
+def test_resume_of_a_folder_whose_file_has_the_wrong_shape_is_one_line(tmp_path, name, content, text):
+    """Valid JSON of the wrong shape (was: TypeError / AttributeError / KeyError, exit 1)."""
+    folder = _fake_search(tmp_path, "s", finished=False)
+    (folder / "resume.json").write_text(json.dumps({"request": {"budget": "1%", "task": "sst2"},
+                                                    "mlflow": {"tracking_uri": "u", "parent_run_id": "p"}}))
+    (folder / name).write_text(content)
+    res = cli.invoke(app, ["resume", "s", "--output-dir", str(tmp_path)])
+    _one_line(res, 2, text)
+
+
 # ---- the state that makes a resume continue exactly -----------------------------------------------
 
 def _tiny_searcher_factory(tmp_path):

@@ -353,9 +353,15 @@ def open_search_folder(out: Path, resume: bool) -> dict[str, Any] | None:
         raise ResumeError(f"search {out.name!r} has no {REQUEST_FILE} (started by an autopeft without resume); "
                           "it cannot be resumed")
     try:
-        return json.loads((out / REQUEST_FILE).read_text())
+        doc = json.loads((out / REQUEST_FILE).read_text())
     except (OSError, ValueError) as exc:
         raise ResumeError(f"cannot read {out / REQUEST_FILE}: {exc}") from None
+    mlflow = doc.get("mlflow") if isinstance(doc, dict) else None
+    if not (isinstance(mlflow, dict) and isinstance(doc.get("request"), dict)
+            and all(isinstance(mlflow.get(k), str) for k in ("tracking_uri", "parent_run_id"))):
+        raise ResumeError(f"cannot read {out / REQUEST_FILE}: not a search's request (an object with 'request' "
+                          "and 'mlflow': tracking_uri, parent_run_id)")
+    return doc
 
 
 def write_request(out: Path, request: dict[str, Any], tracking_uri: str, experiment: str, parent_run_id: str) -> None:
