@@ -213,7 +213,12 @@ def _bad(tmp_path, name, df=None, text=None):
     ("nan label", ["--task", "{tmp}/nan.csv"], "2 empty or NaN label(s) in column 'sentiment' of nan.csv (data rows 3, 5"),
     ("blank label", ["--task", "{tmp}/blank.csv"], "1 empty or NaN label(s) in column 'sentiment' of blank.csv (data rows 2"),
     ("unseen", ["--task", "{tmp}/folder"], "validation labels ['meh'] (folder/validation.csv) do not occur in train"),
-    ("no validation room", ["--task", "{tmp}/rare.csv"], "cannot hold out a stratified 10% validation split"),
+    ("no validation room", ["--task", "{tmp}/rare.csv"], "cannot hold out a stratified 10% validation split of the 40 "
+     "rows of rare.csv: 1 of its 3 classes have a single row (give a validation file, more rows per class, or check "
+     "--label-column)"),
+    # the text column as the label: every row its own class (was: sklearn's message listing all 40 classes)
+    ("text as label", ["--label-column", "review"], "validation split of the 200 rows of reviews.csv: 200 of its 200 "
+     "classes have a single row"),
     ("glue columns", ["--task", "sst2"], "--text-columns and --label-column apply to data files and hf: datasets"),
     ("bad metric", ["--metric", "bleu"], "metric 'bleu' is not reported for reviews"),
 ])

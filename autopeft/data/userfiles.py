@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import math
 from pathlib import Path
 from typing import Any
 
@@ -279,6 +280,15 @@ def _held_out_indices(n: int, label_ids, held, where: str) -> tuple[np.ndarray, 
     from sklearn.model_selection import train_test_split
 
     stratify = np.asarray(label_ids) if held.stratified and label_ids is not None else None
+    if stratify is not None:  # say why in the data's terms (sklearn's message listed every class)
+        counts = np.unique(stratify, return_counts=True)[1]
+        n_val = math.ceil(held.fraction * n)
+        why = (f"{int((counts < 2).sum())} of its {len(counts)} classes have a single row" if counts.min() < 2 else
+               f"its {len(counts)} classes outnumber the {min(n_val, n - n_val)} rows of a side"
+               if len(counts) > min(n_val, n - n_val) else None)
+        if why:
+            raise TaskError(f"cannot hold out a stratified {held.fraction:.0%} validation split of the {n} rows of "
+                            f"{where}: {why} (give a validation file, more rows per class, or check --label-column)")
     try:
         tr, va = train_test_split(np.arange(n), test_size=held.fraction, random_state=held.seed, shuffle=True,
                                   stratify=stratify)
