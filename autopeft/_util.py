@@ -50,19 +50,43 @@ def read_yaml(path: str | Path, error: type[Exception]) -> Any:
     """The parsed content of YAML file ``path`` (``None`` for an empty file).
 
     Raises:
-        error: the file is not valid YAML, or not UTF-8 text; one line, ``"<path>: not valid YAML (<first
-            line of the reason>)"`` / ``"<path>: not a UTF-8 text file (...)"``.
+        error: the file is not valid YAML, or not UTF-8 text, or a mapping names one key twice (PyYAML
+            keeps the last silently: ``r: 4`` then ``r: 16`` would train r=16 without a word); one line,
+            ``"<path>: not valid YAML (<first line of the reason>)"`` / ``"<path>: not a UTF-8 text file
+            (...)"``.
         OSError: the file cannot be read.
     """
     import yaml
 
     path = Path(path)
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=_unique_key_loader())  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as exc:
         raise error(f"{path}: not valid YAML ({first_line(exc)})") from None
     except UnicodeDecodeError as exc:  # a binary file given as YAML: name the file, not just the byte
         raise error(f"{path}: not a UTF-8 text file ({first_line(exc)})") from None
+
+
+def _unique_key_loader() -> type:
+    """A ``yaml.SafeLoader`` that refuses a mapping naming one key twice (line and key in the error)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node: Any, deep: bool = False) -> dict:
+            seen: set = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may be overridden on purpose
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                if isinstance(key, (str, int, float, bool)) and key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} appears twice in one mapping (line {key_node.start_mark.line + 1})",
+                        key_node.start_mark)
+                if isinstance(key, (str, int, float, bool)):
+                    seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
 
 
 def check_can_write(path: str | Path, what: str, error: type[Exception], folder: bool = True) -> None:

@@ -59,6 +59,9 @@ def test_dim_forms(spec, kind):
     ({"components": {"lora": {"r": {"int": [8, 4]}}}}, "low < high"),
     ({"components": {"lora": {}}, "start_points": [{"lora.rr": 1}]}, "unknown dimensions"),
     ({}, "needs a 'components'"),
+    # a misspelt key was ignored: the search ran without its start points
+    ({"components": {"lora": {}}, "start_point": [{"lora.r": 8}]}, "has no key 'start_point'; valid: name, components"),
+    ({"components": {"lora": {}}, "per_layer": {"num_layer": 6}}, "per_layer is a mapping of num_layers and choices"),
     # a recipe given as a space (was: AttributeError: 'list' object has no attribute 'items')
     ({"task": "rte", "components": [{"method": "lora", "r": 8}]}, "maps names to parameter ranges, not a list"),
     ({"components": {"lora": [4, 8]}}, "component 'lora': its parameters must be a mapping"),
@@ -70,6 +73,16 @@ def test_dim_forms(spec, kind):
 def test_bad_spaces_are_errors(data, msg):
     with pytest.raises(SearchSpaceError, match=msg):
         SearchSpace.from_dict(data)
+
+
+def test_a_space_file_naming_one_key_twice_is_refused(tmp_path):
+    """PyYAML keeps the last of two equal keys: the search would have run over r in [16] only."""
+    path = tmp_path / "s.yaml"
+    path.write_text("components:\n  lora:\n    r: [4, 8]\n    r: [16]\n")
+    with pytest.raises(SearchSpaceError, match=r"key 'r' appears twice in one mapping \(line 4\)"):
+        SearchSpace.load(str(path))
+    path.write_text("components:\n  lora: &b {r: [4, 8]}\n  ffn: {<<: *b, method: lora, r: [16]}\n")  # merge keys may
+    assert SearchSpace.load(str(path)).dims["ffn.r"].values == (16,)  # be overridden: that is not a repeated key
 
 
 def test_unknown_space_name_lists_shipped_spaces():

@@ -81,6 +81,10 @@ def shipped_spaces() -> list[str]:
 _KINDS = ("choice", "uniform", "loguniform", "int", "logint")
 
 
+#: The keys a search-space file may have (anything else, e.g. a misspelt ``start_point:``, is refused).
+SPACE_KEYS = ("name", "components", "one_of", "gating", "pooling", "quantization", "per_layer", "training",
+              "fidelity", "start_points")
+
 #: Training settings a space may not set: every trial of a search shares them (the fidelity and its
 #: schedule, the seed, the examples every rung is scored on, so that the scheduler and the front compare
 #: trials on the same footing); where each is set instead.
@@ -219,6 +223,9 @@ class SearchSpace:
         if not isinstance(components, dict):  # a recipe's components are a list of configured methods
             raise SearchSpaceError("a search space's 'components' maps names to parameter ranges, not a list "
                                    "(a recipe's list: `autopeft train --recipe` takes a recipe)")
+        unknown = [str(k) for k in data if k not in SPACE_KEYS]
+        if unknown:  # a typo (`start_point:`, `fidelty:`) was ignored: the search ran without it
+            raise SearchSpaceError(f"a search space has no key {', '.join(map(repr, unknown))}; valid: {', '.join(SPACE_KEYS)}")
         for key, params in components.items():
             _check_name("component", key)
             if params is not None and not isinstance(params, dict):
@@ -255,6 +262,8 @@ class SearchSpace:
         per_layer = data.get("per_layer")
         num_layers = None
         if per_layer:
+            if not isinstance(per_layer, dict) or set(per_layer) - {"num_layers", "choices"}:
+                raise SearchSpaceError(f"per_layer is a mapping of num_layers and choices, not {per_layer!r}")
             num_layers = int(per_layer.get("num_layers", 0))
             if num_layers < 1:
                 raise SearchSpaceError("per_layer needs num_layers >= 1")
