@@ -89,6 +89,35 @@ def test_integer_labels_keep_their_values_and_float_labels_make_a_regression(csv
     assert split.labels.dtype == np.float32 and len(split) == 180
 
 
+def test_float_labels_that_look_like_classes_need_the_metric_to_say_which_task(tmp_path):
+    """0/1 labels with one stray 0.5 made a regression task without a word (its search maximised Pearson)."""
+    df = reviews()
+    df["y"] = (df.sentiment == "positive").astype(float)
+    df.loc[16, "y"] = 0.5
+    path = tmp_path / "r.csv"
+    df.to_csv(path, index=False)
+    with pytest.raises(TaskError, match=r"float labels that look like classes \(199 of 200 are 0, 1, and 1 not "
+                                        r"\(data row 17: 0.5\)\): pass --metric accuracy .* or --metric pearson"):
+        resolve_task(str(path), "review", "y")
+    with pytest.raises(TaskError, match=r"--metric mcc makes column 'y' of r.csv classes, but 1 label\(s\) are not "
+                                        r"whole numbers \(data row 17: 0.5\)"):
+        resolve_task(str(path), "review", "y", metric="mcc")
+    reg = resolve_task(str(path), "review", "y", metric="pearson")
+    assert reg["regression"] is True and get_task(reg).num_labels == 1
+    df.loc[16, "y"] = 1.0  # 0.0 / 1.0 written by a float column: classes when the metric says so
+    df.to_csv(path, index=False)
+    with pytest.raises(TaskError, match="200 of 200 are 0, 1\\)"):
+        resolve_task(str(path), "review", "y")
+    spec = resolve_task(str(path), "review", "y", metric="accuracy")
+    assert spec["labels"] == [0, 1] and "regression" not in spec
+    ids = np.concatenate([load_split(get_task(spec), s).labels for s in ("train", "validation")])
+    assert sorted(ids.tolist()) == sorted(df.y.astype(int).tolist())
+    # integer scores asked for as a regression; real float scores stay a regression without a metric
+    stars = resolve_task(str(path), "review", "stars", metric="pearson")
+    assert stars["regression"] is True and load_split(get_task(stars), "train").labels.dtype == np.float32
+    assert resolve_task(str(path), "review", "score")["regression"] is True
+
+
 def test_classification_metrics_by_hand():
     task = get_task({"name": "x", "source": "/nowhere.csv", "text_columns": ["t"], "label_column": "y",
                      "labels": ["a", "b"]})

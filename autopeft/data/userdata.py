@@ -14,7 +14,9 @@ every trial, ``autopeft train`` and :func:`autopeft.api.predict` read it back wi
   labels (strings, integers, booleans) are classes: the sorted distinct train labels, id ``i`` for
   ``labels[i]``; the list is saved in the recipe, so a trained output predicts the original labels.
   Classification reports accuracy (first), macro-F1 and Matthews correlation; ``metric`` picks the
-  one a search maximises.
+  one a search maximises. The metric also settles labels whose kind is unclear: float labels that
+  look like classes (``0.0``/``1.0``, or 0/1 with a stray ``0.5``) are refused without one, and
+  integer labels with ``pearson``/``spearman`` are a regression task.
 * **Validation.** Without a validation split, a seeded 10% of train, stratified by label for
   classes (``sklearn.model_selection.train_test_split``), is held out and recorded in the spec
   (``held_out``); train is the other 90%.
@@ -38,7 +40,7 @@ from typing import Sequence
 
 import numpy as np
 
-from autopeft.data.tasks import HeldOut, Task, TaskError, TaskSpec, get_task
+from autopeft.data.tasks import REGRESSION_METRICS, HeldOut, Task, TaskError, TaskSpec, get_task
 # Reading the files is autopeft.data.userfiles' (below autopeft.data.tasks); re-exported here, their old home.
 from autopeft.data.userfiles import (  # noqa: F401
     CSV_NA_OPTIONS, HF_PREFIX, SUFFIXES, VALIDATION_NAMES, _as_kind, _clean_labels, _held_out_indices, _need_column,
@@ -104,7 +106,7 @@ def resolve_task(task: str | dict | TaskSpec, text_columns: Sequence[str] | str 
     train, val = tables["train"], tables.get("validation")
     where = {"train": tables["__where__train"], "validation": tables.get("__where__validation")}
     cols, label = _checked_columns(train, val, text_columns, label_column, where)
-    kind, train_labels, labels = _train_labels(train, label, where["train"])
+    kind, train_labels, labels = _train_labels(train, label, where["train"], metric)
     if val is not None:
         _check_validation_labels(val, label, kind, labels, where)
     held = None
@@ -136,10 +138,47 @@ def _checked_columns(train, val, text_columns: Sequence[str] | None, label_colum
     return cols, label
 
 
-def _train_labels(train, label: str, where: str):
+#: Float labels that look like classes (:func:`_train_labels`): at most this many distinct whole
+#: numbers make up at least :data:`CLASS_LIKE_SHARE` of the rows.
+CLASS_LIKE_VALUES, CLASS_LIKE_SHARE = 10, 0.9
+
+
+def _train_labels(train, label: str, where: str, metric: str | None = None):
     """``(kind, labels of the rows, classes)`` of the train split; ``classes`` is ``None`` for
-    regression (float labels). At least two classes, or two distinct values."""
+    regression (float labels). At least two classes, or two distinct values.
+
+    Float labels that look like classes (at most :data:`CLASS_LIKE_VALUES` distinct whole numbers
+    on at least :data:`CLASS_LIKE_SHARE` of the rows: ``0.0``/``1.0`` written by a float column, or
+    0/1 labels with a stray ``0.5``) need ``metric`` to say which task is meant: a regression metric
+    keeps them floats; a classification metric makes the whole numbers classes (a fraction among
+    them is then an error naming its row). Integer labels with a regression metric are a regression
+    task (scores 1-5). Was: silently a regression task, its search maximising
+    Pearson on what the user meant as classes.
+
+    Raises:
+        TaskError: a single class or value; class-like floats without a metric, or with a
+            classification metric and a fractional label.
+    """
     kind, train_labels = _clean_labels(train[label], label, where)
+    if kind == "int" and metric in REGRESSION_METRICS:  # integer scores (ratings 1-5) asked for as a regression
+        kind, train_labels = "float", [float(v) for v in train_labels]
+    if kind == "float" and metric not in REGRESSION_METRICS:
+        values = np.asarray(train_labels)
+        whole = values == np.round(values)
+        classes = np.unique(values[whole])
+        fractions = np.flatnonzero(~whole)
+        rows = ", ".join(f"data row {r + 1}: {values[r]:g}" for r in fractions[:3]) + (", ..." if len(fractions) > 3 else "")
+        if metric is not None:  # a classification metric: the labels are classes
+            if len(fractions):
+                raise TaskError(f"--metric {metric} makes column {label!r} of {where} classes, but {len(fractions)} "
+                                f"label(s) are not whole numbers ({rows}): fix them, or use --metric pearson")
+            kind, train_labels = "int", [int(v) for v in values]
+        elif whole.mean() >= CLASS_LIKE_SHARE and len(classes) <= CLASS_LIKE_VALUES:
+            shown = ", ".join(f"{v:g}" for v in classes)
+            also = f", and {len(fractions)} not ({rows})" if len(fractions) else ""
+            raise TaskError(f"column {label!r} of {where} holds float labels that look like classes ({int(whole.sum())} "
+                            f"of {len(values)} are {shown}{also}): pass --metric accuracy (or f1_macro, mcc) for "
+                            "classes, or --metric pearson (or spearman) for a regression task")
     if kind == "float":
         if len(np.unique(train_labels)) < 2:
             raise TaskError(f"every label in column {label!r} of {where} is {train_labels[0]}: "
