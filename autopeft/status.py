@@ -92,7 +92,8 @@ def search_status(folder: str | Path, now: float | None = None) -> SearchStatus:
     progress = read_progress(folder)
     counts: dict[str, int] = {}
     for t in trials:
-        counts[t.get("status", "running")] = counts.get(t.get("status", "running"), 0) + 1
+        status = str(t.get("status") or "without a status")  # a hand-edited record: not counted as running
+        counts[status] = counts.get(status, 0) + 1
     rungs = list(settings.get("rungs") or [])
     top = rungs[-1] if rungs else (settings.get("training") or {}).get("max_train_examples")
     limit = settings.get("param_limit")
@@ -144,7 +145,7 @@ def format_status(st: SearchStatus) -> list[str]:
              f"{s.get('budget')} = {s.get('param_limit', 0):,} parameters, searcher {s.get('searcher')}, "
              f"{s.get('trials')} trials"]
     total = sum(st.counts.values())
-    lines.append(f"trials: {total} ({', '.join(f'{v} {k}' for k, v in sorted(st.counts.items())) or 'none yet'})")
+    lines.append(f"trials: {total} ({', '.join(f'{v} {k}' for k, v in sorted(st.counts.items())) or ('none yet' if st.state == 'running' else 'none')})")
     if st.best:
         lines.append(f"best at the top fidelity: trial {st.best['trial_id']} {metric}={st.best['score']:.4f} "
                      f"({st.best['trainable_params']:,} trainable parameters)")

@@ -172,6 +172,18 @@ def test_status_of_a_finished_and_of_a_stopped_search(tmp_path):
                            "age_s": None}]
 
 
+def test_status_counts_what_the_files_say_and_no_more(tmp_path):
+    """A finished search with no trials said "0 (none yet)", and a record without a status counted as running."""
+    folder = _folder(tmp_path, result=True)
+    (folder / "trials.json").unlink()
+    assert format_status(search_status(folder))[1] == "trials: 0 (none)"
+    (folder / "result.json").unlink()
+    assert format_status(search_status(folder))[1] == "trials: 0 (none yet)"  # still running: none yet
+    (folder / "trials.json").write_text(json.dumps([{"trial_id": "a", "rows": []}, {"trial_id": "b", "status": "finished"}]))
+    st = search_status(folder)
+    assert st.counts == {"without a status": 1, "finished": 1} and [r["trial_id"] for r in st.running] == ["d"]
+
+
 def test_status_budget_excludes_a_larger_trial_from_best(tmp_path):
     folder = _folder(tmp_path)
     settings = json.loads((folder / "search.json").read_text())
