@@ -486,17 +486,24 @@ def _announce(progress: Callable[[str], None], settings: dict[str, Any], name: s
         progress(f"note: {note}")
 
 
+#: Training examples of the ``--one-shot`` supernet (:func:`autopeft.searching.oneshot.propose`), at most.
+ONE_SHOT_EXAMPLES = 2000
+
+
 def _start_points(sp, one_shot: bool, resumed: bool, out: Path, base: dict[str, Any], limit: int,
                   root: Path | None, progress: Callable[[str], None] | None) -> list[dict[str, Any]]:
     """The space's start points, plus with ``one_shot`` the one-shot proposals (made now, written to
-    ``one_shot.json``; a resumed search reads the ones it made before)."""
+    ``one_shot.json``; a resumed search reads the ones it made before). The supernet trains
+    :data:`ONE_SHOT_EXAMPLES` examples, or the search's top fidelity where that is smaller."""
     start_points = list(sp.start_points)
     if one_shot and resumed and (out / ONE_SHOT_FILE).is_file():  # resumed: the proposals made before
         start_points += read_json(out / ONE_SHOT_FILE, {}, shape="object").get("proposals") or []
     elif one_shot:
         from autopeft.searching.oneshot import propose
 
-        shot = propose(sp, base, limit, str(root) if root else None, log=progress)
+        top = int(base["training"].get("max_train_examples") or ONE_SHOT_EXAMPLES)
+        # never more than one top-fidelity trial: a quick search (--max-train-examples 64) trained 2,000
+        shot = propose(sp, base, limit, str(root) if root else None, examples=min(ONE_SHOT_EXAMPLES, top), log=progress)
         write_json(out / ONE_SHOT_FILE, {"importance": shot.importance, "proposals": shot.proposals,
                                          "examples": shot.examples, "wall_time_s": shot.wall_time_s})
         start_points += shot.proposals

@@ -1,7 +1,7 @@
 """Search options as a user types them, each run end to end through the CLI (real SST-2, MiniLM-L6, 64
 training examples, the tiny space), with its effect checked in the search's files and MLflow:
-``--searcher``, ``--seed``, ``--experiment``, ``--cpus-per-trial``, ``-q`` on ``search`` and ``resume``,
-and ``--one-shot``. Before, these were checked only as arguments handed to a replaced ``api.search``."""
+``--searcher``, ``--seed``, ``--experiment``, ``--cpus-per-trial``, ``--rung-eval-examples``,
+``--time-budget``, ``--budget``, ``-q`` on ``search`` and ``resume``, and ``--one-shot``. Before, these were checked only as arguments handed to a replaced ``api.search``."""
 
 import json
 from pathlib import Path
@@ -36,7 +36,7 @@ def test_searcher_seed_experiment_cpus_and_quiet_take_effect_and_resume_quiet(gl
     from mlflow.tracking import MlflowClient
 
     res = _search(tmp_path, glue_dir, "o", "--searcher", "random", "--seed", "3", "--experiment", "my-exp",
-                  "--cpus-per-trial", "1", "-q")
+                  "--cpus-per-trial", "1", "--rung-eval-examples", "100", "--time-budget", "30m", "-q")
     assert res.exit_code == 0, res.output
     assert not any(line in res.output for line in PROGRESS_LINES) and "Pareto front" in res.output  # -q
     folder = tmp_path / "o"
@@ -46,6 +46,14 @@ def test_searcher_seed_experiment_cpus_and_quiet_take_effect_and_resume_quiet(gl
     trained = [t for t in json.loads((folder / "trials.json").read_text()) if t["rows"]]
     assert trained and all(t["recipe"]["training"]["seed"] == 3 for t in trained)  # ... and seeds every trial
     assert all(r["threads"] == 1 for t in trained for r in t["rows"])  # --cpus-per-trial 1: one thread a trial
+    # --rung-eval-examples: the lower rung is scored on 100 dev examples, the top one on the whole dev split
+    assert settings["rungs"] == [32, 64] and all([r["eval_examples"] for r in t["rows"]] == [100, 2000] for t in trained)
+    assert settings["time_budget_s"] == 1800  # --time-budget 30m
+    # --budget 50k: trained trials fit it, samples over it were rejected untrained
+    records = json.loads((folder / "trials.json").read_text())
+    assert settings["param_limit"] == 50_000 and all(t["trainable_params"] <= 50_000 for t in trained)
+    over = [t for t in records if t["status"] == "over_budget"]
+    assert over and all(t["trainable_params"] > 50_000 and not t["rows"] for t in over)
     client = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
     exp = client.get_experiment_by_name("my-exp")
     runs = client.search_runs([exp.experiment_id], max_results=100)
@@ -74,7 +82,8 @@ def test_one_shot_adds_its_proposals_as_start_points_and_progress_is_printed(glu
     assert json.loads((folder / "search.json").read_text())["one_shot"] is True
     shot = json.loads((folder / "one_shot.json").read_text())
     assert set(shot["importance"]) == {"lora", "adapter"} and shot["proposals"]  # a gate per component
-    assert all(0 < g < 1 for g in shot["importance"].values()) and shot["examples"] > 0
+    assert all(0 < g < 1 for g in shot["importance"].values())
+    assert shot["examples"] == 64  # the top fidelity, not 2,000: one top-fidelity trial at most
     # the proposals are start points after the space's own: with 3 trial slots (the space's second start point is
     # over the 50k budget, rejected without a slot), both proposals are trained
     trained = [t["config"] for t in json.loads((folder / "trials.json").read_text()) if t["rows"]]
