@@ -633,7 +633,11 @@ def task_checks(summary: dict, default: str | None) -> dict[str, Any]:
 
     within = best_of((k, m) for k, m in methods.items() if m["kind"] == "baseline" and not m["report_only"]
                      and m["within_budget"])
-    if within is None:
+    anyb = best_of((k, m) for k, m in methods.items() if m["kind"] == "baseline" and not m["report_only"])
+    if anyb is None:  # none has a result yet (an interrupted benchmark), not: none fits the budget
+        checks["vs_baseline"] = {"holds": None, "text": f"{task}: no hand-picked baseline has a result yet; {dname}'s "
+                                                        f"test score is {_fmt(d['test_score'])}."}
+    elif within is None:
         checks["vs_baseline"] = {"holds": None, "text": f"{task}: no hand-picked baseline finished within the "
                                                         f"parameter budget; {dname}'s test score is {_fmt(d['test_score'])}."}
     else:
@@ -646,8 +650,9 @@ def task_checks(summary: dict, default: str | None) -> dict[str, Any]:
             text += " Why: " + "; ".join(why) + "."
         checks["vs_baseline"] = {"holds": holds, "baseline": within, "default_mean": d["test_score"]["mean"],
                                  "baseline_mean": b["test_score"]["mean"], "why": why, "text": text}
-    anyb = best_of((k, m) for k, m in methods.items() if m["kind"] == "baseline" and not m["report_only"])
-    if anyb is None or anyb == within:
+    if anyb is None:
+        checks["vs_all_baselines"] = {"holds": None, "text": f"{task}: no hand-picked baseline has a result yet."}
+    elif anyb == within:
         checks["vs_all_baselines"] = {"holds": checks["vs_baseline"]["holds"], "baseline": within,
                                       "text": f"{task}: the best hand-picked baseline, within budget or not, is the one above."}
     else:

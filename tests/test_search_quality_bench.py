@@ -364,6 +364,19 @@ def test_conclusions_say_where_not_and_why():
     assert any("also scored lower on dev (0.8000 vs 0.9500)" in w for w in vb["why"])
 
 
+def test_no_baseline_yet_is_not_reported_as_none_within_the_budget():
+    """An interrupted benchmark with the searches of a task and none of its baselines said "no hand-picked
+    baseline finished within the parameter budget" and "the best ... is the one above" (there was none)."""
+    ch = _summary([r for r in _runs() if r["kind"] == "search"])["checks"]
+    assert ch["vs_baseline"]["holds"] is None
+    assert ch["vs_baseline"]["text"] == "sst2: no hand-picked baseline has a result yet; autopeft (tpe)'s test score is 0.8500 ± 0.0707."
+    assert ch["vs_all_baselines"] == {"holds": None, "text": "sst2: no hand-picked baseline has a result yet."}
+    over = [r for r in _runs() if r["kind"] == "search" or r["name"] == "prefix_tuning"]  # only one over the budget
+    ch = _summary(over)["checks"]
+    assert "no hand-picked baseline finished within the parameter budget" in ch["vs_baseline"]["text"]
+    assert ch["vs_all_baselines"]["baseline"] == "baseline:prefix_tuning"
+
+
 def test_failed_default_search_is_reported_not_compared():
     runs = [r for r in _runs() if r["kind"] == "baseline"]
     runs += [{"kind": "search", "task": "sst2", "name": n, "seed": 0, "status": "error",
