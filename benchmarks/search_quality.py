@@ -822,20 +822,27 @@ def render_markdown(report: dict) -> str:
                           f"{t['majority']:.4f}."]
         lines += ["", f"Expected best dev score against compute: `search_quality_{task}.png`.", ""]
     lines += ["## Conclusions (computed from the numbers above)", ""]
-    wins = [summ[t]["checks"]["vs_baseline"]["holds"] for t in st["tasks"] if t in summ]
+    def complete(t: dict) -> bool:  # reports written before runs_planned existed count as complete
+        return t.get("runs_recorded", 0) >= t.get("runs_planned", 0)
+
+    wins = [summ[t]["checks"]["vs_baseline"]["holds"] for t in st["tasks"] if t in summ and complete(summ[t])]
     n_ok = sum(1 for h in wins if h)
     n_known = sum(1 for h in wins if h is not None)
+    partial = [t for t in st["tasks"] if t in summ and not complete(summ[t])]
     lines += [f"- autopeft's default searcher ({st['searchers'][0]}) scores at least the best within-budget hand-picked "
-              f"baseline at equal compute (mean test score over seeds) on {n_ok} of {n_known} tasks with results "
-              f"({len(st['tasks'])} planned)."]
+              f"baseline at equal compute (mean test score over seeds) on {n_ok} of {n_known} complete tasks with "
+              f"results ({len(st['tasks'])} planned"
+              + (f"; not counted, some runs still missing: {', '.join(partial)}" if partial else "") + ")."]
     for task in st["tasks"]:
         t = summ.get(task)
         if t is None:
             continue
         c = t["checks"]
+        mark = "" if complete(t) else (f"PROVISIONAL ({t['runs_recorded']} of {t['runs_planned']} planned runs "
+                                       f"recorded): ")
         for name in ("learned", "vs_baseline", "vs_all_baselines", "vs_full_ft"):
-            lines.append(f"- {c[name]['text']}")
-        lines += [f"- {x['text']}" for x in c["vs_searchers"]]
+            lines.append(f"- {mark}{c[name]['text']}")
+        lines += [f"- {mark}{x['text']}" for x in c["vs_searchers"]]
     lines += ["", "## Notes", ""]
     lines += [f"- {n}" for n in report.get("notes", [])]
     lines += ["- Examples spent by a search: the sum over its trials of the examples each trained (up to the last "
@@ -1237,6 +1244,10 @@ def build_report(data: dict) -> dict:
     if missing:
         notes.append(f"{len(missing)} planned run(s) have no result yet (an interrupted benchmark: run the same command "
                      f"again): " + ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else ""))
+    per_task = len(st["seeds"]) * (len(st["searchers"]) + len(st["baselines"]))
+    for task in summary:  # a task's conclusions drawn before all its runs are in are marked, not counted
+        summary[task]["runs_planned"] = per_task
+        summary[task]["runs_recorded"] = per_task - sum(1 for k in missing if k.split("/")[1] == task)
     report = {"settings": st, "summary": summary, "notes": notes}
     report["markdown"] = render_markdown(report)
     return report

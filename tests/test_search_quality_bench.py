@@ -409,7 +409,7 @@ def test_render_markdown_and_plot(tmp_path):
     assert "| LoRA r=8, alpha 16, query/value | s0: +0.2000, s1: +0.0000 | +0.1000 [+0.0000, +0.2000] |" in md
     assert "300 (over budget)" in md and "full fine-tuning (reported only)" in md
     assert "C/3 examples each" in md
-    assert "on 1 of 1 tasks with results" in md
+    assert "on 1 of 1 complete tasks with results (1 planned)." in md
     assert "sst2: autopeft (tpe) scores at least the best within-budget hand-picked baseline at equal compute: holds" in md
     assert "no result yet" not in md                      # every planned run is there
     png = sq.plot_expected_max(tmp_path / "sst2.png", report["summary"]["sst2"], "search:tpe")
@@ -424,14 +424,20 @@ def test_write_outputs_and_report_only(tmp_path):
     assert "predictions" not in stored["summary"]["sst2"]["methods"]["search:tpe"]["per_seed"]["0"]
     (tmp_path / "search_quality.md").unlink()
     assert sq.main(["--report-only", "--out", str(tmp_path)]) == 0
-    assert "on 1 of 1 tasks" in (tmp_path / "search_quality.md").read_text()
+    assert "on 1 of 1 complete tasks" in (tmp_path / "search_quality.md").read_text()
 
 
 def test_report_notes_missing_runs():
     data = _data()
     data["runs"] = {k: r for k, r in data["runs"].items() if not (r["name"] == "random" and r["seed"] == 1)}
-    notes = sq.build_report(data)["notes"]
-    assert any("1 planned run(s) have no result yet" in n and "search/sst2/random/s1" in n for n in notes)
+    report = sq.build_report(data)
+    assert any("1 planned run(s) have no result yet" in n and "search/sst2/random/s1" in n for n in report["notes"])
+    # a task's conclusions drawn before all its runs are in are marked, and the headline does not count it
+    assert (report["summary"]["sst2"]["runs_recorded"], report["summary"]["sst2"]["runs_planned"]) == (9, 10)
+    md = report["markdown"]
+    assert "on 0 of 0 complete tasks with results (1 planned; not counted, some runs still missing: sst2)." in md
+    assert ("- PROVISIONAL (9 of 10 planned runs recorded): sst2: autopeft (tpe) scores at least the best "
+            "within-budget hand-picked baseline at equal compute: holds") in md
 
 
 def test_report_only_refuses_the_earlier_format(tmp_path, capsys):
