@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Hashable
 from pathlib import Path
 from typing import Any
 
@@ -78,12 +79,13 @@ def _unique_key_loader() -> type:
                 if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may be overridden on purpose
                     continue
                 key = self.construct_object(key_node, deep=True)
-                if isinstance(key, (str, int, float, bool)) and key in seen:
+                if not isinstance(key, Hashable):  # a list as key: SafeLoader's own error names it below
+                    continue
+                if key in seen:
                     raise yaml.constructor.ConstructorError(
                         None, None, f"key {key!r} appears twice in one mapping (line {key_node.start_mark.line + 1})",
                         key_node.start_mark)
-                if isinstance(key, (str, int, float, bool)):
-                    seen.add(key)
+                seen.add(key)
             return super().construct_mapping(node, deep=deep)
 
     return UniqueKeyLoader

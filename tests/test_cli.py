@@ -50,6 +50,8 @@ def test_count_json_for_lora_r8_query_value_on_minilm(tmp_path):
     ("not: [valid", "not valid YAML"),
     # PyYAML keeps the last of two equal keys silently: this recipe would have trained r=16
     ("components:\n  - method: lora\n    r: 4\n    r: 16\n", "key 'r' appears twice in one mapping (line 4)"),
+    # any hashable key, not only strings and numbers: `~` is null too
+    ("null: 1\n~: 2\n", "key None appears twice in one mapping (line 2)"),
 ])
 def test_count_bad_recipes_exit_2(content, msg, tmp_path):
     path = tmp_path / "r.yaml"
