@@ -145,40 +145,18 @@ CLASS_LIKE_VALUES, CLASS_LIKE_SHARE = 10, 0.9
 
 def _train_labels(train, label: str, where: str, metric: str | None = None):
     """``(kind, labels of the rows, classes)`` of the train split; ``classes`` is ``None`` for
-    regression (float labels). At least two classes, or two distinct values.
-
-    Float labels that look like classes (at most :data:`CLASS_LIKE_VALUES` distinct whole numbers
-    on at least :data:`CLASS_LIKE_SHARE` of the rows: ``0.0``/``1.0`` written by a float column, or
-    0/1 labels with a stray ``0.5``) need ``metric`` to say which task is meant: a regression metric
-    keeps them floats; a classification metric makes the whole numbers classes (a fraction among
-    them is then an error naming its row). Integer labels with a regression metric are a regression
-    task (scores 1-5). Was: silently a regression task, its search maximising
-    Pearson on what the user meant as classes.
+    regression (float labels). At least two classes, or two distinct values. Float labels that look
+    like classes are settled by ``metric`` (:func:`_settle_class_like_floats`); integer labels with a
+    regression metric are a regression task (scores 1-5).
 
     Raises:
-        TaskError: a single class or value; class-like floats without a metric, or with a
-            classification metric and a fractional label.
+        TaskError: a single class or value; as :func:`_settle_class_like_floats`.
     """
     kind, train_labels = _clean_labels(train[label], label, where)
     if kind == "int" and metric in REGRESSION_METRICS:  # integer scores (ratings 1-5) asked for as a regression
         kind, train_labels = "float", [float(v) for v in train_labels]
     if kind == "float" and metric not in REGRESSION_METRICS:
-        values = np.asarray(train_labels)
-        whole = values == np.round(values)
-        classes = np.unique(values[whole])
-        fractions = np.flatnonzero(~whole)
-        rows = ", ".join(f"data row {r + 1}: {values[r]:g}" for r in fractions[:3]) + (", ..." if len(fractions) > 3 else "")
-        if metric is not None:  # a classification metric: the labels are classes
-            if len(fractions):
-                raise TaskError(f"--metric {metric} makes column {label!r} of {where} classes, but {len(fractions)} "
-                                f"label(s) are not whole numbers ({rows}): fix them, or use --metric pearson")
-            kind, train_labels = "int", [int(v) for v in values]
-        elif whole.mean() >= CLASS_LIKE_SHARE and len(classes) <= CLASS_LIKE_VALUES:
-            shown = ", ".join(f"{v:g}" for v in classes)
-            also = f", and {len(fractions)} not ({rows})" if len(fractions) else ""
-            raise TaskError(f"column {label!r} of {where} holds float labels that look like classes ({int(whole.sum())} "
-                            f"of {len(values)} are {shown}{also}): pass --metric accuracy (or f1_macro, mcc) for "
-                            "classes, or --metric pearson (or spearman) for a regression task")
+        kind, train_labels = _settle_class_like_floats(train_labels, label, where, metric)
     if kind == "float":
         if len(np.unique(train_labels)) < 2:
             raise TaskError(f"every label in column {label!r} of {where} is {train_labels[0]}: "
@@ -190,6 +168,39 @@ def _train_labels(train, label: str, where: str, metric: str | None = None):
             raise TaskError(f"column {label!r} of {where} has a single class ({labels[0]!r}): "
                             "classification needs at least two")
     return kind, train_labels, labels
+
+
+def _settle_class_like_floats(train_labels: list, label: str, where: str, metric: str | None) -> tuple[str, list]:
+    """``(kind, labels)`` for float train labels when ``metric`` is not a regression metric.
+
+    Float labels that look like classes (at most :data:`CLASS_LIKE_VALUES` distinct whole numbers
+    on at least :data:`CLASS_LIKE_SHARE` of the rows: ``0.0``/``1.0`` written by a float column, or
+    0/1 labels with a stray ``0.5``) need ``metric`` to say which task is meant: a classification
+    metric makes the whole numbers classes (``"int"``); without a metric it is an error. Other
+    floats stay a regression task (``"float"``). Was: silently a regression task, its search
+    maximising Pearson on what the user meant as classes.
+
+    Raises:
+        TaskError: class-like floats without a metric; a classification metric and a fractional
+            label (its row named).
+    """
+    values = np.asarray(train_labels)
+    whole = values == np.round(values)
+    classes = np.unique(values[whole])
+    fractions = np.flatnonzero(~whole)
+    rows = ", ".join(f"data row {r + 1}: {values[r]:g}" for r in fractions[:3]) + (", ..." if len(fractions) > 3 else "")
+    if metric is not None:  # a classification metric: the labels are classes
+        if len(fractions):
+            raise TaskError(f"--metric {metric} makes column {label!r} of {where} classes, but {len(fractions)} "
+                            f"label(s) are not whole numbers ({rows}): fix them, or use --metric pearson")
+        return "int", [int(v) for v in values]
+    if whole.mean() >= CLASS_LIKE_SHARE and len(classes) <= CLASS_LIKE_VALUES:
+        shown = ", ".join(f"{v:g}" for v in classes)
+        also = f", and {len(fractions)} not ({rows})" if len(fractions) else ""
+        raise TaskError(f"column {label!r} of {where} holds float labels that look like classes ({int(whole.sum())} "
+                        f"of {len(values)} are {shown}{also}): pass --metric accuracy (or f1_macro, mcc) for "
+                        "classes, or --metric pearson (or spearman) for a regression task")
+    return "float", train_labels
 
 
 def _check_validation_labels(val, label: str, kind: str, labels: list | None, where: dict[str, str | None]) -> None:
