@@ -287,7 +287,7 @@ def test_search_point_is_trained_first_then_exported_with_its_provenance(tmp_pat
     monkeypatch.setattr(api, "train", fake_train)
     monkeypatch.delenv("AUTOPEFT_DATA_DIR", raising=False)
     res = runner.invoke(app, ["export", "mysearch", "--output-dir", str(tmp_path / "runs"), "--format", "peft",
-                              "-o", str(tmp_path / "peft")])
+                              "--train", "--output", str(tmp_path / "peft")])  # the long spellings
     assert res.exit_code == 0, res.output
     assert "no kept weights for trial abc123: training its recipe" in res.output
     assert [(c[0], c[1], c[2]) for c in calls] == [(recipe, str(tmp_path / "glue"), folder / "trained" / "abc123")]
@@ -321,6 +321,26 @@ def test_no_train_flag_says_the_search_needs_trained_weights(tmp_path):
     folder = _search(tmp_path, tiny_recipe([{"method": "lora", "r": 2}]))
     res = runner.invoke(app, ["export", str(folder), "--format", "peft", "--no-train", "-o", str(tmp_path / "o")])
     assert res.exit_code == 2 and "keeps no trained weights for trial abc123" in res.output
+
+
+def test_every_pick_on_the_command_line_writes_its_own_point(tmp_path):
+    """``export --pick`` as a user types it, on a front of three points where each pick names another:
+    a (best dev score, most parameters), b (least memory, within a's dev interval), c (fewest parameters)."""
+    folder = _search(tmp_path, tiny_recipe([{"method": "lora", "r": 2}]))
+    rows = [{"trial_id": t, "score": sc, "score_low": lo, "score_high": hi, "trainable_params": n,
+             "trainable_percent": 0.5, "peak_memory_bytes": mem, "examples_seen": 320,
+             "recipe": tiny_recipe([{"method": "lora", "r": r}]).model_dump(mode="json")}
+            for t, sc, lo, hi, n, mem, r in [("a", 0.88, 0.86, 0.90, 9_000, 3, 8), ("b", 0.865, 0.84, 0.88, 4_000, 1, 4),
+                                             ("c", 0.85, 0.83, 0.87, 1_000, 2, 1)]]
+    (folder / "pareto.json").write_text(json.dumps(rows))
+    want = {None: 8, "best": 8, "smallest": 1, "leanest": 4, "smallest-within-noise": 4, "2": 1, "b": 4}
+    for pick, r in want.items():
+        out = tmp_path / f"{pick}.yaml"
+        res = runner.invoke(app, ["export", str(folder), *(["--pick", pick] if pick else []), "--output", str(out)])
+        assert res.exit_code == 0, res.output
+        assert yaml.safe_load(out.read_text())["components"][0]["r"] == r, pick
+    res = runner.invoke(app, ["export", str(folder), "--pick", "3", "-o", str(tmp_path / "x.yaml")])
+    assert res.exit_code == 2 and "pick 3 is out of range: the front has 3 points (0-2)" in res.output
 
 
 def test_recipe_export_is_unchanged_and_pick_is_for_searches(tmp_path):
