@@ -64,6 +64,8 @@ def test_dim_forms(spec, kind):
     ({"components": {"lora": {}}, "per_layer": {"num_layer": 6}}, "per_layer is a mapping of num_layers and choices"),
     # a recipe given as a space (was: AttributeError: 'list' object has no attribute 'items')
     ({"task": "rte", "components": [{"method": "lora", "r": 8}]}, "maps names to parameter ranges, not a list"),
+    # a scalar was said to be "not a list"
+    ({"components": 5}, "'components' maps names to parameter ranges, got int 5$"),
     ({"components": {"lora": [4, 8]}}, "component 'lora': its parameters must be a mapping"),
     ({"components": {"adapter": {"reduction_factor": [16, 32]}}, "start_points": [{"adapter.reduction_factor": 4}]},
      r"start point adapter.reduction_factor=4 is not one of the space's choices \(16, 32\)"),
@@ -73,6 +75,58 @@ def test_dim_forms(spec, kind):
 def test_bad_spaces_are_errors(data, msg):
     with pytest.raises(SearchSpaceError, match=msg):
         SearchSpace.from_dict(data)
+
+
+L = {"lora": {}}
+
+
+@pytest.mark.parametrize("data,msg", [
+    # a value its setting cannot take: every sampled point was an invalid recipe, the search stopped
+    # with "no configuration ... is a valid recipe", naming neither key nor value
+    ({"components": {"lora": {"r": "eight"}}}, r"^lora\.r: 'eight' is not a valid value \(Input should be a valid integer"),
+    ({"components": {"lora": {"r": [8, -1]}}}, r"^lora\.r: -1 is not a valid value"),
+    ({"components": L, "training": {"learning_rate": "abc"}}, r"^training\.learning_rate: 'abc' is not a valid value"),
+    ({"components": L, "training": {"warmup_ratio": {"uniform": [0.0, 1.5]}}}, r"^training\.warmup_ratio: 1\.5 is not"),
+    ({"components": L, "pooling": ["mean", "max"]}, r"^pooling: 'max' is not a valid value"),
+    ({"components": L, "gating": "yes"}, r"^gating: 'yes' is not true or false$"),
+    ({"components": {"lora": {"enabled": ["yes", False]}}}, r"^lora\.enabled: 'yes' is not true or false$"),
+    # malformed dimensions and sections (were: TypeError / AttributeError tracebacks)
+    ({"components": {"lora": {"r": {"choice": 5}}}}, r"^lora\.r: choice needs a list of values, got 5$"),
+    ({"components": L, "training": {"learning_rate": {"loguniform": [1e-4, "x"]}}}, "two numbers with low < high"),
+    ({"components": {"lora": {"r": {"int": [1.5, 4]}}}}, r"^lora\.r: int needs whole-number bounds"),
+    ({"components": L, "start_points": {"lora.r": 8}}, r"'start_points' is a list of mappings, got \{'lora\.r': 8\}"),
+    ({"components": L, "start_points": 5}, "'start_points' is a list of mappings, got 5"),
+    ({"components": L, "training": 5}, "'training' is a mapping of training settings, got 5"),
+    ({"components": L, "one_of": {"g": "lora"}}, r"^one_of\.g is a list of components, got 'lora'$"),
+    # fidelities the rungs cannot use: the search looped forever before its first trial, printing nothing
+    ({"components": L, "fidelity": {"reduction_factor": 1}}, r"^fidelity\.reduction_factor must be a whole number >= 2, got 1$"),
+    ({"components": L, "fidelity": {"min_train_examples": 0}}, r"^fidelity\.min_train_examples must be a positive"),
+    ({"components": L, "fidelity": {"max_train_examples": "x"}}, r"^fidelity\.max_train_examples must be a positive"),
+    ({"components": L, "fidelity": {"min_train_examples": 500, "max_train_examples": 100}},
+     r"^fidelity\.min_train_examples \(500\) is above max_train_examples \(100\)$"),
+])
+def test_bad_values_are_one_line_errors_naming_key_and_value(data, msg):
+    with pytest.raises(SearchSpaceError, match=msg):
+        SearchSpace.from_dict(data)
+
+
+def test_the_values_a_space_can_take_are_checked_but_a_component_never_on_may_hold_placeholders():
+    ok = SearchSpace.from_dict({"components": {"lora": {"r": ["8", 16]}, "adapter_fusion": {"enabled": False, "adapters": []}},
+                                "training": {"learning_rate": {"loguniform": [1e-4, 1e-2]}}})
+    assert ok.dims["lora.r"].values == ("8", 16)  # lax as the recipe is: "8" becomes r=8 there
+    with pytest.raises(SearchSpaceError, match=r"^adapter_fusion\.adapters: \[\] is not a valid value"):
+        SearchSpace.from_dict({"components": {"adapter_fusion": {"enabled": [True, False], "adapters": []}}})
+
+
+def test_a_reduction_factor_of_one_is_a_one_line_cli_error_not_a_hang(tmp_path):
+    from typer.testing import CliRunner
+
+    from autopeft.cli import app
+
+    space = tmp_path / "s.yaml"
+    space.write_text("components: {lora: {}}\nfidelity: {reduction_factor: 1}\n")
+    res = CliRunner().invoke(app, ["search", "--space", str(space), "--output-dir", str(tmp_path / "runs")])
+    assert res.exit_code == 2 and res.output.strip() == "error: fidelity.reduction_factor must be a whole number >= 2, got 1"
 
 
 def test_a_space_file_naming_one_key_twice_is_refused(tmp_path):

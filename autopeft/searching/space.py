@@ -38,6 +38,9 @@ Names are checked at load, since they become MLflow parameter keys (``space.<fla
 keys and ``one_of`` group names use letters, digits, ``_`` and ``-`` only, are not one of the
 space's own prefixes (``training``, ``one_of``, ``layer``, ...), and leave every ``space.<flat key>``
 within MLflow's 250 characters; ``training`` keys must be training settings of a recipe.
+Values are checked at load too (:func:`_check_dim_values`): each fixed value, choice and range bound
+against its setting (``r: eight`` is an error naming ``lora.r``), and the fidelity (whole numbers,
+``1 <= min_train_examples <= max_train_examples``, ``reduction_factor >= 2``).
 """
 
 from __future__ import annotations
@@ -117,9 +120,15 @@ class Dim:
         if isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in _KINDS:
             kind, vals = next(iter(spec.items()))
             if kind == "choice":
+                if not isinstance(vals, list) or not vals:  # was: TypeError ('int' object is not iterable)
+                    raise SearchSpaceError(f"{key}: choice needs a list of values, got {vals!r}")
                 return cls("choice", tuple(vals))
-            if not (isinstance(vals, list) and len(vals) == 2 and vals[0] < vals[1]):
-                raise SearchSpaceError(f"{key}: {kind} needs [low, high] with low < high, got {vals!r}")
+            numbers = isinstance(vals, list) and len(vals) == 2 and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in vals)
+            if not (numbers and vals[0] < vals[1]):  # was: TypeError comparing a string bound
+                raise SearchSpaceError(f"{key}: {kind} needs [low, high], two numbers with low < high, got {vals!r}")
+            if kind in ("int", "logint") and not all(float(v).is_integer() for v in vals):
+                raise SearchSpaceError(f"{key}: {kind} needs whole-number bounds, got {vals!r} (uniform for fractions)")
             if kind in ("loguniform", "logint") and vals[0] <= 0:
                 raise SearchSpaceError(f"{key}: {kind} needs a positive low bound, got {vals[0]!r}")
             return cls(kind, tuple(vals))
@@ -148,6 +157,18 @@ class Fidelity:
     max_train_examples: int = 24000
     min_train_examples: int = 2688
     reduction_factor: int = 3
+
+    def __post_init__(self) -> None:
+        """Raises :class:`SearchSpaceError` for a value :meth:`rungs` cannot use (was: a reduction
+        factor of 1, or a minimum of 0, looped forever before the first trial, printing nothing)."""
+        for name in ("max_train_examples", "min_train_examples", "reduction_factor"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (2 if name == "reduction_factor" else 1):
+                least = "a whole number >= 2" if name == "reduction_factor" else "a positive whole number of examples"
+                raise SearchSpaceError(f"fidelity.{name} must be {least}, got {value!r}")
+        if self.min_train_examples > self.max_train_examples:
+            raise SearchSpaceError(f"fidelity.min_train_examples ({self.min_train_examples:,}) is above "
+                                   f"max_train_examples ({self.max_train_examples:,})")
 
     def rungs(self) -> list[int]:
         """Examples-seen milestones, ascending, ending at ``max_train_examples`` (a rung within 1% of
@@ -220,9 +241,12 @@ class SearchSpace:
         methods = []
         component_methods: dict[str, str] = {}
         components = data.get("components") or {}
-        if not isinstance(components, dict):  # a recipe's components are a list of configured methods
+        if isinstance(components, list):  # a recipe's components are a list of configured methods
             raise SearchSpaceError("a search space's 'components' maps names to parameter ranges, not a list "
                                    "(a recipe's list: `autopeft train --recipe` takes a recipe)")
+        if not isinstance(components, dict):
+            raise SearchSpaceError(f"a search space's 'components' maps names to parameter ranges, got "
+                                   f"{type(components).__name__} {components!r:.40}")
         unknown = [str(k) for k in data if k not in SPACE_KEYS]
         if unknown:  # a typo (`start_point:`, `fidelty:`) was ignored: the search ran without it
             raise SearchSpaceError(f"a search space has no key {', '.join(map(repr, unknown))}; valid: {', '.join(SPACE_KEYS)}")
@@ -245,9 +269,21 @@ class SearchSpace:
                 dims[f"{key}.{pname}"] = Dim.parse(f"{key}.{pname}", pspec)
             methods.append(key)
             component_methods[key] = method
+        for key, kind in (("one_of", "a mapping of group names to lists of components"),
+                          ("training", "a mapping of training settings"), ("fidelity", "a mapping"),
+                          ("start_points", "a list of mappings")):
+            value = data.get(key)
+            if value is None:
+                continue
+            ok = isinstance(value, dict) if key != "start_points" else (
+                isinstance(value, list) and all(isinstance(p, dict) for p in value))
+            if not ok:  # was: TypeError / AttributeError, or a string's letters taken as start-point keys
+                raise SearchSpaceError(f"a search space's {key!r} is {kind}, got {value!r:.60}")
         groups: dict[str, str] = {}
         for group, members in (data.get("one_of") or {}).items():
             _check_name("one_of group", group)
+            if not isinstance(members, list):
+                raise SearchSpaceError(f"one_of.{group} is a list of components, got {members!r:.60}")
             for m in members:
                 if m not in component_methods:
                     raise SearchSpaceError(f"one_of.{group} names {m!r}, which is not a component of this space")
@@ -279,6 +315,10 @@ class SearchSpace:
                                        f"{SEARCH_LEVEL_TRAINING[pname]}")
             dims[f"training.{pname}"] = Dim.parse(f"training.{pname}", pspec)
         _check_param_keys(dims)
+        off = {k for k in component_methods if dims.get(f"{k}.enabled") == Dim("fixed", (False,))}
+        for key, dim in dims.items():  # a component that is never on may hold placeholders (full.yaml's adapters: [])
+            if key.split(".", 1)[0] not in off:
+                _check_dim_values(key, dim, component_methods)
         try:
             fid = Fidelity(**(data.get("fidelity") or {}))
         except TypeError as exc:
@@ -537,6 +577,45 @@ def _fmt(value: Any) -> str:
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]+")
 #: First parts of the space's own flat keys, which a component name must not shadow.
 RESERVED_NAMES = ("one_of", "training", "layer", "gating", "pooling", "quantization")
+
+
+def _check_dim_values(key: str, dim: Dim, component_methods: dict[str, str]) -> None:
+    """Raise :class:`SearchSpaceError` (one line, key and value) when a value ``dim`` can take (a
+    fixed value, each choice, each bound of a range) is not valid for the setting ``key`` names.
+
+    Each value is validated as that one field of its model (the method's config, ``TrainingConfig``,
+    ``Recipe``): its type and bounds, and the field's own validators; checks across fields stay with
+    the recipe. Switches (``<component>.enabled``, ``gating``, ``layer.<i>``) must be ``true``/``false``.
+    Was: ``r: eight`` or ``learning_rate: abc`` made every sampled point an invalid recipe, and the
+    search stopped with "no configuration ... is a valid recipe", naming neither.
+    """
+    from pydantic import ValidationError
+
+    from autopeft.composition.recipe import TrainingConfig
+
+    head, _, name = key.partition(".")
+    values = dim.values if dim.kind in ("choice", "fixed") else dim.values[:2]
+    if head == "one_of":
+        return
+    if head in ("gating", "layer") or name == "enabled":
+        bad = [v for v in values if not isinstance(v, bool)]
+        if bad:
+            raise SearchSpaceError(f"{key}: {bad[0]!r} is not true or false")
+        return
+    if head in ("pooling", "quantization"):
+        model, field, extra = Recipe, head, {}
+    elif head == "training":
+        model, field, extra = TrainingConfig, name, {}
+    else:
+        method = component_methods[head]
+        model, field, extra = get_method(method).config_cls, name, {"method": method}
+    for value in values:
+        try:
+            model.model_validate({**extra, field: value})
+        except ValidationError as exc:
+            errs = [e for e in exc.errors() if tuple(e["loc"][:1]) == (field,)]  # not checks across fields
+            if errs:
+                raise SearchSpaceError(f"{key}: {value!r} is not a valid value ({errs[0]['msg']})") from None
 
 
 def _check_in_dim(key: str, dim: Dim, value: Any) -> None:
