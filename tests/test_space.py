@@ -98,6 +98,10 @@ L = {"lora": {}}
     ({"components": L, "start_points": 5}, "'start_points' is a list of mappings, got 5"),
     ({"components": L, "training": 5}, "'training' is a mapping of training settings, got 5"),
     ({"components": L, "one_of": {"g": "lora"}}, r"^one_of\.g is a list of components, got 'lora'$"),
+    ({"components": L, "one_of": {"g": [["lora"]]}}, r"^one_of\.g is a list of components, got \[\['lora'\]\]$"),
+    ({"components": L, "per_layer": {"num_layers": "six"}}, r"^per_layer needs num_layers, a whole number >= 1, got 'six'$"),
+    ({"components": L, "per_layer": {"num_layers": 2.5}}, r"^per_layer needs num_layers, a whole number >= 1, got 2\.5$"),
+    ({"components": L, "name": [1]}, r"^a search space's 'name' is a non-empty string, got \[1\]$"),
     # fidelities the rungs cannot use: the search looped forever before its first trial, printing nothing
     ({"components": L, "fidelity": {"reduction_factor": 1}}, r"^fidelity\.reduction_factor must be a whole number >= 2, got 1$"),
     ({"components": L, "fidelity": {"min_train_examples": 0}}, r"^fidelity\.min_train_examples must be a positive"),

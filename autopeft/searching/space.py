@@ -247,6 +247,8 @@ class SearchSpace:
         if not isinstance(components, dict):
             raise SearchSpaceError(f"a search space's 'components' maps names to parameter ranges, got "
                                    f"{type(components).__name__} {components!r:.40}")
+        if "name" in data and not (isinstance(data["name"], str) and data["name"].strip()):
+            raise SearchSpaceError(f"a search space's 'name' is a non-empty string, got {data['name']!r:.60}")
         unknown = [str(k) for k in data if k not in SPACE_KEYS]
         if unknown:  # a typo (`start_point:`, `fidelty:`) was ignored: the search ran without it
             raise SearchSpaceError(f"a search space has no key {', '.join(map(repr, unknown))}; valid: {', '.join(SPACE_KEYS)}")
@@ -282,7 +284,7 @@ class SearchSpace:
         groups: dict[str, str] = {}
         for group, members in (data.get("one_of") or {}).items():
             _check_name("one_of group", group)
-            if not isinstance(members, list):
+            if not isinstance(members, list) or not all(isinstance(m, str) for m in members):
                 raise SearchSpaceError(f"one_of.{group} is a list of components, got {members!r:.60}")
             for m in members:
                 if m not in component_methods:
@@ -300,9 +302,9 @@ class SearchSpace:
         if per_layer:
             if not isinstance(per_layer, dict) or set(per_layer) - {"num_layers", "choices"}:
                 raise SearchSpaceError(f"per_layer is a mapping of num_layers and choices, not {per_layer!r}")
-            num_layers = int(per_layer.get("num_layers", 0))
-            if num_layers < 1:
-                raise SearchSpaceError("per_layer needs num_layers >= 1")
+            num_layers = per_layer.get("num_layers", 0)
+            if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
+                raise SearchSpaceError(f"per_layer needs num_layers, a whole number >= 1, got {num_layers!r}")
             for i in range(num_layers):
                 dims[f"layer.{i}"] = Dim.parse(f"layer.{i}", per_layer.get("choices", [True, False]))
         from autopeft.composition.recipe import TrainingConfig
