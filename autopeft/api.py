@@ -14,6 +14,7 @@ import csv
 import dataclasses
 import json
 import math
+import numbers
 import os
 import re
 import time
@@ -49,6 +50,34 @@ RUNG_EVAL_EXAMPLES = 500
 
 #: A search name is one folder below ``output_dir``.
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def _check_numbers(trials: Any, seed: Any, cpus_per_trial: Any, gpus_per_trial: Any, max_train_examples: Any,
+                   confirm_seeds: Any) -> None:
+    """Raise :class:`SearchSettingsError` (one line, naming the argument) for a count or resource of
+    :func:`search` that is not a number it can use. Was (the Python API; the CLI checked its own):
+    ``trials=0`` or ``-2`` wrote a finished search of no trials, ``trials=1.5`` and
+    ``cpus_per_trial=-1`` went on into Ray Tune, ``gpus_per_trial=-1`` counted as GPUs (32 trials, no
+    time cap)."""
+    def whole(v: Any) -> bool:  # numpy integers too
+        return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+    def real(v: Any) -> bool:
+        return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+    for arg, value, ok, want in (
+            ("trials", trials, trials is None or (whole(trials) and trials >= 1), "a whole number >= 1"),
+            ("seed", seed, whole(seed), "a whole number"),
+            ("cpus_per_trial", cpus_per_trial, cpus_per_trial is None or (real(cpus_per_trial) and cpus_per_trial > 0),
+             "a positive number of CPUs"),
+            ("gpus_per_trial", gpus_per_trial, gpus_per_trial is None or (real(gpus_per_trial) and gpus_per_trial >= 0),
+             "a number of GPUs >= 0"),
+            ("max_train_examples", max_train_examples,
+             max_train_examples is None or (whole(max_train_examples) and max_train_examples >= 1),
+             "a whole number of examples >= 1"),
+            ("confirm_seeds", confirm_seeds, whole(confirm_seeds) and confirm_seeds >= 0, "a whole number >= 0")):
+        if not ok:
+            raise SearchSettingsError(f"{arg} must be {want}, got {value!r}")
 
 
 def _check_search_settings(name: str | None, backbone: Any, cpus: float, gpus: float, ray_address: str | None) -> None:
@@ -263,6 +292,7 @@ def search(task: str = "sst2", budget: str | Budget = "0.5%", backbone: str | di
 
     request = _search_request(locals())  # the arguments as given, for `autopeft resume`
     t0 = time.time()
+    _check_numbers(trials, seed, cpus_per_trial, gpus_per_trial, max_train_examples, confirm_seeds)
     budget = budget if isinstance(budget, Budget) else parse_budget(budget)
     task_value = resolve_task(task, text_columns, label_column, metric, seed)  # bad data fails here, first
     task_obj = get_task(task_value)
@@ -271,7 +301,7 @@ def search(task: str = "sst2", budget: str | Budget = "0.5%", backbone: str | di
     sp, fixed_notes = sp.with_training(training or {})  # --batch-size etc. win over the space's own values
     space_notes = [*space_notes, *fixed_notes]
     root = resolve_data_dir(data_dir)
-    _check_after_search_options(confirm_seeds, reference)
+    _check_reference(reference)
     base = {"backbone": backbone, "task": task_value,
             "training": {"max_train_examples": sp.fidelity.max_train_examples,
                          "schedule_examples": sp.fidelity.max_train_examples, "seed": seed,
@@ -404,11 +434,7 @@ def _search_space(space: str, config, searcher: str, seed: int, max_train_exampl
     if max_train_examples is not None:
         from dataclasses import replace
 
-        from autopeft.searching.space import SearchSpaceError
-
-        if max_train_examples < 1:
-            raise SearchSpaceError(f"max_train_examples must be positive, got {max_train_examples}")
-        rf = sp.fidelity.reduction_factor
+        rf = sp.fidelity.reduction_factor  # max_train_examples >= 1: _check_numbers
         sp.fidelity = replace(sp.fidelity, max_train_examples=max_train_examples,
                               min_train_examples=max(1, round(max_train_examples / rf**2)))
     if sp.num_layers and sp.num_layers != config.num_hidden_layers:
@@ -419,10 +445,8 @@ def _search_space(space: str, config, searcher: str, seed: int, max_train_exampl
     return sp, space_notes
 
 
-def _check_after_search_options(confirm_seeds: int, reference: str | None) -> None:
-    """Raise :class:`SearchSettingsError` for a negative ``--confirm-seeds`` or an unknown ``--reference``."""
-    if confirm_seeds < 0:
-        raise SearchSettingsError(f"--confirm-seeds must be 0 or more, got {confirm_seeds}")
+def _check_reference(reference: str | None) -> None:
+    """Raise :class:`SearchSettingsError` for an unknown ``--reference``."""
     from autopeft.searching.final import REFERENCES
 
     if reference is not None and reference not in REFERENCES:

@@ -159,3 +159,21 @@ def test_the_rung_line_names_what_each_rung_scores():
         "the top one the first 1,000 (max_eval_examples)")
     assert lines({"rung_eval_examples": 500, "max_eval_examples": 48}) == []  # every rung scores the same 48
     assert lines({"rung_eval_examples": None}) == [] == lines({})
+
+
+@pytest.mark.parametrize("kw,msg", [
+    # were (the Python API; the CLI checks its own): trials 0 / -2 wrote a finished search of no trials,
+    # 1.5 and cpus_per_trial=-1 went on into Ray Tune, gpus_per_trial=-1 counted as GPUs
+    ({"trials": 0}, "trials must be a whole number >= 1, got 0"),
+    ({"trials": -2}, "trials must be a whole number >= 1, got -2"),
+    ({"trials": 1.5}, "trials must be a whole number >= 1, got 1.5"),
+    ({"cpus_per_trial": -1}, "cpus_per_trial must be a positive number of CPUs, got -1"),
+    ({"gpus_per_trial": -1}, "gpus_per_trial must be a number of GPUs >= 0, got -1"),
+    ({"seed": "x"}, "seed must be a whole number, got 'x'"),
+    ({"max_train_examples": 2.5}, "max_train_examples must be a whole number of examples >= 1, got 2.5"),
+    ({"confirm_seeds": -1}, "confirm_seeds must be a whole number >= 0, got -1"),
+])
+def test_counts_and_resources_that_are_no_usable_number_are_refused(tmp_path, kw, msg):
+    with pytest.raises(SearchSettingsError, match=f"^{msg}$".replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
+        _search(tmp_path, **kw)
+    _nothing_started(tmp_path)
