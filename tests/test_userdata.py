@@ -309,3 +309,6 @@ def test_predict_returns_the_original_label_strings(csv, tmp_path):
     assert res.exit_code == 0 and res.output.split() == got
     with pytest.raises(ValueError, match="reads 1"):
         api.predict(tmp_path / "out", [("a", "b")])
+    for bad in (0, -1, 2.5):  # was: -1 scored nothing and predicted the first label for every text
+        with pytest.raises(ValueError, match=rf"^batch_size must be a whole number >= 1, got {bad}$"):
+            api.predict(tmp_path / "out", texts, batch_size=bad)

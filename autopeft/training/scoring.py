@@ -6,6 +6,7 @@ split.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +27,13 @@ def predict_ids(model: ComposedModel, task: Task, batches: Batches, batch_size: 
     Returns:
         (N,) int64 class ids (argmax of the logits), or float64 values for regression
         (``task.num_labels == 1``).
+
+    Raises:
+        ValueError: ``batch_size`` is not a whole number >= 1 (was: a negative one scored nothing and
+            returned class 0 for every example).
     """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+        raise ValueError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
     was_training = model.training
     model.eval()
     n = len(batches.split) if limit is None else min(limit, len(batches.split))
