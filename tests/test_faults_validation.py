@@ -113,6 +113,9 @@ def test_the_checked_limit_is_exactly_where_the_model_breaks(base, usable):
     ({"method": "lora", "layers": [6]}, "components[0] lora: layer index 6 out of range for a 6-layer model"),
     ({"method": "prefix_tuning", "layers": [0, -7]}, "prefix_tuning: layer index -7 out of range"),
     ({"method": "bitfit", "layers": "top"}, "unknown layers 'top'"),
+    # was: a component in no layer, 0 trainable parameters, trained as if it were there
+    ({"method": "lora", "layers": []}, "components[0] lora: layers [] puts the component in no layer"),
+    ({"method": "adapter", "layers": []}, "components[0] adapter: layers [] puts the component in no layer"),
     ({"method": "lora", "r": 385}, "r=385 exceeds the rank 384 of the query matrix (384 x 384) on this backbone: use r <= 384"),
     ({"method": "lora", "r": 385, "target_modules": ["ffn_in"]}, "r=385 exceeds the rank 384 of the ffn_in matrix (384 x 1536)"),
     ({"method": "qlora", "r": 400}, "components[0] qlora: r=400 exceeds the rank 384"),

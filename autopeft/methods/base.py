@@ -67,7 +67,8 @@ class MethodConfig(BaseModel):
         ``layers`` against the backbone's depth and the method against the backbone's family).
         """
         limits.check_method(self.method)
-        limits.resolve_layers(self.layers)
+        if not limits.resolve_layers(self.layers):  # was: a component in no layer, 0 parameters, no effect
+            raise ValueError("layers [] puts the component in no layer: list at least one, or leave the component out")
 
 
 #: Model types whose position ids start after the padding index (RoBERTa's
