@@ -707,16 +707,21 @@ def train(recipe: Recipe | str | Path, data_dir: str | None = None, output_dir: 
     validation split.
 
     ``cpus``: compute on this many CPU threads (PyTorch intra-op and inter-op, OpenMP/MKL;
-    :func:`autopeft.backbones.threads.limit_threads`); default: every CPU this process may use.
+    :func:`autopeft.backbones.threads.limit_threads`), 1 to ``os.cpu_count()``; default: every CPU
+    this process may use.
 
     Returns:
         :class:`autopeft.training.trainer.TrialResult`.
 
     Raises:
         RecipeError, TaskError, BackboneError, CompositionError: bad input.
+        ValueError: ``cpus`` outside 1 to this machine's CPUs.
     """
     from autopeft.training.trainer import train_and_save
 
+    have = os.cpu_count() or 1
+    if cpus is not None and (isinstance(cpus, bool) or not isinstance(cpus, numbers.Integral) or not 1 <= cpus <= have):
+        raise ValueError(f"cpus must be a whole number from 1 to this machine's {have} CPUs, got {cpus!r}")
     return train_and_save(recipe, data_dir, output_dir, device=device, log=log, cpus=cpus)
 
 

@@ -450,6 +450,8 @@ def train(
 
     if cpus is not None and cpus < 1:
         _fail(_UserError(f"--cpus must be at least 1, got {cpus}"), 2)
+    if cpus is not None and cpus > (os.cpu_count() or 1):  # as search's --cpus-per-trial (was: 999 threads on 2 CPUs)
+        _fail(_UserError(f"--cpus {cpus} exceeds this machine's {os.cpu_count() or 1} CPUs"), 2)
     _check_precision(precision)
     r = _run(load_recipe, recipe)
     if precision:

@@ -69,7 +69,7 @@ def test_autopeft_train_computes_on_cpus_threads(tmp_path):
               "training": {"max_train_examples": 32, "batch_size": 16, "max_eval_examples": 16, "max_seq_length": 16}}
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     cli = "from autopeft.cli import main; main()"
-    for cpus in (1, 2):
+    for cpus in sorted({1, min(2, os.cpu_count() or 1)}):  # --cpus above the machine's CPUs is refused
         out = tmp_path / f"out{cpus}"
         res = subprocess.run([sys.executable, "-c", cli, "train", "-r", str(tmp_path / "r.yaml"),
                               "--data-dir", str(glue), "-o", str(out), "--cpus", str(cpus)],
@@ -81,6 +81,16 @@ def test_autopeft_train_computes_on_cpus_threads(tmp_path):
     res = subprocess.run([sys.executable, "-c", cli, "train", "-r", str(tmp_path / "r.yaml"), "--cpus", "0"],
                          env=_env(tmp_path), capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and res.stderr.strip() == "error: --cpus must be at least 1, got 0", res.stderr
+    many = (os.cpu_count() or 1) + 1  # was: trained on more threads than CPUs, only slower
+    res = subprocess.run([sys.executable, "-c", cli, "train", "-r", str(tmp_path / "r.yaml"), "--cpus", str(many)],
+                         env=_env(tmp_path), capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and res.stderr.strip() == (f"error: --cpus {many} exceeds this machine's "
+                                                          f"{os.cpu_count() or 1} CPUs"), res.stderr
+    from autopeft import api
+
+    for bad in (0, many, 1.5):
+        with pytest.raises(ValueError, match=rf"^cpus must be a whole number from 1 to this machine's \d+ CPUs, got {bad}$"):
+            api.train(tmp_path / "r.yaml", cpus=bad)
 
 
 def test_a_local_search_runs_its_trials_at_the_drivers_priority():
