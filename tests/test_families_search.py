@@ -22,10 +22,10 @@ components:
   lora: {enabled: [true, false], r: [2, 4], target_modules: [[q_proj, v_proj]]}
   prefix_tuning: {enabled: [false, true], num_virtual_tokens: [2, 4], encoder_hidden_size: 8}
   bitfit: {enabled: [false, true]}
-pooling: [last, mean, cls]
+pooling: [pooler, mean, cls]            # a decoder's pooler is its last token
 training: {learning_rate: 1.0e-3, batch_size: 16}
 start_points:
-  - {lora.enabled: true, lora.r: 4, pooling: last}
+  - {lora.enabled: true, lora.r: 4, pooling: pooler}
   - {prefix_tuning.enabled: true, pooling: cls}
   - {bitfit.enabled: true}
 """
